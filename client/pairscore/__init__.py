@@ -1,0 +1,50 @@
+"""pairscore: score (prompt, response) pairs with a causal language model over gRPC.
+
+The base install is the client (no torch)::
+
+    from pairscore import ScoringClient, Pair
+    with ScoringClient("localhost:50051") as client:
+        [s] = client.score([Pair("The capital of France is", " Paris.")])
+        print(s.conditional_logprob)
+
+The server lives in the ``pairscore_server`` package (``pip install 'pairscore[server]'``).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from pairscore.client import ScoringClient, ScoringError
+from pairscore.types import (
+    ItemError,
+    ItemErrorCode,
+    ModelInfo,
+    Pair,
+    PairScore,
+    PrefixPolicy,
+    ScoreOptions,
+    Side,
+    TokenizationMode,
+    TokenScore,
+)
+
+try:
+    __version__ = version("pairscore")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "ItemError",
+    "ItemErrorCode",
+    "ModelInfo",
+    "Pair",
+    "PairScore",
+    "PrefixPolicy",
+    "ScoreOptions",
+    "ScoringClient",
+    "ScoringError",
+    "Side",
+    "TokenScore",
+    "TokenizationMode",
+    "__version__",
+]

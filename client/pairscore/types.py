@@ -1,0 +1,156 @@
+"""Plain data types shared by the client, the server and the scoring engine.
+
+These are the only objects user code sees: the client converts protobuf
+messages into them (see :mod:`pairscore.convert`), and the server's engine
+produces them without knowing anything of gRPC. They are frozen dataclasses
+with no dependency beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+
+class TokenizationMode(enum.Enum):
+    """How a pair's prompt and response are turned into tokens.
+
+    ``SEPARATE`` (the default) tokenizes x and y separately, y as a
+    continuation (no dummy-prefix space), and concatenates the ids.
+    ``JOINT`` tokenizes x + y once and splits at the character boundary; a
+    token that straddles the boundary counts toward y.
+    """
+
+    SEPARATE = "separate"
+    JOINT = "joint"
+
+
+class PrefixPolicy(enum.Enum):
+    """How the prefix token p that the first prompt token is conditioned on was chosen."""
+
+    BOS = "bos"
+    DOCUMENT_SEPARATOR = "document_separator"
+    CUSTOM = "custom"
+
+
+class Side(enum.Enum):
+    """Which side of a pair a token belongs to."""
+
+    PROMPT = "prompt"
+    RESPONSE = "response"
+
+
+class ItemErrorCode(enum.Enum):
+    """Why a single pair could not be scored."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A (prompt, response) pair to score; ``id`` is echoed back unchanged."""
+
+    prompt: str
+    response: str
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """Options that apply to every pair of one request."""
+
+    tokenization: TokenizationMode = TokenizationMode.SEPARATE
+    return_tokens: bool = False
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """One scored token: its id, text, log-probability and span in its side's text.
+
+    ``char_start``/``char_end`` index the prompt (``side == PROMPT``) or the
+    response (``side == RESPONSE``) in Unicode code points, like Python str
+    slicing. Tokens holding parts of one character share its span.
+    """
+
+    token_id: int
+    text: str
+    logprob: float
+    side: Side
+    char_start: int
+    char_end: int
+    straddles_boundary: bool = False
+
+
+@dataclass(frozen=True)
+class PairScore:
+    """The scores of one pair, in nats.
+
+    ``joint_logprob`` = log P(x ⊕ y) = ``prompt_logprob`` + ``conditional_logprob``;
+    ``prompt_logprob`` = log P(x); ``conditional_logprob`` = log P(y | x).
+    """
+
+    joint_logprob: float
+    prompt_logprob: float
+    conditional_logprob: float
+    prompt_tokens: int
+    response_tokens: int
+    boundary_straddled: bool = False
+    tokens: tuple[TokenScore, ...] = ()
+    id: str = ""
+
+    @property
+    def mean_conditional_logprob(self) -> float:
+        """Mean log-probability per response token (NaN when the response is empty)."""
+        if self.response_tokens == 0:
+            return math.nan
+        return self.conditional_logprob / self.response_tokens
+
+    @property
+    def mean_prompt_logprob(self) -> float:
+        """Mean log-probability per prompt token (NaN when the prompt is empty)."""
+        if self.prompt_tokens == 0:
+            return math.nan
+        return self.prompt_logprob / self.prompt_tokens
+
+    @property
+    def conditional_perplexity(self) -> float:
+        """Perplexity of the response given the prompt: exp(-mean conditional log-prob)."""
+        return math.exp(-self.mean_conditional_logprob)
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """Why one pair failed; the other pairs of the request are unaffected."""
+
+    code: ItemErrorCode
+    message: str
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server is serving and the contract it scores under."""
+
+    model_name: str
+    model_source: str
+    revision: str
+    dtype: str
+    device: str
+    max_context_tokens: int
+    vocab_size: int
+    prefix_policy: PrefixPolicy
+    prefix_token_id: int
+    prefix_token: str
+    tokenizer_class: str
+    server_version: str
+    default_tokenization: TokenizationMode = TokenizationMode.SEPARATE
+    architecture: str = ""
+
+
+#: The outcome of scoring one pair.
+ScoreOutcome = PairScore | ItemError

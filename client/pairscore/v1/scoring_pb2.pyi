@@ -1,0 +1,176 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TokenizationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKENIZATION_MODE_UNSPECIFIED: _ClassVar[TokenizationMode]
+    TOKENIZATION_MODE_SEPARATE: _ClassVar[TokenizationMode]
+    TOKENIZATION_MODE_JOINT: _ClassVar[TokenizationMode]
+
+class PrefixPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREFIX_POLICY_UNSPECIFIED: _ClassVar[PrefixPolicy]
+    PREFIX_POLICY_BOS: _ClassVar[PrefixPolicy]
+    PREFIX_POLICY_DOCUMENT_SEPARATOR: _ClassVar[PrefixPolicy]
+    PREFIX_POLICY_CUSTOM: _ClassVar[PrefixPolicy]
+
+class Side(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SIDE_UNSPECIFIED: _ClassVar[Side]
+    SIDE_PROMPT: _ClassVar[Side]
+    SIDE_RESPONSE: _ClassVar[Side]
+
+class ItemErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ITEM_ERROR_CODE_UNSPECIFIED: _ClassVar[ItemErrorCode]
+    ITEM_ERROR_CODE_INVALID_ARGUMENT: _ClassVar[ItemErrorCode]
+    ITEM_ERROR_CODE_CONTEXT_LENGTH_EXCEEDED: _ClassVar[ItemErrorCode]
+    ITEM_ERROR_CODE_RESOURCE_EXHAUSTED: _ClassVar[ItemErrorCode]
+    ITEM_ERROR_CODE_DEADLINE_EXCEEDED: _ClassVar[ItemErrorCode]
+    ITEM_ERROR_CODE_INTERNAL: _ClassVar[ItemErrorCode]
+TOKENIZATION_MODE_UNSPECIFIED: TokenizationMode
+TOKENIZATION_MODE_SEPARATE: TokenizationMode
+TOKENIZATION_MODE_JOINT: TokenizationMode
+PREFIX_POLICY_UNSPECIFIED: PrefixPolicy
+PREFIX_POLICY_BOS: PrefixPolicy
+PREFIX_POLICY_DOCUMENT_SEPARATOR: PrefixPolicy
+PREFIX_POLICY_CUSTOM: PrefixPolicy
+SIDE_UNSPECIFIED: Side
+SIDE_PROMPT: Side
+SIDE_RESPONSE: Side
+ITEM_ERROR_CODE_UNSPECIFIED: ItemErrorCode
+ITEM_ERROR_CODE_INVALID_ARGUMENT: ItemErrorCode
+ITEM_ERROR_CODE_CONTEXT_LENGTH_EXCEEDED: ItemErrorCode
+ITEM_ERROR_CODE_RESOURCE_EXHAUSTED: ItemErrorCode
+ITEM_ERROR_CODE_DEADLINE_EXCEEDED: ItemErrorCode
+ITEM_ERROR_CODE_INTERNAL: ItemErrorCode
+
+class Pair(_message.Message):
+    __slots__ = ("id", "prompt", "response")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    prompt: str
+    response: str
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[str] = ...) -> None: ...
+
+class ScoreOptions(_message.Message):
+    __slots__ = ("tokenization", "return_tokens")
+    TOKENIZATION_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokenization: TokenizationMode
+    return_tokens: bool
+    def __init__(self, tokenization: _Optional[_Union[TokenizationMode, str]] = ..., return_tokens: _Optional[bool] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("pairs", "options")
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    pairs: _containers.RepeatedCompositeFieldContainer[Pair]
+    options: ScoreOptions
+    def __init__(self, pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., options: _Optional[_Union[ScoreOptions, _Mapping]] = ...) -> None: ...
+
+class TokenScore(_message.Message):
+    __slots__ = ("token_id", "text", "logprob", "side", "char_start", "char_end", "straddles_boundary")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    SIDE_FIELD_NUMBER: _ClassVar[int]
+    CHAR_START_FIELD_NUMBER: _ClassVar[int]
+    CHAR_END_FIELD_NUMBER: _ClassVar[int]
+    STRADDLES_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    text: str
+    logprob: float
+    side: Side
+    char_start: int
+    char_end: int
+    straddles_boundary: bool
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., side: _Optional[_Union[Side, str]] = ..., char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., straddles_boundary: _Optional[bool] = ...) -> None: ...
+
+class PairScores(_message.Message):
+    __slots__ = ("joint_logprob", "prompt_logprob", "conditional_logprob", "prompt_tokens", "response_tokens", "boundary_straddled", "tokens")
+    JOINT_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONAL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BOUNDARY_STRADDLED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    joint_logprob: float
+    prompt_logprob: float
+    conditional_logprob: float
+    prompt_tokens: int
+    response_tokens: int
+    boundary_straddled: bool
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenScore]
+    def __init__(self, joint_logprob: _Optional[float] = ..., prompt_logprob: _Optional[float] = ..., conditional_logprob: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., response_tokens: _Optional[int] = ..., boundary_straddled: _Optional[bool] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: ItemErrorCode
+    message: str
+    def __init__(self, code: _Optional[_Union[ItemErrorCode, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ScoreResult(_message.Message):
+    __slots__ = ("id", "index", "scores", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    index: int
+    scores: PairScores
+    error: ItemError
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., scores: _Optional[_Union[PairScores, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ScoreResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetModelInfoResponse(_message.Message):
+    __slots__ = ("model_name", "model_source", "revision", "dtype", "device", "max_context_tokens", "vocab_size", "prefix_policy", "prefix_token_id", "prefix_token", "tokenizer_class", "server_version", "default_tokenization", "architecture")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_POLICY_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOKENIZATION_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_source: str
+    revision: str
+    dtype: str
+    device: str
+    max_context_tokens: int
+    vocab_size: int
+    prefix_policy: PrefixPolicy
+    prefix_token_id: int
+    prefix_token: str
+    tokenizer_class: str
+    server_version: str
+    default_tokenization: TokenizationMode
+    architecture: str
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefix_policy: _Optional[_Union[PrefixPolicy, str]] = ..., prefix_token_id: _Optional[int] = ..., prefix_token: _Optional[str] = ..., tokenizer_class: _Optional[str] = ..., server_version: _Optional[str] = ..., default_tokenization: _Optional[_Union[TokenizationMode, str]] = ..., architecture: _Optional[str] = ...) -> None: ...

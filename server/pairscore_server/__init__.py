@@ -1,0 +1,1 @@
+"""pairscore's server: scoring engine, batcher, gRPC servicer, metrics and CLI."""

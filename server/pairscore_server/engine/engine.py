@@ -1,0 +1,235 @@
+"""ScoringEngine: pairs in, PairScores out. Knows nothing of gRPC."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pairscore.types import (
+    ItemError,
+    ItemErrorCode,
+    ModelInfo,
+    Pair,
+    PairScore,
+    ScoreOptions,
+    TokenizationMode,
+    TokenScore,
+)
+from pairscore_server.engine.logprobs import DEFAULT_CHUNK_BYTES, LogprobComputer, make_batch
+from pairscore_server.engine.prefix import Prefix, resolve_prefix
+from pairscore_server.engine.prepared import PreparedPair
+from pairscore_server.engine.tokenization import PairTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Sizes of the engine's work units.
+
+    ``max_batch_tokens`` bounds the padded tokens (rows x longest row) of one
+    forward pass; a single pair longer than the budget still runs alone.
+    ``chunk_bytes`` bounds the float32 logits held at once by the log-prob head.
+    """
+
+    max_batch_tokens: int = 8192
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """Facts about where the model came from, for ModelInfo."""
+
+    name: str
+    source: str
+    revision: str = ""
+    server_version: str = ""
+
+
+def model_context_length(model: Any, tokenizer: Any) -> int:
+    """The model's context window: its config's position limit, else the tokenizer's."""
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**8:
+        return value
+    raise ValueError("cannot tell the model's context length from its config or tokenizer")
+
+
+class ScoringEngine:
+    """Scores pairs with one forward pass each, batched.
+
+    ``prepare`` (tokenization, cheap, thread-safe) and ``score`` (forward
+    passes, blocking) are separate so that a server can batch prepared pairs
+    from many requests. ``score`` must be called from one thread at a time.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        description: ModelDescription,
+        prefix_token: str | None = None,
+        limits: EngineLimits = EngineLimits(),
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.description = description
+        self.limits = limits
+        self.prefix: Prefix = resolve_prefix(tokenizer, prefix_token)
+        self.pair_tokenizer = PairTokenizer(tokenizer)
+        self.max_context = model_context_length(model, tokenizer)
+        self._logprobs = LogprobComputer(model, chunk_bytes=limits.chunk_bytes)
+        if not self._logprobs.head_is_plain():
+            log.info("model logits are not a plain projection; using the full-logits path")
+            self._logprobs.split_head = False
+        if not self.pair_tokenizer.separate_supported:
+            log.warning("SEPARATE tokenization unavailable: %s", self.pair_tokenizer.separate_problem)
+
+    # -- facts ---------------------------------------------------------------
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """Padded-token budget of one forward pass."""
+        return self.limits.max_batch_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return self._logprobs.device
+
+    @property
+    def info(self) -> ModelInfo:
+        """What is served and under which contract."""
+        dtype = next(self.model.parameters()).dtype
+        return ModelInfo(
+            model_name=self.description.name,
+            model_source=self.description.source,
+            revision=self.description.revision,
+            dtype=str(dtype).removeprefix("torch."),
+            device=str(self.device),
+            max_context_tokens=self.max_context,
+            vocab_size=self._logprobs.vocab_size,
+            prefix_policy=self.prefix.policy,
+            prefix_token_id=self.prefix.token_id,
+            prefix_token=self.prefix.token,
+            tokenizer_class=type(self.tokenizer).__name__,
+            server_version=self.description.server_version,
+            default_tokenization=TokenizationMode.SEPARATE,
+            architecture=type(self.model).__name__,
+        )
+
+    # -- work ----------------------------------------------------------------
+
+    def prepare(
+        self, pairs: Sequence[Pair], options: ScoreOptions
+    ) -> list[PreparedPair | ItemError]:
+        """Tokenize pairs; a pair that cannot be scored becomes an ItemError."""
+        return [self._prepare_one(pair, options) for pair in pairs]
+
+    def _prepare_one(self, pair: Pair, options: ScoreOptions) -> PreparedPair | ItemError:
+        try:
+            tok = self.pair_tokenizer.encode(pair.prompt, pair.response, options.tokenization)
+        except ValueError as exc:
+            return ItemError(ItemErrorCode.INVALID_ARGUMENT, str(exc), pair.id)
+        total = 1 + len(tok.ids)
+        if total > self.max_context:
+            return ItemError(
+                ItemErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                f"pair needs {total} tokens (1 prefix + {tok.prompt_tokens} prompt + "
+                f"{tok.response_tokens} response) but the model's context is "
+                f"{self.max_context} tokens; nothing is truncated",
+                pair.id,
+            )
+        return PreparedPair(
+            id=pair.id,
+            input_ids=(self.prefix.token_id, *tok.ids),
+            prompt_tokens=tok.prompt_tokens,
+            response_tokens=tok.response_tokens,
+            spans=tok.spans,
+            boundary_straddled=tok.boundary_straddled,
+            return_tokens=options.return_tokens,
+        )
+
+    def plan_batches(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
+        """Group pair indices into forward passes under ``max_batch_tokens``.
+
+        Longest first, so that each batch holds pairs of similar length and
+        little padding.
+        """
+        order = sorted(range(len(prepared)), key=lambda i: -prepared[i].num_tokens)
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for i in order:
+            width = prepared[current[0]].num_tokens if current else prepared[i].num_tokens
+            if current and (len(current) + 1) * width > self.max_batch_tokens:
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+        return batches
+
+    def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
+        """Run the forward passes for ``prepared`` and return scores in the same order."""
+        results: list[PairScore | None] = [None] * len(prepared)
+        for indices in self.plan_batches(prepared):
+            batch = make_batch(
+                [prepared[i].input_ids for i in indices],
+                pad_id=self.prefix.token_id,
+                device=self.device,
+            )
+            for i, lps in zip(indices, self._logprobs(batch), strict=True):
+                results[i] = self._result(prepared[i], lps.cpu())
+        return results  # type: ignore[return-value]
+
+    def _result(self, pair: PreparedPair, lps: torch.Tensor) -> PairScore:
+        m = pair.prompt_tokens
+        sums = lps.double()
+        prompt_lp = float(sums[:m].sum())
+        cond_lp = float(sums[m:].sum())
+        tokens: tuple[TokenScore, ...] = ()
+        if pair.return_tokens:
+            ids = pair.input_ids[1:]
+            texts = self.pair_tokenizer.token_texts(self.prefix.token_id, ids)
+            tokens = tuple(
+                TokenScore(
+                    token_id=tid,
+                    text=text,
+                    logprob=float(lp),
+                    side=span.side,
+                    char_start=span.char_start,
+                    char_end=span.char_end,
+                    straddles_boundary=span.straddles_boundary,
+                )
+                for tid, text, lp, span in zip(ids, texts, lps.tolist(), pair.spans, strict=True)
+            )
+        return PairScore(
+            joint_logprob=prompt_lp + cond_lp,
+            prompt_logprob=prompt_lp,
+            conditional_logprob=cond_lp,
+            prompt_tokens=m,
+            response_tokens=pair.response_tokens,
+            boundary_straddled=pair.boundary_straddled,
+            tokens=tokens,
+            id=pair.id,
+        )
+
+    def score_pairs(self, pairs: Sequence[Pair], options: ScoreOptions = ScoreOptions()
+                    ) -> list[PairScore | ItemError]:
+        """prepare + score in one call, for in-process use."""
+        prepared = self.prepare(pairs, options)
+        ready = [p for p in prepared if isinstance(p, PreparedPair)]
+        scored = iter(self.score(ready))
+        return [next(scored) if isinstance(p, PreparedPair) else p for p in prepared]
+
+    def warmup(self) -> None:
+        """One short forward pass, so the first request does not pay for lazy init."""
+        self.score_pairs([Pair("Hello", " world")])
