@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from pairscore.client import ScoringClient, ScoringError
 from pairscore.types import (
     ItemError,
     ItemErrorCode,
@@ -32,6 +31,18 @@ try:
     __version__ = version("pairscore")
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
+
+_LAZY = {"ScoringClient": "pairscore.client", "ScoringError": "pairscore.client"}
+
+
+def __getattr__(name: str):
+    # The client (and grpc) load on first use, so that `import pairscore.types`
+    # stays light for the server's engine.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pairscore' has no attribute {name!r}")
 
 __all__ = [
     "ItemError",

@@ -1,4 +1,4 @@
-"""One batched forward pass -> the log-probability of every scored token.
+r"""One batched forward pass -> the log-probability of every scored token.
 
 The token shift
 ---------------

@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Tokenizer
 
 from pairscore.types import Side, TokenizationMode
 from pairscore_server.engine.prepared import TokenSpan
@@ -109,6 +109,11 @@ class PairTokenizer:
         self._hf = hf_tokenizer
         self._first = _plain_text_tokenizer(backend)
         self._cont = _plain_text_tokenizer(continuation_tokenizer(backend))
+        # Tokenizers with a document-start dummy prefix (SentencePiece's "▁")
+        # skip it when the text already starts with a space, so " Paris"
+        # would decode as "Paris". Adding the dummy space explicitly, as
+        # SentencePiece itself does, keeps every text lossless.
+        self.dummy_prefix = self._first.encode("a").ids != self._cont.encode("a").ids
         self.separate_supported, self.separate_problem = self._check_separate()
 
     # -- contract checks ---------------------------------------------------
@@ -119,10 +124,18 @@ class PairTokenizer:
             list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
 
+    def _encode_first(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and code-point offsets of ``text`` at the start of a document."""
+        if not self.dummy_prefix:
+            enc = self._first.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        enc = self._cont.encode(" " + text, add_special_tokens=False)
+        return enc.ids, [(max(s - 1, 0), max(e - 1, 0)) for s, e in enc.offsets]
+
     def _check_separate(self) -> tuple[bool, str]:
-        probes = [("Hello", " world"), ("a", "b"), ("The answer is", "42.\n")]
+        probes = [("Hello", " world"), ("a", "b"), ("The answer is", "42.\n"), (" x", "  y")]
         for x, y in probes:
-            ids = self._first.encode(x, add_special_tokens=False).ids
+            ids = self._encode_first(x)[0]
             ids += self._cont.encode(y, add_special_tokens=False).ids
             got = self.decode(ids)
             if got != x + y:
@@ -144,28 +157,22 @@ class PairTokenizer:
         return self._encode_separate(prompt, response)
 
     def _encode_separate(self, prompt: str, response: str) -> TokenizedPair:
-        x = self._first.encode(prompt, add_special_tokens=False) if prompt else None
-        y = self._cont.encode(response, add_special_tokens=False) if response else None
-        ids: list[int] = []
-        spans: list[TokenSpan] = []
-        for enc, side in ((x, Side.PROMPT), (y, Side.RESPONSE)):
-            if enc is None:
-                continue
-            ids.extend(enc.ids)
-            spans.extend(TokenSpan(side, s, e) for s, e in enc.offsets)
-        prompt_tokens = len(x.ids) if x is not None else 0
-        return TokenizedPair(tuple(ids), prompt_tokens, tuple(spans), False)
+        x_ids, x_offsets = self._encode_first(prompt) if prompt else ([], [])
+        y = self._cont.encode(response, add_special_tokens=False)
+        spans = [TokenSpan(Side.PROMPT, s, e) for s, e in x_offsets]
+        spans += [TokenSpan(Side.RESPONSE, s, e) for s, e in y.offsets]
+        return TokenizedPair(tuple(x_ids + y.ids), len(x_ids), tuple(spans), False)
 
     def _encode_joint(self, prompt: str, response: str) -> TokenizedPair:
         text = prompt + response
         if not text:
             return TokenizedPair((), 0, (), False)
-        enc: Encoding = self._first.encode(text, add_special_tokens=False)
+        ids, offsets = self._encode_first(text)
         cut = len(prompt)
         spans: list[TokenSpan] = []
         prompt_tokens = 0
         straddled = False
-        for start, end in enc.offsets:
+        for start, end in offsets:
             if start < cut and end <= cut:
                 # Only prompt tokens may precede this one: the tokens are in order.
                 prompt_tokens += 1
@@ -176,7 +183,7 @@ class PairTokenizer:
                 spans.append(
                     TokenSpan(Side.RESPONSE, max(start - cut, 0), end - cut, straddles)
                 )
-        return TokenizedPair(tuple(enc.ids), prompt_tokens, tuple(spans), straddled)
+        return TokenizedPair(tuple(ids), prompt_tokens, tuple(spans), straddled)
 
     def token_texts(self, prefix_id: int, ids: tuple[int, ...]) -> list[str]:
         """Each token decoded on its own, leading space kept.

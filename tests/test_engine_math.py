@@ -1,0 +1,187 @@
+"""Tier 1: the engine's numbers against an independent float64 reference.
+
+The reference is written here from scratch: one unbatched forward pass of
+p ⊕ x ⊕ y through a float64 copy of the model, the model's own logits, a
+float64 log-softmax and a gather. It shares no code with the engine except
+the token ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import make_engine
+from pairscore.types import Pair, PairScore, ScoreOptions, TokenizationMode
+
+TOL = 1e-4  # nats, on each sum, fp32 engine vs float64 reference
+
+# Batch invariance is not bitwise on CPU: float32 GEMMs block differently for
+# different batch shapes (and a 1-row chunk takes a GEMV path), which moves a
+# log-prob by a few float32 ulps. Measured on the tiny models (random weights,
+# init range 0.4, so |log-prob| per token reaches ~20 and sums ~670 nats):
+# per token <= 5.7e-6 nats, per sum <= 1.4e-5 nats = 1.0e-7 relative.
+# The bounds below are those figures with a margin, per token and relative
+# to the sum, rather than one absolute bound that long sums would outgrow.
+TOKEN_TOL = 1e-5
+SUM_REL_TOL = 1e-6
+
+
+def assert_same_scores(a: PairScore, b: PairScore) -> None:
+    """a and b agree up to float32 GEMM-shape noise (see the bounds above)."""
+    for x, y in ((a.joint_logprob, b.joint_logprob), (a.prompt_logprob, b.prompt_logprob),
+                 (a.conditional_logprob, b.conditional_logprob)):
+        assert x == pytest.approx(y, rel=SUM_REL_TOL, abs=TOKEN_TOL)
+    assert (a.prompt_tokens, a.response_tokens) == (b.prompt_tokens, b.response_tokens)
+    assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]
+    for x, y in zip(a.tokens, b.tokens, strict=True):
+        assert x.logprob == pytest.approx(y.logprob, abs=TOKEN_TOL)
+
+WORDS = (
+    "the capital of France is Paris Rome banana café 😀 你好 naïve e\u0301 "
+    "return x + y ? ! \n \t 42 0123 hello world"
+).split(" ")
+
+
+def mixed_pairs(n: int, seed: int = 0) -> list[Pair]:
+    """Seeded pairs of mixed lengths, including empty sides and odd whitespace."""
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        return "".join(rng.choice([" ", "", "  "]) + rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    pairs = [Pair(text(0, 12), text(0, 12), id=f"p{i}") for i in range(n)]
+    pairs[1] = Pair("", text(1, 5), id="empty-x")
+    pairs[2] = Pair(text(1, 5), "", id="empty-y")
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def reference_model(family):
+    model, _ = family
+    return copy.deepcopy(model).double().eval()
+
+
+def reference_token_logprobs(model64, ids: tuple[int, ...]) -> list[float]:
+    """log P(t_j | t_<j) for j = 1..L-1, in float64, one sequence, model's own logits."""
+    with torch.no_grad():
+        logits = model64(torch.tensor([ids])).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    return [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
+
+
+def prepared_ids(engine, pair: Pair, options: ScoreOptions) -> tuple[tuple[int, ...], int]:
+    [prep] = engine.prepare([pair], options)
+    return prep.input_ids, prep.prompt_tokens
+
+
+@pytest.mark.parametrize("mode", list(TokenizationMode))
+def test_matches_float64_reference(engine, reference_model, mode):
+    options = ScoreOptions(tokenization=mode, return_tokens=True)
+    pairs = mixed_pairs(32)
+    results = engine.score_pairs(pairs, options)
+    worst = 0.0
+    for pair, got in zip(pairs, results, strict=True):
+        assert isinstance(got, PairScore), got
+        ids, m = prepared_ids(engine, pair, options)
+        ref = reference_token_logprobs(reference_model, ids)
+        ref_prompt, ref_cond = math.fsum(ref[:m]), math.fsum(ref[m:])
+        worst = max(worst, abs(got.prompt_logprob - ref_prompt), abs(got.conditional_logprob - ref_cond))
+        assert got.prompt_logprob == pytest.approx(ref_prompt, abs=TOL)
+        assert got.conditional_logprob == pytest.approx(ref_cond, abs=TOL)
+        assert got.joint_logprob == pytest.approx(ref_prompt + ref_cond, abs=TOL)
+        for tok, r in zip(got.tokens, ref, strict=True):
+            assert tok.logprob == pytest.approx(r, abs=TOL)
+    # Measured worst case on the tiny models: 2.1e-5 (GPT-2) and 4.4e-5 (Llama)
+    # nats, on sums of up to ~670 nats: the 1e-4 bound holds with 2x margin.
+    print(f"worst |engine - float64| = {worst:.2e} nats")
+    assert worst < TOL
+
+
+def test_marginal_equals_separate_forward_on_prompt_alone(engine, reference_model):
+    """log P(x) read from the joint pass equals a forward pass over p ⊕ x alone."""
+    for pair in mixed_pairs(12, seed=1):
+        if not pair.prompt:
+            continue
+        [joint] = engine.score_pairs([pair])
+        ids, m = prepared_ids(engine, pair, ScoreOptions())
+        alone = math.fsum(reference_token_logprobs(reference_model, ids[: m + 1]))
+        assert joint.prompt_logprob == pytest.approx(alone, abs=TOL)
+        [prompt_only] = engine.score_pairs([Pair(pair.prompt, "")])
+        assert prompt_only.joint_logprob == pytest.approx(
+            joint.prompt_logprob, rel=SUM_REL_TOL, abs=TOKEN_TOL
+        )
+
+
+@pytest.mark.parametrize("mode", list(TokenizationMode))
+def test_batch_invariance(engine, mode):
+    """A pair's scores are the same alone and inside a batch of 32 mixed-length pairs."""
+    options = ScoreOptions(tokenization=mode, return_tokens=True)
+    pairs = mixed_pairs(32, seed=2)
+    batched = engine.score_pairs(pairs, options)
+    lengths = {len(p.input_ids) for p in engine.prepare(pairs, options)}
+    assert len(lengths) > 5, "the batch must really mix lengths"
+    assert len(engine.plan_batches(engine.prepare(pairs, options))) == 1
+    for pair, in_batch in zip(pairs, batched, strict=True):
+        [alone] = engine.score_pairs([pair], options)
+        assert_same_scores(alone, in_batch)
+
+
+def test_invariants(engine):
+    pairs = mixed_pairs(24, seed=3)
+    for got in engine.score_pairs(pairs, ScoreOptions(return_tokens=True)):
+        assert got.joint_logprob == got.prompt_logprob + got.conditional_logprob
+        prompt = [t.logprob for t in got.tokens[: got.prompt_tokens]]
+        response = [t.logprob for t in got.tokens[got.prompt_tokens:]]
+        assert len(prompt) == got.prompt_tokens and len(response) == got.response_tokens
+        assert math.fsum(prompt) == pytest.approx(got.prompt_logprob, abs=1e-9)
+        assert math.fsum(response) == pytest.approx(got.conditional_logprob, abs=1e-9)
+        assert all(t.logprob <= 0.0 for t in got.tokens)
+        assert got.prompt_logprob <= 0.0 and got.conditional_logprob <= 0.0
+
+
+def test_chunking_and_budget_do_not_change_scores(family):
+    """One-row logit chunks and tiny token budgets give the same scores as the defaults."""
+    model, tokenizer = family
+    pairs = mixed_pairs(16, seed=4)
+    default = make_engine(model, tokenizer).score_pairs(pairs)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    small = make_engine(model, tokenizer, max_batch_tokens=64, chunk_bytes=4 * vocab)
+    assert small._logprobs.chunk_rows == 1
+    assert len(small.plan_batches(small.prepare(pairs, ScoreOptions()))) > 3
+    for a, b in zip(default, small.score_pairs(pairs), strict=True):
+        assert_same_scores(a, b)
+
+
+def test_full_logits_path_matches_split_head(family):
+    """The fallback for models with non-plain heads agrees with the split-head path."""
+    model, tokenizer = family
+    pairs = mixed_pairs(8, seed=5)
+    split = make_engine(model, tokenizer)
+    full = make_engine(model, tokenizer)
+    full._logprobs.split_head = False
+    for a, b in zip(split.score_pairs(pairs), full.score_pairs(pairs), strict=True):
+        assert_same_scores(a, b)
+
+
+def test_plan_batches_respects_budget(family):
+    model, tokenizer = family
+    eng = make_engine(model, tokenizer, max_batch_tokens=100)
+    prepared = eng.prepare(mixed_pairs(40, seed=6), ScoreOptions())
+    batches = eng.plan_batches(prepared)
+    assert sorted(i for b in batches for i in b) == list(range(40))
+    for batch in batches:
+        width = max(prepared[i].num_tokens for i in batch)
+        assert len(batch) == 1 or len(batch) * width <= 100
+
+
+def test_only_prefix_sequences(engine):
+    """Pairs with both sides empty score 0 and do not break a batch."""
+    results = engine.score_pairs([Pair("", ""), Pair("", ""), Pair("a", "b")])
+    assert results[0].joint_logprob == 0.0 and results[0].prompt_tokens == 0
+    assert results[1].response_tokens == 0
+    assert results[2].joint_logprob < 0.0
