@@ -68,3 +68,9 @@ def tiny_engine(gpt2_family):
     """A ScoringEngine on the tiny GPT-2-style model, for server tests."""
     model, tokenizer = gpt2_family
     return make_engine(model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smol_cache_dir(tmp_path_factory):
+    """A pairscore cache dir private to this test session (the slow tests share it)."""
+    return tmp_path_factory.mktemp("pairscore-cache")

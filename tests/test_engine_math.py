@@ -15,8 +15,9 @@ import random
 import pytest
 import torch
 
-from conftest import make_engine
 from pairscore.types import Pair, PairScore, ScoreOptions, TokenizationMode
+
+from conftest import make_engine
 
 TOL = 1e-4  # nats, on each sum, fp32 engine vs float64 reference
 

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("pairscore-cache")
+def cache_dir(smol_cache_dir):
+    return smol_cache_dir
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_engine
 from pairscore.types import (
     ItemError,
     ItemErrorCode,
@@ -16,6 +15,8 @@ from pairscore.types import (
     TokenizationMode,
 )
 from pairscore_server.engine.prefix import resolve_prefix
+
+from conftest import make_engine
 
 TEXTS = [
     "",

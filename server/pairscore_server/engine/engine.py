@@ -78,12 +78,12 @@ class ScoringEngine:
         *,
         description: ModelDescription,
         prefix_token: str | None = None,
-        limits: EngineLimits = EngineLimits(),
+        limits: EngineLimits | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.description = description
-        self.limits = limits
+        self.limits = limits = limits or EngineLimits()
         self.prefix: Prefix = resolve_prefix(tokenizer, prefix_token)
         self.pair_tokenizer = PairTokenizer(tokenizer)
         self.max_context = model_context_length(model, tokenizer)
@@ -222,10 +222,11 @@ class ScoringEngine:
             id=pair.id,
         )
 
-    def score_pairs(self, pairs: Sequence[Pair], options: ScoreOptions = ScoreOptions()
-                    ) -> list[PairScore | ItemError]:
+    def score_pairs(
+        self, pairs: Sequence[Pair], options: ScoreOptions | None = None
+    ) -> list[PairScore | ItemError]:
         """prepare + score in one call, for in-process use."""
-        prepared = self.prepare(pairs, options)
+        prepared = self.prepare(pairs, options or ScoreOptions())
         ready = [p for p in prepared if isinstance(p, PreparedPair)]
         scored = iter(self.score(ready))
         return [next(scored) if isinstance(p, PreparedPair) else p for p in prepared]

@@ -1,0 +1,168 @@
+"""The ``pairscore`` command.
+
+* ``pairscore serve [flags]`` runs the server (needs ``pip install 'pairscore[server]'``);
+  ``pairscore serve --help`` lists its flags.
+* ``pairscore info --target HOST:PORT`` prints the served model as JSON.
+* ``pairscore query --target HOST:PORT PROMPT RESPONSE [PROMPT RESPONSE ...]``
+  scores pairs and prints one JSON line per pair.
+* ``pairscore health --target HOST:PORT`` prints SERVING or NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _result_record(index: int, result: Any, *, tokens: bool) -> dict[str, Any]:
+    """One output line of ``pairscore query``."""
+    from pairscore.types import ItemError
+
+    if isinstance(result, ItemError):
+        return {"index": index, "error": {"code": result.code.value, "message": result.message}}
+    record = {"index": index, **_jsonable(result)}
+    record.pop("id", None)
+    if not tokens:
+        record.pop("tokens", None)
+    return record
+
+
+def _make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pairscore",
+        description=(
+            "Score (prompt, response) pairs with a causal language model served over gRPC: "
+            "log P(prompt), log P(response | prompt) and their sum (the joint), in nats."
+        ),
+        epilog=(
+            "Start a server with `pairscore serve`, then e.g. "
+            "`pairscore query --target localhost:50051 'The capital of France is' ' Paris.'`."
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser(
+        "serve",
+        help="run the scoring server (see `pairscore serve --help`; needs pairscore[server])",
+        add_help=False,
+    )
+
+    def with_target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--target",
+            default=DEFAULT_TARGET,
+            metavar="HOST:PORT",
+            help=f"address of the pairscore server (default: {DEFAULT_TARGET})",
+        )
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=60.0,
+            metavar="SECONDS",
+            help="deadline of the call (default: 60)",
+        )
+        return p
+
+    with_target(commands.add_parser("info", help="print the served model's description as JSON"))
+    with_target(
+        commands.add_parser("health", help="print the server's health: SERVING or NOT_SERVING")
+    )
+    query = with_target(
+        commands.add_parser(
+            "query",
+            help="score pairs given on the command line; one JSON line per pair",
+            description=(
+                "Score PROMPT RESPONSE pairs. Each output line holds joint_logprob "
+                "(log P(prompt + response)), prompt_logprob (log P(prompt)), "
+                "conditional_logprob (log P(response | prompt)) and the token counts, "
+                "or an error for a pair that could not be scored. Mind leading spaces: "
+                "' Paris.' and 'Paris.' are different responses."
+            ),
+        )
+    )
+    query.add_argument(
+        "texts",
+        nargs="+",
+        metavar="PROMPT RESPONSE",
+        help="prompt and response, alternating: an even number of arguments",
+    )
+    query.add_argument(
+        "--joint",
+        action="store_true",
+        help="tokenize prompt+response as one text (TOKENIZATION_MODE_JOINT) instead of separately",
+    )
+    query.add_argument(
+        "--tokens", action="store_true", help="also print each token with its log-probability"
+    )
+    return parser
+
+
+def _serve(argv: Sequence[str]) -> int:
+    try:
+        from pairscore_server.app import main as serve_main
+    except ImportError as exc:
+        print(
+            f"pairscore serve needs the server extra ({exc.name or exc} is missing): "
+            "install it with  pip install 'pairscore[server]'",
+            file=sys.stderr,
+        )
+        return 2
+    return serve_main(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pairscore`` command; returns the exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["serve"]:
+        return _serve(args_list[1:])
+    parser = _make_parser()
+    args = parser.parse_args(args_list)
+
+    from pairscore.client import ScoringClient, ScoringError
+    from pairscore.types import Pair, TokenizationMode
+
+    if args.command == "query" and len(args.texts) % 2:
+        parser.error("query takes PROMPT RESPONSE pairs: give an even number of texts")
+    try:
+        with ScoringClient(args.target, timeout=args.timeout) as client:
+            if args.command == "info":
+                print(json.dumps(_jsonable(client.model_info()), indent=2))
+            elif args.command == "health":
+                print(client.health(""))
+            else:
+                pairs = [
+                    Pair(prompt=args.texts[i], response=args.texts[i + 1])
+                    for i in range(0, len(args.texts), 2)
+                ]
+                mode = TokenizationMode.JOINT if args.joint else TokenizationMode.SEPARATE
+                results = client.score(pairs, tokenization=mode, return_tokens=args.tokens)
+                for index, result in enumerate(results):
+                    print(
+                        json.dumps(
+                            _result_record(index, result, tokens=args.tokens), ensure_ascii=False
+                        )
+                    )
+    except ScoringError as exc:
+        print(f"pairscore: {args.target}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

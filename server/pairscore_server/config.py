@@ -1,0 +1,360 @@
+"""Server configuration: one frozen dataclass, built from flags with env fallbacks.
+
+Every setting of ``pairscore serve`` can be given as a command-line flag or
+as a ``PAIRSCORE_*`` environment variable (the flag wins), else it takes the
+default shown by ``pairscore serve --help``. Nothing is read from the
+environment at import time: :func:`build_config` receives ``environ``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pairscore_server.engine.loading import ModelSpec
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_DISABLED = ("off", "none", "disabled", "-1")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything one pairscore server needs to run.
+
+    ``host``/``port``: where gRPC listens (``"[::]"``: every interface, IPv4
+    and IPv6; port 0 picks a free port). ``metrics_port``: port of the
+    Prometheus ``/metrics`` HTTP endpoint on the same host, 0 for a free
+    port, ``None`` to switch metrics serving off. ``max_batch_pairs`` and
+    ``max_wait_ms`` bound how many pairs one forward pass holds and how long
+    the first of them waits for company. ``grace_period_s``: on SIGTERM,
+    how long in-flight RPCs get to finish. ``stream_max_in_flight``: request
+    messages of one ScoreStream worked on at once. ``prepare_workers``:
+    threads that tokenize large requests (the model itself always runs on
+    exactly one thread).
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int | None = 9090
+    max_batch_pairs: int = 64
+    max_wait_ms: float = 5.0
+    grace_period_s: float = 10.0
+    log_level: str = "INFO"
+    max_message_bytes: int = 64 * 1024 * 1024
+    stream_max_in_flight: int = 4
+    prepare_workers: int = 1
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
+        if self.metrics_port is not None:
+            _check(
+                0 <= self.metrics_port <= 65535,
+                f"metrics port must be 0..65535 or off, got {self.metrics_port}",
+            )
+        _check(
+            self.max_batch_pairs >= 1, f"max batch pairs must be >= 1, got {self.max_batch_pairs}"
+        )
+        _check(self.max_wait_ms >= 0, f"max wait must be >= 0 ms, got {self.max_wait_ms}")
+        _check(self.grace_period_s >= 0, f"grace period must be >= 0 s, got {self.grace_period_s}")
+        _check(
+            self.log_level in LOG_LEVELS,
+            f"log level must be one of {LOG_LEVELS}, got {self.log_level!r}",
+        )
+        _check(
+            self.max_message_bytes >= 1024,
+            f"max message bytes must be >= 1024, got {self.max_message_bytes}",
+        )
+        _check(
+            self.stream_max_in_flight >= 1,
+            f"stream max in flight must be >= 1, got {self.stream_max_in_flight}",
+        )
+        _check(
+            self.prepare_workers >= 1, f"prepare workers must be >= 1, got {self.prepare_workers}"
+        )
+        _check(
+            bool(_DEVICE_RE.match(self.model.device)),
+            f"device must be auto, cpu, cuda or cuda:N, got {self.model.device!r}",
+        )
+        _check(
+            self.model.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.model.dtype!r}"
+        )
+        if self.model.max_batch_tokens is not None:
+            _check(
+                self.model.max_batch_tokens >= 1,
+                f"max batch tokens must be >= 1, got {self.model.max_batch_tokens}",
+            )
+
+    @property
+    def address(self) -> str:
+        """The gRPC listen address, ``host:port``."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_host(self) -> str:
+        """``host`` without IPv6 brackets, as the HTTP server wants it."""
+        return self.host.strip("[]")
+
+    @property
+    def max_wait_s(self) -> float:
+        """``max_wait_ms`` in seconds."""
+        return self.max_wait_ms / 1000.0
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+# --- command line -------------------------------------------------------------------
+
+
+def _metrics_port(text: str) -> int | None:
+    if text.strip().lower() in _DISABLED:
+        return None
+    return int(text)
+
+
+def _upper(text: str) -> str:
+    return text.strip().upper()
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """One setting: its flag, its environment variable and how to parse it."""
+
+    dest: str
+    flag: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+
+
+_MODEL_SETTINGS = (
+    _Setting(
+        "model",
+        "--model",
+        "PAIRSCORE_MODEL",
+        str,
+        "Model to serve: a local directory with a Hugging Face model, a Hub id "
+        "(e.g. HuggingFaceTB/SmolLM2-135M), or a path to a .gguf file. "
+        "Default: the SmolLM2 model embedded in the package.",
+        "MODEL",
+    ),
+    _Setting(
+        "revision",
+        "--revision",
+        "PAIRSCORE_REVISION",
+        str,
+        "Hub revision (branch, tag or commit) when --model is a Hub id.",
+        "REV",
+    ),
+    _Setting(
+        "device",
+        "--device",
+        "PAIRSCORE_DEVICE",
+        str.strip,
+        "Where the model runs: auto (the first GPU if there is one, else cpu), "
+        "cpu, cuda or cuda:N. Default: auto.",
+        "DEVICE",
+    ),
+    _Setting(
+        "dtype",
+        "--dtype",
+        "PAIRSCORE_DTYPE",
+        str.strip,
+        f"Weight dtype: {', '.join(DTYPES)}. auto: bfloat16 on CUDA, float32 on CPU. "
+        "Default: auto.",
+        "DTYPE",
+    ),
+    _Setting(
+        "prefix_token",
+        "--prefix-token",
+        "PAIRSCORE_PREFIX_TOKEN",
+        str,
+        "Token (as a string from the vocabulary) that the first prompt token is "
+        "conditioned on, instead of the model family's BOS / document separator.",
+        "TOKEN",
+    ),
+    _Setting(
+        "cache_dir",
+        "--cache-dir",
+        "PAIRSCORE_CACHE_DIR",
+        str,
+        "Directory for the dequantised copy of a GGUF model (made once, then reused).",
+        "DIR",
+    ),
+    _Setting(
+        "max_batch_tokens",
+        "--max-batch-tokens",
+        "PAIRSCORE_MAX_BATCH_TOKENS",
+        int,
+        "Padded tokens (longest pair x pairs) allowed in one forward pass; lower "
+        "it if the model runs out of memory. Default: the engine's choice.",
+        "N",
+    ),
+)
+
+_SERVER_SETTINGS = (
+    _Setting(
+        "host",
+        "--host",
+        "PAIRSCORE_HOST",
+        str.strip,
+        "Interface to listen on. Default: [::], every interface (IPv4 and IPv6); "
+        "use 127.0.0.1 to accept local connections only.",
+        "HOST",
+    ),
+    _Setting(
+        "port",
+        "--port",
+        "PAIRSCORE_PORT",
+        int,
+        "gRPC port. Default: 50051. 0 picks a free port (it is logged).",
+        "PORT",
+    ),
+    _Setting(
+        "metrics_port",
+        "--metrics-port",
+        "PAIRSCORE_METRICS_PORT",
+        _metrics_port,
+        "Port of the Prometheus /metrics HTTP endpoint, on the same host. "
+        "Default: 9090. 0 picks a free port; 'off' serves no metrics.",
+        "PORT",
+    ),
+    _Setting(
+        "max_batch_pairs",
+        "--max-batch-pairs",
+        "PAIRSCORE_MAX_BATCH_PAIRS",
+        int,
+        "Most pairs, from all concurrent requests, scored in one batch. Default: 64.",
+        "N",
+    ),
+    _Setting(
+        "max_wait_ms",
+        "--max-wait-ms",
+        "PAIRSCORE_MAX_WAIT_MS",
+        float,
+        "How long the first pair of a batch may wait for more pairs to join it. "
+        "Higher: fuller batches under load; lower: less latency when idle. "
+        "Default: 5.",
+        "MS",
+    ),
+    _Setting(
+        "grace_period_s",
+        "--grace-period",
+        "PAIRSCORE_GRACE_PERIOD",
+        float,
+        "On SIGTERM/SIGINT, seconds that running requests get to finish before "
+        "they are cancelled. Default: 10.",
+        "SECONDS",
+    ),
+    _Setting(
+        "stream_max_in_flight",
+        "--stream-max-in-flight",
+        "PAIRSCORE_STREAM_MAX_IN_FLIGHT",
+        int,
+        "Request messages of one ScoreStream call worked on at once; the server "
+        "reads no further until one is answered. Default: 4.",
+        "N",
+    ),
+    _Setting(
+        "max_message_bytes",
+        "--max-message-bytes",
+        "PAIRSCORE_MAX_MESSAGE_BYTES",
+        int,
+        "Largest gRPC message the server sends or receives. Default: 67108864 (64 MiB).",
+        "BYTES",
+    ),
+    _Setting(
+        "prepare_workers",
+        "--prepare-workers",
+        "PAIRSCORE_PREPARE_WORKERS",
+        int,
+        "Threads that tokenize large requests. The model always runs on one thread. Default: 1.",
+        "N",
+    ),
+    _Setting(
+        "log_level",
+        "--log-level",
+        "PAIRSCORE_LOG_LEVEL",
+        _upper,
+        f"Logging level: {', '.join(LOG_LEVELS)}. Default: INFO. Prompts and "
+        "responses are never logged.",
+        "LEVEL",
+    ),
+)
+
+
+def make_parser(prog: str = "pairscore serve") -> argparse.ArgumentParser:
+    """The argument parser of ``pairscore serve`` (every flag defaults to unset)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Serve a causal language model over gRPC (pairscore.v1.ScoringService): "
+            "for each (prompt, response) pair it returns log P(prompt), "
+            "log P(response | prompt) and their sum, from one forward pass. "
+            "Health checks (grpc.health.v1) and server reflection are served on the "
+            "same port; Prometheus metrics on --metrics-port."
+        ),
+        epilog=(
+            "Every flag can also be set with the environment variable shown in its "
+            "help, e.g. PAIRSCORE_PORT=50052; a flag on the command line wins. "
+            "Example: pairscore serve --model HuggingFaceTB/SmolLM2-135M --port 50051"
+        ),
+    )
+    model = parser.add_argument_group("model")
+    for s in _MODEL_SETTINGS:
+        model.add_argument(
+            s.flag, dest=s.dest, metavar=s.metavar, default=None, help=f"{s.help} [env: {s.env}]"
+        )
+    server = parser.add_argument_group("server")
+    for s in _SERVER_SETTINGS:
+        server.add_argument(
+            s.flag, dest=s.dest, metavar=s.metavar, default=None, help=f"{s.help} [env: {s.env}]"
+        )
+    return parser
+
+
+def build_config(
+    argv: Sequence[str] | None,
+    environ: Mapping[str, str],
+    *,
+    prog: str = "pairscore serve",
+) -> ServerConfig:
+    """Build the server configuration from command-line flags, then ``environ``, then defaults.
+
+    An invalid value exits with status 2 and a message naming the flag or
+    variable, like any argparse error.
+    """
+    parser = make_parser(prog)
+    args = parser.parse_args(list(argv) if argv is not None else [])
+
+    def resolve(settings: Sequence[_Setting]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for s in settings:
+            raw, source = getattr(args, s.dest), s.flag
+            if raw is None:
+                raw, source = environ.get(s.env), s.env
+            if raw is None or (source == s.env and raw == ""):
+                continue
+            try:
+                values[s.dest] = s.parse(raw)
+            except ValueError:
+                parser.error(f"{source}: invalid value {raw!r}")
+        return values
+
+    model_values = resolve(_MODEL_SETTINGS)
+    server_values = resolve(_SERVER_SETTINGS)
+    try:
+        spec = ModelSpec(**model_values)
+        return ServerConfig(model=spec, **server_values)
+    except ValueError as exc:
+        parser.error(str(exc))
+    raise AssertionError("unreachable")  # parser.error exits

@@ -1,0 +1,182 @@
+"""A stand-in for ScoringEngine with the same interface and no model.
+
+One character is one token (id = its code point; the prefix token is 0).
+Scores are deterministic functions of the lengths, so tests can predict
+them exactly: every prompt token has log-prob ``PROMPT_TOKEN_LOGPROB`` and
+every response token ``RESPONSE_TOKEN_LOGPROB``.
+
+Knobs: ``max_context`` (longer pairs become CONTEXT_LENGTH_EXCEEDED items),
+``forward_delay_s`` (score() sleeps, like a slow forward pass),
+``warmup_gate`` (warmup() blocks until the event is set), and a pair whose
+prompt is ``FAIL_PROMPT`` makes the whole score() call raise. Every score()
+call is recorded in ``batches`` (the prompts it saw), ``batch_lengths``
+(their token counts) and ``score_threads`` (the thread it ran on).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+from pairscore.types import (
+    ItemError,
+    ItemErrorCode,
+    ModelInfo,
+    Pair,
+    PairScore,
+    PrefixPolicy,
+    ScoreOptions,
+    Side,
+    TokenizationMode,
+    TokenScore,
+)
+from pairscore_server.engine.prepared import PreparedPair, TokenSpan
+
+FAIL_PROMPT = "FAIL"
+PREFIX_ID = 0
+PROMPT_TOKEN_LOGPROB = -0.5
+RESPONSE_TOKEN_LOGPROB = -0.25
+
+
+class FakeEngineError(RuntimeError):
+    """Raised by FakeEngine.score for a batch holding a FAIL_PROMPT pair."""
+
+
+def expected_score(pair: Pair) -> PairScore:
+    """What FakeEngine returns for ``pair`` (without per-token detail)."""
+    m, n = len(pair.prompt), len(pair.response)
+    prompt_lp, cond_lp = PROMPT_TOKEN_LOGPROB * m, RESPONSE_TOKEN_LOGPROB * n
+    return PairScore(
+        joint_logprob=prompt_lp + cond_lp,
+        prompt_logprob=prompt_lp,
+        conditional_logprob=cond_lp,
+        prompt_tokens=m,
+        response_tokens=n,
+        id=pair.id,
+    )
+
+
+class FakeEngine:
+    """Implements the ScoringEngine interface with character 'tokens' and fixed log-probs."""
+
+    def __init__(
+        self,
+        *,
+        max_context: int = 64,
+        max_batch_tokens: int = 4096,
+        forward_delay_s: float = 0.0,
+        warmup_gate: threading.Event | None = None,
+    ) -> None:
+        self.max_context = max_context
+        self.max_batch_tokens = max_batch_tokens
+        self.forward_delay_s = forward_delay_s
+        self.warmup_gate = warmup_gate
+        self.batches: list[tuple[str, ...]] = []
+        self.batch_lengths: list[tuple[int, ...]] = []
+        self.score_threads: set[str] = set()
+        self.warmups = 0
+        self._lock = threading.Lock()
+
+    @property
+    def info(self) -> ModelInfo:
+        """A fixed description of the fake model."""
+        return ModelInfo(
+            model_name="fake-model",
+            model_source="tests/fake_engine.py",
+            revision="0",
+            dtype="float32",
+            device="cpu",
+            max_context_tokens=self.max_context,
+            vocab_size=0x110000,
+            prefix_policy=PrefixPolicy.DOCUMENT_SEPARATOR,
+            prefix_token_id=PREFIX_ID,
+            prefix_token="<|endoftext|>",
+            tokenizer_class="FakeTokenizer",
+            server_version="0.0.0-test",
+            default_tokenization=TokenizationMode.SEPARATE,
+            architecture="FakeForCausalLM",
+        )
+
+    def prepare(
+        self, pairs: Sequence[Pair], options: ScoreOptions
+    ) -> list[PreparedPair | ItemError]:
+        """One token per character; pairs over ``max_context`` become ItemErrors."""
+        out: list[PreparedPair | ItemError] = []
+        for pair in pairs:
+            m, n = len(pair.prompt), len(pair.response)
+            if 1 + m + n > self.max_context:
+                out.append(
+                    ItemError(
+                        code=ItemErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                        message=f"pair needs {1 + m + n} tokens; the context is {self.max_context}",
+                        id=pair.id,
+                    )
+                )
+                continue
+            spans = tuple(TokenSpan(Side.PROMPT, i, i + 1) for i in range(m)) + tuple(
+                TokenSpan(Side.RESPONSE, j, j + 1) for j in range(n)
+            )
+            out.append(
+                PreparedPair(
+                    id=pair.id,
+                    input_ids=(PREFIX_ID, *map(ord, pair.prompt), *map(ord, pair.response)),
+                    prompt_tokens=m,
+                    response_tokens=n,
+                    spans=spans,
+                    boundary_straddled=False,
+                    return_tokens=options.return_tokens,
+                )
+            )
+        return out
+
+    @staticmethod
+    def prompt_of(prepared: PreparedPair) -> str:
+        """The prompt text a prepared pair was made from."""
+        return "".join(map(chr, prepared.input_ids[1 : 1 + prepared.prompt_tokens]))
+
+    def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
+        """Sleep ``forward_delay_s``, record the batch, and score it (or raise on FAIL)."""
+        prompts = tuple(self.prompt_of(p) for p in prepared)
+        with self._lock:
+            self.batches.append(prompts)
+            self.batch_lengths.append(tuple(p.num_tokens for p in prepared))
+            self.score_threads.add(threading.current_thread().name)
+        if self.forward_delay_s:
+            time.sleep(self.forward_delay_s)
+        if FAIL_PROMPT in prompts:
+            raise FakeEngineError("injected failure: the batch holds a FAIL pair")
+        return [self._score_one(p) for p in prepared]
+
+    def _score_one(self, p: PreparedPair) -> PairScore:
+        m, n = p.prompt_tokens, p.response_tokens
+        tokens: tuple[TokenScore, ...] = ()
+        if p.return_tokens:
+            tokens = tuple(
+                TokenScore(
+                    token_id=tid,
+                    text=chr(tid),
+                    logprob=PROMPT_TOKEN_LOGPROB
+                    if span.side is Side.PROMPT
+                    else RESPONSE_TOKEN_LOGPROB,
+                    side=span.side,
+                    char_start=span.char_start,
+                    char_end=span.char_end,
+                )
+                for tid, span in zip(p.input_ids[1:], p.spans, strict=True)
+            )
+        return PairScore(
+            joint_logprob=PROMPT_TOKEN_LOGPROB * m + RESPONSE_TOKEN_LOGPROB * n,
+            prompt_logprob=PROMPT_TOKEN_LOGPROB * m,
+            conditional_logprob=RESPONSE_TOKEN_LOGPROB * n,
+            prompt_tokens=m,
+            response_tokens=n,
+            tokens=tokens,
+            id=p.id,
+        )
+
+    def warmup(self) -> None:
+        """Block on ``warmup_gate`` if one was given, then count the warmup."""
+        if self.warmup_gate is not None and not self.warmup_gate.wait(timeout=30):
+            raise TimeoutError("the test never opened the warmup gate")
+        self.warmups += 1

@@ -1,0 +1,167 @@
+"""Server configuration: flags, environment fallbacks, defaults, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pairscore_server.config import ServerConfig, build_config, make_parser
+from pairscore_server.engine.loading import ModelSpec
+
+
+def test_defaults_without_flags_or_env() -> None:
+    config = build_config([], {})
+    assert config == ServerConfig()
+    assert config.host == "[::]"
+    assert config.port == 50051
+    assert config.metrics_port == 9090
+    assert config.model == ModelSpec()
+    assert config.address == "[::]:50051"
+    assert config.metrics_host == "::"
+
+
+def test_flags_fill_every_field() -> None:
+    config = build_config(
+        [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "6000",
+            "--metrics-port",
+            "0",
+            "--model",
+            "/models/x",
+            "--revision",
+            "abc",
+            "--device",
+            "cuda:1",
+            "--dtype",
+            "bfloat16",
+            "--prefix-token",
+            "<s>",
+            "--cache-dir",
+            "/tmp/c",
+            "--max-batch-tokens",
+            "1024",
+            "--max-batch-pairs",
+            "8",
+            "--max-wait-ms",
+            "2.5",
+            "--grace-period",
+            "3",
+            "--log-level",
+            "debug",
+            "--stream-max-in-flight",
+            "2",
+            "--max-message-bytes",
+            "4096",
+            "--prepare-workers",
+            "3",
+        ],
+        {},
+    )
+    assert config == ServerConfig(
+        host="127.0.0.1",
+        port=6000,
+        metrics_port=0,
+        model=ModelSpec(
+            model="/models/x",
+            revision="abc",
+            device="cuda:1",
+            dtype="bfloat16",
+            prefix_token="<s>",
+            cache_dir="/tmp/c",
+            max_batch_tokens=1024,
+        ),
+        max_batch_pairs=8,
+        max_wait_ms=2.5,
+        grace_period_s=3.0,
+        log_level="DEBUG",
+        stream_max_in_flight=2,
+        max_message_bytes=4096,
+        prepare_workers=3,
+    )
+    assert config.max_wait_s == pytest.approx(0.0025)
+
+
+def test_env_is_the_fallback_and_flags_win() -> None:
+    env = {
+        "PAIRSCORE_PORT": "7000",
+        "PAIRSCORE_METRICS_PORT": "7001",
+        "PAIRSCORE_MODEL": "env-model",
+        "PAIRSCORE_DTYPE": "float16",
+        "PAIRSCORE_MAX_WAIT_MS": "9",
+        "PAIRSCORE_LOG_LEVEL": "warning",
+        "UNRELATED": "ignored",
+    }
+    from_env = build_config([], env)
+    assert (from_env.port, from_env.metrics_port, from_env.max_wait_ms) == (7000, 7001, 9.0)
+    assert from_env.model.model == "env-model"
+    assert from_env.model.dtype == "float16"
+    assert from_env.log_level == "WARNING"
+
+    flags_win = build_config(["--port", "8000", "--model", "flag-model"], env)
+    assert flags_win.port == 8000
+    assert flags_win.model.model == "flag-model"
+    assert flags_win.metrics_port == 7001  # not given as a flag: env still applies
+
+
+def test_empty_env_values_count_as_unset() -> None:
+    assert build_config([], {"PAIRSCORE_PORT": "", "PAIRSCORE_MODEL": ""}) == ServerConfig()
+
+
+@pytest.mark.parametrize("value", ["off", "OFF", "none", "-1"])
+def test_metrics_can_be_switched_off(value: str) -> None:
+    assert build_config(["--metrics-port", value], {}).metrics_port is None
+    assert build_config([], {"PAIRSCORE_METRICS_PORT": value}).metrics_port is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "fragment"),
+    [
+        (["--port", "http"], {}, "--port"),
+        ([], {"PAIRSCORE_PORT": "nope"}, "PAIRSCORE_PORT"),
+        (["--port", "70000"], {}, "port must be"),
+        (["--max-batch-pairs", "0"], {}, "max batch pairs"),
+        (["--max-wait-ms", "-1"], {}, "max wait"),
+        (["--device", "tpu"], {}, "device"),
+        (["--dtype", "int8"], {}, "dtype"),
+        (["--log-level", "chatty"], {}, "log level"),
+        (["--stream-max-in-flight", "0"], {}, "stream max in flight"),
+        (["--no-such-flag"], {}, "unrecognized"),
+    ],
+)
+def test_invalid_values_exit_2_naming_the_problem(
+    argv: list[str], env: dict[str, str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_config(argv, env)
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_config_is_frozen() -> None:
+    config = build_config([], {})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.port = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model.model = "other"  # type: ignore[misc]
+
+
+def test_direct_construction_is_validated() -> None:
+    with pytest.raises(ValueError, match="grace period"):
+        ServerConfig(grace_period_s=-1)
+
+
+def test_help_names_every_flag_and_its_env_variable() -> None:
+    text = make_parser().format_help()
+    for flag, env in [
+        ("--port", "PAIRSCORE_PORT"),
+        ("--metrics-port", "PAIRSCORE_METRICS_PORT"),
+        ("--model", "PAIRSCORE_MODEL"),
+        ("--max-wait-ms", "PAIRSCORE_MAX_WAIT_MS"),
+        ("--grace-period", "PAIRSCORE_GRACE_PERIOD"),
+    ]:
+        assert flag in text
+        assert env in text
