@@ -186,3 +186,24 @@ def test_only_prefix_sequences(engine):
     assert results[0].joint_logprob == 0.0 and results[0].prompt_tokens == 0
     assert results[1].response_tokens == 0
     assert results[2].joint_logprob < 0.0
+
+
+def test_shared_prompts_run_once_and_score_like_separate_pairs(family):
+    """Pairs sharing a prompt reuse its key/value cache and get the same scores."""
+    model, tokenizer = family
+    shared = make_engine(model, tokenizer, max_batch_tokens=120)
+    plain = make_engine(model, tokenizer, share_prompts=False)
+    prompts = ["The capital of France is", "", "Question: what is two plus two? Answer:"]
+    responses = [" Paris.", "", "x", " a much longer response with several words 😀 你好", " four"]
+    pairs = [Pair(x, y) for x in prompts for y in responses] + [Pair("unique prompt", " y")]
+    prepared = shared.prepare(pairs, ScoreOptions(return_tokens=True))
+    groups = shared.shared_prompt_groups(prepared)
+    assert sorted(len(g) for g in groups) == [5, 5, 5]
+    calls = []
+    original = shared._logprobs.shared_prompt
+    shared._logprobs.shared_prompt = lambda *a, **k: calls.append(a[0]) or original(*a, **k)
+    got = shared.score(prepared)
+    assert len(calls) == 3, "each distinct prompt runs once"
+    want = plain.score_pairs(pairs, ScoreOptions(return_tokens=True))
+    for a, b in zip(got, want, strict=True):
+        assert_same_scores(a, b)

@@ -19,6 +19,7 @@ from pairscore.types import (
     TokenizationMode,
     TokenScore,
 )
+from pairscore_server.engine.kernels import fuse_activations
 from pairscore_server.engine.logprobs import DEFAULT_CHUNK_BYTES, LogprobComputer, make_batch
 from pairscore_server.engine.prefix import Prefix, resolve_prefix
 from pairscore_server.engine.prepared import PreparedPair
@@ -34,10 +35,13 @@ class EngineLimits:
     ``max_batch_tokens`` bounds the padded tokens (rows x longest row) of one
     forward pass; a single pair longer than the budget still runs alone.
     ``chunk_bytes`` bounds the float32 logits held at once by the log-prob head.
+    ``share_prompts``: pairs of one ``score`` call with the same prompt run
+    the prompt once and reuse its key/value cache for every response.
     """
 
     max_batch_tokens: int = 8192
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    share_prompts: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,9 @@ class ScoringEngine:
         limits: EngineLimits | None = None,
     ) -> None:
         self.model = model.eval()
+        fused = fuse_activations(model)
+        if fused:
+            log.info("using fused kernels for %d activation modules", fused)
         self.tokenizer = tokenizer
         self.description = description
         self.limits = limits = limits or EngineLimits()
@@ -177,10 +184,31 @@ class ScoringEngine:
             batches.append(current)
         return batches
 
+    def shared_prompt_groups(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
+        """Indices of pairs that share their prompt (p ⊕ x), in groups of two or more."""
+        if not (self.limits.share_prompts and self._logprobs.split_head):
+            return []
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, pair in enumerate(prepared):
+            groups.setdefault(pair.input_ids[: 1 + pair.prompt_tokens], []).append(i)
+        return [g for g in groups.values() if len(g) > 1]
+
     def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
         """Run the forward passes for ``prepared`` and return scores in the same order."""
         results: list[PairScore | None] = [None] * len(prepared)
-        for indices in self.plan_batches(prepared):
+        for group in self.shared_prompt_groups(prepared):
+            first = prepared[group[0]]
+            prompt_lps, response_lps = self._logprobs.shared_prompt(
+                first.input_ids[: 1 + first.prompt_tokens],
+                [prepared[i].input_ids[1 + first.prompt_tokens:] for i in group],
+                max_batch_tokens=self.max_batch_tokens,
+            )
+            prompt_lps = prompt_lps.cpu()
+            for i, lps in zip(group, response_lps, strict=True):
+                results[i] = self._result(prepared[i], torch.cat([prompt_lps, lps.cpu()]))
+        rest = [i for i, r in enumerate(results) if r is None]
+        for sub in self.plan_batches([prepared[i] for i in rest]):
+            indices = [rest[j] for j in sub]
             batch = make_batch(
                 [prepared[i].input_ids for i in indices],
                 pad_id=self.prefix.token_id,

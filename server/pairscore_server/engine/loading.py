@@ -81,7 +81,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def default_max_batch_tokens(device: torch.device) -> int:
     """Padded tokens per forward pass: small on CPU (no gain from padding), large on GPU."""
-    return 32768 if device.type == "cuda" else 4096
+    return 32768 if device.type == "cuda" else 2048
 
 
 def embedded_gguf_path() -> Path:

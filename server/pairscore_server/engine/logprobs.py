@@ -30,6 +30,8 @@ full [tokens x vocab] tensor is never materialised.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,14 +76,18 @@ def make_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, device: torch
 def _chunked_target_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_rows: int
 ) -> torch.Tensor:
-    """log_softmax(head(hidden))[targets] in float32, ``chunk_rows`` rows at a time."""
+    """log_softmax(head(hidden))[targets] in float32, ``chunk_rows`` rows at a time.
+
+    ``-cross_entropy(logits, target)`` is exactly that log-prob, computed by
+    one fused log-softmax kernel instead of logsumexp's temporaries.
+    """
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.shape[0], chunk_rows):
         stop = min(start + chunk_rows, targets.shape[0])
         logits = head(hidden[start:stop]).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        picked = logits.gather(1, targets[start:stop, None]).squeeze(1)
-        out[start:stop] = picked - lse
+        out[start:stop] = -torch.nn.functional.cross_entropy(
+            logits, targets[start:stop], reduction="none"
+        )
     return out
 
 
@@ -102,6 +108,9 @@ class LogprobComputer:
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.chunk_rows = max(1, chunk_bytes // (4 * self.vocab_size))
         self.split_head = split_head
+        # transformers 5.x renamed past_key_values to cache (argument and output).
+        params = inspect.signature(model.base_model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -115,6 +124,11 @@ class LogprobComputer:
             use_cache=False,
         )
         return out.last_hidden_state
+
+    def _project(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return _chunked_target_logprobs(
+            hidden, targets, self.model.get_output_embeddings(), self.chunk_rows
+        )
 
     @torch.inference_mode()
     def head_is_plain(self) -> bool:
@@ -140,10 +154,7 @@ class LogprobComputer:
         targets = batch.input_ids.reshape(-1)[rows + 1]
         if self.split_head:
             hidden = self._hidden(batch)
-            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
-            lps = _chunked_target_logprobs(
-                hidden, targets, self.model.get_output_embeddings(), self.chunk_rows
-            )
+            lps = self._project(hidden.reshape(-1, hidden.shape[-1])[rows], targets)
         else:
             logits = self.model(
                 input_ids=batch.input_ids,
@@ -153,4 +164,81 @@ class LogprobComputer:
             ).logits
             logits = logits.reshape(-1, logits.shape[-1])[rows]
             lps = _chunked_target_logprobs(logits, targets, torch.nn.Identity(), self.chunk_rows)
+        return list(lps.split([length - 1 for length in batch.lengths]))
+
+    @torch.inference_mode()
+    def shared_prompt(
+        self, prompt: Sequence[int], responses: Sequence[Sequence[int]], *, max_batch_tokens: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Score several responses to one prompt, running the prompt once.
+
+        ``prompt`` is p ⊕ x (at least the prefix token). The prompt's forward
+        pass keeps its key/value cache; each response then runs on top of a
+        copy of that cache, so the prompt's tokens are computed once for all
+        responses. Returns the prompt's log-probs (tokens 1..P-1) and each
+        response's log-probs. The first token of every response is predicted
+        by the prompt's last hidden state, as in the diagram above.
+        """
+        device = self.device
+        p_len = len(prompt)
+        p_batch = make_batch([prompt], pad_id=0, device=device)
+        out = self.model.base_model(
+            input_ids=p_batch.input_ids,
+            attention_mask=p_batch.attention_mask,
+            position_ids=p_batch.position_ids,
+            use_cache=True,
+        )
+        cache = getattr(out, "cache", None) or out.past_key_values
+        hidden = out.last_hidden_state[0]
+        prompt_lps = self._project(hidden[:-1], p_batch.input_ids[0, 1:])
+        scored = [i for i, r in enumerate(responses) if r]
+        firsts = self._project(
+            hidden[-1:].expand(len(scored), -1),
+            torch.tensor([responses[i][0] for i in scored], dtype=torch.long, device=device),
+        ) if scored else None
+        result: list[torch.Tensor] = [
+            torch.empty(0, dtype=torch.float32, device=device) for _ in responses
+        ]
+        for k, i in enumerate(scored):
+            result[i] = firsts[k : k + 1]
+        # Responses of two or more tokens need a pass over y_1..y_n-1 on top of the cache.
+        longer = sorted((i for i in scored if len(responses[i]) > 1), key=lambda i: -len(responses[i]))
+        start = 0
+        while start < len(longer):
+            width = len(responses[longer[start]])
+            count = max(1, max_batch_tokens // (p_len + width))
+            group = longer[start : start + count]
+            start += count
+            result_rows = self._responses_on_cache(
+                cache, p_len, [responses[i] for i in group]
+            )
+            for i, lps in zip(group, result_rows, strict=True):
+                result[i] = torch.cat([result[i], lps])
+        return prompt_lps, result
+
+    def _responses_on_cache(
+        self, cache, p_len: int, responses: Sequence[Sequence[int]]
+    ) -> list[torch.Tensor]:
+        device = self.device
+        batch = make_batch(responses, pad_id=0, device=device)
+        width = batch.input_ids.shape[1]
+        mask = torch.cat(
+            [torch.ones(len(responses), p_len, dtype=torch.long, device=device), batch.attention_mask],
+            dim=1,
+        )
+        group_cache = copy.deepcopy(cache)
+        if len(responses) > 1:
+            group_cache.batch_repeat_interleave(len(responses))
+        hidden = self.model.base_model(
+            input_ids=batch.input_ids,
+            attention_mask=mask,
+            position_ids=batch.position_ids + p_len,
+            use_cache=True,
+            **{self._cache_arg: group_cache},
+        ).last_hidden_state
+        rows = torch.cat(
+            [torch.arange(length - 1) + b * width for b, length in enumerate(batch.lengths)]
+        ).to(device)
+        targets = batch.input_ids.reshape(-1)[rows + 1]
+        lps = self._project(hidden.reshape(-1, hidden.shape[-1])[rows], targets)
         return list(lps.split([length - 1 for length in batch.lengths]))
