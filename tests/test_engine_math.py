@@ -207,3 +207,18 @@ def test_shared_prompts_run_once_and_score_like_separate_pairs(family):
     want = plain.score_pairs(pairs, ScoreOptions(return_tokens=True))
     for a, b in zip(got, want, strict=True):
         assert_same_scores(a, b)
+
+
+def test_padded_batches_keep_padding_efficiency():
+    from pairscore_server.engine.logprobs import plan_padded_batches
+
+    lengths = [100, 95, 91, 60, 58, 10, 9, 200, 3]
+    batches = plan_padded_batches(lengths, max_tokens=1000, min_efficiency=0.9)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        width = max(lengths[i] for i in batch)
+        assert sum(lengths[i] for i in batch) >= 0.9 * width * len(batch) or len(batch) == 1
+        assert width * len(batch) <= 1000 or len(batch) == 1
+    assert [0, 1, 2] in batches  # 100, 95, 91 pack at 95% efficiency
+    loose = plan_padded_batches(lengths, max_tokens=10_000, min_efficiency=0.0)
+    assert len(loose) == 1

@@ -20,7 +20,12 @@ from pairscore.types import (
     TokenScore,
 )
 from pairscore_server.engine.kernels import fuse_activations
-from pairscore_server.engine.logprobs import DEFAULT_CHUNK_BYTES, LogprobComputer, make_batch
+from pairscore_server.engine.logprobs import (
+    DEFAULT_CHUNK_BYTES,
+    LogprobComputer,
+    make_batch,
+    plan_padded_batches,
+)
 from pairscore_server.engine.prefix import Prefix, resolve_prefix
 from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.tokenization import PairTokenizer
@@ -34,12 +39,15 @@ class EngineLimits:
 
     ``max_batch_tokens`` bounds the padded tokens (rows x longest row) of one
     forward pass; a single pair longer than the budget still runs alone.
+    ``min_batch_efficiency`` keeps real tokens / padded tokens of a batch at
+    least this high (padding buys nothing on CPU, a lot on GPU).
     ``chunk_bytes`` bounds the float32 logits held at once by the log-prob head.
     ``share_prompts``: pairs of one ``score`` call with the same prompt run
     the prompt once and reuse its key/value cache for every response.
     """
 
     max_batch_tokens: int = 8192
+    min_batch_efficiency: float = 0.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     share_prompts: bool = True
 
@@ -166,23 +174,12 @@ class ScoringEngine:
         )
 
     def plan_batches(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
-        """Group pair indices into forward passes under ``max_batch_tokens``.
-
-        Longest first, so that each batch holds pairs of similar length and
-        little padding.
-        """
-        order = sorted(range(len(prepared)), key=lambda i: -prepared[i].num_tokens)
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for i in order:
-            width = prepared[current[0]].num_tokens if current else prepared[i].num_tokens
-            if current and (len(current) + 1) * width > self.max_batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(i)
-        if current:
-            batches.append(current)
-        return batches
+        """Group pair indices into forward passes under the token budget, longest first."""
+        return plan_padded_batches(
+            [p.num_tokens for p in prepared],
+            max_tokens=self.max_batch_tokens,
+            min_efficiency=self.limits.min_batch_efficiency,
+        )
 
     def shared_prompt_groups(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
         """Indices of pairs that share their prompt (p ⊕ x), in groups of two or more."""
@@ -202,6 +199,7 @@ class ScoringEngine:
                 first.input_ids[: 1 + first.prompt_tokens],
                 [prepared[i].input_ids[1 + first.prompt_tokens:] for i in group],
                 max_batch_tokens=self.max_batch_tokens,
+                min_efficiency=self.limits.min_batch_efficiency,
             )
             prompt_lps = prompt_lps.cpu()
             for i, lps in zip(group, response_lps, strict=True):

@@ -197,7 +197,11 @@ def load_engine(spec: ModelSpec) -> ScoringEngine:
     except Exception as exc:  # transformers raises many types: OSError, ValueError, KeyError...
         raise ModelLoadError(f"cannot load model {spec.model or 'embedded default'}: {exc}") from exc
     model.to(device)
-    limits = EngineLimits(max_batch_tokens=spec.max_batch_tokens or default_max_batch_tokens(device))
+    limits = EngineLimits(
+        max_batch_tokens=spec.max_batch_tokens or default_max_batch_tokens(device),
+        # Padding only wastes work on CPU; on GPU wide batches pay for it.
+        min_batch_efficiency=0.9 if device.type == "cpu" else 0.5,
+    )
     try:
         engine = ScoringEngine(
             model, tokenizer, description=description, prefix_token=spec.prefix_token,

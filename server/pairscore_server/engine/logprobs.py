@@ -73,6 +73,35 @@ def make_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, device: torch
     )
 
 
+def plan_padded_batches(
+    lengths: Sequence[int], *, max_tokens: int, min_efficiency: float = 0.0
+) -> list[list[int]]:
+    """Group sequence indices into right-padded batches, longest first.
+
+    A batch closes when one more sequence would make rows x longest exceed
+    ``max_tokens``, or push its padding efficiency (real tokens / padded
+    tokens) below ``min_efficiency``. A sequence longer than the budget runs
+    alone. On CPU, where padding is pure waste, a high ``min_efficiency``
+    keeps batches to sequences of nearly equal length.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        if current:
+            width = lengths[current[0]]
+            padded = (len(current) + 1) * width
+            if padded > max_tokens or (real + lengths[i]) < min_efficiency * padded:
+                batches.append(current)
+                current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
 def _chunked_target_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_rows: int
 ) -> torch.Tensor:
@@ -168,7 +197,12 @@ class LogprobComputer:
 
     @torch.inference_mode()
     def shared_prompt(
-        self, prompt: Sequence[int], responses: Sequence[Sequence[int]], *, max_batch_tokens: int
+        self,
+        prompt: Sequence[int],
+        responses: Sequence[Sequence[int]],
+        *,
+        max_batch_tokens: int,
+        min_efficiency: float = 0.0,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Score several responses to one prompt, running the prompt once.
 
@@ -202,18 +236,14 @@ class LogprobComputer:
         for k, i in enumerate(scored):
             result[i] = firsts[k : k + 1]
         # Responses of two or more tokens need a pass over y_1..y_n-1 on top of the cache.
-        longer = sorted((i for i in scored if len(responses[i]) > 1), key=lambda i: -len(responses[i]))
-        start = 0
-        while start < len(longer):
-            width = len(responses[longer[start]])
-            count = max(1, max_batch_tokens // (p_len + width))
-            group = longer[start : start + count]
-            start += count
-            result_rows = self._responses_on_cache(
-                cache, p_len, [responses[i] for i in group]
-            )
-            for i, lps in zip(group, result_rows, strict=True):
-                result[i] = torch.cat([result[i], lps])
+        longer = [i for i in scored if len(responses[i]) > 1]
+        lengths = [len(responses[i]) for i in longer]
+        for group in plan_padded_batches(
+            lengths, max_tokens=max_batch_tokens, min_efficiency=min_efficiency
+        ):
+            rows = self._responses_on_cache(cache, p_len, [responses[longer[j]] for j in group])
+            for j, lps in zip(group, rows, strict=True):
+                result[longer[j]] = torch.cat([result[longer[j]], lps])
         return prompt_lps, result
 
     def _responses_on_cache(
@@ -226,9 +256,11 @@ class LogprobComputer:
             [torch.ones(len(responses), p_len, dtype=torch.long, device=device), batch.attention_mask],
             dim=1,
         )
-        group_cache = copy.deepcopy(cache)
         if len(responses) > 1:
+            group_cache = copy.deepcopy(cache)
             group_cache.batch_repeat_interleave(len(responses))
+        else:
+            group_cache = cache  # cropped back to the prompt below
         hidden = self.model.base_model(
             input_ids=batch.input_ids,
             attention_mask=mask,
@@ -236,6 +268,8 @@ class LogprobComputer:
             use_cache=True,
             **{self._cache_arg: group_cache},
         ).last_hidden_state
+        if group_cache is cache:
+            cache.crop(-width)  # drop the response tokens: back to the prompt alone
         rows = torch.cat(
             [torch.arange(length - 1) + b * width for b, length in enumerate(batch.lengths)]
         ).to(device)

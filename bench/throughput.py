@@ -1,0 +1,392 @@
+"""Throughput benchmark: pairscore vs the loops people write by hand and lm-evaluation-harness.
+
+A fixed, seeded workload (distinct prompts, and a shared-prompt variant) is
+scored by every method on the same model, each method in its own child
+process so that its peak memory is its own. Every child also measures the
+machine's float32 GEMM rate on the model's own layer shapes right before it
+runs, so "ideal tokens/s" (the rate if the model's matrix multiplies were
+all the work) is measured under the same load as the method itself.
+
+Methods:
+  naive_one   one forward per pair over p+x+y, full-vocabulary log-softmax
+  naive_two   two forwards per pair: p+x, then p+x+y
+  lmeval      lm-evaluation-harness HF backend, loglikelihood, batch size 1
+  engine      the pairscore engine in-process
+  engine_bf16 the engine with bfloat16 weights (float32 log-softmax), opt-in
+  grpc        `pairscore serve` in a separate process, N concurrent client streams
+
+Usage:
+  python bench/throughput.py                      # tiny model, a couple of minutes on 2 cores
+  python bench/throughput.py --model gpt2-small --pairs 128
+  python bench/throughput.py --model smollm2 --methods engine,grpc,lmeval
+The table ends with ratios against the baselines measured in the same run and
+the largest score difference between methods (nats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ALL_METHODS = ["naive_one", "naive_two", "lmeval", "engine", "engine_bf16", "grpc"]
+PRESETS = {
+    "tiny": {"n_embd": 256, "n_layer": 4, "n_head": 4},
+    "gpt2-small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
+}
+
+
+# --- workload -------------------------------------------------------------------
+
+
+def smollm2_dir() -> str:
+    """The dequantised embedded SmolLM2 (made once); its tokenizer serves every preset."""
+    from pairscore_server.engine import loading
+
+    cache = Path(os.environ.get("PAIRSCORE_CACHE_DIR") or loading.default_cache_dir())
+    return str(loading._dequantised_copy(loading.embedded_gguf_path(), cache))
+
+
+def make_workload(tokenizer, *, pairs: int, shared: tuple[int, int] | None, seed: int):
+    """Seeded (prompt, response) texts: prompts 20-200 tokens, responses 10-200.
+
+    Texts are decoded from random vocabulary ids; prompts are stripped and
+    responses start with a space, so every method splits x and y at the same
+    token boundary.
+    """
+    rng = random.Random(seed)
+    low, high = 1000, min(40000, len(tokenizer) - 1)
+
+    def text(n_min: int, n_max: int) -> str:
+        ids = [rng.randrange(low, high) for _ in range(rng.randint(n_min, n_max))]
+        return " ".join(tokenizer.decode(ids).split())
+
+    if shared is None:
+        return [(text(20, 200), " " + text(10, 200)) for _ in range(pairs)]
+    n_prompts, per_prompt = shared
+    out = []
+    for _ in range(n_prompts):
+        prompt = text(20, 200)
+        out += [(prompt, " " + text(10, 200)) for _ in range(per_prompt)]
+    return out
+
+
+def build_model(name: str, vocab_size: int):
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    if name == "smollm2":
+        return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=1024, bos_token_id=0, eos_token_id=0,
+                        **PRESETS[name])
+    return GPT2LMHeadModel(config).eval()
+
+
+def gemm_rate(model, rows: int = 256, seconds: float = 1.0) -> float:
+    """float32 FLOP/s of the model's own linear-layer shapes at ``rows`` rows."""
+    import torch
+
+    shapes = set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.dim() == 2 and not isinstance(module, torch.nn.Embedding):
+            shapes.add(tuple(weight.shape))
+    head = model.get_output_embeddings().weight
+    shapes.add(tuple(head.shape))
+    flops = elapsed = 0.0
+    for a, b in sorted(shapes):
+        x, w = torch.randn(rows, b), torch.randn(b, a)
+        x @ w
+        start = time.perf_counter()
+        n = 0
+        while time.perf_counter() - start < seconds / len(shapes) or n < 2:
+            x @ w
+            n += 1
+        elapsed += time.perf_counter() - start
+        flops += 2.0 * rows * a * b * n
+    return flops / elapsed
+
+
+def flops_per_token(model) -> float:
+    """2 x parameters of every matrix multiply a token goes through (embeddings excluded)."""
+    import torch
+
+    total = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and weight.dim() == 2 and not isinstance(module, torch.nn.Embedding):
+            total += weight.numel()
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Embedding) or head.weight is model.get_input_embeddings().weight:
+        total += head.weight.numel()  # tied head: skipped above as an Embedding
+    return 2.0 * total
+
+
+# --- methods (each runs in a child process) ----------------------------------------
+
+
+def run_naive(model, prepared, *, two_passes: bool):
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for prep in prepared:
+            ids = torch.tensor([prep.input_ids])
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            tok = logp[:-1].gather(1, ids[0, 1:, None]).squeeze(1).double()
+            m = prep.prompt_tokens
+            if two_passes:
+                prompt_ids = ids[:, : 1 + m]
+                plogp = torch.log_softmax(model(prompt_ids).logits[0].float(), -1)
+                prompt = float(plogp[:-1].gather(1, prompt_ids[0, 1:, None]).sum())
+            else:
+                prompt = float(tok[:m].sum())
+            joint = float(tok.sum())
+            out.append((joint, joint - prompt))
+    return out
+
+
+def run_lmeval(model, tokenizer, pairs, prefix_text):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu")
+    requests = [
+        Instance(request_type="loglikelihood", doc={}, arguments=(prefix_text + x, y), idx=i)
+        for i, (x, y) in enumerate(pairs)
+    ]
+    results = lm.loglikelihood(requests, disable_tqdm=True)
+    return [(float("nan"), float(r[0])) for r in results]
+
+
+def run_engine(engine, pairs):
+    from pairscore.types import Pair
+
+    scored = engine.score_pairs([Pair(x, y) for x, y in pairs])
+    return [(s.joint_logprob, s.conditional_logprob) for s in scored]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_grpc(model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path):
+    """Start `pairscore serve` on model_dir, score through N concurrent streams.
+
+    Returns (results, seconds, server peak RSS in bytes); server start-up and
+    warm-up are not timed.
+    """
+    from pairscore import Pair, ScoringClient
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pairscore_server", "serve", "--model", model_dir, "--host", "127.0.0.1",
+         "--port", str(port), "--metrics-port", "off", "--device", "cpu", "--log-level", "WARNING"],
+        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        client = ScoringClient(f"127.0.0.1:{port}", timeout=3600)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if client.health() == "SERVING":
+                    break
+            except Exception:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("server did not start:\n" + log_path.read_text())
+            time.sleep(0.2)
+        chunks = [list(range(i, min(i + chunk, len(pairs)))) for i in range(0, len(pairs), chunk)]
+        results: list = [None] * len(pairs)
+
+        def worker(mine):
+            with ScoringClient(f"127.0.0.1:{port}", timeout=3600) as c:
+                batches = ([Pair(*pairs[i]) for i in idx] for idx in mine)
+                for idx, response in zip(mine, c.score_stream(batches), strict=True):
+                    for i, s in zip(idx, response, strict=True):
+                        results[i] = (s.joint_logprob, s.conditional_logprob)
+
+        threads = [threading.Thread(target=worker, args=(chunks[k::streams],)) for k in range(streams)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+        return results, seconds, hwm
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def child(args) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    from pairscore.types import Pair, ScoreOptions
+    from pairscore_server.engine.engine import ModelDescription, ScoringEngine
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    pairs = make_workload(tokenizer, pairs=args.pairs, shared=args.shared, seed=args.seed)
+    model = build_model(args.model, len(tokenizer))
+    engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"))
+    prepared = engine.prepare([Pair(x, y) for x, y in pairs], ScoreOptions())
+    tokens = sum(p.num_tokens for p in prepared)
+    rate = gemm_rate(model)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    method = args.run_method
+    start = time.perf_counter()
+    rss = None
+    if method in ("naive_one", "naive_two"):
+        results = run_naive(model, prepared, two_passes=method == "naive_two")
+    elif method == "lmeval":
+        results = run_lmeval(model, tokenizer, pairs, engine.prefix.token)
+    elif method == "engine":
+        results = run_engine(engine, pairs)
+    elif method == "engine_bf16":
+        engine = ScoringEngine(model.to(torch.bfloat16), tokenizer,
+                               description=ModelDescription("bench", "bench"))
+        start = time.perf_counter()
+        results = run_engine(engine, pairs)
+    elif method == "grpc":
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            results, seconds, rss = run_grpc(tmp, pairs, streams=args.streams, chunk=args.chunk,
+                                             log_path=Path(tmp) / "server.log")
+        start = time.perf_counter() - seconds
+    else:
+        raise SystemExit(f"unknown method {method}")
+    seconds = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(json.dumps({
+        "method": method, "seconds": seconds, "tokens": tokens, "pairs": len(pairs),
+        "tokens_per_s": tokens / seconds, "pairs_per_s": len(pairs) / seconds,
+        "ideal_tokens_per_s": rate / flops_per_token(model), "gemm_gflops": rate / 1e9,
+        "peak_rss": rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before": rss_before, "weights_bytes": weights, "results": results,
+    }))
+
+
+# --- parent ----------------------------------------------------------------------
+
+
+def run_child(method: str, args, shared) -> dict | None:
+    cmd = [sys.executable, __file__, "--run-method", method, "--model", args.model,
+           "--pairs", str(args.pairs), "--seed", str(args.seed), "--threads", str(args.threads),
+           "--streams", str(args.streams), "--chunk", str(args.chunk)]
+    if shared:
+        cmd += ["--shared", f"{shared[0]}x{shared[1]}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"  {method}: skipped ({reason})", flush=True)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def max_diff(a, b, index) -> float:
+    diffs = [abs(x[index] - y[index]) for x, y in zip(a, b, strict=True)
+             if x[index] == x[index] and y[index] == y[index]]
+    return max(diffs) if diffs else float("nan")
+
+
+def report(label: str, runs: dict[str, list[dict]]) -> dict:
+    print(f"\n== {label} ==")
+    summary = {}
+    for method, reps in runs.items():
+        med = statistics.median(r["tokens_per_s"] for r in reps)
+        best = max(reps, key=lambda r: r["tokens_per_s"])
+        summary[method] = {
+            "tokens_per_s": med,
+            "pairs_per_s": statistics.median(r["pairs_per_s"] for r in reps),
+            "ideal_fraction": statistics.median(r["tokens_per_s"] / r["ideal_tokens_per_s"] for r in reps),
+            "peak_rss_gib": max(r["peak_rss"] for r in reps) / 2**30,
+            "over_weights_gib": (max(r["peak_rss"] for r in reps) - best["weights_bytes"]) / 2**30,
+            "results": best["results"],
+        }
+    print(f"{'method':<12} {'tokens/s':>9} {'pairs/s':>8} {'% ideal':>8} {'peak RSS':>9} {'RSS-weights':>11}")
+    for method, s in summary.items():
+        print(f"{method:<12} {s['tokens_per_s']:9.0f} {s['pairs_per_s']:8.2f} {100 * s['ideal_fraction']:7.0f}% "
+              f"{s['peak_rss_gib']:8.2f}G {s['over_weights_gib']:10.2f}G")
+    base = [m for m in ("naive_one", "naive_two", "lmeval") if m in summary]
+    for mine in ("engine", "engine_bf16", "grpc"):
+        if mine in summary:
+            ratios = ", ".join(f"{summary[mine]['tokens_per_s'] / summary[b]['tokens_per_s']:.2f}x {b}"
+                               for b in base)
+            print(f"{mine}: {ratios}")
+    if "grpc" in summary and "engine" in summary:
+        print(f"grpc / engine in-process: {summary['grpc']['tokens_per_s'] / summary['engine']['tokens_per_s']:.2f}")
+    if "engine" in summary:
+        ref = summary["engine"]["results"]
+        for method, s in summary.items():
+            if method != "engine":
+                print(f"max |{method} - engine|: joint {max_diff(s['results'], ref, 0):.2e}, "
+                      f"conditional {max_diff(s['results'], ref, 1):.2e} nats")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", choices=[*PRESETS, "smollm2"])
+    parser.add_argument("--pairs", type=int, default=512, help="distinct-prompt workload size")
+    parser.add_argument("--shared", default="64x8", help="shared-prompt workload: PROMPTSxRESPONSES, or 'off'")
+    parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--repeats", type=int, default=1, help="runs per method; the median is reported")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--streams", type=int, default=4, help="concurrent client streams (grpc)")
+    parser.add_argument("--chunk", type=int, default=16, help="pairs per stream message (grpc)")
+    parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument("--run-method", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.shared = None if args.shared in (None, "off") else tuple(int(v) for v in args.shared.split("x"))
+    if args.run_method:
+        child(args)
+        return
+    methods = [m for m in args.methods.split(",") if m]
+    print(f"model {args.model}, {args.threads} threads, seed {args.seed}, repeats {args.repeats}", flush=True)
+    out = {}
+    workloads = [("distinct", None, args.pairs)]
+    if args.shared:
+        workloads.append(("shared", args.shared, args.shared[0] * args.shared[1]))
+    for label, shared, n in workloads:
+        runs: dict[str, list[dict]] = {}
+        for _ in range(args.repeats):
+            for method in methods:
+                if method in ("naive_two", "engine_bf16") and shared:
+                    continue
+                print(f"  {label}: {method} ...", flush=True)
+                result = run_child(method, argparse.Namespace(**{**vars(args), "pairs": n}), shared)
+                if result:
+                    runs.setdefault(method, []).append(result)
+        out[label] = report(f"{label} prompts ({n} pairs)", runs)
+    if args.json:
+        for summary in out.values():
+            for s in summary.values():
+                s.pop("results")
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
