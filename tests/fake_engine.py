@@ -7,17 +7,30 @@ every response token ``RESPONSE_TOKEN_LOGPROB``.
 
 Knobs: ``max_context`` (longer pairs become CONTEXT_LENGTH_EXCEEDED items),
 ``forward_delay_s`` (score() sleeps, like a slow forward pass),
-``warmup_gate`` (warmup() blocks until the event is set), and a pair whose
-prompt is ``FAIL_PROMPT`` makes the whole score() call raise. Every score()
-call is recorded in ``batches`` (the prompts it saw), ``batch_lengths``
-(their token counts) and ``score_threads`` (the thread it ran on).
+``warmup_gate`` (warmup() blocks until the event is set), ``score_gate``
+(score() blocks until the event is set: a stuck worker), ``oom_above_tokens``
+(score() raises an out-of-memory error, like torch's, when its padded size,
+longest pair x pairs, is larger), and a pair whose prompt is ``FAIL_PROMPT``
+makes the whole score() call raise. Every score() call is recorded in
+``batches`` (the prompts it saw), ``batch_lengths`` (their token counts) and
+``score_threads`` (the thread it ran on); calls that ran out of memory are
+recorded in ``oom_batches`` instead.
+
+Run as a script, it serves a FakeEngine through the real ``pairscore serve``
+entry point (signals, exit codes, logging), for tests that need a separate
+server process::
+
+    python tests/fake_engine.py [--forward-delay S] [--load-delay S] [--load-error oom|crash] \
+        -- SERVE FLAGS
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pairscore.types import (
     ItemError,
@@ -41,6 +54,14 @@ RESPONSE_TOKEN_LOGPROB = -0.25
 
 class FakeEngineError(RuntimeError):
     """Raised by FakeEngine.score for a batch holding a FAIL_PROMPT pair."""
+
+
+def cuda_oom(padded: int) -> RuntimeError:
+    """The kind of error torch raises when the accelerator runs out of memory."""
+    return RuntimeError(
+        f"CUDA out of memory. Tried to allocate {padded * 2} MiB. GPU 0 has a total "
+        "capacity of 79.11 GiB of which 12.00 MiB is free."
+    )
 
 
 def expected_score(pair: Pair) -> PairScore:
@@ -67,11 +88,18 @@ class FakeEngine:
         max_batch_tokens: int = 4096,
         forward_delay_s: float = 0.0,
         warmup_gate: threading.Event | None = None,
+        score_gate: threading.Event | None = None,
+        oom_above_tokens: int | None = None,
+        oom_error: Callable[[int], BaseException] = cuda_oom,
     ) -> None:
         self.max_context = max_context
         self.max_batch_tokens = max_batch_tokens
         self.forward_delay_s = forward_delay_s
         self.warmup_gate = warmup_gate
+        self.score_gate = score_gate
+        self.oom_above_tokens = oom_above_tokens
+        self.oom_error = oom_error
+        self.oom_batches: list[tuple[str, ...]] = []
         self.batches: list[tuple[str, ...]] = []
         self.batch_lengths: list[tuple[int, ...]] = []
         self.score_threads: set[str] = set()
@@ -136,8 +164,15 @@ class FakeEngine:
         return "".join(map(chr, prepared.input_ids[1 : 1 + prepared.prompt_tokens]))
 
     def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
-        """Sleep ``forward_delay_s``, record the batch, and score it (or raise on FAIL)."""
+        """Sleep ``forward_delay_s``, record the batch, and score it (or raise on FAIL / OOM)."""
         prompts = tuple(self.prompt_of(p) for p in prepared)
+        padded = max((p.num_tokens for p in prepared), default=0) * len(prepared)
+        if self.oom_above_tokens is not None and padded > self.oom_above_tokens:
+            with self._lock:
+                self.oom_batches.append(prompts)
+            raise self.oom_error(padded)
+        if self.score_gate is not None and not self.score_gate.wait(timeout=60):
+            raise TimeoutError("the test never opened the score gate")
         with self._lock:
             self.batches.append(prompts)
             self.batch_lengths.append(tuple(p.num_tokens for p in prepared))
@@ -180,3 +215,35 @@ class FakeEngine:
         if self.warmup_gate is not None and not self.warmup_gate.wait(timeout=30):
             raise TimeoutError("the test never opened the warmup gate")
         self.warmups += 1
+
+
+def _serve_main(argv: Sequence[str]) -> int:
+    """Serve a FakeEngine through ``pairscore_server.app.main`` (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="fake_engine.py")
+    parser.add_argument("--forward-delay", type=float, default=0.0)
+    parser.add_argument("--max-context", type=int, default=64)
+    parser.add_argument("--max-batch-tokens", type=int, default=4096)
+    parser.add_argument("--load-error", choices=("oom", "crash"))
+    parser.add_argument("--load-delay", type=float, default=0.0)
+    parser.add_argument("serve_args", nargs="*")
+    args = parser.parse_args(argv)
+
+    def loader(spec: object) -> FakeEngine:
+        time.sleep(args.load_delay)
+        if args.load_error == "oom":
+            raise cuda_oom(1 << 20)
+        if args.load_error == "crash":
+            raise KeyError("model.layers.0.weight")
+        return FakeEngine(
+            max_context=args.max_context,
+            max_batch_tokens=args.max_batch_tokens,
+            forward_delay_s=args.forward_delay,
+        )
+
+    from pairscore_server.app import main
+
+    return main(args.serve_args, engine_loader=loader)
+
+
+if __name__ == "__main__":
+    sys.exit(_serve_main(sys.argv[1:]))

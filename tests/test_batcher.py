@@ -11,11 +11,20 @@ from typing import TypeVar
 
 import pytest
 
-from pairscore.types import Pair, ScoreOptions
-from pairscore_server.batcher import Batcher, BatcherClosedError, BatchFailedError
+from pairscore.types import ItemError, ItemErrorCode, Pair, ScoreOptions
+from pairscore_server.batcher import (
+    Batcher,
+    BatcherClosedError,
+    BatchFailedError,
+    DeadlineExceededError,
+    QueueFullError,
+    RequestLimitError,
+    WorkerUnavailableError,
+    is_out_of_memory,
+)
 from pairscore_server.metrics import Metrics
 
-from fake_engine import FakeEngine, expected_score
+from fake_engine import FakeEngine, cuda_oom, expected_score
 
 T = TypeVar("T")
 MODEL_THREAD = "test-model"
@@ -33,7 +42,14 @@ def run(make: Callable[[], Awaitable[T]], *, timeout: float = 15.0) -> T:
 class Harness:
     """A started batcher on a fake engine, with its executor and metrics."""
 
-    def __init__(self, engine: FakeEngine, *, max_batch_pairs: int = 64, max_wait_s: float = 0.0):
+    def __init__(
+        self,
+        engine: FakeEngine,
+        *,
+        max_batch_pairs: int = 64,
+        max_wait_s: float = 0.0,
+        max_queue_tokens: int | None = None,
+    ):
         self.engine = engine
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=MODEL_THREAD)
@@ -42,6 +58,7 @@ class Harness:
             self.executor,
             max_batch_pairs=max_batch_pairs,
             max_wait_s=max_wait_s,
+            max_queue_tokens=max_queue_tokens,
             metrics=self.metrics,
         )
 
@@ -53,12 +70,12 @@ class Harness:
         await self.batcher.stop()
         self.executor.shutdown(wait=True)
 
-    async def score(self, *pairs: Pair) -> list:
+    async def score(self, *pairs: Pair, deadline: float | None = None) -> list:
         prepared = self.engine.prepare(pairs, ScoreOptions())
-        return await self.batcher.submit(prepared)
+        return await self.batcher.submit(prepared, deadline=deadline)
 
-    def sample(self, name: str) -> float:
-        value = self.metrics.registry.get_sample_value(name)
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels or None)
         return 0.0 if value is None else value
 
 
@@ -264,5 +281,211 @@ def test_batch_metrics_are_recorded() -> None:
             assert h.sample("pairscore_batch_tokens_sum") == 10
             assert h.sample("pairscore_forward_duration_seconds_count") == 1
             assert h.sample("pairscore_queue_pairs") == 0
+
+    run(body)
+
+
+# --- out of memory: split and retry -----------------------------------------------------
+
+
+def test_oom_splits_the_batch_down_to_what_fits_and_counts_splits() -> None:
+    async def body() -> None:
+        # Pairs of 1 prefix + 3 prompt + 1 response = 5 tokens; 2 fit at once (10 <= 12).
+        engine = FakeEngine(oom_above_tokens=12)
+        async with Harness(engine, max_wait_s=0.1) as h:
+            pairs = [pair(f"p{i:02d}") for i in range(8)]
+            results = await asyncio.gather(*(h.score(p) for p in pairs))
+            assert [r[0] for r in results] == [expected_score(p) for p in pairs]
+            # 8 -> 4+4 -> 2+2+2+2: three levels, 1 + 2 = 3 failed calls split.
+            assert len(engine.oom_batches) == 3
+            assert h.sample("pairscore_oom_splits_total") == 3
+            assert [len(b) for b in engine.batches] == [2, 2, 2, 2]
+            assert [p for b in engine.batches for p in b] == [p.prompt for p in pairs]
+            assert h.sample("pairscore_queue_pairs") == 0
+
+    run(body)
+
+
+def test_a_pair_that_does_not_fit_alone_fails_alone_with_resource_exhausted() -> None:
+    async def body() -> None:
+        engine = FakeEngine(oom_above_tokens=10)
+        async with Harness(engine, max_wait_s=0.1) as h:
+            small, huge, small2 = pair("ab"), pair("x" * 20), pair("cd")
+            results = await asyncio.gather(h.score(small, huge), h.score(small2))
+            assert results[1] == [expected_score(small2)]
+            first, failed = results[0]
+            assert first == expected_score(small)
+            assert isinstance(failed, ItemError)
+            assert failed.code is ItemErrorCode.RESOURCE_EXHAUSTED
+            assert "out of memory" in failed.message and "22 tokens" in failed.message
+            assert "x" * 20 not in failed.message  # no user text in the error
+            assert await h.score(pair("after")) == [expected_score(pair("after"))]
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        cuda_oom,
+        lambda n: MemoryError(),
+        lambda n: __import__("torch").cuda.OutOfMemoryError("CUDA error: allocation failed"),
+    ],
+    ids=["runtime-error-message", "memory-error", "torch-oom-type"],
+)
+def test_every_kind_of_oom_is_split(make_error: Callable[[int], BaseException]) -> None:
+    async def body() -> None:
+        engine = FakeEngine(oom_above_tokens=5, oom_error=make_error)  # 2 pairs x 3 tokens
+        async with Harness(engine, max_wait_s=0.1) as h:
+            results = await asyncio.gather(h.score(pair("a")), h.score(pair("b")))
+            assert results == [[expected_score(pair("a"))], [expected_score(pair("b"))]]
+            assert h.sample("pairscore_oom_splits_total") == 1
+
+    run(body)
+
+
+def test_is_out_of_memory_tells_oom_from_other_failures() -> None:
+    import torch
+
+    assert is_out_of_memory(cuda_oom(1))
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("x"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # only RuntimeErrors by message
+
+
+def test_a_non_oom_failure_after_a_split_fails_exactly_the_original_batch() -> None:
+    async def body() -> None:
+        engine = FakeEngine(oom_above_tokens=12)
+        async with Harness(engine, max_batch_pairs=4, max_wait_s=0.1) as h:
+            names = ["ok1", "FAIL", "ok3", "ok4", "ok5"]
+            results = await asyncio.gather(
+                *(h.score(pair(n)) for n in names), return_exceptions=True
+            )
+            # The first batch (4 pairs) ran out of memory, was split, and its FAIL half
+            # raised: the whole first batch fails; the fifth pair, in its own batch, is fine.
+            assert all(isinstance(r, BatchFailedError) for r in results[:4])
+            assert results[4] == [expected_score(pair("ok5"))]
+
+    run(body)
+
+
+# --- admission, deadlines, cancellation ------------------------------------------------
+
+
+def test_a_full_queue_refuses_at_once_with_a_retry_hint_and_counts() -> None:
+    async def body() -> None:
+        engine = FakeEngine(forward_delay_s=0.3)
+        async with Harness(engine, max_batch_pairs=1, max_queue_tokens=10) as h:
+            busy = asyncio.ensure_future(h.score(pair("busy")))  # 6 tokens, in the model
+            await asyncio.sleep(0.1)
+            queued = asyncio.ensure_future(h.score(pair("abc")))  # 5 tokens: queued
+            await asyncio.sleep(0)
+            assert h.batcher.queued_tokens == 5
+            assert h.sample("pairscore_queue_tokens") == 5
+            started = time.monotonic()
+            with pytest.raises(QueueFullError) as info:
+                await h.score(pair("abcdef"))  # 8 tokens: 5 + 8 > 10
+            assert time.monotonic() - started < 0.1  # refused at once, not queued
+            assert "5 of 10 tokens" in str(info.value) and "needs 8" in str(info.value)
+            assert 0 < info.value.retry_after_s <= 30
+            assert h.sample("pairscore_rejected_pairs_total", reason="queue_full") == 1
+            with pytest.raises(RequestLimitError, match="at most 10 tokens"):
+                await h.score(pair("x" * 20))  # larger than the whole queue: never fits
+            assert await busy == [expected_score(pair("busy"))]
+            assert await queued == [expected_score(pair("abc"))]
+            assert await h.score(pair("abcdef")) == [expected_score(pair("abcdef"))]
+
+    run(body)
+
+
+def test_expired_pairs_are_dropped_before_the_model_and_counted() -> None:
+    async def body() -> None:
+        engine = FakeEngine(forward_delay_s=0.3)
+        async with Harness(engine, max_batch_pairs=8) as h:
+            busy = asyncio.ensure_future(h.score(pair("busy")))
+            await asyncio.sleep(0.1)  # "busy" is in the model
+            soon = time.monotonic() + 0.05
+            late = asyncio.ensure_future(h.score(pair("late1"), pair("late2"), deadline=soon))
+            neighbour = asyncio.ensure_future(h.score(pair("neighbour")))
+            with pytest.raises(DeadlineExceededError):
+                await late
+            assert await neighbour == [expected_score(pair("neighbour"))]
+            await busy
+            with pytest.raises(DeadlineExceededError):  # already past: never queued
+                await h.score(pair("past"), deadline=time.monotonic() - 1)
+            assert h.sample("pairscore_dropped_pairs_total", reason="deadline") == 3
+            assert h.batcher.queued_pairs == 0 and h.batcher.queued_tokens == 0
+        assert engine.batches == [("busy",), ("neighbour",)]
+
+    run(body)
+
+
+def test_cancelled_pairs_are_counted_as_dropped() -> None:
+    async def body() -> None:
+        engine = FakeEngine(forward_delay_s=0.3)
+        async with Harness(engine, max_batch_pairs=8) as h:
+            busy = asyncio.ensure_future(h.score(pair("busy")))
+            await asyncio.sleep(0.1)
+            doomed = asyncio.ensure_future(h.score(pair("d1"), pair("d2")))
+            await asyncio.sleep(0.01)
+            doomed.cancel()
+            await busy
+            assert h.sample("pairscore_dropped_pairs_total", reason="cancelled") == 2
+            assert h.sample("pairscore_queue_tokens") == 0
+
+    run(body)
+
+
+# --- a stuck worker --------------------------------------------------------------------
+
+
+def test_abandoning_a_stuck_worker_fails_its_callers_and_refuses_work_until_it_answers() -> None:
+    async def body() -> None:
+        gate = threading.Event()
+        engine = FakeEngine(score_gate=gate)
+        async with Harness(engine, max_batch_pairs=1) as h:
+            stuck = asyncio.ensure_future(h.score(pair("stuck")))
+            await asyncio.sleep(0.1)
+            waiting = asyncio.ensure_future(h.score(pair("waiting")))
+            await asyncio.sleep(0.05)
+            assert h.batcher.busy_seconds > 0.05
+            h.batcher.abandon_in_flight("worker stuck (test)")
+            for task in (stuck, waiting):
+                with pytest.raises(WorkerUnavailableError, match="stuck"):
+                    await task
+            assert h.batcher.stalled
+            with pytest.raises(WorkerUnavailableError):
+                await h.score(pair("refused"))
+            assert h.sample("pairscore_dropped_pairs_total", reason="worker_unavailable") == 1
+            gate.set()  # the worker answers again
+            for _ in range(100):
+                if not h.batcher.stalled:
+                    break
+                await asyncio.sleep(0.01)
+            assert not h.batcher.stalled
+            assert await h.score(pair("again")) == [expected_score(pair("again"))]
+        assert engine.batches == [("stuck",), ("again",)]
+
+    run(body)
+
+
+def test_stop_does_not_wait_forever_for_a_stuck_worker() -> None:
+    async def body() -> None:
+        gate = threading.Event()
+        h = Harness(FakeEngine(score_gate=gate), max_batch_pairs=1)
+        await h.__aenter__()
+        stuck = asyncio.ensure_future(h.score(pair("stuck")))
+        queued = asyncio.ensure_future(h.score(pair("queued")))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await h.batcher.stop(timeout=0.2)
+        assert time.monotonic() - started < 1.0
+        for task in (stuck, queued):
+            with pytest.raises(BatcherClosedError):
+                await task
+        gate.set()
+        h.executor.shutdown(wait=True)
 
     run(body)

@@ -129,6 +129,14 @@ def test_metrics_can_be_switched_off(value: str) -> None:
         (["--dtype", "int8"], {}, "dtype"),
         (["--log-level", "chatty"], {}, "log level"),
         (["--stream-max-in-flight", "0"], {}, "stream max in flight"),
+        (["--max-pairs-per-request", "0"], {}, "max pairs per request"),
+        (["--max-text-chars", "0"], {}, "max text chars"),
+        (["--max-queue-tokens", "ten"], {}, "--max-queue-tokens"),
+        (["--forward-timeout", "-5"], {}, "forward timeout"),
+        (["--max-connection-age", "x"], {}, "--max-connection-age"),
+        (["--tls-cert", "c.pem"], {}, "needs both --tls-cert and --tls-key"),
+        (["--tls-client-ca", "ca.pem"], {}, "needs --tls-cert"),
+        ([], {"PAIRSCORE_TLS_KEY": "k.pem"}, "needs both"),
         (["--no-such-flag"], {}, "unrecognized"),
     ],
 )
@@ -165,3 +173,54 @@ def test_help_names_every_flag_and_its_env_variable() -> None:
     ]:
         assert flag in text
         assert env in text
+
+
+def test_reliability_and_security_settings_default_and_parse() -> None:
+    default = build_config([], {})
+    assert default.max_pairs_per_request == 1024
+    assert default.max_text_chars == 100_000
+    assert default.max_item_tokens is None  # the model's context
+    assert default.max_queue_tokens is None  # 32 x max batch tokens
+    assert default.max_concurrent_rpcs == 512
+    assert default.forward_timeout_s == 120.0
+    assert default.max_connection_age_s is None and default.max_connection_age_grace_s is None
+    assert not default.tls and not default.auth_enabled
+
+    config = build_config(
+        [
+            "--max-pairs-per-request", "10",
+            "--max-text-chars", "500",
+            "--max-item-tokens", "256",
+            "--max-queue-tokens", "4096",
+            "--max-concurrent-rpcs", "off",
+            "--forward-timeout", "off",
+            "--max-connection-age", "300",
+            "--max-connection-age-grace", "30",
+            "--tls-cert", "/etc/tls/tls.crt",
+            "--tls-key", "/etc/tls/tls.key",
+            "--tls-client-ca", "/etc/tls/ca.crt",
+            "--auth-token-file", "/etc/pairscore/tokens",
+        ],
+        {},
+    )
+    assert (config.max_pairs_per_request, config.max_text_chars) == (10, 500)
+    assert (config.max_item_tokens, config.max_queue_tokens) == (256, 4096)
+    assert config.max_concurrent_rpcs is None and config.forward_timeout_s is None
+    assert (config.max_connection_age_s, config.max_connection_age_grace_s) == (300.0, 30.0)
+    assert config.tls and config.tls_client_ca == "/etc/tls/ca.crt"
+    assert config.auth_enabled and config.auth_token_file == "/etc/pairscore/tokens"
+
+    from_env = build_config(
+        [], {"PAIRSCORE_MAX_CONNECTION_AGE": "60", "PAIRSCORE_MAX_QUEUE_TOKENS": "0"}
+    )
+    assert from_env.max_connection_age_s == 60.0
+    assert from_env.max_queue_tokens is None  # 0 means the default
+
+
+def test_auth_tokens_come_only_from_the_environment_and_never_show_in_repr() -> None:
+    config = build_config([], {"PAIRSCORE_AUTH_TOKENS": "s3cret-one, s3cret-two\nthird"})
+    assert config.auth_tokens == ("s3cret-one", "s3cret-two", "third")
+    assert config.auth_enabled
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config)
+    assert "--auth-tokens" not in make_parser().format_help()  # no flag: argv is visible in ps
+    assert build_config([], {"PAIRSCORE_AUTH_TOKENS": " "}).auth_tokens == ()

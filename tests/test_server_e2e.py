@@ -9,6 +9,7 @@ ScoringEngine on a tiny random GPT-2 (``tiny_engine`` from conftest.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -318,9 +319,27 @@ def test_score_stream_works_on_several_messages_at_once_but_bounded(
 # --- model info, health, reflection, metrics ------------------------------------------------
 
 
-def test_model_info_describes_the_engine(engine_for_e2e: Any, server: ServerThread) -> None:
+def test_model_info_describes_the_engine_and_the_limits(
+    engine_for_e2e: Any, server: ServerThread
+) -> None:
     with server.client() as client:
-        assert client.model_info() == engine_for_e2e.info
+        info = client.model_info()
+    limits = server.server.limits
+    assert limits is not None
+    assert info == dataclasses.replace(
+        engine_for_e2e.info,
+        max_pairs_per_request=limits.max_pairs_per_request,
+        max_text_chars=limits.max_text_chars,
+        max_item_tokens=limits.max_item_tokens,
+        max_message_bytes=limits.max_message_bytes,
+        max_queue_tokens=limits.max_queue_tokens,
+    )
+    config = ServerConfig()
+    assert info.max_pairs_per_request == config.max_pairs_per_request
+    assert info.max_text_chars == config.max_text_chars
+    assert info.max_item_tokens == info.max_context_tokens  # default: the model's context
+    assert info.max_message_bytes == config.max_message_bytes
+    assert info.max_queue_tokens == 32 * engine_for_e2e.max_batch_tokens
 
 
 def test_health_reports_serving_for_server_and_service(server: ServerThread) -> None:

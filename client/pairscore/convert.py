@@ -189,6 +189,11 @@ def model_info_to_pb(info: ModelInfo) -> pb.GetModelInfoResponse:
         server_version=info.server_version,
         default_tokenization=_TOKENIZATION_TO_PB[info.default_tokenization],
         architecture=info.architecture,
+        max_pairs_per_request=info.max_pairs_per_request,
+        max_text_chars=info.max_text_chars,
+        max_item_tokens=info.max_item_tokens,
+        max_message_bytes=info.max_message_bytes,
+        max_queue_tokens=info.max_queue_tokens,
     )
 
 
@@ -211,4 +216,9 @@ def model_info_from_pb(msg: pb.GetModelInfoResponse) -> ModelInfo:
             _TOKENIZATION_FROM_PB, msg.default_tokenization, "tokenization"
         ),
         architecture=msg.architecture,
+        max_pairs_per_request=msg.max_pairs_per_request,
+        max_text_chars=msg.max_text_chars,
+        max_item_tokens=msg.max_item_tokens,
+        max_message_bytes=msg.max_message_bytes,
+        max_queue_tokens=msg.max_queue_tokens,
     )

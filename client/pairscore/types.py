@@ -150,6 +150,12 @@ class ModelInfo:
     server_version: str
     default_tokenization: TokenizationMode = TokenizationMode.SEPARATE
     architecture: str = ""
+    # The server's limits (0: not reported); see GetModelInfoResponse in the proto.
+    max_pairs_per_request: int = 0
+    max_text_chars: int = 0
+    max_item_tokens: int = 0
+    max_message_bytes: int = 0
+    max_queue_tokens: int = 0
 
 
 #: The outcome of scoring one pair.

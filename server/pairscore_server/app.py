@@ -6,9 +6,22 @@
 
 Start-up order: the gRPC port opens first with health ``NOT_SERVING`` (so
 orchestrators can probe it while the model loads), then the model is loaded
-and warmed up on the model thread, then health turns ``SERVING``. On
-SIGTERM/SIGINT health turns ``NOT_SERVING``, the server stops taking RPCs,
-running RPCs get ``grace_period_s`` to finish, and the process exits 0.
+and warmed up on the model thread, then health turns ``SERVING``. If the
+model cannot be loaded (bad path, corrupt file, unknown architecture, out of
+memory) or warmed up, ``pairscore serve`` logs one ``cannot load the model:``
+line and exits 1.
+
+While serving, a watchdog turns health ``NOT_SERVING`` when the batching
+loop has died or one forward pass has run longer than
+``forward_timeout_s``; in the latter case the callers waiting on the stuck
+worker get ``UNAVAILABLE`` instead of hanging, and health turns ``SERVING``
+again if the worker ever answers.
+
+On SIGTERM/SIGINT health turns ``NOT_SERVING`` (open health Watch streams
+get that and end), the server stops taking RPCs, running RPCs get
+``grace_period_s`` to finish (then they are cancelled), and the process
+exits 0. A second signal cancels running RPCs
+at once and exits 1. The process never waits for a stuck model thread.
 """
 
 from __future__ import annotations
@@ -18,22 +31,27 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import pairscore
-from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.batcher import Batcher
+from pairscore_server.auth import BearerTokenInterceptor, TokenSet
+from pairscore_server.batcher import Batcher, is_out_of_memory
 from pairscore_server.config import ServerConfig, build_config
 from pairscore_server.engine.loading import ModelLoadError
+from pairscore_server.health import HealthService
+from pairscore_server.limits import Limits, resolve_limits
 from pairscore_server.metrics import Metrics
 from pairscore_server.service import ScoringService
-from pairscore_server.servicer import SERVICE_NAME, ScoringServicer
+from pairscore_server.servicer import SERVICE_NAME, ScoringServicer, add_to_server
+from pairscore_server.tls import server_credentials
 
 if TYPE_CHECKING:
     from pairscore_server.engine import ScoringEngine
@@ -47,11 +65,30 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: Services whose health is reported: the whole server ("") and ScoringService.
 HEALTH_SERVICES = ("", SERVICE_NAME)
 
+#: After the RPCs have ended, how long stop() waits for the batcher to drain.
+_BATCHER_DRAIN_S = 2.0
+#: Exit status after a second SIGTERM/SIGINT cut the grace period short.
+EXIT_FORCED = 1
+
+
+class StartupError(RuntimeError):
+    """The server cannot start: a TLS file or the auth token set is unusable."""
+
 
 def _load_engine(spec: ModelSpec) -> ScoringEngine:
     from pairscore_server.engine.loading import load_engine  # imports torch
 
     return load_engine(spec)
+
+
+def _load_failure(what: str, exc: BaseException) -> ModelLoadError:
+    """A ModelLoadError with a one-line reason for an unexpected loading/warm-up failure."""
+    if isinstance(exc, ModelLoadError):
+        return exc
+    text = str(exc).replace("\n", " ")[:500]
+    if is_out_of_memory(exc):
+        return ModelLoadError(f"out of memory during {what}: {type(exc).__name__}: {text}")
+    return ModelLoadError(f"{what} failed: {type(exc).__name__}: {text}")
 
 
 class RunningServer:
@@ -75,7 +112,7 @@ class RunningServer:
     ) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.health = health.aio.HealthServicer()
+        self.health = HealthService(HEALTH_SERVICES)
         self._engine = engine
         self._engine_loader = engine_loader
         self._servicer = ScoringServicer(
@@ -86,29 +123,60 @@ class RunningServer:
             config.prepare_workers, thread_name_prefix="pairscore-prepare"
         )
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._batcher: Batcher | None = None
         self._ready_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._serving = False
         self._stopped = False
+        self.limits: Limits | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
 
     # --- lifecycle -------------------------------------------------------------------
+
+    def _grpc_options(self) -> list[tuple[str, Any]]:
+        cfg = self.config
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if cfg.max_connection_age_s is not None:
+            options.append(("grpc.max_connection_age_ms", round(cfg.max_connection_age_s * 1000)))
+        if cfg.max_connection_age_grace_s is not None:
+            options.append(
+                ("grpc.max_connection_age_grace_ms", round(cfg.max_connection_age_grace_s * 1000))
+            )
+        return options
+
+    def _security(self) -> tuple[list[grpc.aio.ServerInterceptor], grpc.ServerCredentials | None]:
+        """The auth interceptor and TLS credentials the config asks for; StartupError if unusable."""
+        cfg = self.config
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        try:
+            if cfg.auth_enabled:
+                tokens = TokenSet(cfg.auth_tokens, file=cfg.auth_token_file)
+                interceptors.append(BearerTokenInterceptor(tokens, metrics=self.metrics))
+            creds = None
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                creds = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from exc
+        return interceptors, creds
 
     async def start(self) -> None:
         """Open the gRPC (and metrics) ports and start loading the model in the background."""
         if self._server is not None:
             raise RuntimeError("the server was already started")
-        limit = self.config.max_message_bytes
+        interceptors, creds = self._security()
         server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),
-            ]
+            options=self._grpc_options(),
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
         )
-        for name in HEALTH_SERVICES:
-            await self.health.set(name, _NOT_SERVING)
-        pb_grpc.add_ScoringServiceServicer_to_server(self._servicer, server)
+        add_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -124,16 +192,44 @@ class RunningServer:
                     f"{self.config.metrics_port}: {exc}"
                 ) from exc
         try:
-            self.port = server.add_insecure_port(self.config.address)
+            if creds is not None:
+                self.port = server.add_secure_port(self.config.address, creds)
+            else:
+                self.port = server.add_insecure_port(self.config.address)
         except RuntimeError as exc:
             self.metrics.stop_http_server()
             raise OSError(f"cannot listen on {self.config.address}: {exc}") from exc
         await server.start()
         self._server = server
-        log.info("gRPC listening on %s:%d", self.config.host, self.port)
+        if self.config.health_port is not None:
+            await self._start_health_server()
+        if creds is None:
+            transport = "plaintext"
+        else:
+            transport = "mutual TLS" if self.config.tls_client_ca else "TLS"
+        log.info(
+            "gRPC listening on %s:%d (%s%s)",
+            self.config.host,
+            self.port,
+            transport,
+            ", bearer-token auth" if interceptors else "",
+        )
         self._ready_task = asyncio.get_running_loop().create_task(
             self._become_ready(), name="pairscore-load-model"
         )
+
+    async def _start_health_server(self) -> None:
+        """The plaintext health-only port, for probes that cannot speak TLS."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=64)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self.config.host}:{self.config.health_port}"
+        try:
+            self.health_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen for health checks on {address}: {exc}") from exc
+        await server.start()
+        self._health_server = server
+        log.info("health checks (plaintext, health only) on %s:%d", self.config.host, self.health_port)
 
     async def wait_ready(self) -> None:
         """Wait until the model is loaded and warmed up; raises what loading raised."""
@@ -149,6 +245,11 @@ class RunningServer:
             task is not None and task.done() and not task.cancelled() and task.exception() is None
         )
 
+    @property
+    def batcher(self) -> Batcher | None:
+        """The batcher, once the model is loaded."""
+        return self._batcher
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully: health NOT_SERVING, refuse new RPCs, let running ones finish.
 
@@ -161,18 +262,33 @@ class RunningServer:
         self._stopped = True
         grace = self.config.grace_period_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        self._serving = False
+        self.metrics.serving.set(0)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._ready_task is not None and not self._ready_task.done():
             self._ready_task.cancel()  # a load/warmup thread cannot be interrupted; drop it
         if self._server is not None:
             log.info("shutting down: finishing running requests (grace %.1f s)", grace)
+            started = time.monotonic()
             await self._server.stop(grace)
+            if grace > 0 and time.monotonic() - started >= grace * 0.99:
+                log.warning("the grace period of %.1f s ran out; running calls were cancelled", grace)
         if self._batcher is not None:
-            await self._batcher.stop()
+            await self._batcher.stop(timeout=_BATCHER_DRAIN_S)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         self._model_executor.shutdown(wait=False, cancel_futures=True)
         self._prepare_executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.model_loaded.set(0)
         self.metrics.stop_http_server()
-        log.info("server stopped")
+        if self._server is not None:
+            log.info("server stopped")
+
+    async def abort(self) -> None:
+        """Cancel every running RPC at once (cuts short a stop() in progress)."""
+        if self._server is not None:
+            await self._server.stop(0)
 
     async def wait_for_termination(self) -> None:
         """Wait until the gRPC server has stopped."""
@@ -191,6 +307,41 @@ class RunningServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    # --- health ----------------------------------------------------------------------
+
+    async def _set_serving(self, serving: bool) -> None:
+        if serving == self._serving or self._stopped:
+            return
+        self._serving = serving
+        status = _SERVING if serving else _NOT_SERVING
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, status)
+        self.metrics.serving.set(1 if serving else 0)
+
+    async def _watch(self, batcher: Batcher) -> None:
+        """Health follows the model worker: NOT_SERVING while it is stuck or its loop is dead."""
+        timeout = self.config.forward_timeout_s
+        interval = 0.5 if timeout is None else min(0.5, max(0.02, timeout / 5))
+        crashed = False
+        while True:
+            await asyncio.sleep(interval)
+            busy = batcher.busy_seconds
+            if timeout is not None and not batcher.stalled and busy > timeout:
+                log.error(
+                    "the model worker has been in one forward pass for %.1f s (forward timeout "
+                    "%.1f s): health NOT_SERVING, waiting callers get UNAVAILABLE",
+                    busy,
+                    timeout,
+                )
+                batcher.abandon_in_flight(
+                    f"the model worker is stuck: one forward pass has run for {busy:.1f} s "
+                    f"(forward timeout {timeout:g} s); retry later or on another replica"
+                )
+            if not batcher.running and not self._stopped and not crashed:
+                crashed = True
+                log.critical("the batching loop has stopped: health NOT_SERVING")
+            await self._set_serving(batcher.running and not batcher.stalled)
+
     # --- model loading ---------------------------------------------------------------
 
     async def _become_ready(self) -> None:
@@ -198,17 +349,37 @@ class RunningServer:
         engine = self._engine
         if engine is None:
             log.info("loading model %s", self.config.model.model or "(embedded default)")
-            engine = await loop.run_in_executor(
-                self._model_executor, self._engine_loader, self.config.model
-            )
+            try:
+                engine = await loop.run_in_executor(
+                    self._model_executor, self._engine_loader, self.config.model
+                )
+            except Exception as exc:
+                log.debug("loading the model failed", exc_info=exc)
+                raise _load_failure("loading the model", exc) from exc
             self._engine = engine
         log.info("warming up the model")
-        await loop.run_in_executor(self._model_executor, engine.warmup)
+        try:
+            await loop.run_in_executor(self._model_executor, engine.warmup)
+        except Exception as exc:
+            log.debug("warming up the model failed", exc_info=exc)
+            raise _load_failure("the warm-up forward pass", exc) from exc
+        cfg = self.config
+        engine_info = engine.info
+        self.limits = limits = resolve_limits(
+            max_context=engine_info.max_context_tokens,
+            max_batch_tokens=engine.max_batch_tokens,
+            max_pairs_per_request=cfg.max_pairs_per_request,
+            max_text_chars=cfg.max_text_chars,
+            max_item_tokens=cfg.max_item_tokens,
+            max_queue_tokens=cfg.max_queue_tokens,
+            max_message_bytes=cfg.max_message_bytes,
+        )
         batcher = Batcher(
             engine,
             self._model_executor,
-            max_batch_pairs=self.config.max_batch_pairs,
-            max_wait_s=self.config.max_wait_s,
+            max_batch_pairs=cfg.max_batch_pairs,
+            max_wait_s=cfg.max_wait_s,
+            max_queue_tokens=limits.max_queue_tokens,
             metrics=self.metrics,
         )
         batcher.start()
@@ -218,6 +389,7 @@ class RunningServer:
             batcher=batcher,
             metrics=self.metrics,
             prepare_executor=self._prepare_executor,
+            limits=limits,
         )
         info = service.model_info()
         self._servicer.set_service(service)
@@ -227,8 +399,8 @@ class RunningServer:
             dtype=info.dtype,
             device=info.device,
         )
-        for name in HEALTH_SERVICES:
-            await self.health.set(name, _SERVING)
+        await self._set_serving(True)
+        self._watchdog = loop.create_task(self._watch(batcher), name="pairscore-watchdog")
         log.info(
             "serving model %s (source %s, revision %s) on %s as %s; context %d tokens, "
             "prefix token %r (%s), batches of up to %d pairs / %d padded tokens",
@@ -240,31 +412,57 @@ class RunningServer:
             info.max_context_tokens,
             info.prefix_token,
             info.prefix_policy.value,
-            self.config.max_batch_pairs,
+            cfg.max_batch_pairs,
             engine.max_batch_tokens,
+        )
+        log.info(
+            "limits: %d pairs per request, %d characters per text, %d tokens per pair, "
+            "%d bytes per message, %d queued tokens, %s concurrent RPCs",
+            limits.max_pairs_per_request,
+            limits.max_text_chars,
+            limits.max_item_tokens,
+            limits.max_message_bytes,
+            limits.max_queue_tokens,
+            cfg.max_concurrent_rpcs or "unbounded",
         )
 
 
-async def serve(config: ServerConfig, engine: ScoringEngine | None = None) -> None:
+async def serve(
+    config: ServerConfig,
+    engine: ScoringEngine | None = None,
+    *,
+    engine_loader: Callable[[ModelSpec], ScoringEngine] = _load_engine,
+) -> int:
     """Run a server until SIGTERM or SIGINT, then shut down gracefully.
 
-    Raises whatever loading the model raised (after closing the ports).
+    Returns the exit status: 0 after a graceful stop, :data:`EXIT_FORCED`
+    when a second signal cut the grace period short. Raises whatever
+    loading the model raised (after closing the ports).
     """
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
+    force_requested = asyncio.Event()
 
     def on_signal(signum: int) -> None:
-        if stop_requested.is_set():
-            log.warning("%s again: still shutting down", signal.Signals(signum).name)
-            return
-        log.info("%s received: shutting down", signal.Signals(signum).name)
-        stop_requested.set()
+        name = signal.Signals(signum).name
+        if not stop_requested.is_set():
+            log.info(
+                "%s received: shutting down (grace %.1f s; send it again to stop at once)",
+                name,
+                config.grace_period_s,
+            )
+            stop_requested.set()
+        else:
+            log.warning("%s received again: cancelling running requests and exiting now", name)
+            force_requested.set()
 
     handled = (signal.SIGTERM, signal.SIGINT)
     for signum in handled:
         loop.add_signal_handler(signum, on_signal, signum)
-    running = RunningServer(config, engine=engine)
+    running = RunningServer(config, engine=engine, engine_loader=engine_loader)
     stopping = asyncio.ensure_future(stop_requested.wait())
+    forced = asyncio.ensure_future(force_requested.wait())
+    status = 0
     try:
         await running.start()
         ready = asyncio.ensure_future(running.wait_ready())
@@ -276,15 +474,51 @@ async def serve(config: ServerConfig, engine: ScoringEngine | None = None) -> No
             ready.cancel()
     finally:
         stopping.cancel()
-        await running.stop()
+        stop_task = asyncio.ensure_future(running.stop())
+        done, _ = await asyncio.wait({stop_task, forced}, return_when=asyncio.FIRST_COMPLETED)
+        if stop_task not in done:
+            status = EXIT_FORCED
+            await running.abort()
+            await stop_task
+        forced.cancel()
         for signum in handled:
             loop.remove_signal_handler(signum)
+    return status
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line (transformers' messages span several)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _busy_threads(settle_s: float = 1.0) -> list[threading.Thread]:
+    """Non-daemon threads still running after ``settle_s`` (a model thread stuck in a forward
+    pass or a load); idle executor threads get that long to wind down."""
+    main_thread = threading.main_thread()
+    deadline = time.monotonic() + settle_s
+    busy = []
+    for thread in threading.enumerate():
+        if thread is main_thread or thread.daemon:
+            continue
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            busy.append(thread)
+    return busy
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    engine_loader: Callable[[ModelSpec], ScoringEngine] | None = None,
+) -> int:
     """``pairscore serve``: parse flags (env fallbacks), set up logging, serve.
 
-    Returns the exit code: 0 after a clean shutdown, 1 if the model failed to load.
+    Returns the exit code: 0 after a clean shutdown, 1 if the model failed
+    to load, the server could not start, or a second signal forced the
+    exit. If a model thread is still busy (stuck, or loading when the
+    signal came), the process exits at once with that code instead of
+    waiting for the thread. ``engine_loader`` replaces how the engine is
+    built (tests serve a fake engine through the real entry point).
     """
     config = build_config(sys.argv[1:] if argv is None else argv, os.environ)
     logging.basicConfig(
@@ -292,15 +526,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    status = 1
     try:
-        asyncio.run(serve(config))
+        status = asyncio.run(serve(config, engine_loader=engine_loader or _load_engine))
     except ModelLoadError as exc:
-        log.error("cannot load the model: %s", exc)
-        return 1
-    except OSError as exc:  # a port is taken, or similar
-        log.error("%s", exc)
-        return 1
+        log.error("cannot load the model: %s", _one_line(exc))
+    except (StartupError, OSError) as exc:  # a port is taken, a TLS file is missing, ...
+        log.error("cannot start: %s", _one_line(exc))
     except Exception:
         log.exception("the server failed")
-        return 1
-    return 0
+    busy = _busy_threads()
+    if busy:
+        log.warning(
+            "not waiting for %d busy thread(s) (%s); exiting with status %d",
+            len(busy),
+            ", ".join(t.name for t in busy),
+            status,
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status

@@ -9,46 +9,143 @@ A batch closes when the next queued pair would push its padded size
 holds ``max_batch_pairs`` pairs, or when its oldest pair has waited
 ``max_wait_s``. Pairs are taken in arrival order. A request may span several
 batches; it completes when its last pair is scored.
+
+Overload, time and faults:
+
+* **Admission.** The queue holds at most ``max_queue_tokens`` tokens (the
+  sum of ``PreparedPair.num_tokens`` of the waiting pairs). A request that
+  does not fit now raises :class:`QueueFullError` at once, with a retry hint
+  from the measured throughput; one larger than the whole queue raises
+  :class:`RequestLimitError`. Memory held by queued work is thus bounded.
+* **Deadlines and cancellation.** Pairs of a caller that cancelled, or whose
+  deadline passed, are dropped before they reach the model and counted in
+  ``pairscore_dropped_pairs_total{reason}``; their batch mates are scored.
+* **Out of memory.** When ``engine.score`` runs out of (accelerator) memory,
+  the batch is split in halves and each half retried, down to single pairs;
+  only a pair that does not fit alone fails, with an
+  ``ITEM_ERROR_CODE_RESOURCE_EXHAUSTED`` item error. Splits are counted in
+  ``pairscore_oom_splits_total``. Any other exception fails exactly the
+  requests that had pairs in that batch.
+* **Stuck worker.** :meth:`Batcher.abandon_in_flight` (called by the
+  server's watchdog when a forward pass runs far too long) fails the running
+  batch's requests and everything queued, and refuses work with
+  :class:`WorkerUnavailableError` until the worker answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import gc
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pairscore.types import PairScore
+from pairscore.types import ItemError, ItemErrorCode, ScoreOutcome
+from pairscore_server.errors import (
+    BatcherClosedError,
+    BatchFailedError,
+    DeadlineExceededError,
+    QueueFullError,
+    RequestLimitError,
+    WorkerUnavailableError,
+)
 
 if TYPE_CHECKING:
     from pairscore_server.engine import PreparedPair, ScoringEngine
     from pairscore_server.metrics import Metrics
 
+__all__ = [
+    "BatchFailedError",
+    "Batcher",
+    "BatcherClosedError",
+    "DeadlineExceededError",
+    "QueueFullError",
+    "RequestLimitError",
+    "WorkerUnavailableError",
+    "is_out_of_memory",
+]
+
 log = logging.getLogger(__name__)
 
+#: Bounds of the retry hint given with QueueFullError, in seconds.
+MIN_RETRY_AFTER_S = 0.05
+MAX_RETRY_AFTER_S = 30.0
+#: Retry hint before any batch has been timed.
+DEFAULT_RETRY_AFTER_S = 1.0
+#: A caller that cancels this close to its deadline counts as "deadline": the client
+#: side gives up at its deadline a little before the server's own timer fires.
+DEADLINE_SLACK_S = 0.05
+_THROUGHPUT_SMOOTHING = 0.3  # weight of the newest batch in the tokens/s estimate
+_MAX_REASON_CHARS = 300
 
-class BatcherClosedError(RuntimeError):
-    """The batcher is stopping or stopped and takes no new work."""
+# Reasons of pairscore_dropped_pairs_total.
+DROP_CANCELLED = "cancelled"
+DROP_DEADLINE = "deadline"
+DROP_SHUTDOWN = "shutdown"
+DROP_WORKER = "worker_unavailable"
 
 
-class BatchFailedError(RuntimeError):
-    """The forward pass of a batch that held some of this request's pairs failed."""
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means "out of memory" (accelerator or host).
+
+    True for ``torch.OutOfMemoryError`` / ``torch.cuda.OutOfMemoryError``,
+    :class:`MemoryError`, and any RuntimeError whose message says "out of
+    memory" (what other torch backends raise). torch is only consulted if
+    something already imported it.
+    """
+    if isinstance(exc, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        oom_types = tuple(
+            t
+            for t in (
+                getattr(torch, "OutOfMemoryError", None),
+                getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None),
+            )
+            if isinstance(t, type)
+        )
+        if oom_types and isinstance(exc, oom_types):
+            return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _release_memory() -> None:
+    """After an OOM: collect the failed pass's garbage and return cached accelerator memory."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+    except Exception:  # never let cleanup turn an OOM into a different failure
+        log.debug("emptying the CUDA cache failed", exc_info=True)
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 3] + "..."
 
 
 @dataclass(eq=False)
 class _Request:
     """One submit() call: its pairs, its future and the results gathered so far."""
 
-    future: asyncio.Future[list[PairScore]]
-    results: list[PairScore | None]
+    future: asyncio.Future[list[ScoreOutcome]]
+    results: list[ScoreOutcome | None]
     remaining: int  # pairs not scored yet
     queued: int  # pairs still in the queue
+    queued_tokens: int  # their tokens
+    deadline: float | None = None  # time.monotonic() after which the caller no longer waits
     dropped: bool = False  # finished early (failed/cancelled): its queued pairs are dead
+    drop_reason: str | None = None  # why, for pairscore_dropped_pairs_total (None: not counted)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
 
 @dataclass(eq=False)
@@ -66,7 +163,8 @@ class Batcher:
 
     Create it, call :meth:`start` inside the running event loop, then
     ``await submit(prepared)`` from any number of tasks. :meth:`stop` refuses
-    new work, finishes what is queued and ends the loop.
+    new work, finishes what is queued and ends the loop. ``max_queue_tokens``
+    bounds the tokens waiting in the queue (``None``: unbounded).
     """
 
     def __init__(
@@ -76,22 +174,33 @@ class Batcher:
         *,
         max_batch_pairs: int,
         max_wait_s: float,
+        max_queue_tokens: int | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         if max_batch_pairs < 1:
             raise ValueError(f"max_batch_pairs must be >= 1, got {max_batch_pairs}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        if max_queue_tokens is not None and max_queue_tokens < 1:
+            raise ValueError(f"max_queue_tokens must be >= 1, got {max_queue_tokens}")
         self._engine = engine
         self._executor = executor
         self._max_batch_pairs = max_batch_pairs
         self._max_wait_s = max_wait_s
+        self._max_queue_tokens = max_queue_tokens
         self._metrics = metrics
         self._queue: collections.deque[_Item] = collections.deque()
         self._live = 0  # queued pairs whose request still waits
+        self._live_tokens = 0  # and their tokens
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self._collecting: list[_Item] = []  # the batch being gathered (popped from the queue)
+        self._in_flight: list[_Item] = []  # the batch the model is scoring now
+        self._in_flight_tokens = 0
+        self._forward_started: float | None = None
+        self._stalled = False
+        self._tokens_per_s: float | None = None
 
     # --- public API ----------------------------------------------------------------
 
@@ -101,9 +210,30 @@ class Batcher:
         return self._live
 
     @property
+    def queued_tokens(self) -> int:
+        """Tokens of the pairs waiting for a batch."""
+        return self._live_tokens
+
+    @property
+    def max_queue_tokens(self) -> int | None:
+        """The admission bound on queued tokens, or None."""
+        return self._max_queue_tokens
+
+    @property
     def running(self) -> bool:
         """Whether the batching loop is alive."""
         return self._task is not None and not self._task.done()
+
+    @property
+    def stalled(self) -> bool:
+        """Whether the model worker was declared stuck and has not answered since."""
+        return self._stalled
+
+    @property
+    def busy_seconds(self) -> float:
+        """How long the forward pass now running has taken so far (0 when idle)."""
+        started = self._forward_started
+        return 0.0 if started is None else time.monotonic() - started
 
     def start(self) -> None:
         """Start the batching loop in the running event loop."""
@@ -111,74 +241,198 @@ class Batcher:
             raise RuntimeError("the batcher was already started")
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="pairscore-batcher")
 
-    async def stop(self) -> None:
-        """Refuse new work, finish everything already queued, then end the loop."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish everything already queued, then end the loop.
+
+        If that takes longer than ``timeout`` seconds (a stuck model worker),
+        the remaining callers fail with BatcherClosedError and the loop is
+        cancelled; the worker thread itself cannot be interrupted.
+        """
         self._closing = True
         self._wakeup.set()
-        if self._task is not None and not self._task.done():
-            with contextlib.suppress(Exception):  # a crashed loop already logged why
-                await asyncio.shield(self._task)
+        task = self._task
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except asyncio.TimeoutError:
+            log.warning("the batcher did not drain within %.1f s; abandoning its work", timeout)
+            closed = BatcherClosedError("the server is shutting down")
+            self._fail_in_flight(closed, DROP_SHUTDOWN)
+            self._fail_pending(closed, DROP_SHUTDOWN)
+            task.cancel()
+        except Exception:  # a crashed loop already logged why
+            pass
 
-    async def submit(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
-        """Score ``prepared`` pairs, batched with other callers' pairs.
+    def check_admission(self, *, tokens: int, pairs: int, at_least: bool = False) -> None:
+        """Raise if a request of ``tokens`` tokens / ``pairs`` pairs cannot be queued now.
 
-        Returns one PairScore per pair, in order. Raises
-        :class:`BatchFailedError` when a batch holding any of these pairs
-        failed, :class:`BatcherClosedError` when the batcher is stopping. If
-        the caller is cancelled, its pairs that are not yet being scored
-        are dropped from the queue.
+        :class:`RequestLimitError` if it is larger than the whole queue (it
+        never fits), :class:`QueueFullError` if it does not fit now, and
+        :class:`BatcherClosedError` / :class:`WorkerUnavailableError` when no
+        work is taken at all. Cheap; callers may pre-check with a lower
+        bound (one token per pair, ``at_least=True``) before tokenizing.
         """
         if self._closing or not self.running:
             raise BatcherClosedError("the server is shutting down and takes no new work")
+        if self._stalled:
+            raise WorkerUnavailableError(
+                f"the model worker has not answered for {self.busy_seconds:.0f} s; "
+                "the server refuses work until it does (retry on another replica)"
+            )
+        cap = self._max_queue_tokens
+        if cap is None:
+            return
+        needs = f"at least {tokens}" if at_least else f"{tokens}"
+        if tokens > cap:
+            raise RequestLimitError(
+                f"request needs {needs} tokens but the server queues at most {cap} tokens "
+                "(max_queue_tokens); split it into smaller requests"
+            )
+        if self._live_tokens + tokens > cap:
+            retry = self.retry_after_s()
+            if self._metrics is not None:
+                self._metrics.rejected_pairs.labels(reason="queue_full").inc(pairs)
+            raise QueueFullError(
+                f"server overloaded: its queue holds {self._live_tokens} of {cap} tokens and "
+                f"this request needs {needs}; retry in about {retry * 1000:.0f} ms",
+                retry,
+            )
+
+    def retry_after_s(self) -> float:
+        """How long the queued work will take at the measured throughput (clamped)."""
+        rate = self._tokens_per_s
+        if not rate:
+            return DEFAULT_RETRY_AFTER_S
+        backlog = self._live_tokens + self._in_flight_tokens
+        return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, backlog / rate))
+
+    async def submit(
+        self, prepared: Sequence[PreparedPair], *, deadline: float | None = None
+    ) -> list[ScoreOutcome]:
+        """Score ``prepared`` pairs, batched with other callers' pairs.
+
+        Returns one outcome per pair, in order: a PairScore, or an ItemError
+        for a pair that ran out of memory even alone. ``deadline`` is a
+        ``time.monotonic()`` value: pairs still queued then are dropped and
+        the call raises :class:`DeadlineExceededError`. Raises what
+        :meth:`check_admission` raises, :class:`BatchFailedError` when a
+        batch holding any of these pairs failed, and
+        :class:`WorkerUnavailableError` when the worker got stuck. If the
+        caller is cancelled, its pairs that are not yet being scored are
+        dropped from the queue.
+        """
         if not prepared:
+            if self._closing or not self.running:
+                raise BatcherClosedError("the server is shutting down and takes no new work")
             return []
-        loop = asyncio.get_running_loop()
         n = len(prepared)
-        request = _Request(future=loop.create_future(), results=[None] * n, remaining=n, queued=n)
+        tokens = sum(p.num_tokens for p in prepared)
+        self.check_admission(tokens=tokens, pairs=n)
         now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            self._count_dropped(DROP_DEADLINE, n)
+            raise DeadlineExceededError("the deadline passed before the pairs were queued")
+        loop = asyncio.get_running_loop()
+        request = _Request(
+            future=loop.create_future(),
+            results=[None] * n,
+            remaining=n,
+            queued=n,
+            queued_tokens=tokens,
+            deadline=deadline,
+        )
         self._queue.extend(
             _Item(request=request, index=i, prepared=p, enqueued_at=now)
             for i, p in enumerate(prepared)
         )
         self._live += n
+        self._live_tokens += tokens
         self._queue_changed()
         self._wakeup.set()
         try:
             return await request.future
         except asyncio.CancelledError:
             request.future.cancel()
-            self._drop(request)
+            expired = request.expired(time.monotonic() + DEADLINE_SLACK_S)
+            self._drop(request, DROP_DEADLINE if expired else DROP_CANCELLED)
             raise
+
+    def abandon_in_flight(self, reason: str) -> None:
+        """The model worker is stuck: fail its batch and all queued work; refuse new work.
+
+        Work is refused (WorkerUnavailableError) until the stuck forward pass
+        returns, if it ever does.
+        """
+        if self._stalled:
+            return
+        self._stalled = True
+        exc = WorkerUnavailableError(reason)
+        self._fail_in_flight(exc, DROP_WORKER)
+        self._fail_pending(exc, DROP_WORKER)
 
     # --- internals -------------------------------------------------------------------
 
     def _queue_changed(self) -> None:
         if self._metrics is not None:
             self._metrics.queue_pairs.set(self._live)
+            self._metrics.queue_tokens.set(self._live_tokens)
 
-    def _drop(self, request: _Request) -> None:
-        """Mark a request that finished early (failed or cancelled): its queued pairs are dead.
+    def _count_dropped(self, reason: str, pairs: int) -> None:
+        if self._metrics is not None and pairs:
+            self._metrics.dropped_pairs.labels(reason=reason).inc(pairs)
+
+    def _drop(self, request: _Request, reason: str | None = None) -> None:
+        """Mark a request that finished early (failed, cancelled, expired): its queued pairs are dead.
 
         Dead pairs stay in the deque (removing them would cost O(queue) per
-        request) and are skipped when they reach its head.
+        request) and are skipped when they reach its head. With a
+        ``reason``, its queued pairs count as dropped before the model.
         """
         if not request.dropped:
             request.dropped = True
+            request.drop_reason = reason
             self._live -= request.queued
+            self._live_tokens -= request.queued_tokens
+            if reason is not None:
+                self._count_dropped(reason, request.queued)
             self._queue_changed()
+
+    def _expire(self, request: _Request) -> None:
+        """Fail a request whose deadline passed; its queued pairs never reach the model."""
+        if not request.future.done():
+            request.future.set_exception(
+                DeadlineExceededError("the deadline passed while the pairs were queued")
+            )
+        self._drop(request, DROP_DEADLINE)
 
     def _popleft(self) -> _Item:
         item = self._queue.popleft()
-        item.request.queued -= 1
-        if not item.request.dropped:
+        request = item.request
+        request.queued -= 1
+        request.queued_tokens -= item.prepared.num_tokens
+        if not request.dropped:
             self._live -= 1
+            self._live_tokens -= item.prepared.num_tokens
         return item
+
+    def _usable(self, item: _Item, now: float) -> bool:
+        """Whether a just-popped pair should be scored; expires its request if overdue."""
+        request = item.request
+        if request.future.done():
+            return False
+        if request.expired(now):
+            self._expire(request)
+            self._count_dropped(DROP_DEADLINE, 1)  # this popped pair
+            return False
+        return True
 
     def _pop_live(self) -> _Item | None:
         """Pop the oldest queued pair whose request still waits, or None."""
+        now = time.monotonic()
         while self._queue:
             item = self._popleft()
-            if not item.request.future.done():
+            if self._usable(item, now):
                 return item
         return None
 
@@ -203,7 +457,7 @@ class Batcher:
             if self._closing:
                 return []
             await self._wait_for_work(None)
-        batch = [first]
+        self._collecting = batch = [first]
         longest = first.prepared.num_tokens
         budget = self._engine.max_batch_tokens
         deadline = first.enqueued_at + self._max_wait_s
@@ -216,8 +470,8 @@ class Batcher:
                     break
                 continue
             nxt = self._queue[0]
-            if nxt.request.future.done():
-                self._popleft()
+            if nxt.request.future.done() or nxt.request.expired(time.monotonic()):
+                self._usable(self._popleft(), time.monotonic())
                 continue
             new_longest = max(longest, nxt.prepared.num_tokens)
             if new_longest * (len(batch) + 1) > budget:
@@ -226,47 +480,114 @@ class Batcher:
             batch.append(nxt)
             longest = new_longest
         self._queue_changed()
+        self._collecting = []
         return batch
 
-    def _forward(self, prepared: list[PreparedPair]) -> tuple[list[PairScore], float]:
-        """Runs on the model thread: one engine.score call, timed."""
+    def _forward(self, prepared: list[PreparedPair]) -> tuple[list[ScoreOutcome], float]:
+        """Runs on the model thread: score the batch (splitting on OOM), timed."""
         started = time.perf_counter()
-        scores = self._engine.score(prepared)
-        return list(scores), time.perf_counter() - started
+        outcomes = self._score_splitting(prepared)
+        return outcomes, time.perf_counter() - started
 
-    async def _run_batch(self, batch: list[_Item]) -> None:
-        """Score one batch and hand results (or the failure) to its requests."""
-        batch = [item for item in batch if not item.request.future.done()]
-        if not batch:
-            return
-        prepared = [item.prepared for item in batch]
-        loop = asyncio.get_running_loop()
+    def _score_splitting(self, prepared: list[PreparedPair]) -> list[ScoreOutcome]:
+        """engine.score; on out-of-memory, score each half, down to single pairs."""
         try:
-            scores, seconds = await loop.run_in_executor(self._executor, self._forward, prepared)
+            scores = list(self._engine.score(prepared))
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            reason = _short(exc)
+        else:
             if len(scores) != len(prepared):
                 raise RuntimeError(
                     f"engine returned {len(scores)} scores for a batch of {len(prepared)} pairs"
                 )
+            return scores
+        # The exception (and the traceback holding the failed pass's tensors) is gone here.
+        _release_memory()
+        tokens = sum(p.num_tokens for p in prepared)
+        if len(prepared) == 1:
+            pair = prepared[0]
+            log.warning("a pair of %d tokens does not fit in memory even alone", tokens)
+            message = (
+                f"out of memory scoring this pair ({tokens} tokens) even alone in its batch; "
+                f"shorten it or retry later ({reason})"
+            )
+            return [ItemError(ItemErrorCode.RESOURCE_EXHAUSTED, message, pair.id)]
+        log.warning(
+            "out of memory on a batch of %d pairs (%d tokens); retrying it in two halves",
+            len(prepared),
+            tokens,
+        )
+        if self._metrics is not None:
+            self._metrics.oom_splits.inc()
+        mid = len(prepared) // 2
+        return self._score_splitting(prepared[:mid]) + self._score_splitting(prepared[mid:])
+
+    def _live_batch(self, batch: list[_Item]) -> list[_Item]:
+        """The batch without pairs whose caller left or whose deadline passed meanwhile."""
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            request = item.request
+            if not request.future.done() and request.expired(now):
+                self._expire(request)
+            if request.future.done():
+                if request.drop_reason is not None:
+                    self._count_dropped(request.drop_reason, 1)
+                continue
+            live.append(item)
+        return live
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        """Score one batch and hand results (or the failure) to its requests."""
+        self._in_flight = batch
+        batch = self._live_batch(batch)
+        if not batch:
+            self._in_flight = []
+            return
+        prepared = [item.prepared for item in batch]
+        tokens = sum(p.num_tokens for p in prepared)
+        loop = asyncio.get_running_loop()
+        self._in_flight, self._in_flight_tokens = batch, tokens
+        self._forward_started = time.monotonic()
+        try:
+            outcomes, seconds = await loop.run_in_executor(self._executor, self._forward, prepared)
         except Exception as exc:  # the whole batch failed: fail exactly its requests
-            log.error("a batch of %d pairs failed: %s", len(batch), exc, exc_info=exc)
+            log.error("a batch of %d pairs failed: %s", len(batch), _short(exc), exc_info=exc)
             failed = {id(item.request): item.request for item in batch}
             for request in failed.values():
                 if not request.future.done():
-                    err = BatchFailedError(f"scoring failed: {type(exc).__name__}: {exc}")
+                    err = BatchFailedError(f"scoring failed: {_short(exc)}")
                     err.__cause__ = exc
                     request.future.set_exception(err)
                 self._drop(request)
             return
+        finally:
+            if self._stalled:
+                log.warning(
+                    "the model worker answered again after %.0f s; taking work again",
+                    self.busy_seconds,
+                )
+                self._stalled = False
+            self._in_flight, self._in_flight_tokens = [], 0
+            self._forward_started = None
+        if seconds > 0:
+            rate = tokens / seconds
+            old = self._tokens_per_s
+            self._tokens_per_s = (
+                rate if old is None else old + _THROUGHPUT_SMOOTHING * (rate - old)
+            )
         if self._metrics is not None:
             longest = max(p.num_tokens for p in prepared)
             self._metrics.observe_batch(
                 pairs=len(prepared), padded_tokens=longest * len(prepared), seconds=seconds
             )
-        for item, score in zip(batch, scores, strict=True):
+        for item, outcome in zip(batch, outcomes, strict=True):
             request = item.request
-            if request.future.done():  # cancelled while its batch ran
+            if request.future.done():  # cancelled (or abandoned) while its batch ran
                 continue
-            request.results[item.index] = score
+            request.results[item.index] = outcome
             request.remaining -= 1
             if request.remaining == 0:
                 request.future.set_result(request.results)  # type: ignore[arg-type]
@@ -279,18 +600,35 @@ class Batcher:
                     return
                 await self._run_batch(batch)
         except asyncio.CancelledError:
-            self._fail_pending(BatcherClosedError("the batcher was cancelled"))
+            closed = BatcherClosedError("the batcher was cancelled")
+            self._fail_in_flight(closed, DROP_SHUTDOWN)
+            self._fail_pending(closed, DROP_SHUTDOWN)
             raise
         except Exception as exc:  # a bug in the loop itself: fail everyone, don't hang them
             log.critical("the batching loop crashed", exc_info=exc)
-            self._fail_pending(BatcherClosedError(f"the batching loop crashed: {exc}"))
+            crashed = BatcherClosedError(f"the batching loop crashed: {_short(exc)}")
+            self._fail_in_flight(crashed, DROP_WORKER)
+            self._fail_pending(crashed, DROP_WORKER)
             raise
         finally:
             self._closing = True
 
-    def _fail_pending(self, exc: Exception) -> None:
+    def _fail_in_flight(self, exc: Exception, reason: str) -> None:
+        """Fail the requests of the batch being gathered or in the model (results are ignored)."""
+        for item in (*self._collecting, *self._in_flight):
+            request = item.request
+            if not request.future.done():
+                request.future.set_exception(exc)
+            self._drop(request, reason)
+
+    def _fail_pending(self, exc: Exception, reason: str) -> None:
+        """Fail every request that still has pairs queued, and empty the queue."""
+        for item in self._queue:
+            request = item.request
+            if not request.dropped:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+                self._drop(request, reason)
         while self._queue:
-            future = self._popleft().request.future
-            if not future.done():
-                future.set_exception(exc)
+            self._popleft()
         self._queue_changed()

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pairscore_server.engine.loading import ModelSpec
+from pairscore_server.limits import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_PAIRS_PER_REQUEST,
+    DEFAULT_MAX_TEXT_CHARS,
+)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -29,26 +34,52 @@ class ServerConfig:
     ``host``/``port``: where gRPC listens (``"[::]"``: every interface, IPv4
     and IPv6; port 0 picks a free port). ``metrics_port``: port of the
     Prometheus ``/metrics`` HTTP endpoint on the same host, 0 for a free
-    port, ``None`` to switch metrics serving off. ``max_batch_pairs`` and
+    port, ``None`` to switch metrics serving off. ``health_port``: an extra
+    plaintext port serving only health checks (``None``: off). ``max_batch_pairs`` and
     ``max_wait_ms`` bound how many pairs one forward pass holds and how long
     the first of them waits for company. ``grace_period_s``: on SIGTERM,
     how long in-flight RPCs get to finish. ``stream_max_in_flight``: request
     messages of one ScoreStream worked on at once. ``prepare_workers``:
     threads that tokenize large requests (the model itself always runs on
     exactly one thread).
+
+    Limits (see ``--help``): ``max_pairs_per_request``, ``max_text_chars``
+    (code points per prompt or response, checked before tokenizing),
+    ``max_item_tokens`` (``None``: the model's context), ``max_queue_tokens``
+    (admission bound; ``None``: 32 forward batches' worth),
+    ``max_concurrent_rpcs`` (``None``: unbounded), ``forward_timeout_s``
+    (``None``: no watchdog). ``max_connection_age_s`` and
+    ``max_connection_age_grace_s`` (``None``: off) make clients reconnect
+    periodically. ``tls_cert``/``tls_key``/``tls_client_ca`` are PEM file
+    paths; ``auth_token_file`` and ``auth_tokens`` (from the environment
+    only, never shown in ``repr``) switch bearer-token auth on.
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
     host: str = "[::]"
     port: int = 50051
     metrics_port: int | None = 9090
+    health_port: int | None = None
     max_batch_pairs: int = 64
     max_wait_ms: float = 5.0
     grace_period_s: float = 10.0
     log_level: str = "INFO"
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     stream_max_in_flight: int = 4
     prepare_workers: int = 1
+    max_pairs_per_request: int = DEFAULT_MAX_PAIRS_PER_REQUEST
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    max_item_tokens: int | None = None
+    max_queue_tokens: int | None = None
+    max_concurrent_rpcs: int | None = 512
+    forward_timeout_s: float | None = 120.0
+    max_connection_age_s: float | None = None
+    max_connection_age_grace_s: float | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token_file: str | None = None
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"port must be 0..65535, got {self.port}")
@@ -56,6 +87,11 @@ class ServerConfig:
             _check(
                 0 <= self.metrics_port <= 65535,
                 f"metrics port must be 0..65535 or off, got {self.metrics_port}",
+            )
+        if self.health_port is not None:
+            _check(
+                0 <= self.health_port <= 65535,
+                f"health port must be 0..65535 or off, got {self.health_port}",
             )
         _check(
             self.max_batch_pairs >= 1, f"max batch pairs must be >= 1, got {self.max_batch_pairs}"
@@ -76,6 +112,35 @@ class ServerConfig:
         )
         _check(
             self.prepare_workers >= 1, f"prepare workers must be >= 1, got {self.prepare_workers}"
+        )
+        _check(
+            self.max_pairs_per_request >= 1,
+            f"max pairs per request must be >= 1, got {self.max_pairs_per_request}",
+        )
+        _check(self.max_text_chars >= 1, f"max text chars must be >= 1, got {self.max_text_chars}")
+        for name in ("max_item_tokens", "max_queue_tokens", "max_concurrent_rpcs"):
+            value = getattr(self, name)
+            _check(
+                value is None or value >= 1,
+                f"{name.replace('_', ' ')} must be >= 1 or off, got {value}",
+            )
+        for name in ("forward_timeout_s", "max_connection_age_s", "max_connection_age_grace_s"):
+            value = getattr(self, name)
+            _check(
+                value is None or value > 0,
+                f"{name.removesuffix('_s').replace('_', ' ')} must be > 0 s or off, got {value}",
+            )
+        _check(
+            (self.tls_cert is None) == (self.tls_key is None),
+            "TLS needs both --tls-cert and --tls-key",
+        )
+        _check(
+            self.tls_client_ca is None or self.tls_cert is not None,
+            "--tls-client-ca (client certificate verification) needs --tls-cert and --tls-key",
+        )
+        _check(
+            all(token and not any(c.isspace() for c in token) for token in self.auth_tokens),
+            "auth tokens must be non-empty and contain no whitespace",
         )
         _check(
             bool(_DEVICE_RE.match(self.model.device)),
@@ -105,6 +170,16 @@ class ServerConfig:
         """``max_wait_ms`` in seconds."""
         return self.max_wait_ms / 1000.0
 
+    @property
+    def tls(self) -> bool:
+        """Whether the gRPC port speaks TLS."""
+        return self.tls_cert is not None
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether calls (other than health checks) need a bearer token."""
+        return bool(self.auth_tokens) or self.auth_token_file is not None
+
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
@@ -122,6 +197,33 @@ def _metrics_port(text: str) -> int | None:
 
 def _upper(text: str) -> str:
     return text.strip().upper()
+
+
+def _optional_int(text: str) -> int | None:
+    """An integer, or None for off/none/disabled/-1 (and 0)."""
+    if text.strip().lower() in _DISABLED or text.strip() == "0":
+        return None
+    return int(text)
+
+
+def _optional_seconds(text: str) -> float | None:
+    """Seconds, or None for off/none/disabled/-1 (and 0)."""
+    if text.strip().lower() in _DISABLED:
+        return None
+    value = float(text)
+    return None if value == 0 else value
+
+
+def _path(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("empty path")
+    return value
+
+
+#: Environment variable with bearer tokens (comma- or whitespace-separated).
+#: There is no flag for it: command lines are visible to every local user.
+AUTH_TOKENS_ENV = "PAIRSCORE_AUTH_TOKENS"
 
 
 @dataclass(frozen=True)
@@ -229,6 +331,16 @@ _SERVER_SETTINGS = (
         "PORT",
     ),
     _Setting(
+        "health_port",
+        "--health-port",
+        "PAIRSCORE_HEALTH_PORT",
+        _metrics_port,
+        "Extra plaintext port, on the same host, that serves only grpc.health.v1 "
+        "(no scoring, no auth), for probes that cannot speak TLS, such as "
+        "Kubernetes' built-in gRPC probe. Default: off.",
+        "PORT",
+    ),
+    _Setting(
         "max_batch_pairs",
         "--max-batch-pairs",
         "PAIRSCORE_MAX_BATCH_PAIRS",
@@ -279,6 +391,121 @@ _SERVER_SETTINGS = (
         int,
         "Threads that tokenize large requests. The model always runs on one thread. Default: 1.",
         "N",
+    ),
+    _Setting(
+        "max_pairs_per_request",
+        "--max-pairs-per-request",
+        "PAIRSCORE_MAX_PAIRS_PER_REQUEST",
+        int,
+        "Most pairs in one ScoreRequest (one ScoreStream message); more is "
+        "INVALID_ARGUMENT. Default: 1024.",
+        "N",
+    ),
+    _Setting(
+        "max_text_chars",
+        "--max-text-chars",
+        "PAIRSCORE_MAX_TEXT_CHARS",
+        int,
+        "Most characters (Unicode code points) in one prompt or response, checked "
+        "before tokenizing; a longer text fails its pair with an INVALID_ARGUMENT "
+        "item error. Default: 100000.",
+        "N",
+    ),
+    _Setting(
+        "max_item_tokens",
+        "--max-item-tokens",
+        "PAIRSCORE_MAX_ITEM_TOKENS",
+        _optional_int,
+        "Most tokens one pair may need (prefix + prompt + response); a longer pair "
+        "fails with an INVALID_ARGUMENT item error. Capped at the model's context. "
+        "Default: the model's context.",
+        "N",
+    ),
+    _Setting(
+        "max_queue_tokens",
+        "--max-queue-tokens",
+        "PAIRSCORE_MAX_QUEUE_TOKENS",
+        _optional_int,
+        "Admission bound: tokens that may wait for the model. A request that does "
+        "not fit gets RESOURCE_EXHAUSTED at once, with a retry hint. "
+        "Default: 32 x --max-batch-tokens.",
+        "N",
+    ),
+    _Setting(
+        "max_concurrent_rpcs",
+        "--max-concurrent-rpcs",
+        "PAIRSCORE_MAX_CONCURRENT_RPCS",
+        _optional_int,
+        "Most RPCs (health checks included) the server runs at once; more get "
+        "RESOURCE_EXHAUSTED before their message is read. With "
+        "--max-message-bytes it bounds the memory held by requests. 'off': "
+        "unbounded. Default: 512.",
+        "N",
+    ),
+    _Setting(
+        "forward_timeout_s",
+        "--forward-timeout",
+        "PAIRSCORE_FORWARD_TIMEOUT",
+        _optional_seconds,
+        "Watchdog: a forward pass running longer than this marks the model worker "
+        "stuck: health turns NOT_SERVING and waiting callers get UNAVAILABLE until "
+        "it answers. 'off' disables it. Default: 120.",
+        "SECONDS",
+    ),
+    _Setting(
+        "max_connection_age_s",
+        "--max-connection-age",
+        "PAIRSCORE_MAX_CONNECTION_AGE",
+        _optional_seconds,
+        "Close each client connection (with a GOAWAY) after about this long, so "
+        "clients re-resolve DNS and spread onto new replicas; gRPC adds +-10%% "
+        "jitter. Default: off.",
+        "SECONDS",
+    ),
+    _Setting(
+        "max_connection_age_grace_s",
+        "--max-connection-age-grace",
+        "PAIRSCORE_MAX_CONNECTION_AGE_GRACE",
+        _optional_seconds,
+        "After --max-connection-age, how long calls still running on the old "
+        "connection may take before it is closed. Default: off (they may finish).",
+        "SECONDS",
+    ),
+    _Setting(
+        "tls_cert",
+        "--tls-cert",
+        "PAIRSCORE_TLS_CERT",
+        _path,
+        "PEM certificate chain of the server: the gRPC port then speaks TLS only. "
+        "Needs --tls-key.",
+        "FILE",
+    ),
+    _Setting(
+        "tls_key",
+        "--tls-key",
+        "PAIRSCORE_TLS_KEY",
+        _path,
+        "PEM private key of --tls-cert.",
+        "FILE",
+    ),
+    _Setting(
+        "tls_client_ca",
+        "--tls-client-ca",
+        "PAIRSCORE_TLS_CLIENT_CA",
+        _path,
+        "PEM CA bundle: clients must present a certificate signed by it (mutual TLS).",
+        "FILE",
+    ),
+    _Setting(
+        "auth_token_file",
+        "--auth-token-file",
+        "PAIRSCORE_AUTH_TOKEN_FILE",
+        _path,
+        "File of accepted bearer tokens, one per line ('#' comments). Calls without "
+        "'authorization: Bearer <token>' get UNAUTHENTICATED; health checks stay open. "
+        f"Tokens may also come from {AUTH_TOKENS_ENV} (comma-separated; no flag). "
+        "The file is re-read when it changes.",
+        "FILE",
     ),
     _Setting(
         "log_level",
@@ -352,6 +579,9 @@ def build_config(
 
     model_values = resolve(_MODEL_SETTINGS)
     server_values = resolve(_SERVER_SETTINGS)
+    tokens = environ.get(AUTH_TOKENS_ENV, "")
+    if tokens.strip():
+        server_values["auth_tokens"] = tuple(t for t in re.split(r"[,\s]+", tokens) if t)
     try:
         spec = ModelSpec(**model_values)
         return ServerConfig(model=spec, **server_values)

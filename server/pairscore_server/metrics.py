@@ -123,6 +123,34 @@ class Metrics:
             "Pairs waiting in the batcher's queue.",
             registry=r,
         )
+        self.queue_tokens = Gauge(
+            "pairscore_queue_tokens",
+            "Tokens of the pairs waiting in the batcher's queue (bounded by max_queue_tokens).",
+            registry=r,
+        )
+        self.rejected_pairs = Counter(
+            "pairscore_rejected_pairs",
+            "Pairs refused at admission with RESOURCE_EXHAUSTED, by reason (queue_full).",
+            ["reason"],
+            registry=r,
+        )
+        self.dropped_pairs = Counter(
+            "pairscore_dropped_pairs",
+            "Admitted pairs dropped before they reached the model, by reason: cancelled, "
+            "deadline, shutdown, worker_unavailable.",
+            ["reason"],
+            registry=r,
+        )
+        self.oom_splits = Counter(
+            "pairscore_oom_splits",
+            "Batches that ran out of memory and were split in two to be retried.",
+            registry=r,
+        )
+        self.serving = Gauge(
+            "pairscore_serving",
+            "1 while health reports SERVING, else 0 (loading, draining, stuck or crashed worker).",
+            registry=r,
+        )
         self.model_loaded = Gauge(
             "pairscore_model_loaded",
             "1 once the model is loaded and warmed up, else 0.",

@@ -1,7 +1,25 @@
 """The scoring service in plain Python: what the gRPC servicer calls.
 
-It ties the engine (tokenization) to the batcher (forward passes) and puts
-per-item errors back in request order. It knows nothing of protobuf.
+It ties the engine (tokenization) to the batcher (forward passes), enforces
+the request limits, and puts per-item errors back in request order. It knows
+nothing of protobuf.
+
+Which limit gives which error:
+
+* more than ``max_pairs_per_request`` pairs: :class:`RequestLimitError`
+  (INVALID_ARGUMENT for the whole request);
+* a prompt or response longer than ``max_text_chars`` code points: an
+  ``INVALID_ARGUMENT`` item error for that pair, before tokenizing;
+* a pair needing more than ``max_item_tokens`` tokens: an
+  ``INVALID_ARGUMENT`` item error (past the model's context the engine
+  already says ``CONTEXT_LENGTH_EXCEEDED``);
+* the admission queue is full: :class:`QueueFullError`
+  (RESOURCE_EXHAUSTED), checked once before tokenizing (one token per pair
+  is a lower bound) and again with the real token count.
+
+With ``errors_as_items=True`` (ScoreStream) the request-level errors above,
+deadline expiry and batch failures become item errors for the request's
+pairs instead, so that a stream goes on.
 """
 
 from __future__ import annotations
@@ -9,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
@@ -21,7 +40,14 @@ from pairscore.types import (
     ScoreOptions,
     ScoreOutcome,
 )
-from pairscore_server.batcher import Batcher, BatchFailedError
+from pairscore_server.batcher import Batcher
+from pairscore_server.errors import (
+    BatchFailedError,
+    DeadlineExceededError,
+    QueueFullError,
+    RequestLimitError,
+)
+from pairscore_server.limits import Limits, resolve_limits
 
 if TYPE_CHECKING:
     from pairscore_server.engine import PreparedPair, ScoringEngine
@@ -29,17 +55,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Requests with more pairs than this are tokenized on a worker thread
-#: instead of on the event loop.
+#: Requests with more pairs, or more characters in all, than these are
+#: tokenized on a worker thread instead of on the event loop.
 DEFAULT_INLINE_PREPARE_PAIRS = 16
+DEFAULT_INLINE_PREPARE_CHARS = 16_384
+
+#: Failures that ScoreStream reports as item errors, and their codes.
+_ITEM_CODES: dict[type[Exception], ItemErrorCode] = {
+    RequestLimitError: ItemErrorCode.INVALID_ARGUMENT,
+    QueueFullError: ItemErrorCode.RESOURCE_EXHAUSTED,
+    DeadlineExceededError: ItemErrorCode.DEADLINE_EXCEEDED,
+    BatchFailedError: ItemErrorCode.INTERNAL,
+}
+_ITEMIZABLE = tuple(_ITEM_CODES)
+
+
+def _item_code(exc: Exception) -> ItemErrorCode:
+    for kind, code in _ITEM_CODES.items():
+        if isinstance(exc, kind):
+            return code
+    return ItemErrorCode.INTERNAL
 
 
 class ScoringService:
-    """Scores pairs: tokenize, queue for batching, merge per-item errors in order.
+    """Scores pairs: check limits, tokenize, queue for batching, merge per-item errors in order.
 
     ``prepare_executor`` runs tokenization of large requests off the event
     loop (the engine's ``prepare`` is thread-safe); ``None`` uses the loop's
-    default executor.
+    default executor. ``limits`` defaults to the default limits resolved
+    against the engine.
     """
 
     def __init__(
@@ -50,18 +94,32 @@ class ScoringService:
         metrics: Metrics | None = None,
         prepare_executor: Executor | None = None,
         inline_prepare_pairs: int = DEFAULT_INLINE_PREPARE_PAIRS,
+        limits: Limits | None = None,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
         self._metrics = metrics
         self._prepare_executor = prepare_executor
         self._inline_prepare_pairs = inline_prepare_pairs
+        self._engine_info: ModelInfo = engine.info
+        self.limits = limits or resolve_limits(
+            max_context=self._engine_info.max_context_tokens,
+            max_batch_tokens=engine.max_batch_tokens,
+        )
         self._info: ModelInfo | None = None
 
     def model_info(self) -> ModelInfo:
-        """The served model's description (read once from the engine, then cached)."""
+        """The served model's description and this server's limits (built once, then cached)."""
         if self._info is None:
-            self._info = self._engine.info
+            lim = self.limits
+            self._info = dataclasses.replace(
+                self._engine_info,
+                max_pairs_per_request=lim.max_pairs_per_request,
+                max_text_chars=lim.max_text_chars,
+                max_item_tokens=lim.max_item_tokens,
+                max_message_bytes=lim.max_message_bytes,
+                max_queue_tokens=lim.max_queue_tokens,
+            )
         return self._info
 
     async def score(
@@ -69,48 +127,106 @@ class ScoringService:
         pairs: Sequence[Pair],
         options: ScoreOptions,
         *,
-        batch_errors_as_items: bool = False,
+        deadline: float | None = None,
+        errors_as_items: bool = False,
     ) -> list[ScoreOutcome]:
         """Score ``pairs``; one PairScore or ItemError per pair, in order.
 
-        Items the engine rejects (too long, invalid) come back as ItemError.
-        When a forward pass holding some of these pairs fails, this raises
-        :class:`~pairscore_server.batcher.BatchFailedError`, or, with
-        ``batch_errors_as_items=True``, returns ``INTERNAL`` item errors for
-        the pairs that were not already rejected.
+        ``deadline`` is a ``time.monotonic()`` value after which the caller no
+        longer waits. Items the engine or a per-item limit rejects come back
+        as ItemError. Request-level failures raise RequestLimitError,
+        QueueFullError, DeadlineExceededError or BatchFailedError, or with
+        ``errors_as_items=True`` become item errors for the pairs not
+        already rejected. BatcherClosedError (shutting down, stuck worker)
+        always raises.
         """
         if not pairs:
             return []
+        try:
+            n = len(pairs)
+            if n > self.limits.max_pairs_per_request:
+                raise RequestLimitError(
+                    f"request has {n} pairs; this server takes at most "
+                    f"{self.limits.max_pairs_per_request} pairs per request "
+                    "(max_pairs_per_request); split it"
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceededError("the deadline passed before scoring started")
+            self._batcher.check_admission(tokens=n, pairs=n, at_least=True)  # >= 1 token a pair
+        except _ITEMIZABLE as exc:
+            if not errors_as_items:
+                raise
+            return self._finish(pairs, [self._failure(exc)] * n)
         prepared = await self._prepare(pairs, options)
         ready = [p for p in prepared if not isinstance(p, ItemError)]
         scores: Iterator[ScoreOutcome]
         try:
-            scores = iter(await self._batcher.submit(ready) if ready else [])
-        except BatchFailedError as exc:
-            if not batch_errors_as_items:
+            scores = iter(await self._batcher.submit(ready, deadline=deadline) if ready else [])
+        except _ITEMIZABLE as exc:
+            if not errors_as_items:
                 raise
-            failure = ItemError(code=ItemErrorCode.INTERNAL, message=str(exc))
-            scores = iter([failure] * len(ready))
-        outcomes: list[ScoreOutcome] = []
-        for pair, item in zip(pairs, prepared, strict=True):
-            outcome = item if isinstance(item, ItemError) else next(scores)
+            scores = iter([self._failure(exc)] * len(ready))
+        merged = [item if isinstance(item, ItemError) else next(scores) for item in prepared]
+        return self._finish(pairs, merged)
+
+    @staticmethod
+    def _failure(exc: Exception) -> ItemError:
+        return ItemError(code=_item_code(exc), message=str(exc))
+
+    def _finish(self, pairs: Sequence[Pair], outcomes: Sequence[ScoreOutcome]) -> list[ScoreOutcome]:
+        """Give each outcome its pair's id and count the outcomes."""
+        result: list[ScoreOutcome] = []
+        for pair, outcome in zip(pairs, outcomes, strict=True):
             if outcome.id != pair.id:
                 outcome = dataclasses.replace(outcome, id=pair.id)
-            outcomes.append(outcome)
+            result.append(outcome)
         if self._metrics is not None:
-            self._metrics.observe_outcomes(outcomes)
-        return outcomes
+            self._metrics.observe_outcomes(result)
+        return result
+
+    # --- tokenization and per-item limits -------------------------------------------
 
     async def _prepare(
         self, pairs: Sequence[Pair], options: ScoreOptions
     ) -> list[PreparedPair | ItemError]:
-        if len(pairs) <= self._inline_prepare_pairs:
-            prepared = self._engine.prepare(pairs, options)
-        else:
-            loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(
-                self._prepare_executor, self._engine.prepare, pairs, options
-            )
-        if len(prepared) != len(pairs):
-            raise RuntimeError(f"engine prepared {len(prepared)} items for {len(pairs)} pairs")
-        return list(prepared)
+        chars = sum(len(p.prompt) + len(p.response) for p in pairs)
+        if len(pairs) <= self._inline_prepare_pairs and chars <= DEFAULT_INLINE_PREPARE_CHARS:
+            return self._prepare_checked(pairs, options)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._prepare_executor, self._prepare_checked, pairs, options
+        )
+
+    def _prepare_checked(
+        self, pairs: Sequence[Pair], options: ScoreOptions
+    ) -> list[PreparedPair | ItemError]:
+        """Character limits, then the engine's tokenization, then the token limit."""
+        out: list[PreparedPair | ItemError | None] = [self._check_chars(p) for p in pairs]
+        todo = [i for i, item in enumerate(out) if item is None]
+        prepared = self._engine.prepare([pairs[i] for i in todo], options) if todo else []
+        if len(prepared) != len(todo):
+            raise RuntimeError(f"engine prepared {len(prepared)} items for {len(todo)} pairs")
+        limit = self.limits.max_item_tokens
+        for i, item in zip(todo, prepared, strict=True):
+            if not isinstance(item, ItemError) and item.num_tokens > limit:
+                item = ItemError(
+                    ItemErrorCode.INVALID_ARGUMENT,
+                    f"pair needs {item.num_tokens} tokens (1 prefix + {item.prompt_tokens} "
+                    f"prompt + {item.response_tokens} response); this server takes at most "
+                    f"{limit} tokens per pair (max_item_tokens); nothing is truncated",
+                    pairs[i].id,
+                )
+            out[i] = item
+        return out  # type: ignore[return-value]
+
+    def _check_chars(self, pair: Pair) -> ItemError | None:
+        limit = self.limits.max_text_chars
+        for side, text in (("prompt", pair.prompt), ("response", pair.response)):
+            if len(text) > limit:
+                return ItemError(
+                    ItemErrorCode.INVALID_ARGUMENT,
+                    f"{side} has {len(text)} characters; this server takes at most {limit} "
+                    "characters per prompt or response (max_text_chars)",
+                    pair.id,
+                )
+        return None

@@ -6,11 +6,26 @@ module maps failures to gRPC status codes and records per-RPC metrics.
 
 Status codes:
 
-* ``INVALID_ARGUMENT`` - the request cannot be read (e.g. an unknown enum value).
-* ``UNAVAILABLE`` - the model is still loading, or the server is shutting down.
-* ``INTERNAL`` - a forward pass holding this request's pairs failed (Score only;
-  in ScoreStream the affected message's pairs get ``INTERNAL`` item errors
-  and the stream goes on), or an unexpected server bug.
+* ``INVALID_ARGUMENT`` - the request cannot be read (bytes that are not a
+  valid message, an unknown enum value) or breaks a request-level limit
+  (too many pairs, more tokens than the whole admission queue).
+* ``RESOURCE_EXHAUSTED`` - the admission queue is full: retry later. The
+  message says roughly when, and the ``grpc-retry-pushback-ms`` trailer
+  carries the same hint for gRPC's own retry machinery. (gRPC itself also
+  answers RESOURCE_EXHAUSTED for a message over the size limit, or past
+  ``max_concurrent_rpcs``.)
+* ``DEADLINE_EXCEEDED`` / ``CANCELLED`` - the caller's deadline passed or it
+  cancelled; its queued pairs never reach the model.
+* ``UNAVAILABLE`` - the model is still loading, the server is shutting
+  down, or the model worker is stuck.
+* ``INTERNAL`` - a forward pass holding this request's pairs failed, or an
+  unexpected server bug.
+
+In ScoreStream every failure that concerns one message (limits, a full
+queue, a failed batch, an unknown enum) becomes item errors for that
+message's pairs and the stream goes on; a message that cannot be parsed
+ends the stream with INVALID_ARGUMENT after the earlier messages are
+answered, and shutdown ends it with UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -18,9 +33,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -33,7 +49,13 @@ from pairscore.convert import (
 from pairscore.types import ItemError, ItemErrorCode, ScoreOutcome
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.batcher import BatcherClosedError, BatchFailedError
+from pairscore_server.errors import (
+    BatcherClosedError,
+    BatchFailedError,
+    DeadlineExceededError,
+    QueueFullError,
+    RequestLimitError,
+)
 
 if TYPE_CHECKING:
     from pairscore_server.metrics import Metrics
@@ -48,6 +70,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
 DEFAULT_STREAM_MAX_IN_FLIGHT = 4
 
 
+#: Trailing metadata key of gRPC's retry pushback (milliseconds), see gRFC A6.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+_Metadata = tuple[tuple[str, str], ...]
+
+
 class _RpcFailureError(Exception):
     """Ends the RPC with a given status code and message."""
 
@@ -57,18 +85,62 @@ class _RpcFailureError(Exception):
         self.message = message
 
 
-def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status code and message that end an RPC which raised ``exc``."""
+@dataclass(frozen=True)
+class MalformedMessage:
+    """What the deserializer returns for bytes that are not a valid message."""
+
+    type_name: str
+    reason: str
+
+    def error(self) -> _RpcFailureError:
+        return _RpcFailureError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid {self.type_name} message: {self.reason}",
+        )
+
+
+def _safe_parser(message_type: Any) -> Callable[[bytes], Any]:
+    """A deserializer that never raises: bad bytes become a MalformedMessage.
+
+    grpc would otherwise answer UNKNOWN with the parser's exception text.
+    """
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # DecodeError, RecursionError, ...
+            reason = str(exc).split(":")[-1].strip()[:200] or type(exc).__name__
+            return MalformedMessage(name, reason)
+
+    return parse
+
+
+def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str, _Metadata]:
+    """The status code, message and trailing metadata that end an RPC which raised ``exc``."""
     if isinstance(exc, _RpcFailureError):
-        return exc.code, exc.message
+        return exc.code, exc.message, ()
     if isinstance(exc, ConversionError):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {exc}"
+        return grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {exc}", ()
+    if isinstance(exc, RequestLimitError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
+    if isinstance(exc, QueueFullError):
+        pushback = ((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), pushback
+    if isinstance(exc, DeadlineExceededError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), ()
     if isinstance(exc, BatchFailedError):
-        return grpc.StatusCode.INTERNAL, str(exc)
+        return grpc.StatusCode.INTERNAL, str(exc), ()
     if isinstance(exc, BatcherClosedError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
+        return grpc.StatusCode.UNAVAILABLE, str(exc), ()
     log.error("unexpected error in an RPC handler", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__})"
+    return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__})", ()
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline as a ``time.monotonic()`` value, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class _RpcScope:
@@ -112,9 +184,10 @@ class _RpcScope:
                 grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             )
             return
-        code, message = _status_for(exc)
+        code, message, trailers = _status_for(exc)
         self._record(code)
-        await self._context.abort(code, message)  # raises AbortError, replacing exc
+        # raises AbortError, replacing exc
+        await self._context.abort(code, message, trailing_metadata=trailers)
 
 
 class ScoringServicer(pb_grpc.ScoringServiceServicer):
@@ -159,9 +232,11 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
     ) -> pb.ScoreResponse:
         """Score all pairs of one request; item failures are ItemErrors, not RPC errors."""
         async with self._scope("Score", context):
+            if isinstance(request, MalformedMessage):
+                raise request.error()
             service = self._require_service()
             pairs, options = request_from_pb(request)
-            outcomes = await service.score(pairs, options)
+            outcomes = await service.score(pairs, options, deadline=_deadline(context))
             return response_to_pb(outcomes)
 
     async def ScoreStream(  # noqa: N802 - gRPC method name
@@ -177,8 +252,9 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
             service = self._require_service()
             slots = asyncio.Semaphore(self._stream_max_in_flight)
             in_order: asyncio.Queue[asyncio.Task[pb.ScoreResponse] | None] = asyncio.Queue()
+            deadline = _deadline(context)
             reader = asyncio.create_task(
-                self._read_stream(service, request_iterator, slots, in_order),
+                self._read_stream(service, request_iterator, slots, in_order, deadline),
                 name="pairscore-stream-reader",
             )
             try:
@@ -199,6 +275,8 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
     ) -> pb.GetModelInfoResponse:
         """Describe the served model and the scoring contract."""
         async with self._scope("GetModelInfo", context):
+            if isinstance(request, MalformedMessage):
+                raise request.error()
             return model_info_to_pb(self._require_service().model_info())
 
     # --- stream helpers -------------------------------------------------------------
@@ -209,8 +287,13 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
         request_iterator: AsyncIterator[pb.ScoreRequest],
         slots: asyncio.Semaphore,
         in_order: asyncio.Queue[asyncio.Task[pb.ScoreResponse] | None],
+        deadline: float | None,
     ) -> None:
-        """Read request messages while a slot is free; start scoring each at once."""
+        """Read request messages while a slot is free; start scoring each at once.
+
+        A message that cannot be parsed ends the reading with INVALID_ARGUMENT
+        (the messages before it are still answered).
+        """
         messages = aiter(request_iterator)
         try:
             while True:
@@ -219,14 +302,16 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                     message = await anext(messages)
                 except StopAsyncIteration:
                     return
+                if isinstance(message, MalformedMessage):
+                    raise message.error()
                 in_order.put_nowait(
-                    asyncio.create_task(self._score_stream_message(service, message))
+                    asyncio.create_task(self._score_stream_message(service, message, deadline))
                 )
         finally:
             in_order.put_nowait(None)
 
     async def _score_stream_message(
-        self, service: ScoringService, message: pb.ScoreRequest
+        self, service: ScoringService, message: pb.ScoreRequest, deadline: float | None
     ) -> pb.ScoreResponse:
         """Score one stream message; failures become item errors for its pairs."""
         try:
@@ -240,7 +325,9 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                 )
             )
         try:
-            outcomes = await service.score(pairs, options, batch_errors_as_items=True)
+            outcomes = await service.score(
+                pairs, options, deadline=deadline, errors_as_items=True
+            )
         except BatcherClosedError:
             raise
         except Exception as exc:
@@ -255,3 +342,27 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
 
 def _item_errors(ids: list[str], *, code: ItemErrorCode, message: str) -> list[ScoreOutcome]:
     return [ItemError(code=code, message=message, id=i) for i in ids]
+
+
+def add_to_server(servicer: ScoringServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like the generated ``add_ScoringServiceServicer_to_server``,
+    but with deserializers that turn malformed bytes into INVALID_ARGUMENT."""
+    handlers = {
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score,
+            request_deserializer=_safe_parser(pb.ScoreRequest),
+            response_serializer=pb.ScoreResponse.SerializeToString,
+        ),
+        "ScoreStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ScoreStream,
+            request_deserializer=_safe_parser(pb.ScoreRequest),
+            response_serializer=pb.ScoreResponse.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo,
+            request_deserializer=_safe_parser(pb.GetModelInfoRequest),
+            response_serializer=pb.GetModelInfoResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -1,0 +1,81 @@
+"""The request limits a server enforces and reports in GetModelInfo."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+#: Defaults of the server's limits (``pairscore serve --help`` shows them).
+DEFAULT_MAX_PAIRS_PER_REQUEST = 1024
+DEFAULT_MAX_TEXT_CHARS = 100_000
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: Default admission bound, in forward batches' worth of tokens.
+DEFAULT_QUEUE_BATCHES = 32
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Effective limits of one server (every value resolved, none None)."""
+
+    max_pairs_per_request: int
+    max_text_chars: int
+    max_item_tokens: int
+    max_message_bytes: int
+    max_queue_tokens: int
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_pairs_per_request",
+            "max_text_chars",
+            "max_item_tokens",
+            "max_message_bytes",
+            "max_queue_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def resolve_limits(
+    *,
+    max_context: int,
+    max_batch_tokens: int,
+    max_pairs_per_request: int = DEFAULT_MAX_PAIRS_PER_REQUEST,
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+    max_item_tokens: int | None = None,
+    max_queue_tokens: int | None = None,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Limits:
+    """Fill the configured limits' defaults from the model and clamp them to what makes sense.
+
+    ``max_item_tokens`` is at most the model's context. The queue must hold
+    at least one item of ``max_item_tokens``, or such items could never be
+    admitted.
+    """
+    item = max_context
+    if max_item_tokens is not None:
+        if max_item_tokens > max_context:
+            log.warning(
+                "max item tokens %d exceeds the model's context of %d tokens; using %d",
+                max_item_tokens,
+                max_context,
+                max_context,
+            )
+        item = min(max_item_tokens, max_context)
+    queue = max_queue_tokens or DEFAULT_QUEUE_BATCHES * max_batch_tokens
+    if queue < item:
+        log.warning(
+            "max queue tokens %d is below the largest item (%d tokens); using %d",
+            queue,
+            item,
+            item,
+        )
+        queue = item
+    return Limits(
+        max_pairs_per_request=max_pairs_per_request,
+        max_text_chars=max_text_chars,
+        max_item_tokens=item,
+        max_message_bytes=max_message_bytes,
+        max_queue_tokens=queue,
+    )

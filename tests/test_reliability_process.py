@@ -1,0 +1,279 @@
+"""Issue 5 chaos, with the server as a separate process: signals, grace, load failures.
+
+The fake-engine servers run ``python tests/fake_engine.py -- SERVE FLAGS``,
+which goes through the real ``pairscore serve`` entry point (signal
+handling, logging, exit codes) with a FakeEngine in place of the model. The
+load-failure tests also run the real ``python -m pairscore_server serve``
+on broken model directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pairscore.v1 import scoring_pb2 as pb
+from pairscore.v1 import scoring_pb2_grpc as pb_grpc
+
+TESTS = Path(__file__).resolve().parent
+OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PAIRSCORE_")}
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise AssertionError(f"server did not exit within {timeout} s:\n{self.text()}") from None
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """spawn(*fake_args, serve_args=[...]) -> a fake-engine server process (killed at teardown)."""
+    procs: list[Proc] = []
+
+    def start(*fake_args: str, serve_args: tuple[str, ...] = ()) -> Proc:
+        port = free_port()
+        log = tmp_path / f"server-{len(procs)}.log"
+        argv = [
+            sys.executable, str(TESTS / "fake_engine.py"), *fake_args, "--",
+            "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "off", *serve_args,
+        ]  # fmt: skip
+        popen = subprocess.Popen(
+            argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path
+        )
+        proc = Proc(popen, port, log)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.popen.poll() is None:
+            proc.popen.kill()
+            proc.popen.wait(timeout=10)
+
+
+def health(target: str, timeout: float = 2.0) -> str:
+    with grpc.insecure_channel(target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout
+        )
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def wait_health(proc: Proc, want: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.popen.poll() is None, f"server exited early:\n{proc.text()}"
+        try:
+            if health(proc.target) == want:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"health never became {want}:\n{proc.text()}")
+
+
+def score_code(target: str, prompt: str, timeout: float = 15.0) -> grpc.StatusCode:
+    """One Score call on a fresh channel; its final status code."""
+    request = pb.ScoreRequest(pairs=[pb.Pair(id=prompt, prompt=prompt, response="!")])
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = pb_grpc.ScoringServiceStub(channel).Score(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            return exc.code()
+    assert response.results[0].HasField("scores")
+    return OK
+
+
+def in_background(fn: Callable[[], grpc.StatusCode]) -> tuple[threading.Thread, list[grpc.StatusCode]]:
+    out: list[grpc.StatusCode] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+# --- SIGTERM -----------------------------------------------------------------------------------
+
+
+def test_sigterm_under_load_finishes_in_flight_work_refuses_new_calls_and_exits_0(
+    spawn: Callable[..., Proc],
+) -> None:
+    proc = spawn("--forward-delay", "0.4", serve_args=("--grace-period", "10"))
+    wait_health(proc, "SERVING")
+    stop_load = threading.Event()
+    load_codes: list[grpc.StatusCode] = []
+
+    def load() -> None:  # closed-loop background load until the server is gone
+        i = 0
+        while not stop_load.is_set():
+            load_codes.append(score_code(proc.target, f"load{i}", timeout=10))
+            i += 1
+
+    loaders = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+    for t in loaders:
+        t.start()
+    time.sleep(0.5)
+    in_flight = [in_background(lambda i=i: score_code(proc.target, f"inflight{i}")) for i in range(6)]
+    time.sleep(0.15)  # the six calls have arrived: queued or in the model
+    proc.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert score_code(proc.target, "late", timeout=5) is UNAVAILABLE  # new calls: refused cleanly
+    for thread, _ in in_flight:
+        thread.join(timeout=15)
+    assert [codes for _, codes in in_flight] == [[OK]] * 6  # every in-flight call completed
+    assert proc.wait(timeout=15) == 0
+    stop_load.set()
+    for t in loaders:
+        t.join(timeout=15)
+        assert not t.is_alive(), "a load call hung"
+    assert load_codes and set(load_codes) <= {OK, UNAVAILABLE}, load_codes
+    assert OK in load_codes
+    text = proc.text()
+    assert "SIGTERM received: shutting down" in text and "server stopped" in text
+    assert "Traceback" not in text
+
+
+def test_a_second_signal_exits_at_once_even_with_a_busy_model_thread(
+    spawn: Callable[..., Proc],
+) -> None:
+    proc = spawn("--forward-delay", "60", serve_args=("--grace-period", "60"))
+    wait_health(proc, "SERVING")
+    thread, codes = in_background(lambda: score_code(proc.target, "slow", timeout=60))
+    time.sleep(0.3)  # the call is in the (60 s) forward pass
+    proc.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert proc.popen.poll() is None  # still draining: the grace period is 60 s
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 1
+    assert time.monotonic() - started < 5
+    thread.join(timeout=10)
+    assert codes and codes[0] in (grpc.StatusCode.CANCELLED, UNAVAILABLE)
+    text = proc.text()
+    assert "received again: cancelling running requests" in text
+    assert "not waiting for 1 busy thread" in text
+
+
+def test_when_the_grace_period_runs_out_the_process_exits_0_promptly(
+    spawn: Callable[..., Proc],
+) -> None:
+    proc = spawn("--forward-delay", "60", serve_args=("--grace-period", "0.5"))
+    wait_health(proc, "SERVING")
+    thread, codes = in_background(lambda: score_code(proc.target, "slow", timeout=60))
+    time.sleep(0.3)
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert time.monotonic() - started < 6
+    thread.join(timeout=10)
+    assert codes and codes[0] in (grpc.StatusCode.CANCELLED, UNAVAILABLE)
+    assert "grace period of 0.5 s ran out" in proc.text()
+
+
+def test_sigterm_while_the_model_loads_exits_0_without_waiting_for_the_load(
+    spawn: Callable[..., Proc],
+) -> None:
+    proc = spawn("--load-delay", "60")
+    wait_health(proc, "NOT_SERVING")  # the port is open; the model is loading
+    request = pb.ScoreRequest(pairs=[pb.Pair(prompt="x", response="y")])
+    with grpc.insecure_channel(proc.target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ScoringServiceStub(channel).Score(request, timeout=5)
+    assert info.value.code() is UNAVAILABLE and "loading" in info.value.details()
+    started = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert time.monotonic() - started < 5
+
+
+# --- a model that cannot be loaded ---------------------------------------------------------------
+
+
+def test_a_model_that_cannot_be_loaded_exits_1_with_one_clear_line(
+    spawn: Callable[..., Proc], tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+
+    cases: list[tuple[Proc, str]] = [
+        (spawn("--load-error", "oom"), "cannot load the model: out of memory during loading"),
+        (spawn("--load-error", "crash"), "cannot load the model: loading the model failed: KeyError"),
+    ]
+    for model, expected in [(corrupt, "cannot load the model: cannot load model")]:
+        port = free_port()
+        log = tmp_path / f"{model.name}.log"
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "pairscore_server", "serve", "--model", str(model),
+             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "off"],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path,
+        )  # fmt: skip
+        cases.append((Proc(popen, port, log), expected))
+    for proc, expected in cases:
+        assert proc.wait(timeout=90) == 1, proc.text()
+        text = proc.text()
+        [error] = [line for line in text.splitlines() if " ERROR " in line]  # one line, no cascade
+        assert expected in error, text
+        assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "unknown architecture"])
+def test_damaged_model_directories_are_load_errors(
+    gpt2_family: Any, tmp_path: Path, damage: str
+) -> None:
+    """In-process (the CLI path of a ModelLoadError is covered above)."""
+    from pairscore_server.engine.loading import ModelLoadError, ModelSpec, load_engine
+
+    model, tokenizer = gpt2_family
+    model.save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    if damage == "truncated weights":  # a download cut short
+        weights = tmp_path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        config = json.loads((tmp_path / "config.json").read_text())
+        config.update(model_type="no-such-architecture", architectures=["NoSuchForCausalLM"])
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_engine(ModelSpec(model=str(tmp_path), device="cpu"))
