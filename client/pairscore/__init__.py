@@ -32,7 +32,24 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
-_LAZY = {"ScoringClient": "pairscore.client", "ScoringError": "pairscore.client"}
+_LAZY = {
+    "ScoringClient": "pairscore.client",
+    "AsyncScoringClient": "pairscore.aio",
+    "ChannelSettings": "pairscore.channel",
+    "RetryPolicy": "pairscore.channel",
+    "TlsConfig": "pairscore.channel",
+    "ScoringError": "pairscore.errors",
+    "InvalidArgumentError": "pairscore.errors",
+    "OverloadedError": "pairscore.errors",
+    "UnavailableError": "pairscore.errors",
+    "DeadlineExceededError": "pairscore.errors",
+    "UnauthenticatedError": "pairscore.errors",
+    "PermissionDeniedError": "pairscore.errors",
+    "NotFoundError": "pairscore.errors",
+    "InternalError": "pairscore.errors",
+    "CallCancelledError": "pairscore.errors",
+    "UnimplementedError": "pairscore.errors",
+}
 
 
 def __getattr__(name: str):
@@ -44,7 +61,22 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'pairscore' has no attribute {name!r}")
 
+
 __all__ = [
+    "AsyncScoringClient",
+    "CallCancelledError",
+    "ChannelSettings",
+    "DeadlineExceededError",
+    "InternalError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "OverloadedError",
+    "PermissionDeniedError",
+    "RetryPolicy",
+    "TlsConfig",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
     "ItemError",
     "ItemErrorCode",
     "ModelInfo",

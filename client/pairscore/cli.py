@@ -2,10 +2,16 @@
 
 * ``pairscore serve [flags]`` runs the server (needs ``pip install 'pairscore[server]'``);
   ``pairscore serve --help`` lists its flags.
-* ``pairscore info --target HOST:PORT`` prints the served model as JSON.
-* ``pairscore query --target HOST:PORT PROMPT RESPONSE [PROMPT RESPONSE ...]``
-  scores pairs and prints one JSON line per pair.
-* ``pairscore health --target HOST:PORT`` prints SERVING or NOT_SERVING.
+* ``pairscore info`` prints the served model as JSON; ``pairscore health`` prints
+  SERVING or NOT_SERVING.
+* ``pairscore query PROMPT RESPONSE [PROMPT RESPONSE ...]`` scores pairs given on
+  the command line and prints one JSON line per pair.
+* ``pairscore score INPUT -o OUTPUT`` adds score columns to a dataset;
+  ``pairscore filter INPUT -o KEPT [--rejected REJECTED]`` keeps rows by score;
+  ``pairscore report SCORED -o report.png`` draws a histogram
+  (see :mod:`pairscore.pipeline`).
+
+Every client command takes the connection flags of :mod:`pairscore.connect_args`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-DEFAULT_TARGET = "localhost:50051"
+from pairscore.connect_args import DEFAULT_TARGET, add_connection_args, client_kwargs, target_of
+
+__all__ = ["DEFAULT_TARGET", "main"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -53,7 +61,8 @@ def _make_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Start a server with `pairscore serve`, then e.g. "
-            "`pairscore query --target localhost:50051 'The capital of France is' ' Paris.'`."
+            "`pairscore query --target localhost:50051 'The capital of France is' ' Paris.'` or "
+            "`pairscore score data.jsonl -o scored.jsonl`."
         ),
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -64,25 +73,11 @@ def _make_parser() -> argparse.ArgumentParser:
     )
 
     def with_target(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--target",
-            default=DEFAULT_TARGET,
-            metavar="HOST:PORT",
-            help=f"address of the pairscore server (default: {DEFAULT_TARGET})",
-        )
-        p.add_argument(
-            "--timeout",
-            type=float,
-            default=60.0,
-            metavar="SECONDS",
-            help="deadline of the call (default: 60)",
-        )
+        add_connection_args(p)
         return p
 
     with_target(commands.add_parser("info", help="print the served model's description as JSON"))
-    with_target(
-        commands.add_parser("health", help="print the server's health: SERVING or NOT_SERVING")
-    )
+    with_target(commands.add_parser("health", help="print the server's health: SERVING or NOT_SERVING"))
     query = with_target(
         commands.add_parser(
             "query",
@@ -107,9 +102,10 @@ def _make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tokenize prompt+response as one text (TOKENIZATION_MODE_JOINT) instead of separately",
     )
-    query.add_argument(
-        "--tokens", action="store_true", help="also print each token with its log-probability"
-    )
+    query.add_argument("--tokens", action="store_true", help="also print each token with its log-probability")
+    from pairscore.pipeline.commands import add_pipeline_commands
+
+    add_pipeline_commands(commands)
     return parser
 
 
@@ -133,14 +129,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args_list[1:])
     parser = _make_parser()
     args = parser.parse_args(args_list)
+    if hasattr(args, "run"):  # score, filter, report
+        return args.run(args, parser)
 
-    from pairscore.client import ScoringClient, ScoringError
+    from pairscore.client import ScoringClient
+    from pairscore.errors import ScoringError
     from pairscore.types import Pair, TokenizationMode
 
     if args.command == "query" and len(args.texts) % 2:
         parser.error("query takes PROMPT RESPONSE pairs: give an even number of texts")
+    target = target_of(args)
     try:
-        with ScoringClient(args.target, timeout=args.timeout) as client:
+        with ScoringClient(target, **client_kwargs(args)) as client:
             if args.command == "info":
                 print(json.dumps(_jsonable(client.model_info()), indent=2))
             elif args.command == "health":
@@ -153,13 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mode = TokenizationMode.JOINT if args.joint else TokenizationMode.SEPARATE
                 results = client.score(pairs, tokenization=mode, return_tokens=args.tokens)
                 for index, result in enumerate(results):
-                    print(
-                        json.dumps(
-                            _result_record(index, result, tokens=args.tokens), ensure_ascii=False
-                        )
-                    )
+                    print(json.dumps(_result_record(index, result, tokens=args.tokens), ensure_ascii=False))
     except ScoringError as exc:
-        print(f"pairscore: {args.target}: {exc}", file=sys.stderr)
+        print(f"pairscore: {target}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # an unreadable --token-file or certificate
+        print(f"pairscore: {exc}", file=sys.stderr)
         return 1
     return 0
 

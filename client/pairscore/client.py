@@ -1,4 +1,4 @@
-"""A small synchronous client for a pairscore server.
+"""The synchronous client of a pairscore server (or a fleet of them).
 
 ::
 
@@ -7,107 +7,109 @@
         for result in client.score([("The capital of France is", " Paris.")]):
             print(result.conditional_logprob)
 
-It needs only grpcio and protobuf (no torch). RPC failures raise
-:class:`ScoringError`; a pair that could not be scored comes back as an
-:class:`~pairscore.types.ItemError` in its place, the other pairs unaffected.
+        for result in client.score_iter(pairs_from_a_huge_file(), batch_size=64):
+            ...  # in input order, with flat memory
+
+It needs only grpcio and protobuf (no torch). RPC failures raise a
+:class:`~pairscore.errors.ScoringError` subclass; a pair that could not be
+scored comes back as an :class:`~pairscore.types.ItemError` in its place,
+the other pairs unaffected. :class:`~pairscore.aio.AsyncScoringClient` is
+the asyncio twin; both share :mod:`pairscore._base` and
+:mod:`pairscore.channel`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Union
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from pairscore.convert import model_info_from_pb, request_to_pb, response_from_pb
-from pairscore.types import ModelInfo, Pair, ScoreOptions, ScoreOutcome, TokenizationMode
+from pairscore import _stream_sync
+from pairscore._base import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RETRY,
+    SCORING_SERVICE,
+    ClientCore,
+    IterSettings,
+    PairLike,
+    build_settings,
+    make_options,
+)
+from pairscore.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelSettings, RetryPolicy, TlsConfig
+from pairscore.errors import ScoringError, error_from_rpc
+from pairscore.types import ModelInfo, ScoreOutcome, TokenizationMode
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 
-#: Largest message the client sends or receives, unless told otherwise (64 MiB).
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-#: A pair as the client accepts it: a Pair, or a (prompt, response) tuple.
-PairLike = Union[Pair, tuple[str, str]]  # noqa: UP007 - a runtime alias on Python 3.10+
-
-_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
-
-
-class ScoringError(Exception):
-    """An RPC to the pairscore server failed.
-
-    ``code`` is the :class:`grpc.StatusCode` and ``message`` the server's
-    explanation (``details``).
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-
-    @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> ScoringError:
-        """Wrap a grpc.RpcError (which is also a grpc.Call)."""
-        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-        details = error.details() if hasattr(error, "details") else str(error)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
-
-
-def _to_pair(item: PairLike) -> Pair:
-    if isinstance(item, Pair):
-        return item
-    try:
-        prompt, response = item
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"a pair must be a pairscore.Pair or a (prompt, response) tuple, got {item!r}"
-        ) from None
-    if not isinstance(prompt, str) or not isinstance(response, str):
-        raise TypeError(f"prompt and response must be str, got {type(prompt)} and {type(response)}")
-    return Pair(prompt=prompt, response=response)
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "PairLike", "ScoringClient", "ScoringError"]
 
 
 class ScoringClient:
-    """Synchronous client of ``pairscore.v1.ScoringService``.
+    """Synchronous client of ``pairscore.v1.ScoringService``; thread-safe.
 
-    ``target`` is ``host:port``. ``timeout`` is the default deadline of each
-    call in seconds (``None``: no deadline). ``max_message_bytes`` bounds
-    messages both ways; ``secure=True`` uses TLS with the system roots (or
-    pass ``credentials``); ``channel_options`` are extra gRPC channel options.
+    ``target``: ``host:port``, ``dns:///host:port`` for every replica behind
+    a name (round_robin load balancing), ``ipv4:a:p,b:q``, or a ready
+    :class:`~pairscore.channel.ChannelSettings`. ``timeout``: the default
+    deadline of each call in seconds (``None``: none); every method takes
+    its own ``timeout`` too. ``retry``: gRPC retries of UNAVAILABLE and
+    RESOURCE_EXHAUSTED with exponential backoff and jitter (``None`` to
+    switch them off). ``wait_for_ready``: calls wait (within their
+    deadline) for a server to become reachable instead of failing at once.
+    ``tls``: a :class:`~pairscore.channel.TlsConfig` or ``True`` (system
+    roots); ``secure=True`` is the same as ``tls=True``; ``credentials``:
+    ready-made channel credentials. ``token``: a bearer token sent with
+    every call. ``load_balancing``: ``"round_robin"`` or ``"pick_first"``.
     Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | ChannelSettings,
         *,
         timeout: float | None = 60.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        wait_for_ready: bool = False,
+        tls: TlsConfig | bool | None = None,
         secure: bool = False,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        load_balancing: str = "round_robin",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel_options: Sequence[tuple[str, object]] = (),
     ) -> None:
-        self.target = target
-        self.timeout = timeout
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            *channel_options,
-        ]
-        if secure or credentials is not None:
-            creds = credentials or grpc.ssl_channel_credentials()
-            self._channel = grpc.secure_channel(target, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
+        settings = build_settings(
+            target,
+            secure=secure,
+            tls=tls,
+            credentials=credentials,
+            token=token,
+            retry=retry,
+            load_balancing=load_balancing,
+            max_message_bytes=max_message_bytes,
+            channel_options=channel_options,
+        )
+        self.target = settings.target
+        self._core = ClientCore(settings, timeout=timeout, wait_for_ready=wait_for_ready)
+        self._channel = settings.sync_channel()
         self._stub = pb_grpc.ScoringServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def timeout(self) -> float | None:
+        """The default deadline of each call, in seconds."""
+        return self._core.timeout
+
+    @property
+    def settings(self) -> ChannelSettings:
+        """How this client connects."""
+        return self._core.settings
 
     # --- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the channel."""
+        """Close the channel; calls still running fail with CANCELLED."""
         self._channel.close()
 
     def __enter__(self) -> ScoringClient:
@@ -121,79 +123,117 @@ class ScoringClient:
     ) -> None:
         self.close()
 
-    def _deadline(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
-
     # --- RPCs --------------------------------------------------------------------------
 
     def score(
         self,
         pairs: Iterable[PairLike],
         *,
-        tokenization: TokenizationMode = TokenizationMode.SEPARATE,
+        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
         return_tokens: bool = False,
         timeout: float | None = None,
     ) -> list[ScoreOutcome]:
         """Score pairs in one request; one PairScore or ItemError per pair, in order.
 
-        ``timeout`` overrides the client's default deadline for this call.
-        Raises :class:`ScoringError` if the RPC fails.
+        ``tokenization``: ``SEPARATE`` (default) or ``JOINT``;
+        ``return_tokens``: add per-token detail; ``timeout`` overrides the
+        client's default deadline. Raises a
+        :class:`~pairscore.errors.ScoringError` subclass if the RPC fails.
         """
-        request = request_to_pb(
-            [_to_pair(p) for p in pairs],
-            ScoreOptions(tokenization=tokenization, return_tokens=return_tokens),
-        )
+        pairs = list(pairs)
+        request = self._core.request(pairs, make_options(tokenization, return_tokens))
         try:
-            response = self._stub.Score(request, timeout=self._deadline(timeout))
+            response = self._stub.Score(request, **self._core.call_kwargs(timeout))
         except grpc.RpcError as exc:
-            raise ScoringError.from_rpc_error(exc) from None
-        return response_from_pb(response)
+            raise error_from_rpc(exc) from None
+        return self._core.outcomes(response, len(pairs))
+
+    def score_iter(
+        self,
+        pairs: Iterable[PairLike],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_in_flight: int | None = None,
+        streams: int = 1,
+        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
+        return_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[ScoreOutcome]:
+        """Score an iterable of any size; yields one PairScore or ItemError per pair, in input order.
+
+        Pairs are read lazily and sent as ScoreStream messages of
+        ``batch_size`` pairs over ``streams`` concurrent streams (with
+        several replicas behind the target, round_robin spreads the streams
+        over them). At most ``max_in_flight`` pairs (default: 8 batches per
+        stream) are read but not yet handed to you, so memory stays flat
+        however large the input. A pair that fails comes back as an
+        ItemError and the iteration goes on. A stream that breaks with a
+        retryable status (server restart, overload) is reopened with
+        backoff and its unanswered pairs are sent again, so every input
+        pair is answered exactly once. ``timeout`` (default: the client's)
+        is the progress deadline: a stream that gets no answer for that
+        long is cancelled and reopened. Raises a
+        :class:`~pairscore.errors.ScoringError` when a stream fails for
+        good; leaving the loop early cancels the streams.
+        """
+        settings = IterSettings.build(batch_size, max_in_flight, streams, self._core.deadline(timeout))
+        return _stream_sync.iterate(
+            open_call=self._stub.ScoreStream,
+            core=self._core,
+            pairs=pairs,
+            options=make_options(tokenization, return_tokens),
+            settings=settings,
+        )
 
     def score_stream(
         self,
         batches: Iterable[Iterable[PairLike]],
         *,
-        tokenization: TokenizationMode = TokenizationMode.SEPARATE,
+        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
         return_tokens: bool = False,
         timeout: float | None = None,
     ) -> Iterator[list[ScoreOutcome]]:
-        """Stream many requests over one call; yields one result list per batch, in order.
+        """Send your own batches over one ScoreStream call; yields one result list per batch.
 
-        ``batches`` is consumed lazily, as the server asks for more, so it
-        may be a generator over a large data set. ``timeout`` is the deadline
-        of the whole stream (default: the client's). Raises
-        :class:`ScoringError` if the stream fails.
+        The low-level form of :meth:`score_iter`: no reconnection, and
+        ``batches`` is consumed as fast as the server reads it. ``timeout``
+        is the deadline of the whole stream (default: the client's).
         """
-        options = ScoreOptions(tokenization=tokenization, return_tokens=return_tokens)
-        requests = (request_to_pb([_to_pair(p) for p in batch], options) for batch in batches)
-        call = self._stub.ScoreStream(requests, timeout=self._deadline(timeout))
+        options = make_options(tokenization, return_tokens)
+        sizes: list[int] = []
+
+        def requests() -> Iterator[pb.ScoreRequest]:
+            for batch in batches:
+                batch = list(batch)
+                sizes.append(len(batch))
+                yield self._core.request(batch, options)
+
+        call = self._stub.ScoreStream(requests(), **self._core.call_kwargs(timeout))
         try:
-            for response in call:
-                yield response_from_pb(response)
+            for i, response in enumerate(call):
+                yield self._core.outcomes(response, sizes[i])
         except grpc.RpcError as exc:
-            raise ScoringError.from_rpc_error(exc) from None
+            raise error_from_rpc(exc) from None
         finally:
             call.cancel()  # no-op when the stream already ended
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describe the served model and its scoring contract."""
         try:
-            response = self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=self._deadline(timeout)
-            )
+            response = self._stub.GetModelInfo(pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout))
         except grpc.RpcError as exc:
-            raise ScoringError.from_rpc_error(exc) from None
-        return model_info_from_pb(response)
+            raise error_from_rpc(exc) from None
+        return self._core.model_info(response)
 
-    def health(self, service: str = _SERVICE_NAME, *, timeout: float | None = None) -> str:
-        """The server's grpc.health.v1 status of ``service``, e.g. ``"SERVING"``, ``"NOT_SERVING"``.
+    def health(self, service: str = SCORING_SERVICE, *, timeout: float | None = None) -> str:
+        """The server's grpc.health.v1 status of ``service``: ``"SERVING"``, ``"NOT_SERVING"``...
 
         ``service=""`` asks about the server as a whole.
         """
         try:
             response = self._health.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=self._deadline(timeout)
+                self._core.health_request(service), **self._core.call_kwargs(timeout)
             )
         except grpc.RpcError as exc:
-            raise ScoringError.from_rpc_error(exc) from None
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            raise error_from_rpc(exc) from None
+        return self._core.health_status(response)

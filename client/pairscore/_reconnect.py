@@ -1,0 +1,107 @@
+"""When and after how long a broken ``score_iter`` stream reconnects.
+
+gRPC's channel-level retryPolicy cannot replay a long client stream (it
+gives up once the first answer arrived or its replay buffer filled), so a
+lane that breaks is reopened here: after UNAVAILABLE or RESOURCE_EXHAUSTED
+(or whatever codes the :class:`~pairscore.channel.RetryPolicy` lists), after
+a CANCELLED that the client did not ask for (a server shutting down cancels
+its streams), and after the lane stalled past its progress deadline. It
+waits with the policy's exponential backoff and full jitter, and gives up
+when ``stream_reconnect_timeout_s`` passed without any answer. Scoring has no
+side effects, so resending unanswered batches is safe. Pairs that a server
+refuses one by one for overload (item error RESOURCE_EXHAUSTED, as
+ScoreStream reports admission failures) are resent with the same backoff.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import grpc
+
+from pairscore._sequencer import Lane
+from pairscore.channel import RetryPolicy
+from pairscore.errors import DeadlineExceededError, ScoringError, error_from_rpc
+
+#: How often a pair refused for overload is sent again before its error is the result.
+ITEM_RETRY_ATTEMPTS = 10
+
+
+def item_retry_delays(
+    policy: RetryPolicy | None, rng: Callable[[float, float], float] = random.uniform
+) -> Callable[[int], float | None]:
+    """Backoff for pairs the server refused with item error RESOURCE_EXHAUSTED.
+
+    Returns a function of the retry number (1 for the first) giving the
+    delay before resending, or ``None`` once ``ITEM_RETRY_ATTEMPTS`` were
+    used (or when retries are off).
+    """
+
+    def delay(retry: int) -> float | None:
+        if policy is None or "RESOURCE_EXHAUSTED" not in policy.retryable_codes:
+            return None
+        if retry > ITEM_RETRY_ATTEMPTS:
+            return None
+        return rng(0.0, policy.backoff_ceiling(retry))
+
+    return delay
+
+
+def lane_error(exc: grpc.RpcError, lane: Lane) -> ScoringError:
+    """The typed error that broke ``lane`` (a stall reads as DEADLINE_EXCEEDED)."""
+    if lane.stalled:
+        return DeadlineExceededError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "no answer on the stream within the timeout; the stream was cancelled",
+        )
+    return error_from_rpc(exc)
+
+
+def unanswered_error(lane: Lane) -> ScoringError:
+    """The server ended a stream although batches sent on it were not answered."""
+    return ScoringError(
+        grpc.StatusCode.UNKNOWN,
+        f"the server ended the stream with {len(lane.outstanding)} messages unanswered",
+    )
+
+
+class Reconnector:
+    """Backoff state of one lane: ``next_delay`` after a failure, ``progress`` after an answer."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._rng = rng
+        self._retries = 0
+        self._give_up_at: float | None = None
+        self._codes = (
+            frozenset(grpc.StatusCode[c] for c in policy.retryable_codes)
+            | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+            if policy is not None
+            else frozenset()
+        )
+
+    def progress(self) -> None:
+        """An answer arrived: the next failure starts a fresh backoff."""
+        self._retries = 0
+        self._give_up_at = None
+
+    def next_delay(self, error: ScoringError) -> float | None:
+        """Seconds to wait before reopening the stream, or ``None`` to give up with ``error``."""
+        if self._policy is None or error.code not in self._codes:
+            return None
+        now = self._clock()
+        if self._give_up_at is None:
+            self._give_up_at = now + self._policy.stream_reconnect_timeout_s
+        if now >= self._give_up_at:
+            return None
+        self._retries += 1
+        return self._rng(0.0, self._policy.backoff_ceiling(self._retries))

@@ -1,0 +1,173 @@
+"""The asyncio client of a pairscore server: :class:`AsyncScoringClient`.
+
+::
+
+    from pairscore.aio import AsyncScoringClient
+
+    async with AsyncScoringClient("localhost:50051") as client:
+        results = await client.score([("The capital of France is", " Paris.")])
+        async for result in client.score_iter(pairs, batch_size=64):
+            ...
+
+It mirrors :class:`~pairscore.client.ScoringClient` method for method, with
+the same options, conversion and typed errors (shared through
+:mod:`pairscore._base` and :mod:`pairscore.channel`). Create it inside the
+event loop that uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+
+from pairscore import _stream_aio
+from pairscore._base import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RETRY,
+    SCORING_SERVICE,
+    ClientCore,
+    IterSettings,
+    PairLike,
+    build_settings,
+    make_options,
+)
+from pairscore.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelSettings, RetryPolicy, TlsConfig
+from pairscore.errors import error_from_rpc
+from pairscore.types import ModelInfo, ScoreOutcome, TokenizationMode
+from pairscore.v1 import scoring_pb2 as pb
+from pairscore.v1 import scoring_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncScoringClient"]
+
+
+class AsyncScoringClient:
+    """asyncio client of ``pairscore.v1.ScoringService``.
+
+    Takes the same arguments as :class:`~pairscore.client.ScoringClient`
+    (target, timeout, retry, wait_for_ready, tls/secure/credentials, token,
+    load_balancing, max_message_bytes, channel_options). Use ``async with``,
+    or ``await close()``.
+    """
+
+    def __init__(
+        self,
+        target: str | ChannelSettings,
+        *,
+        timeout: float | None = 60.0,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        wait_for_ready: bool = False,
+        tls: TlsConfig | bool | None = None,
+        secure: bool = False,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        load_balancing: str = "round_robin",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel_options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        settings = build_settings(
+            target,
+            secure=secure,
+            tls=tls,
+            credentials=credentials,
+            token=token,
+            retry=retry,
+            load_balancing=load_balancing,
+            max_message_bytes=max_message_bytes,
+            channel_options=channel_options,
+        )
+        self.target = settings.target
+        self._core = ClientCore(settings, timeout=timeout, wait_for_ready=wait_for_ready)
+        self._channel = settings.aio_channel()
+        self._stub = pb_grpc.ScoringServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def timeout(self) -> float | None:
+        """The default deadline of each call, in seconds."""
+        return self._core.timeout
+
+    @property
+    def settings(self) -> ChannelSettings:
+        """How this client connects."""
+        return self._core.settings
+
+    async def close(self) -> None:
+        """Close the channel; calls still running fail with CANCELLED."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncScoringClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def score(
+        self,
+        pairs: Iterable[PairLike],
+        *,
+        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
+        return_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> list[ScoreOutcome]:
+        """Score pairs in one request; see :meth:`ScoringClient.score <pairscore.client.ScoringClient.score>`."""
+        pairs = list(pairs)
+        request = self._core.request(pairs, make_options(tokenization, return_tokens))
+        try:
+            response = await self._stub.Score(request, **self._core.call_kwargs(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return self._core.outcomes(response, len(pairs))
+
+    def score_iter(
+        self,
+        pairs: Iterable[PairLike] | AsyncIterable[PairLike],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_in_flight: int | None = None,
+        streams: int = 1,
+        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
+        return_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ScoreOutcome]:
+        """Score a (sync or async) iterable of any size; ``async for`` the results in input order.
+
+        Same behaviour as :meth:`ScoringClient.score_iter
+        <pairscore.client.ScoringClient.score_iter>`: bounded in flight,
+        per-item errors in place, reconnection with backoff.
+        """
+        settings = IterSettings.build(batch_size, max_in_flight, streams, self._core.deadline(timeout))
+        return _stream_aio.iterate(
+            open_call=self._stub.ScoreStream,
+            core=self._core,
+            pairs=pairs,
+            options=make_options(tokenization, return_tokens),
+            settings=settings,
+        )
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """Describe the served model and its scoring contract."""
+        try:
+            response = await self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout)
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return self._core.model_info(response)
+
+    async def health(self, service: str = SCORING_SERVICE, *, timeout: float | None = None) -> str:
+        """The server's grpc.health.v1 status of ``service`` (``""``: the whole server)."""
+        try:
+            response = await self._health.Check(
+                self._core.health_request(service), **self._core.call_kwargs(timeout)
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return self._core.health_status(response)

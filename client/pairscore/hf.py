@@ -1,0 +1,134 @@
+"""Score columns for a Hugging Face ``datasets.Dataset``, through ``map(batched=True)``.
+
+::
+
+    from datasets import load_dataset
+    from pairscore.hf import add_scores
+
+    ds = load_dataset("json", data_files="pairs.jsonl", split="train")
+    ds = add_scores(ds, "localhost:50051", prompt_field="instruction", response_field="output")
+    ds = ds.filter(lambda row: row["mean_conditional_logprob"] is not None
+                   and row["mean_conditional_logprob"] > -2.5)
+
+The columns added are those of ``pairscore score`` (see
+:mod:`pairscore.pipeline.columns`); a pair that fails gets nulls and an
+``error`` code instead of raising. :class:`ScoreColumns` is picklable (it
+opens its gRPC channel lazily, in whichever process runs it), so
+``num_proc`` works and the datasets cache fingerprints it by target and
+options; pass ``features=score_features(ds.features)`` to ``map`` when
+using it directly (:func:`add_scores` does). Importing this module needs
+only the base install; ``pip install 'pairscore[datasets]'`` brings datasets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pairscore.pipeline.columns import SCORE_COLUMN_TYPES, score_table
+
+
+class ScoreColumns:
+    """A batched ``map`` function: ``{prompt: [...], response: [...]} -> {score columns}``.
+
+    ``target`` and ``client_options`` (e.g. ``timeout``, ``token``, ``tls``)
+    build a :class:`~pairscore.client.ScoringClient` on first use; each
+    call streams its batch through ``score_iter`` in messages of
+    ``message_size`` pairs over ``streams`` streams.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        prompt_field: str = "prompt",
+        response_field: str = "response",
+        tokenization: str = "separate",
+        message_size: int = 32,
+        streams: int = 1,
+        **client_options: Any,
+    ) -> None:
+        self.target = target
+        self.prompt_field = prompt_field
+        self.response_field = response_field
+        self.tokenization = tokenization
+        self.message_size = message_size
+        self.streams = streams
+        self.client_options = client_options
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_client"] = None  # a gRPC channel neither pickles nor survives a fork
+        return state
+
+    def _get_client(self) -> Any:
+        if self._client is None:
+            from pairscore.client import ScoringClient
+
+            self._client = ScoringClient(self.target, wait_for_ready=True, **self.client_options)
+        return self._client
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[object]]:
+        """Score one batch of rows (column lists) and return the score columns."""
+        prompts = batch[self.prompt_field]
+        responses = batch[self.response_field]
+        outcomes = list(
+            self._get_client().score_iter(
+                zip(prompts, responses, strict=True),
+                batch_size=self.message_size,
+                streams=self.streams,
+                tokenization=self.tokenization,
+            )
+        )
+        return score_table(outcomes)
+
+    def close(self) -> None:
+        """Close the client's channel (a later call opens a new one)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def score_features(features: Any = None) -> Any:
+    """``datasets.Features``: ``features`` (a Dataset's) plus the typed score columns.
+
+    Pass it as ``features=`` to ``map`` so that a column that is all null in
+    the first batch (``error`` when nothing failed yet) keeps its real type.
+    """
+    from datasets import Features, Value
+
+    out = Features(dict(features or {}))
+    for name, arrow_type in SCORE_COLUMN_TYPES.items():
+        out[name] = Value(arrow_type)
+    return out
+
+
+def add_scores(
+    dataset: Any,
+    target: str,
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+    batch_size: int = 256,
+    tokenization: str = "separate",
+    client_options: dict[str, Any] | None = None,
+    **map_kwargs: Any,
+) -> Any:
+    """``dataset`` with the score columns added, via ``dataset.map(..., batched=True)``.
+
+    ``batch_size`` is the map batch size (rows handed to one call);
+    ``map_kwargs`` go to ``Dataset.map`` (e.g. ``num_proc``,
+    ``load_from_cache_file``, ``desc``).
+    """
+    scorer = ScoreColumns(
+        target,
+        prompt_field=prompt_field,
+        response_field=response_field,
+        tokenization=tokenization,
+        **(client_options or {}),
+    )
+    map_kwargs.setdefault("features", score_features(dataset.features))
+    try:
+        return dataset.map(scorer, batched=True, batch_size=batch_size, **map_kwargs)
+    finally:
+        scorer.close()

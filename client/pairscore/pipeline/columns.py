@@ -1,0 +1,150 @@
+"""The score columns the pipeline adds to each row, and the metrics one can filter on.
+
+Added columns (after all input columns; an input column of the same name is
+overwritten):
+
+============================  ==================================================
+``joint_logprob``             log P(x ⊕ y), nats
+``prompt_logprob``            log P(x)
+``conditional_logprob``       log P(y | x), the sum over the response's tokens
+``prompt_tokens``             m
+``response_tokens``           n
+``mean_conditional_logprob``  log P(y | x) / n (null when n = 0)
+``perplexity``                exp(-mean_conditional_logprob) (null when n = 0)
+``error``                     null, or the error code of a row that failed
+``error_message``             null, or why it failed
+============================  ==================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pairscore.types import ItemError, PairScore, ScoreOutcome
+
+SCORE_COLUMNS = (
+    "joint_logprob",
+    "prompt_logprob",
+    "conditional_logprob",
+    "prompt_tokens",
+    "response_tokens",
+    "mean_conditional_logprob",
+    "perplexity",
+    "error",
+    "error_message",
+)
+
+#: Columns of the Parquet schema for the score columns: name -> Arrow type name.
+SCORE_COLUMN_TYPES = {
+    "joint_logprob": "float64",
+    "prompt_logprob": "float64",
+    "conditional_logprob": "float64",
+    "prompt_tokens": "int64",
+    "response_tokens": "int64",
+    "mean_conditional_logprob": "float64",
+    "perplexity": "float64",
+    "error": "string",
+    "error_message": "string",
+}
+
+#: Error code of a row that could not even be sent (a missing or non-text field).
+INVALID_ROW = "invalid_row"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A score one can filter and rank on: its column and which way is better."""
+
+    column: str
+    higher_is_better: bool
+    description: str
+
+
+METRICS = {
+    m.column: m
+    for m in (
+        Metric("conditional_logprob", True, "log P(response | prompt), summed over response tokens"),
+        Metric("mean_conditional_logprob", True, "log P(response | prompt) per response token"),
+        Metric("perplexity", False, "exp(-mean conditional log-prob); lower is better"),
+        Metric("prompt_logprob", True, "log P(prompt)"),
+        Metric("joint_logprob", True, "log P(prompt + response)"),
+    )
+}
+
+_ALIASES = {
+    "conditional": "conditional_logprob",
+    "cond": "conditional_logprob",
+    "mean_conditional": "mean_conditional_logprob",
+    "mean": "mean_conditional_logprob",
+    "ppl": "perplexity",
+    "prompt": "prompt_logprob",
+    "joint": "joint_logprob",
+}
+
+
+def metric(name: str) -> Metric:
+    """Look a metric up by column name or short alias (``mean``, ``ppl``, ``joint``...)."""
+    key = _ALIASES.get(name, name)
+    try:
+        return METRICS[key]
+    except KeyError:
+        known = ", ".join([*METRICS, *_ALIASES])
+        raise ValueError(f"unknown metric {name!r}; choose one of {known}") from None
+
+
+def score_columns(outcome: ScoreOutcome) -> dict[str, object]:
+    """The added columns for one outcome (all keys of SCORE_COLUMNS, nulls where unknown)."""
+    if isinstance(outcome, ItemError):
+        return error_columns(outcome.code.value, outcome.message)
+    assert isinstance(outcome, PairScore)
+    mean = outcome.mean_conditional_logprob
+    finite = not math.isnan(mean)
+    return {
+        "joint_logprob": outcome.joint_logprob,
+        "prompt_logprob": outcome.prompt_logprob,
+        "conditional_logprob": outcome.conditional_logprob,
+        "prompt_tokens": outcome.prompt_tokens,
+        "response_tokens": outcome.response_tokens,
+        "mean_conditional_logprob": mean if finite else None,
+        "perplexity": _perplexity(mean) if finite else None,
+        "error": None,
+        "error_message": None,
+    }
+
+
+def score_table(outcomes: Sequence[ScoreOutcome]) -> dict[str, list[object]]:
+    """The added columns for many outcomes, column-wise (what ``Dataset.map(batched=True)`` and
+    Ray's ``map_batches`` want)."""
+    table: dict[str, list[object]] = {name: [] for name in SCORE_COLUMNS}
+    for outcome in outcomes:
+        for name, value in score_columns(outcome).items():
+            table[name].append(value)
+    return table
+
+
+def _perplexity(mean: float) -> float | None:
+    try:
+        return math.exp(-mean)
+    except OverflowError:
+        return math.inf
+
+
+def error_columns(code: str, message: str) -> dict[str, object]:
+    """The added columns of a row that failed."""
+    columns: dict[str, object] = dict.fromkeys(SCORE_COLUMNS)
+    columns["error"] = code
+    columns["error_message"] = message
+    return columns
+
+
+def value_of(row: dict[str, object], column: str) -> float:
+    """A metric's value in a scored row as float (NaN when null, empty or unreadable)."""
+    value = row.get(column)
+    if value is None or value == "":
+        return math.nan
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan

@@ -1,0 +1,258 @@
+"""The argparse side of ``pairscore score``, ``pairscore filter`` and ``pairscore report``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pairscore.connect_args import add_connection_args, client_kwargs, target_of
+from pairscore.pipeline.columns import METRICS
+from pairscore.pipeline.formats import FORMATS
+from pairscore.pipeline.progress import MODES
+
+_METRIC_HELP = ", ".join(METRICS)
+_FORMATS_HELP = (
+    "Formats follow the extension: .jsonl/.ndjson/.json, .csv, .tsv, .parquet (needs pyarrow); "
+    "'-' is JSON Lines on stdin/stdout."
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", metavar="INPUT", help="rows to score ('-': JSONL on stdin)")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUTPUT", help="where to write ('-': JSONL on stdout)"
+    )
+    p.add_argument("--input-format", choices=FORMATS, help="override the input's format")
+    p.add_argument("--output-format", choices=FORMATS, help="override the outputs' format")
+    p.add_argument(
+        "--prompt-field", default="prompt", metavar="COLUMN", help="column with the prompt (default: prompt)"
+    )
+    p.add_argument(
+        "--response-field",
+        default="response",
+        metavar="COLUMN",
+        help="column with the response (default: response)",
+    )
+    p.add_argument(
+        "--id-field", metavar="COLUMN", help="column sent as the pair id (and checked on the way back)"
+    )
+    p.add_argument("--errors", metavar="FILE", help="write rows that fail here instead of into the output")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run with the same arguments (start one so that it can be resumed)",
+    )
+    p.add_argument("--joint", action="store_true", help="tokenize prompt+response as one text (JOINT mode)")
+    p.add_argument(
+        "--batch-size", type=int, default=32, metavar="N", help="pairs per stream message (default: 32)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="concurrent streams; with several replicas, use at least one per replica (default: 1)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        metavar="N",
+        help="pairs sent but not yet written (default: 8 batches per stream)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how often progress is made durable for --resume (default: 10)",
+    )
+    p.add_argument(
+        "--progress", choices=MODES, default="auto", help="bar on a terminal, log lines otherwise (auto)"
+    )
+    p.add_argument(
+        "--log-every", type=float, default=30.0, metavar="SECONDS", help="seconds between log lines (30)"
+    )
+    add_connection_args(p, timeout=120.0)
+
+
+def add_pipeline_commands(commands: Any) -> None:
+    """Register score, filter and report on the ``pairscore`` subparsers."""
+    score = commands.add_parser(
+        "score",
+        help="add score columns to every row of a dataset",
+        description=(
+            "Score every (prompt, response) row of INPUT and write it, all columns kept, with score columns "
+            "added: joint_logprob, prompt_logprob, conditional_logprob, prompt_tokens, response_tokens, "
+            "mean_conditional_logprob, perplexity, error, error_message. " + _FORMATS_HELP
+        ),
+    )
+    _common(score)
+    score.add_argument(
+        "--summary-metric",
+        default="mean_conditional_logprob",
+        metavar="METRIC",
+        help=f"metric whose quantiles the summary shows ({_METRIC_HELP})",
+    )
+    score.set_defaults(run=_run_pipeline)
+
+    flt = commands.add_parser(
+        "filter",
+        help="keep the rows whose scores pass thresholds or rank in the top fraction",
+        description=(
+            "Score INPUT and write the rows that pass to OUTPUT, the others to --rejected (or nowhere). "
+            "Rows that fail to score go to --errors, else to --rejected, else to OUTPUT with '.errors' "
+            "before the extension. Thresholds are inclusive; a row without a value for a bounded metric "
+            "(empty response) does not pass. --top-fraction is exact: the rows are scored once into an "
+            "intermediate file, then two local passes pick exactly ceil(Q*n) rows, ties by input order. "
+            + _FORMATS_HELP
+        ),
+    )
+    _common(flt)
+    flt.add_argument("--rejected", metavar="FILE", help="write the rows that do not pass here")
+    flt.add_argument(
+        "--min",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help=f"keep rows with METRIC >= VALUE ({_METRIC_HELP})",
+    )
+    flt.add_argument(
+        "--max", action="append", default=[], metavar="METRIC=VALUE", help="keep rows with METRIC <= VALUE"
+    )
+    flt.add_argument(
+        "--top-fraction", type=float, metavar="Q", help="keep the best Q (0 < Q <= 1) of the rows by --by"
+    )
+    flt.add_argument(
+        "--by",
+        default="mean_conditional_logprob",
+        metavar="METRIC",
+        help="metric of --top-fraction and of the summary (default: mean_conditional_logprob)",
+    )
+    flt.set_defaults(run=_run_pipeline)
+
+    report = commands.add_parser(
+        "report",
+        help="draw a histogram of a score column of a scored file (needs matplotlib)",
+        description="Histogram of METRIC in SCORED with its 5/50/95 % quantiles and an optional threshold line.",
+    )
+    report.add_argument("scored", metavar="SCORED", help="a file written by pairscore score (any format)")
+    report.add_argument("-o", "--output", required=True, metavar="FILE", help="the image: .png, .svg or .pdf")
+    report.add_argument(
+        "--metric", default="mean_conditional_logprob", help=f"column to draw ({_METRIC_HELP})"
+    )
+    report.add_argument(
+        "--threshold", type=float, help="draw this threshold and the share of rows on its kept side"
+    )
+    report.add_argument("--bins", type=int, default=60, help="histogram bins (default: 60)")
+    report.add_argument("--title", help="figure title")
+    report.add_argument("--input-format", choices=FORMATS, help="override SCORED's format")
+    report.set_defaults(run=_run_report)
+
+
+def _job(args: argparse.Namespace) -> Any:
+    from pairscore.pipeline.job import Job
+    from pairscore.pipeline.selection import Thresholds, parse_bound
+
+    filtering = args.command == "filter"
+    bounds = []
+    if filtering:
+        bounds = [parse_bound(t, upper=False) for t in args.min] + [
+            parse_bound(t, upper=True) for t in args.max
+        ]
+    return Job(
+        command=args.command,
+        input=args.input,
+        output=args.output,
+        input_format=args.input_format,
+        output_format=args.output_format,
+        rejected=args.rejected if filtering else None,
+        errors=args.errors,
+        prompt_field=args.prompt_field,
+        response_field=args.response_field,
+        id_field=args.id_field,
+        thresholds=Thresholds(bounds),
+        top_fraction=args.top_fraction if filtering else None,
+        by=args.by if filtering else args.summary_metric,
+        tokenization="joint" if args.joint else "separate",
+        resume=args.resume,
+        batch_size=args.batch_size,
+        max_in_flight=args.max_in_flight,
+        concurrency=args.concurrency,
+        checkpoint_seconds=args.checkpoint_every,
+        progress=args.progress,
+        log_every=args.log_every,
+    )
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Treat SIGTERM like Ctrl-C (so the run saves a checkpoint); returns the undo."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pairscore.client import ScoringClient
+    from pairscore.errors import ScoringError
+    from pairscore.pipeline.formats import FormatError
+    from pairscore.pipeline.runner import ResumeError, Runner
+    from pairscore.pipeline.summary import summary_lines
+
+    try:
+        job = _job(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    target = target_of(args)
+    restore = _sigterm_as_interrupt()
+    try:
+        with ScoringClient(target, wait_for_ready=True, **client_kwargs(args)) as client:
+            outcome = Runner(job, client).run()
+    except KeyboardInterrupt:
+        hint = " run the same command with --resume to continue." if job.resume else ""
+        print(f"\npairscore {args.command}: interrupted.{hint}", file=sys.stderr)
+        return 130
+    except ScoringError as exc:
+        hint = " Fix the cause and rerun with --resume to continue." if job.resume else ""
+        print(f"pairscore {args.command}: {target}: {exc}.{hint}", file=sys.stderr)
+        return 1
+    except (FormatError, ResumeError, OSError) as exc:
+        print(f"pairscore {args.command}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        restore()
+    from pairscore.pipeline.columns import metric
+
+    for line in summary_lines(args.command, outcome, metric(job.by).column):
+        print(line, file=sys.stderr)
+    return 0
+
+
+def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pairscore.pipeline.formats import FormatError
+    from pairscore.pipeline.report import draw_report, read_metric
+
+    try:
+        data = read_metric(args.scored, args.metric, args.input_format)
+        draw_report(data, args.output, threshold=args.threshold, bins=args.bins, title=args.title)
+    except ValueError as exc:  # FormatError is a ValueError; so is an unknown metric
+        if not isinstance(exc, FormatError):
+            parser.error(str(exc))
+        print(f"pairscore report: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pairscore report: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"pairscore report: {len(data.values):,} values of {data.metric.column} -> {args.output}",
+        file=sys.stderr,
+    )
+    return 0

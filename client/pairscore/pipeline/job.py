@@ -1,0 +1,148 @@
+"""What one ``pairscore score`` / ``pairscore filter`` run is asked to do.
+
+A :class:`Job` holds the arguments; :meth:`Job.outputs` says which files it
+writes and :meth:`Job.fingerprint` which arguments a resumed run must share
+with the run it continues.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pairscore.pipeline.formats import STDIO, detect_format
+from pairscore.pipeline.selection import Thresholds
+
+#: Suffix of the resume state file, next to the main output.
+STATE_SUFFIX = ".pairscore-state.json"
+#: Infix of the intermediate file of --top-fraction, next to the kept output.
+SCORED_INFIX = ".pairscore-scored"
+
+
+def with_infix(path: str, infix: str) -> str:
+    """``kept.csv`` + ``.errors`` -> ``kept.errors.csv``."""
+    p = Path(path)
+    return str(p.with_name(p.stem + infix + p.suffix))
+
+
+@dataclass(frozen=True)
+class Job:
+    """The arguments of one score or filter run.
+
+    ``command`` is ``"score"`` or ``"filter"``; ``output`` is the scored file
+    (score) or the kept rows (filter). ``rejected``: where filter writes the
+    rows it drops (else they are dropped). ``errors``: where rows that failed
+    go; without it, score keeps them in ``output`` with the error columns
+    set, and filter sends them to ``rejected``, or to ``OUTPUT`` with
+    ``.errors`` before the extension.
+    """
+
+    command: str
+    input: str
+    output: str
+    input_format: str | None = None
+    output_format: str | None = None
+    rejected: str | None = None
+    errors: str | None = None
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    id_field: str | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    top_fraction: float | None = None
+    by: str = "mean_conditional_logprob"
+    tokenization: str = "separate"
+    resume: bool = False
+    batch_size: int = 32
+    max_in_flight: int | None = None
+    concurrency: int = 1
+    checkpoint_seconds: float = 10.0
+    progress: str = "auto"
+    log_every: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.command not in ("score", "filter"):
+            raise ValueError(f"command must be score or filter, got {self.command!r}")
+        if self.command == "score" and (self.thresholds.bounds or self.top_fraction or self.rejected):
+            raise ValueError("thresholds, --top-fraction and --rejected belong to `pairscore filter`")
+        if self.resume and self.output == STDIO:
+            raise ValueError("--resume needs an output file, not stdout")
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise ValueError(f"--top-fraction must be in (0, 1], got {self.top_fraction}")
+        if self.top_fraction is not None and self.output == STDIO:
+            raise ValueError("--top-fraction needs an output file (it writes an intermediate file)")
+        if (
+            self.command == "filter"
+            and self.output == STDIO
+            and self.errors is None
+            and self.rejected is None
+        ):
+            raise ValueError(
+                "filtering to stdout: give --errors FILE or --rejected FILE so that rows "
+                "which fail have somewhere to go"
+            )
+        named = [p for p in (self.output, self.rejected, self.errors) if p not in (None, STDIO)]
+        if self.input != STDIO:
+            named.append(self.input)
+        resolved = [os.path.realpath(p) for p in named]
+        if len(set(resolved)) != len(resolved):
+            raise ValueError("the input and the output files must all be different files")
+
+    @property
+    def in_format(self) -> str:
+        """The input's format."""
+        return detect_format(self.input, self.input_format)
+
+    @property
+    def out_format(self) -> str:
+        """The main output's format."""
+        return detect_format(self.output, self.output_format)
+
+    @property
+    def state_path(self) -> str:
+        """Where the resume state lives."""
+        return self.output + STATE_SUFFIX
+
+    @property
+    def scored_path(self) -> str:
+        """The intermediate file of --top-fraction."""
+        return with_infix(self.output, SCORED_INFIX)
+
+    def errors_path(self) -> str | None:
+        """Where failed rows go as a separate file (``None``: into another output)."""
+        if self.errors is not None:
+            return self.errors
+        if self.command == "filter" and self.rejected is None:
+            return with_infix(self.output, ".errors")
+        return None
+
+    def outputs(self) -> dict[str, tuple[str, str]]:
+        """The final outputs: role -> (path, format). Roles: output, kept, rejected, errors."""
+        outs: dict[str, tuple[str, str]] = {}
+        main = "output" if self.command == "score" else "kept"
+        outs[main] = (self.output, self.out_format)
+        if self.rejected is not None:
+            outs["rejected"] = (self.rejected, detect_format(self.rejected, self.output_format))
+        errors = self.errors_path()
+        if errors is not None:
+            fmt = self.out_format if self.errors is None else detect_format(errors, self.output_format)
+            outs["errors"] = (errors, fmt)
+        return outs
+
+    def fingerprint(self) -> dict[str, object]:
+        """The arguments that must not change between a run and its resumption."""
+        source: dict[str, object] = {"input": self.input}
+        if self.input != STDIO:
+            st = os.stat(self.input)
+            source = {"input": os.path.realpath(self.input), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {
+            "command": self.command,
+            **source,
+            "input_format": self.in_format,
+            "outputs": {k: [os.path.realpath(p), f] for k, (p, f) in self.outputs().items()},
+            "fields": [self.prompt_field, self.response_field, self.id_field],
+            "thresholds": self.thresholds.describe(),
+            "top_fraction": self.top_fraction,
+            "by": self.by,
+            "tokenization": self.tokenization,
+        }

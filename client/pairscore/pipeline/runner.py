@@ -1,0 +1,402 @@
+"""Runs a :class:`~pairscore.pipeline.job.Job`: read, score, route, checkpoint, finish.
+
+**Phase 1** streams the input through
+:meth:`ScoringClient.score_iter <pairscore.client.ScoringClient.score_iter>`
+(results in input order) and appends every row, input columns first and
+score columns after, to the part file of its destination. Every
+``checkpoint_seconds`` the parts are made durable and the state file records
+how many input rows are done and how long each part is. ``--resume`` reads
+the state, cuts the parts back to the recorded lengths, skips that many
+input rows and goes on, so each input row lands in the outputs exactly once
+and in input order, whether the tool was killed, the machine rebooted or
+the server restarted (that one the client survives by itself).
+
+**Phase 2** (``--top-fraction`` only) reads the intermediate scored file
+twice: once for the exact cut-off, once to write kept/rejected/errors in
+input order. It is local and simply redone if interrupted.
+
+**Finishing** renames the parts into place; the state file, saved first
+with ``phase: finishing``, lets a resume complete an interrupted finish.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from pairscore.pipeline.columns import INVALID_ROW, error_columns, metric, score_columns, value_of
+from pairscore.pipeline.formats import STDIO, FormatError, Row, RowReader
+from pairscore.pipeline.job import Job
+from pairscore.pipeline.parts import LinePart, ParquetPart, StateFile, open_part
+from pairscore.pipeline.progress import Progress
+from pairscore.pipeline.selection import Cutoff, TopSelector, rank_key
+from pairscore.pipeline.stats import RunStats
+from pairscore.types import ItemError, Pair, PairScore, ScoreOutcome
+
+STATE_VERSION = 1
+#: A Parquet part writes a chunk at least this often (rows), whatever the clock says.
+PARQUET_CHUNK_ROWS = 50_000
+
+
+class ResumeError(RuntimeError):
+    """--resume cannot continue the earlier run (different arguments, input or model)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: its stats, where rows went, and the wall time."""
+
+    stats: RunStats
+    outputs: dict[str, tuple[str, str]]
+    seconds: float
+    resumed_from: int
+
+
+def _model_identity(info: Any) -> dict[str, str]:
+    return {
+        "model_name": info.model_name,
+        "model_source": info.model_source,
+        "revision": info.revision,
+        "dtype": info.dtype,
+    }
+
+
+class Runner:
+    """One run of a Job against a client (anything with ``score_iter`` and ``model_info``)."""
+
+    def __init__(self, job: Job, client: Any, *, stderr: TextIO | None = None) -> None:
+        self.job = job
+        self.client = client
+        self.stderr = stderr if stderr is not None else sys.stderr
+        self.state_file = StateFile(job.state_path) if job.output != STDIO else None
+        self.metric = metric(job.by)
+        self._emitting = False
+        self._last_checkpoint = 0.0
+
+    # --- entry point ----------------------------------------------------------------
+
+    def run(self) -> Outcome:
+        """Do the job; returns the Outcome. Raises ResumeError, FormatError, ScoringError."""
+        started = time.monotonic()
+        fingerprint = self.job.fingerprint()
+        model = _model_identity(self.client.model_info())
+        state = self._load_state(fingerprint, model)
+        resumed_from = state["stats"]["rows"] if state else 0
+        top = self.job.top_fraction is not None
+        if state is not None and state["phase"] == "finishing":
+            self._finish(state["finishing"])
+            stats = RunStats.from_state(state["stats"])
+            if not (top and "scored" in state["finishing"]):
+                self._drop_empty_default_errors(stats)
+                self._remove_state()
+                return Outcome(stats, self.job.outputs(), time.monotonic() - started, resumed_from)
+        elif state is None or state["phase"] == 1:
+            stats = self._phase1(state, fingerprint, model)
+        else:
+            stats = RunStats.from_state(state["stats"])
+        if top:
+            self._save({"phase": 2, "fingerprint": fingerprint, "model": model, "stats": stats.to_state()})
+            self._phase2(stats, fingerprint, model)
+        self._drop_empty_default_errors(stats)
+        self._remove_state()
+        return Outcome(stats, self.job.outputs(), time.monotonic() - started, resumed_from)
+
+    # --- state ------------------------------------------------------------------------
+
+    def _load_state(self, fingerprint: dict[str, object], model: dict[str, str]) -> dict[str, Any] | None:
+        if self.state_file is None:
+            return None
+        state = self.state_file.load()
+        if state is None:
+            return None
+        if not self.job.resume:
+            self._discard_leftovers(state)
+            return None
+        if state.get("version") != STATE_VERSION:
+            raise ResumeError(f"{self.state_file.path} was written by another version of pairscore")
+        if state["fingerprint"] != fingerprint:
+            changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
+            raise ResumeError(
+                f"cannot resume: {', '.join(changed)} differ from the interrupted run "
+                f"(see {self.state_file.path}); run without --resume to start again"
+            )
+        if state["model"] != model:
+            raise ResumeError(
+                f"cannot resume: the server now serves {model}, the interrupted run was scored "
+                f"with {state['model']}; run without --resume to start again"
+            )
+        return state
+
+    def _discard_leftovers(self, state: dict[str, Any]) -> None:
+        """Without --resume an earlier unfinished run is thrown away (final files are kept)."""
+        del state
+        for path, fmt in [*self._phase1_outputs().values(), *self.job.outputs().values()]:
+            open_part(path, fmt).discard()
+        if self.job.top_fraction is not None and os.path.exists(self.job.scored_path):
+            os.remove(self.job.scored_path)
+        self._remove_state()
+
+    def _drop_empty_default_errors(self, stats: RunStats) -> None:
+        """The errors file filter names by itself only stays when a row failed."""
+        if self.job.errors is None and stats.routed.get("errors", 0) == 0:
+            default = self.job.errors_path()
+            if default is not None and os.path.exists(default):
+                os.remove(default)
+
+    def _remove_state(self) -> None:
+        if self.state_file is not None:
+            self.state_file.remove()
+
+    def _save(self, state: dict[str, Any]) -> None:
+        if self.state_file is not None:
+            self.state_file.save({"version": STATE_VERSION, **state})
+
+    # --- phase 1: score -------------------------------------------------------------
+
+    def _phase1_outputs(self) -> dict[str, tuple[str, str]]:
+        """Role -> (final path, format) of what phase 1 writes."""
+        if self.job.top_fraction is not None:
+            return {"scored": (self.job.scored_path, self.job.out_format)}
+        return self.job.outputs()
+
+    def _route(self, row: Row, failed: bool, kept: bool) -> str | None:
+        outs = self._parts
+        if self.job.top_fraction is not None:
+            return "scored"
+        if failed:
+            return "errors" if "errors" in outs else ("rejected" if "rejected" in outs else "output")
+        if self.job.command == "score":
+            return "output"
+        if kept:
+            return "kept"
+        return "rejected" if "rejected" in outs else None
+
+    def _pair(self, row: Row) -> tuple[Pair | None, str | None]:
+        job = self.job
+        prompt, response = row.get(job.prompt_field), row.get(job.response_field)
+        for name, value in ((job.prompt_field, prompt), (job.response_field, response)):
+            if not isinstance(value, str):
+                what = "missing" if value is None else f"a {type(value).__name__}, not text"
+                return None, f"field {name!r} is {what}"
+        pair_id = "" if job.id_field is None else str(row.get(job.id_field, ""))
+        return Pair(prompt=prompt, response=response, id=pair_id), None  # type: ignore[arg-type]
+
+    def _phase1(
+        self, state: dict[str, Any] | None, fingerprint: dict[str, object], model: dict[str, str]
+    ) -> RunStats:
+        job = self.job
+        stats = RunStats.from_state(state["stats"]) if state else RunStats()
+        reader = RowReader(job.input, job.in_format)
+        self._parts: dict[str, LinePart | ParquetPart] = {}
+        for role, (path, fmt) in self._phase1_outputs().items():
+            part = open_part(path, fmt, reader.parquet_schema())
+            part.open(state["parts"][role] if state else None)
+            self._parts[role] = part
+        progress = Progress(
+            label=job.command,
+            fraction=reader.fraction_done,
+            stream=self.stderr,
+            mode=job.progress,
+            log_every=job.log_every,
+            start_rows=stats.rows,
+        )
+        waiting: deque[tuple[Row, str | None]] = deque()
+        first = [True]
+
+        def pairs() -> Iterator[Pair]:
+            for row in reader.rows(skip=stats.rows):
+                pair, problem = self._pair(row)
+                if first[0] and not {job.prompt_field, job.response_field} <= row.keys():
+                    raise FormatError(
+                        f"the input has no column {job.prompt_field!r} or no {job.response_field!r} "
+                        f"(its first row has {sorted(row)}); name them with --prompt-field/--response-field"
+                    )
+                first[0] = False
+                waiting.append((row, problem))
+                if pair is not None:
+                    yield pair
+
+        def checkpoint() -> None:
+            self._save(
+                {
+                    "phase": 1,
+                    "fingerprint": fingerprint,
+                    "model": model,
+                    "parts": {role: part.checkpoint() for role, part in self._parts.items()},
+                    "stats": stats.to_state(),
+                }
+            )
+            self._last_checkpoint = time.monotonic()
+
+        self._last_checkpoint = time.monotonic()
+        results = self.client.score_iter(
+            pairs(),
+            batch_size=job.batch_size,
+            max_in_flight=job.max_in_flight,
+            streams=job.concurrency,
+            tokenization=job.tokenization,
+        )
+        try:
+            for outcome in results:
+                while waiting[0][1] is not None:
+                    row, problem = waiting.popleft()
+                    self._emit(row, None, problem, stats, progress)
+                row, _ = waiting.popleft()
+                self._emit(row, outcome, None, stats, progress)
+                if self._checkpoint_due():
+                    checkpoint()
+            while waiting:
+                row, problem = waiting.popleft()
+                self._emit(row, None, problem, stats, progress)
+        except BaseException:
+            results.close()  # cancels the streams
+            if not self._emitting and self.state_file is not None:
+                checkpoint()  # keep what is done for --resume
+            for part in self._parts.values():
+                part.close()
+            raise
+        finally:
+            progress.close()
+            reader.close()
+        checkpoint()
+        roles = list(self._parts)
+        self._save(
+            {
+                "phase": "finishing",
+                "finishing": roles,
+                "fingerprint": fingerprint,
+                "model": model,
+                "stats": stats.to_state(),
+            }
+        )
+        for part in self._parts.values():
+            part.finish()
+        return stats
+
+    def _checkpoint_due(self) -> bool:
+        if time.monotonic() - self._last_checkpoint >= self.job.checkpoint_seconds:
+            return True
+        return any(
+            isinstance(p, ParquetPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in self._parts.values()
+        )
+
+    def _emit(
+        self,
+        row: Row,
+        outcome: ScoreOutcome | None,
+        problem: str | None,
+        stats: RunStats,
+        progress: Progress,
+    ) -> None:
+        self._emitting = True
+        if outcome is None:
+            columns = error_columns(INVALID_ROW, problem or "")
+            code: str | None = INVALID_ROW
+        elif isinstance(outcome, ItemError):
+            columns = score_columns(outcome)
+            code = outcome.code.value
+        else:
+            columns = score_columns(outcome)
+            code = None
+        if self.job.id_field is not None and isinstance(outcome, (PairScore, ItemError)):
+            expected = str(row.get(self.job.id_field, ""))
+            if outcome.id != expected:  # results are matched to rows by order; check it
+                raise RuntimeError(f"result for id {outcome.id!r} arrived where {expected!r} was expected")
+        out = {**row, **columns}
+        kept = code is None and self.job.thresholds.passes(out)
+        role = self._route(out, code is not None, kept)
+        if role is not None:
+            self._parts[role].write(out)
+            stats.routed[role] += 1
+        stats.rows += 1
+        tokens = 0
+        if code is None:
+            assert isinstance(outcome, PairScore)
+            stats.scored += 1
+            tokens = outcome.prompt_tokens + outcome.response_tokens
+            stats.tokens += tokens
+            stats.metric.add(value_of(out, self.metric.column))
+        else:
+            stats.errors[code] += 1
+        progress.update(rows=1, tokens=tokens, errors=int(code is not None))
+        self._emitting = False
+
+    # --- phase 2: exact top fraction ------------------------------------------------
+
+    def _phase2(self, stats: RunStats, fingerprint: dict[str, object], model: dict[str, str]) -> None:
+        job = self.job
+        assert job.top_fraction is not None
+        scored, fmt = job.scored_path, job.out_format
+        reader = RowReader(scored, fmt)
+        keys = [
+            rank_key(value_of(r, self.metric.column), self.metric) if not r.get("error") else math.nan
+            for r in reader.rows()
+        ]
+        reader.close()
+        cutoff = Cutoff.find(keys, job.top_fraction)
+        del keys
+        selector = TopSelector(self.metric, cutoff)
+        reader = RowReader(scored, fmt)
+        parts: dict[str, LinePart | ParquetPart] = {}
+        for role, (path, out_fmt) in job.outputs().items():
+            parts[role] = open_part(path, out_fmt, reader.parquet_schema())
+            parts[role].open(None)
+        stats.routed.clear()
+        for row in reader.rows():
+            failed = bool(row.get("error"))
+            if failed:
+                role: str | None = "errors" if "errors" in parts else "rejected"
+            else:
+                in_top = selector.keeps(row)
+                role = (
+                    "kept"
+                    if in_top and job.thresholds.passes(row)
+                    else ("rejected" if "rejected" in parts else None)
+                )
+            if role is not None:
+                parts[role].write(row)
+                stats.routed[role] += 1
+            if any(isinstance(p, ParquetPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in parts.values()):
+                for p in parts.values():
+                    p.checkpoint()
+        reader.close()
+        self._save(
+            {
+                "phase": "finishing",
+                "finishing": list(parts),
+                "fingerprint": fingerprint,
+                "model": model,
+                "stats": stats.to_state(),
+            }
+        )
+        for part in parts.values():
+            part.finish()
+        os.remove(scored)
+
+    # --- finishing after an interruption ------------------------------------------
+
+    def _finish(self, roles: list[str]) -> None:
+        """Complete a finish that was interrupted: move what is left into place (idempotent)."""
+        outputs = {**self._phase1_outputs(), **self.job.outputs()}
+        for role in roles:
+            path, fmt = outputs[role]
+            if fmt == "parquet":
+                part = ParquetPart(path)
+                if part.path.exists():
+                    state = {"chunks": len(list(part.path.glob("chunk-*.parquet"))), "rows": 0}
+                    part.open(state)
+                    part.finish()
+            elif os.path.exists(path + ".part"):
+                os.replace(path + ".part", path)
+        if (
+            self.job.top_fraction is not None
+            and os.path.exists(self.job.scored_path)
+            and "scored" not in roles
+        ):
+            os.remove(self.job.scored_path)

@@ -1,0 +1,89 @@
+"""The Hugging Face datasets hook: pairscore.hf and examples/datasets_scoring.py, against a real server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from client_harness import ROOT, ServerThread
+
+from pairscore.hf import ScoreColumns, add_scores
+
+from fake_engine import FakeEngine
+
+datasets = pytest.importorskip("datasets")
+
+
+def load_example() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "datasets_scoring", ROOT / "examples" / "datasets_scoring.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    st = ServerThread(FakeEngine(max_context=48)).start()
+    yield st
+    st.stop()
+
+
+ROWS = [
+    {"instruction": "Q" * (i % 5), "output": "" if i % 10 == 0 else "x" * (i % 7 + 1), "k": i}
+    for i in range(50)
+] + [{"instruction": "P" * 60, "output": "too long", "k": 50}]
+
+
+def test_add_scores_adds_the_score_columns_in_a_batched_map(server: ServerThread) -> None:
+    ds = datasets.Dataset.from_list(ROWS)
+    scored = add_scores(
+        ds, server.target, prompt_field="instruction", response_field="output", batch_size=16,
+        load_from_cache_file=False,
+    )  # fmt: skip
+    assert scored.num_rows == len(ROWS)
+    assert scored.column_names == [
+        "instruction", "output", "k", "joint_logprob", "prompt_logprob", "conditional_logprob",
+        "prompt_tokens", "response_tokens", "mean_conditional_logprob", "perplexity", "error", "error_message",
+    ]  # fmt: skip
+    for row, src in zip(scored, ROWS, strict=True):
+        assert row["k"] == src["k"]
+        if src["k"] == 50:
+            assert row["error"] == "context_length_exceeded" and row["conditional_logprob"] is None
+            continue
+        n = len(src["output"])
+        assert row["conditional_logprob"] == -0.25 * n
+        assert row["prompt_logprob"] == -0.5 * len(src["instruction"])
+        assert row["mean_conditional_logprob"] == (-0.25 if n else None)
+        assert row["perplexity"] == (pytest.approx(math.exp(0.25)) if n else None)
+
+
+def test_score_columns_pickles_without_its_channel(server: ServerThread) -> None:
+    scorer = ScoreColumns(server.target, timeout=10)
+    assert scorer({"prompt": ["a"], "response": ["bc"]})["conditional_logprob"] == [-0.5]
+    clone = pickle.loads(pickle.dumps(scorer))  # what num_proc and the datasets cache do
+    assert clone({"prompt": ["a"], "response": ["b"]})["response_tokens"] == [1]
+    scorer.close()
+    clone.close()
+
+
+def test_the_example_scores_filters_and_saves(server: ServerThread, tmp_path: Path) -> None:
+    example = load_example()
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp_path / "kept"
+    argv = [str(src), str(out), "--target", server.target, "--prompt-field", "instruction",
+            "--response-field", "output", "--min-mean-logprob", "-0.25"]  # fmt: skip
+    assert example.main(argv) == 0
+    kept = datasets.load_from_disk(str(out))
+    want = [r["k"] for r in ROWS if r["output"] and r["k"] != 50]  # empty and failed responses have no mean
+    assert kept["k"] == want
+    assert set(kept["mean_conditional_logprob"]) == {-0.25}

@@ -1,0 +1,179 @@
+"""Pipeline pieces on their own: formats, cut-offs, reservoir quantiles, progress display, parts."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pairscore.pipeline.columns import metric, score_columns, score_table
+from pairscore.pipeline.formats import FormatError, LineWriter, RowReader, detect_format
+from pairscore.pipeline.parts import LinePart, StateFile
+from pairscore.pipeline.progress import Progress, human_count, human_duration
+from pairscore.pipeline.selection import Bound, Cutoff, Thresholds, TopSelector, parse_bound
+from pairscore.pipeline.stats import Reservoir
+from pairscore.types import ItemError, ItemErrorCode, PairScore
+
+
+def test_formats_follow_the_extension_and_stdin_is_jsonl() -> None:
+    assert [detect_format(p) for p in ("a.jsonl", "b.NDJSON", "c.csv", "d.tsv", "e.parquet", "-")] == [
+        "jsonl", "jsonl", "csv", "tsv", "parquet", "jsonl",
+    ]  # fmt: skip
+    assert detect_format("x.txt", "csv") == "csv"
+    with pytest.raises(FormatError, match="extension"):
+        detect_format("x.txt")
+
+
+def test_jsonl_reader_skips_rows_and_reports_bytes_read(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3}\n')
+    reader = RowReader(str(path), "jsonl")
+    assert [r["a"] for r in reader.rows(skip=1)] == [2, 3]
+    assert reader.fraction_done() == 1.0
+    path.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(FormatError, match="line 2 is not a JSON object"):
+        list(RowReader(str(path), "jsonl").rows())
+
+
+def test_csv_writer_refuses_a_row_with_unknown_columns() -> None:
+    out = io.BytesIO()
+    writer = LineWriter(out, "csv")
+    writer.write({"a": 1, "b": None, "c": math.nan, "d": True, "e": {"k": [1]}})
+    assert out.getvalue().decode() == 'a,b,c,d,e\n1,,,true,"{""k"": [1]}"\n'
+    with pytest.raises(FormatError, match=r"columns \['z'\]"):
+        writer.write({"a": 2, "z": 3})
+
+
+def test_line_part_resume_cuts_back_to_the_checkpoint(tmp_path: Path) -> None:
+    final = str(tmp_path / "out.jsonl")
+    part = LinePart(final, "jsonl")
+    part.open(None)
+    part.write({"i": 0})
+    saved = part.checkpoint()
+    part.write({"i": 1})  # written after the checkpoint: must not survive a crash
+    part.checkpoint()
+    part.close()
+    again = LinePart(final, "jsonl")
+    again.open(saved)
+    again.write({"i": 2})
+    again.finish()
+    assert [json.loads(line) for line in Path(final).read_text().splitlines()] == [{"i": 0}, {"i": 2}]
+
+
+def test_state_file_round_trips_and_replaces_atomically(tmp_path: Path) -> None:
+    state = StateFile(tmp_path / "s.json")
+    assert state.load() is None
+    state.save({"rows": 1})
+    state.save({"rows": 2})
+    assert state.load() == {"rows": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+    state.remove()
+    assert state.load() is None
+
+
+def test_score_columns_for_scores_and_errors() -> None:
+    ok = PairScore(-3.0, -1.0, -2.0, 2, 4)
+    empty = PairScore(-1.0, -1.0, 0.0, 2, 0)
+    bad = ItemError(ItemErrorCode.CONTEXT_LENGTH_EXCEEDED, "too long")
+    table = score_table([ok, empty, bad])
+    assert table["mean_conditional_logprob"] == [-0.5, None, None]
+    assert table["perplexity"] == [pytest.approx(math.exp(0.5)), None, None]
+    assert table["error"] == [None, None, "context_length_exceeded"]
+    assert score_columns(bad)["error_message"] == "too long"
+
+
+def test_bounds_are_inclusive_and_nan_never_passes() -> None:
+    b = parse_bound("mean=-2.5", upper=False)
+    assert b == Bound(metric("mean_conditional_logprob"), low=-2.5)
+    assert b.holds(-2.5) and not b.holds(-2.6) and not b.holds(math.nan)
+    t = Thresholds([b, parse_bound("ppl=10", upper=True)])
+    assert t.describe() == ["mean_conditional_logprob >= -2.5", "perplexity <= 10"]
+    assert t.passes({"mean_conditional_logprob": -1.0, "perplexity": 10.0})
+    assert not t.passes({"mean_conditional_logprob": None, "perplexity": 1.0})
+
+
+@given(
+    keys=st.lists(st.one_of(st.integers(-5, 5).map(float), st.just(math.nan)), max_size=60),
+    fraction=st.floats(0.01, 1.0),
+)
+def test_cutoff_keeps_exactly_ceil_q_n_best_with_ties_by_order(keys: list[float], fraction: float) -> None:
+    m = metric("conditional_logprob")
+    cutoff = Cutoff.find(keys, fraction)
+    selector = TopSelector(m, cutoff)
+    kept = [i for i, k in enumerate(keys) if selector.keeps({"conditional_logprob": k})]
+    valid = [i for i, k in enumerate(keys) if not math.isnan(k)]
+    want_count = math.ceil(fraction * len(valid) - 1e-9)
+    assert len(kept) == want_count
+    brute = sorted(sorted(valid, key=lambda i: (-keys[i], i))[:want_count])
+    assert kept == brute
+
+
+def test_reservoir_is_exact_when_small_and_close_when_sampling() -> None:
+    small = Reservoir(size=100)
+    for v in range(11):
+        small.add(float(v))
+    small.add(math.nan)
+    assert small.exact and small.quantile(0.5) == 5.0 and (small.min, small.max) == (0.0, 10.0)
+    big = Reservoir(size=2000, seed=1)
+    rng = random.Random(3)
+    for _ in range(50_000):
+        big.add(rng.random())
+    assert not big.exact and big.seen == 50_000
+    assert big.quantile(0.5) == pytest.approx(0.5, abs=0.05)
+    restored = Reservoir.from_state(json.loads(json.dumps(big.to_state())))
+    assert restored.quantile(0.9) == big.quantile(0.9)
+
+
+class FakeTty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_bar_on_a_terminal_shows_rate_eta_and_errors() -> None:
+    stream, clock = FakeTty(), Clock()
+    done = {"f": 0.0}
+    progress = Progress(label="score", fraction=lambda: done["f"], stream=stream, clock=clock)
+    assert progress.mode == "bar"
+    for _ in range(10):
+        clock.now += 1.0
+        done["f"] += 0.05
+        progress.update(rows=100, tokens=2000, errors=1)
+    progress.close()
+    last = stream.getvalue().split("\r")[-1]
+    assert "50.0% |" in last and "1,000 rows" in last
+    assert "100 pairs/s" in last and "2,000 tok/s" in last
+    assert "ETA 10.0s" in last and "errors 10" in last
+
+
+def test_progress_writes_plain_lines_when_not_a_terminal() -> None:
+    stream, clock = io.StringIO(), Clock()
+    progress = Progress(label="filter", fraction=lambda: None, stream=stream, log_every=5, clock=clock)
+    assert progress.mode == "log"
+    for _ in range(12):
+        clock.now += 1.0
+        progress.update(rows=10)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("pairscore filter: 50 rows") and "ETA" not in lines[0]
+    assert "\r" not in stream.getvalue()
+
+
+def test_human_readable_numbers() -> None:
+    assert human_count(999) == "999" and human_count(12_345) == "12.3k" and human_count(45e6) == "45.0M"
+    assert (
+        human_duration(4.2) == "4.2s" and human_duration(73) == "1m13s" and human_duration(3725) == "1h02m05s"
+    )
