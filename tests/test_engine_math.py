@@ -204,6 +204,11 @@ def test_shared_prompts_run_once_and_score_like_separate_pairs(family):
     shared._logprobs.shared_prompt = lambda *a, **k: calls.append(a[0]) or original(*a, **k)
     got = shared.score(prepared)
     assert len(calls) == 3, "each distinct prompt runs once"
+    stats = shared.last_stats
+    prompt_lens = [1 + prepared[g[0]].prompt_tokens for g in groups]
+    assert stats.reused_tokens == sum(n * 4 for n in prompt_lens)
+    computed = sum(p.num_tokens for p in prepared) - stats.reused_tokens
+    assert stats.real_tokens == computed and stats.padded_tokens >= computed
     want = plain.score_pairs(pairs, ScoreOptions(return_tokens=True))
     for a, b in zip(got, want, strict=True):
         assert_same_scores(a, b)

@@ -528,3 +528,20 @@ def test_cli_query_rejects_an_odd_number_of_texts(capsys: pytest.CaptureFixture[
         cli.main(["query", "--target", "127.0.0.1:1", "only a prompt"])
     assert info.value.code == 2
     assert "even number" in capsys.readouterr().err
+
+
+def test_forward_token_accounting_reaches_metrics(
+    tiny_engine: Any, start_server: Callable[..., ServerThread]
+) -> None:
+    """Real, padded and reused (shared-prompt) token positions are exported as counters."""
+    st = start_server(tiny_engine, max_wait_ms=50)
+    prompt = "The capital of France is"
+    with st.client() as client:
+        client.score([Pair(prompt, " Paris."), Pair(prompt, " Rome."), Pair(prompt, " a city")])
+    after = _samples(st.metrics_text())
+    real = after[("pairscore_forward_tokens_total", (("kind", "real"),))]
+    padded = after[("pairscore_forward_tokens_total", (("kind", "padded"),))]
+    reused = after[("pairscore_forward_tokens_total", (("kind", "reused"),))]
+    prompt_len = 1 + len(tiny_engine.pair_tokenizer.encode(prompt, "", TokenizationMode.SEPARATE).ids)
+    assert reused >= 2 * prompt_len  # the prompt ran once for three responses
+    assert padded >= real > 0

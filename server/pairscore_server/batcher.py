@@ -43,7 +43,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pairscore.types import ItemError, ItemErrorCode, ScoreOutcome
 from pairscore_server.errors import (
@@ -483,11 +483,15 @@ class Batcher:
         self._collecting = []
         return batch
 
-    def _forward(self, prepared: list[PreparedPair]) -> tuple[list[ScoreOutcome], float]:
-        """Runs on the model thread: score the batch (splitting on OOM), timed."""
+    def _forward(self, prepared: list[PreparedPair]) -> tuple[list[ScoreOutcome], float, Any]:
+        """Runs on the model thread: score the batch (splitting on OOM), timed.
+
+        Also returns the engine's token accounting of the call (``last_stats``),
+        read on the same thread; None for engines that keep none.
+        """
         started = time.perf_counter()
         outcomes = self._score_splitting(prepared)
-        return outcomes, time.perf_counter() - started
+        return outcomes, time.perf_counter() - started, getattr(self._engine, "last_stats", None)
 
     def _score_splitting(self, prepared: list[PreparedPair]) -> list[ScoreOutcome]:
         """engine.score; on out-of-memory, score each half, down to single pairs."""
@@ -552,7 +556,9 @@ class Batcher:
         self._in_flight, self._in_flight_tokens = batch, tokens
         self._forward_started = time.monotonic()
         try:
-            outcomes, seconds = await loop.run_in_executor(self._executor, self._forward, prepared)
+            outcomes, seconds, stats = await loop.run_in_executor(
+                self._executor, self._forward, prepared
+            )
         except Exception as exc:  # the whole batch failed: fail exactly its requests
             log.error("a batch of %d pairs failed: %s", len(batch), _short(exc), exc_info=exc)
             failed = {id(item.request): item.request for item in batch}
@@ -579,10 +585,16 @@ class Batcher:
                 rate if old is None else old + _THROUGHPUT_SMOOTHING * (rate - old)
             )
         if self._metrics is not None:
-            longest = max(p.num_tokens for p in prepared)
-            self._metrics.observe_batch(
-                pairs=len(prepared), padded_tokens=longest * len(prepared), seconds=seconds
-            )
+            if stats is not None:
+                self._metrics.observe_batch(
+                    pairs=len(prepared), padded_tokens=stats.padded_tokens, seconds=seconds,
+                    real_tokens=stats.real_tokens, reused_tokens=stats.reused_tokens,
+                )
+            else:
+                longest = max(p.num_tokens for p in prepared)
+                self._metrics.observe_batch(
+                    pairs=len(prepared), padded_tokens=longest * len(prepared), seconds=seconds
+                )
         for item, outcome in zip(batch, outcomes, strict=True):
             request = item.request
             if request.future.done():  # cancelled (or abandoned) while its batch ran

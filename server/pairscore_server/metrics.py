@@ -108,8 +108,16 @@ class Metrics:
         )
         self.batch_tokens = Histogram(
             "pairscore_batch_tokens",
-            "Padded tokens (longest pair x pairs) per batch handed to the model.",
+            "Padded tokens (rows x longest row, summed over forward passes) per batch handed to the model.",
             buckets=_BATCH_TOKENS_BUCKETS,
+            registry=r,
+        )
+        self.forward_tokens = Counter(
+            "pairscore_forward_tokens",
+            "Token positions run through the model, by kind: 'real' tokens, 'padded' positions "
+            "(real + padding; padding efficiency = real / padded), and 'reused' prompt tokens "
+            "not run again because a shared prompt's key/value cache served several responses.",
+            ["kind"],
             registry=r,
         )
         self.forward_duration = Histogram(
@@ -189,11 +197,23 @@ class Metrics:
         for code, n in errors.items():
             self.pairs.labels(outcome=code).inc(n)
 
-    def observe_batch(self, *, pairs: int, padded_tokens: int, seconds: float) -> None:
-        """Record one batch handed to the model and how long it took."""
+    def observe_batch(
+        self,
+        *,
+        pairs: int,
+        padded_tokens: int,
+        seconds: float,
+        real_tokens: int | None = None,
+        reused_tokens: int = 0,
+    ) -> None:
+        """Record one batch handed to the model, its token accounting and how long it took."""
         self.batch_pairs.observe(pairs)
         self.batch_tokens.observe(padded_tokens)
         self.forward_duration.observe(seconds)
+        if real_tokens is not None:
+            self.forward_tokens.labels(kind="real").inc(real_tokens)
+            self.forward_tokens.labels(kind="padded").inc(padded_tokens)
+            self.forward_tokens.labels(kind="reused").inc(reused_tokens)
 
     def set_model(self, *, version: str, model: str, dtype: str, device: str) -> None:
         """Publish ``pairscore_build_info`` for the loaded model and mark it loaded."""

@@ -53,6 +53,21 @@ class EngineLimits:
 
 
 @dataclass(frozen=True)
+class ForwardStats:
+    """Token accounting of one ``score`` call.
+
+    ``real_tokens``: token positions computed; ``padded_tokens``: positions
+    including padding (real / padded is the padding efficiency);
+    ``reused_tokens``: prompt tokens not computed again thanks to a shared
+    prompt's key/value cache.
+    """
+
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    reused_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     """Facts about where the model came from, for ModelInfo."""
 
@@ -100,6 +115,7 @@ class ScoringEngine:
         self.description = description
         self.limits = limits = limits or EngineLimits()
         self.prefix: Prefix = resolve_prefix(tokenizer, prefix_token)
+        self.last_stats = ForwardStats()
         self.pair_tokenizer = PairTokenizer(tokenizer)
         self.max_context = model_context_length(model, tokenizer)
         self._logprobs = LogprobComputer(model, chunk_bytes=limits.chunk_bytes)
@@ -193,14 +209,19 @@ class ScoringEngine:
     def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
         """Run the forward passes for ``prepared`` and return scores in the same order."""
         results: list[PairScore | None] = [None] * len(prepared)
+        real = padded = reused = 0
         for group in self.shared_prompt_groups(prepared):
             first = prepared[group[0]]
-            prompt_lps, response_lps = self._logprobs.shared_prompt(
+            prompt_len = 1 + first.prompt_tokens
+            real += prompt_len + sum(prepared[i].num_tokens - prompt_len for i in group)
+            reused += prompt_len * (len(group) - 1)
+            prompt_lps, response_lps, positions = self._logprobs.shared_prompt(
                 first.input_ids[: 1 + first.prompt_tokens],
                 [prepared[i].input_ids[1 + first.prompt_tokens:] for i in group],
                 max_batch_tokens=self.max_batch_tokens,
                 min_efficiency=self.limits.min_batch_efficiency,
             )
+            padded += positions
             prompt_lps = prompt_lps.cpu()
             for i, lps in zip(group, response_lps, strict=True):
                 results[i] = self._result(prepared[i], torch.cat([prompt_lps, lps.cpu()]))
@@ -212,8 +233,11 @@ class ScoringEngine:
                 pad_id=self.prefix.token_id,
                 device=self.device,
             )
+            real += sum(batch.lengths)
+            padded += batch.padded_tokens
             for i, lps in zip(indices, self._logprobs(batch), strict=True):
                 results[i] = self._result(prepared[i], lps.cpu())
+        self.last_stats = ForwardStats(real, padded, reused)
         return results  # type: ignore[return-value]
 
     def _result(self, pair: PreparedPair, lps: torch.Tensor) -> PairScore:

@@ -203,15 +203,16 @@ class LogprobComputer:
         *,
         max_batch_tokens: int,
         min_efficiency: float = 0.0,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         """Score several responses to one prompt, running the prompt once.
 
         ``prompt`` is p ⊕ x (at least the prefix token). The prompt's forward
         pass keeps its key/value cache; each response then runs on top of a
         copy of that cache, so the prompt's tokens are computed once for all
         responses. Returns the prompt's log-probs (tokens 1..P-1) and each
-        response's log-probs. The first token of every response is predicted
-        by the prompt's last hidden state, as in the diagram above.
+        response's log-probs, and the token positions run through the model
+        (padding included). The first token of every response is predicted by
+        the prompt's last hidden state, as in the diagram above.
         """
         device = self.device
         p_len = len(prompt)
@@ -238,13 +239,15 @@ class LogprobComputer:
         # Responses of two or more tokens need a pass over y_1..y_n-1 on top of the cache.
         longer = [i for i in scored if len(responses[i]) > 1]
         lengths = [len(responses[i]) for i in longer]
+        positions = p_len
         for group in plan_padded_batches(
             lengths, max_tokens=max_batch_tokens, min_efficiency=min_efficiency
         ):
             rows = self._responses_on_cache(cache, p_len, [responses[longer[j]] for j in group])
+            positions += len(group) * lengths[group[0]]
             for j, lps in zip(group, rows, strict=True):
                 result[longer[j]] = torch.cat([result[longer[j]], lps])
-        return prompt_lps, result
+        return prompt_lps, result, positions
 
     def _responses_on_cache(
         self, cache, p_len: int, responses: Sequence[Sequence[int]]
