@@ -227,3 +227,12 @@ def test_padded_batches_keep_padding_efficiency():
     assert [0, 1, 2] in batches  # 100, 95, 91 pack at 95% efficiency
     loose = plan_padded_batches(lengths, max_tokens=10_000, min_efficiency=0.0)
     assert len(loose) == 1
+
+
+def test_a_call_holds_several_forward_passes(family):
+    model, tokenizer = family
+    eng = make_engine(model, tokenizer, max_batch_tokens=100, call_batches=3)
+    assert eng.max_call_tokens == 300
+    prepared = eng.prepare(mixed_pairs(30, seed=7), ScoreOptions())
+    assert all(len(b) * max(prepared[i].num_tokens for i in b) <= 100 or len(b) == 1
+               for b in eng.plan_batches(prepared))

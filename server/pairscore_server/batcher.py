@@ -5,7 +5,10 @@ engine on a single-thread executor, so the event loop never runs model code
 and the (not thread-safe) engine is only ever used from one thread.
 
 A batch closes when the next queued pair would push its padded size
-(longest pair x number of pairs) over ``engine.max_batch_tokens``, when it
+(longest pair x number of pairs) over ``engine.max_call_tokens`` (engines
+that split a call into forward passes themselves and want several passes'
+worth of pairs to group by length and shared prompt; else
+``engine.max_batch_tokens``), when it
 holds ``max_batch_pairs`` pairs, or when its oldest pair has waited
 ``max_wait_s``. Pairs are taken in arrival order. A request may span several
 batches; it completes when its last pair is scored.
@@ -459,7 +462,7 @@ class Batcher:
             await self._wait_for_work(None)
         self._collecting = batch = [first]
         longest = first.prepared.num_tokens
-        budget = self._engine.max_batch_tokens
+        budget = getattr(self._engine, "max_call_tokens", self._engine.max_batch_tokens)
         deadline = first.enqueued_at + self._max_wait_s
         while len(batch) < self._max_batch_pairs:
             if not self._queue:

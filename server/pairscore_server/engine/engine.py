@@ -41,12 +41,16 @@ class EngineLimits:
     forward pass; a single pair longer than the budget still runs alone.
     ``min_batch_efficiency`` keeps real tokens / padded tokens of a batch at
     least this high (padding buys nothing on CPU, a lot on GPU).
+    ``call_batches``: one ``score`` call may hold this many forward passes'
+    worth of tokens, so the engine has pairs to group by length and shared
+    prompts to find (a server's batcher sizes its calls by it).
     ``chunk_bytes`` bounds the float32 logits held at once by the log-prob head.
     ``share_prompts``: pairs of one ``score`` call with the same prompt run
     the prompt once and reuse its key/value cache for every response.
     """
 
     max_batch_tokens: int = 8192
+    call_batches: int = 4
     min_batch_efficiency: float = 0.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     share_prompts: bool = True
@@ -131,6 +135,11 @@ class ScoringEngine:
     def max_batch_tokens(self) -> int:
         """Padded-token budget of one forward pass."""
         return self.limits.max_batch_tokens
+
+    @property
+    def max_call_tokens(self) -> int:
+        """Padded-token size of one ``score`` call: ``call_batches`` forward passes."""
+        return self.limits.max_batch_tokens * self.limits.call_batches
 
     @property
     def device(self) -> torch.device:
