@@ -366,7 +366,7 @@ def report(label: str, runs: dict[str, list[dict]]) -> dict:
               f"{s['peak_rss_gib']:8.2f}G {s['over_weights_gib']:10.2f}G {s['cuda_max_allocated_gib']:13.2f}G")
     base = [m for m in ("naive_one", "naive_two", "lmeval") if m in summary]
     for mine in ("engine", "engine_bf16", "grpc"):
-        if mine in summary:
+        if mine in summary and base:
             ratios = ", ".join(f"{summary[mine]['tokens_per_s'] / summary[b]['tokens_per_s']:.2f}x {b}"
                                for b in base)
             print(f"{mine}: {ratios}")

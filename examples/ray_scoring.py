@@ -4,7 +4,8 @@ When a pipeline outgrows one machine, Ray Data spreads it over a cluster.
 Two callable classes plug pairscore into ``Dataset.map_batches``:
 
 * :class:`ServiceScorer` calls a pairscore service (one client per actor;
-  with ``dns:///pairscore-headless:50051`` round_robin spreads each actor's
+  with ``dns:///pairscore.NAMESPACE.svc.cluster.local:50051`` (the headless
+  Service of deploy/kubernetes) round_robin spreads each actor's
   streams over every replica). No torch on the Ray workers.
 * :class:`EngineScorer` loads the scoring engine itself in each actor
   (``pip install 'pairscore[server]'`` on the workers) and runs it on the
