@@ -224,3 +224,14 @@ def test_auth_tokens_come_only_from_the_environment_and_never_show_in_repr() -> 
     assert "s3cret" not in repr(config) and "s3cret" not in str(config)
     assert "--auth-tokens" not in make_parser().format_help()  # no flag: argv is visible in ps
     assert build_config([], {"PAIRSCORE_AUTH_TOKENS": " "}).auth_tokens == ()
+
+
+def test_workers_and_device_lists() -> None:
+    cfg = build_config(["--workers", "4", "--device", "cuda"], {})
+    assert (cfg.model.workers, cfg.model.device) == (4, "cuda")
+    cfg = build_config([], {"PAIRSCORE_DEVICE": "cuda:0,cuda:2"})
+    assert cfg.model.device == "cuda:0,cuda:2" and cfg.model.workers == 1
+    with pytest.raises(SystemExit):
+        build_config(["--workers", "0"], {})
+    with pytest.raises(SystemExit):
+        build_config(["--device", "cuda:0,cpu"], {})

@@ -545,3 +545,21 @@ def test_forward_token_accounting_reaches_metrics(
     prompt_len = 1 + len(tiny_engine.pair_tokenizer.encode(prompt, "", TokenizationMode.SEPARATE).ids)
     assert reused >= 2 * prompt_len  # the prompt ran once for three responses
     assert padded >= real > 0
+
+
+def test_replica_busy_time_is_exported_per_replica(
+    gpt2_family: Any, start_server: Callable[..., ServerThread]
+) -> None:
+    from pairscore_server.engine.replicas import ReplicatedEngine
+
+    from conftest import make_engine
+
+    model, tokenizer = gpt2_family
+    engine = ReplicatedEngine([make_engine(model, tokenizer), make_engine(model, tokenizer)])
+    st = start_server(engine, max_wait_ms=50)
+    with st.client() as client:
+        results = client.score([Pair(f"prompt number {i}", f" response {i}") for i in range(8)])
+    assert all(isinstance(r, PairScore) for r in results)
+    after = _samples(st.metrics_text())
+    for replica in ("0", "1"):
+        assert after[("pairscore_replica_busy_seconds_total", (("replica", replica),))] > 0

@@ -486,15 +486,20 @@ class Batcher:
         self._collecting = []
         return batch
 
-    def _forward(self, prepared: list[PreparedPair]) -> tuple[list[ScoreOutcome], float, Any]:
+    def _forward(self, prepared: list[PreparedPair]) -> tuple[list[ScoreOutcome], float, Any, Any]:
         """Runs on the model thread: score the batch (splitting on OOM), timed.
 
-        Also returns the engine's token accounting of the call (``last_stats``),
-        read on the same thread; None for engines that keep none.
+        Also returns the engine's token accounting of the call (``last_stats``)
+        and each replica's busy time (``last_replica_seconds``), read on the
+        same thread; None for engines that keep none.
         """
         started = time.perf_counter()
         outcomes = self._score_splitting(prepared)
-        return outcomes, time.perf_counter() - started, getattr(self._engine, "last_stats", None)
+        seconds = time.perf_counter() - started
+        replicas = getattr(self._engine, "last_replica_seconds", None)
+        if replicas is None and hasattr(self._engine, "last_stats"):
+            replicas = (seconds,)
+        return outcomes, seconds, getattr(self._engine, "last_stats", None), replicas
 
     def _score_splitting(self, prepared: list[PreparedPair]) -> list[ScoreOutcome]:
         """engine.score; on out-of-memory, score each half, down to single pairs."""
@@ -559,7 +564,7 @@ class Batcher:
         self._in_flight, self._in_flight_tokens = batch, tokens
         self._forward_started = time.monotonic()
         try:
-            outcomes, seconds, stats = await loop.run_in_executor(
+            outcomes, seconds, stats, replica_seconds = await loop.run_in_executor(
                 self._executor, self._forward, prepared
             )
         except Exception as exc:  # the whole batch failed: fail exactly its requests
@@ -592,6 +597,7 @@ class Batcher:
                 self._metrics.observe_batch(
                     pairs=len(prepared), padded_tokens=stats.padded_tokens, seconds=seconds,
                     real_tokens=stats.real_tokens, reused_tokens=stats.reused_tokens,
+                    replica_seconds=replica_seconds or (),
                 )
             else:
                 longest = max(p.num_tokens for p in prepared)

@@ -23,7 +23,7 @@ from pairscore_server.limits import (
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$|^cuda:\d+(,cuda:\d+)+$")
 _DISABLED = ("off", "none", "disabled", "-1")
 
 
@@ -144,8 +144,9 @@ class ServerConfig:
         )
         _check(
             bool(_DEVICE_RE.match(self.model.device)),
-            f"device must be auto, cpu, cuda or cuda:N, got {self.model.device!r}",
+            f"device must be auto, cpu, cuda, cuda:N or a list cuda:0,cuda:1, got {self.model.device!r}",
         )
+        _check(self.model.workers >= 1, f"workers must be >= 1, got {self.model.workers}")
         _check(
             self.model.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.model.dtype!r}"
         )
@@ -263,8 +264,18 @@ _MODEL_SETTINGS = (
         "PAIRSCORE_DEVICE",
         str.strip,
         "Where the model runs: auto (the first GPU if there is one, else cpu), "
-        "cpu, cuda or cuda:N. Default: auto.",
+        "cpu, cuda, cuda:N, or a list cuda:0,cuda:2 (one model replica on each). "
+        "Default: auto.",
         "DEVICE",
+    ),
+    _Setting(
+        "workers",
+        "--workers",
+        "PAIRSCORE_WORKERS",
+        int,
+        "Model replicas, one per GPU (cuda:0 .. cuda:N-1 with --device auto or cuda), "
+        "all fed from the same queue. Default: 1.",
+        "N",
     ),
     _Setting(
         "dtype",

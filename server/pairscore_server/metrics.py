@@ -112,6 +112,12 @@ class Metrics:
             buckets=_BATCH_TOKENS_BUCKETS,
             registry=r,
         )
+        self.replica_busy = Counter(
+            "pairscore_replica_busy_seconds",
+            "Seconds each model replica (one per GPU, --workers) spent in forward passes.",
+            ["replica"],
+            registry=r,
+        )
         self.forward_tokens = Counter(
             "pairscore_forward_tokens",
             "Token positions run through the model, by kind: 'real' tokens, 'padded' positions "
@@ -205,6 +211,7 @@ class Metrics:
         seconds: float,
         real_tokens: int | None = None,
         reused_tokens: int = 0,
+        replica_seconds: tuple[float, ...] = (),
     ) -> None:
         """Record one batch handed to the model, its token accounting and how long it took."""
         self.batch_pairs.observe(pairs)
@@ -214,6 +221,8 @@ class Metrics:
             self.forward_tokens.labels(kind="real").inc(real_tokens)
             self.forward_tokens.labels(kind="padded").inc(padded_tokens)
             self.forward_tokens.labels(kind="reused").inc(reused_tokens)
+        for replica, busy in enumerate(replica_seconds):
+            self.replica_busy.labels(replica=str(replica)).inc(busy)
 
     def set_model(self, *, version: str, model: str, dtype: str, device: str) -> None:
         """Publish ``pairscore_build_info`` for the loaded model and mark it loaded."""

@@ -52,6 +52,27 @@ class ModelSpec:
     cache_dir: str | None = None
     revision: str | None = None
     max_batch_tokens: int | None = None
+    workers: int = 1
+
+
+def resolve_devices(name: str, workers: int = 1) -> list[torch.device]:
+    """The devices of ``workers`` replicas: a list "cuda:0,cuda:2" as given, else
+    ``workers`` consecutive GPUs from the one named (CPU replicas all share the CPU)."""
+    if "," in name:
+        devices = [resolve_device(part.strip()) for part in name.split(",")]
+        if workers not in (1, len(devices)):
+            raise ModelLoadError(f"--workers {workers} does not match the {len(devices)} devices in --device")
+        return devices
+    first = resolve_device(name)
+    if first.type != "cuda":
+        return [first] * workers
+    start = first.index or 0
+    if start + workers > torch.cuda.device_count():
+        raise ModelLoadError(
+            f"--workers {workers} from cuda:{start} needs {start + workers} GPUs; "
+            f"torch sees {torch.cuda.device_count()}"
+        )
+    return [torch.device("cuda", start + i) for i in range(workers)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -189,11 +210,24 @@ def _source(spec: ModelSpec, cache_dir: Path) -> tuple[str, ModelDescription]:
     )
 
 
-def load_engine(spec: ModelSpec) -> ScoringEngine:
-    """Load the model described by ``spec``; raises ModelLoadError with a clear reason."""
+def load_engine(spec: ModelSpec):
+    """Load the model described by ``spec``; raises ModelLoadError with a clear reason.
+
+    Returns a ScoringEngine, or a ReplicatedEngine (same interface) holding
+    one replica per device when ``spec`` asks for several workers or devices.
+    """
+    devices = resolve_devices(spec.device, spec.workers)
+    engines = [_load_one(spec, device) for device in devices]
+    if len(engines) == 1:
+        return engines[0]
+    from pairscore_server.engine.replicas import ReplicatedEngine
+
+    return ReplicatedEngine(engines)
+
+
+def _load_one(spec: ModelSpec, device: torch.device) -> ScoringEngine:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     cache_dir = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     start = time.monotonic()

@@ -1,0 +1,118 @@
+"""Several model replicas (one per GPU) behind the one-engine interface.
+
+The server's batcher keeps its single queue and single batching loop; each
+call it makes is split across the replicas, which run their forward passes
+at the same time on their own threads (torch releases the GIL in its
+kernels). Pairs that share a prompt stay on one replica, so its key/value
+cache still serves all of them, and the split balances tokens: the largest
+groups go first, each to the least-loaded replica.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions
+from pairscore_server.engine.engine import ForwardStats, ScoringEngine
+from pairscore_server.engine.prepared import PreparedPair
+
+
+class ReplicatedEngine:
+    """The ScoringEngine interface over ``engines``, one per device."""
+
+    def __init__(self, engines: Sequence[ScoringEngine]) -> None:
+        if not engines:
+            raise ValueError("ReplicatedEngine needs at least one engine")
+        self.engines = list(engines)
+        self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="pairscore-replica")
+        self.last_stats = ForwardStats()
+        #: Seconds each replica spent on the last call (0 for an idle one).
+        self.last_replica_seconds: tuple[float, ...] = (0.0,) * len(self.engines)
+
+    # -- the one-engine interface -------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        first = self.engines[0].info
+        return replace(first, device=",".join(str(e.device) for e in self.engines))
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self.engines[0].max_batch_tokens
+
+    @property
+    def max_call_tokens(self) -> int:
+        """All replicas' calls together, so one batcher call can keep each of them busy."""
+        return sum(e.max_call_tokens for e in self.engines)
+
+    @property
+    def prefix(self):
+        return self.engines[0].prefix
+
+    @property
+    def pair_tokenizer(self):
+        return self.engines[0].pair_tokenizer
+
+    def prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
+        """Tokenization is the same on every replica: done once."""
+        return self.engines[0].prepare(pairs, options)
+
+    def split(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
+        """Pair indices per replica: shared-prompt groups kept whole, tokens balanced."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, pair in enumerate(prepared):
+            groups.setdefault(pair.input_ids[: 1 + pair.prompt_tokens], []).append(i)
+        load = [0] * len(self.engines)
+        parts: list[list[int]] = [[] for _ in self.engines]
+        cost = {key: sum(prepared[i].num_tokens for i in idx) for key, idx in groups.items()}
+        for key in sorted(groups, key=lambda k: -cost[k]):
+            target = load.index(min(load))
+            parts[target].extend(groups[key])
+            load[target] += cost[key]
+        return parts
+
+    def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
+        """Score on all replicas at once; raises the first replica's failure, if any."""
+        parts = self.split(prepared)
+
+        def run(engine: ScoringEngine, idx: list[int]) -> tuple[list[PairScore], float, ForwardStats]:
+            started = time.perf_counter()
+            scores = engine.score([prepared[i] for i in idx])
+            return scores, time.perf_counter() - started, engine.last_stats
+
+        futures = [
+            self._pool.submit(run, engine, idx) if idx else None
+            for engine, idx in zip(self.engines, parts, strict=True)
+        ]
+        results: list[PairScore | None] = [None] * len(prepared)
+        seconds = []
+        real = padded = reused = 0
+        for future, idx in zip(futures, parts, strict=True):
+            if future is None:
+                seconds.append(0.0)
+                continue
+            scores, took, stats = future.result()  # re-raises the replica's exception
+            seconds.append(took)
+            real, padded = real + stats.real_tokens, padded + stats.padded_tokens
+            reused += stats.reused_tokens
+            for i, score in zip(idx, scores, strict=True):
+                results[i] = score
+        self.last_stats = ForwardStats(real, padded, reused)
+        self.last_replica_seconds = tuple(seconds)
+        return results  # type: ignore[return-value]
+
+    def score_pairs(self, pairs: Sequence[Pair], options: ScoreOptions | None = None
+                    ) -> list[PairScore | ItemError]:
+        """prepare + score in one call, for in-process use."""
+        prepared = self.prepare(pairs, options or ScoreOptions())
+        ready = [p for p in prepared if isinstance(p, PreparedPair)]
+        scored = iter(self.score(ready))
+        return [next(scored) if isinstance(p, PreparedPair) else p for p in prepared]
+
+    def warmup(self) -> None:
+        """Warm every replica up, in parallel."""
+        for future in [self._pool.submit(e.warmup) for e in self.engines]:
+            future.result()
