@@ -250,7 +250,8 @@ class Metrics:
         )
         self._http_thread.start()
         bound = int(self._http.server_port)
-        log.info("metrics at http://%s:%d/metrics", host, bound)
+        shown = f"[{host}]" if ":" in host else host  # IPv6 literals go in brackets in URLs
+        log.info("metrics at http://%s:%d/metrics", shown, bound)
         return bound
 
     def stop_http_server(self) -> None:
