@@ -316,6 +316,7 @@ def child(args) -> None:
         "method": method, "seconds": seconds, "tokens": tokens, "pairs": len(pairs),
         "tokens_per_s": tokens / seconds, "pairs_per_s": len(pairs) / seconds,
         "ideal_tokens_per_s": ideal, "gemm_gflops": ideal * flops_per_token(model) / 1e9,
+        "flops_per_token": flops_per_token(model),
         "peak_rss": rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before": rss_before, "weights_bytes": weights, "results": results,
     }))
@@ -344,7 +345,7 @@ def max_diff(a, b, index) -> float:
     return max(diffs) if diffs else float("nan")
 
 
-def report(label: str, runs: dict[str, list[dict]]) -> dict:
+def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) -> dict:
     print(f"\n== {label} ==")
     summary = {}
     for method, reps in runs.items():
@@ -370,6 +371,10 @@ def report(label: str, runs: dict[str, list[dict]]) -> dict:
             ratios = ", ".join(f"{summary[mine]['tokens_per_s'] / summary[b]['tokens_per_s']:.2f}x {b}"
                                for b in base)
             print(f"{mine}: {ratios}")
+    if peak_tflops:
+        for method, reps in runs.items():
+            mfu = summary[method]["tokens_per_s"] * reps[0]["flops_per_token"] / (peak_tflops * 1e12)
+            print(f"{method}: model FLOP utilisation {100 * mfu:.1f}% of {peak_tflops:g} TFLOP/s")
     if "grpc" in summary and "engine" in summary:
         print(f"grpc / engine in-process: {summary['grpc']['tokens_per_s'] / summary['engine']['tokens_per_s']:.2f}")
     if "engine" in summary:
@@ -394,6 +399,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--streams", type=int, default=4, help="concurrent client streams (grpc)")
     parser.add_argument("--chunk", type=int, default=16, help="pairs per stream message (grpc)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="the card's dense peak (e.g. 989 for H100/H200 bf16): adds model FLOP utilisation")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     parser.add_argument("--run-method", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -417,7 +424,7 @@ def main() -> None:
                 result = run_child(method, argparse.Namespace(**{**vars(args), "pairs": n}), shared)
                 if result:
                     runs.setdefault(method, []).append(result)
-        out[label] = report(f"{label} prompts ({n} pairs)", runs)
+        out[label] = report(f"{label} prompts ({n} pairs)", runs, args.peak_tflops)
     if args.json:
         for summary in out.values():
             for s in summary.values():

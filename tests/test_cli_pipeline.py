@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from client_harness import ServerThread, cli_env
 
 from pairscore import cli
 from pairscore.pipeline import runner as runner_module
 
+from client_harness import ServerThread, cli_env
 from fake_engine import FakeEngine
 
 MAX_CONTEXT = 64

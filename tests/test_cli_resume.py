@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from client_harness import ServerThread, cli_env
 
+from client_harness import ServerThread, cli_env
 from fake_engine import FakeEngine
 
 ROWS = 3000

@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 import pytest
-from client_harness import ServerThread, StubServer, StubServicer
 
 from pairscore import errors
 from pairscore.aio import AsyncScoringClient
@@ -28,6 +27,7 @@ from pairscore.channel import RetryPolicy, TlsConfig
 from pairscore.client import ScoringClient
 from pairscore.types import ItemError, ItemErrorCode, Pair, PairScore, ScoreOptions
 
+from client_harness import ServerThread, StubServer, StubServicer
 from fake_engine import FakeEngine, expected_score
 
 FAST_RETRY = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, stream_reconnect_timeout_s=20)

@@ -19,11 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from client_harness import server_process, stop_process
 
 from pairscore.client import ScoringClient
 from pairscore.pipeline.formats import RowReader
 from pairscore.types import Pair, PairScore
+
+from client_harness import server_process, stop_process
 
 ROWS = 100_000
 WARM = 10_000

@@ -11,10 +11,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from client_harness import ROOT, ServerThread
 
 from pairscore.hf import ScoreColumns, add_scores
 
+from client_harness import ROOT, ServerThread
 from fake_engine import FakeEngine
 
 datasets = pytest.importorskip("datasets")

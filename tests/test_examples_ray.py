@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from client_harness import ROOT, ServerThread
 
 from pairscore.types import Pair
 
+from client_harness import ROOT, ServerThread
 from fake_engine import FakeEngine
 
 ray = pytest.importorskip("ray")

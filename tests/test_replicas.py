@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_engine_math import assert_same_scores, mixed_pairs
 
 from pairscore.types import Pair, PairScore, ScoreOptions
 from pairscore_server.engine.loading import ModelSpec, load_engine, resolve_devices
 from pairscore_server.engine.replicas import ReplicatedEngine
 
 from conftest import make_engine
+from test_engine_math import assert_same_scores, mixed_pairs
 
 
 @pytest.fixture(scope="module")
