@@ -44,7 +44,7 @@ from pairscore.types import (
     TokenizationMode,
     TokenScore,
 )
-from pairscore_server.engine.prepared import PreparedPair, TokenSpan
+from pairscore_server.engine.prepared import PreparedPair
 
 FAIL_PROMPT = "FAIL"
 PREFIX_ID = 0
@@ -142,8 +142,8 @@ class FakeEngine:
                     )
                 )
                 continue
-            spans = tuple(TokenSpan(Side.PROMPT, i, i + 1) for i in range(m)) + tuple(
-                TokenSpan(Side.RESPONSE, j, j + 1) for j in range(n)
+            offsets = tuple((i, i + 1) for i in range(m)) + tuple(
+                (j, j + 1) for j in range(n)
             )
             out.append(
                 PreparedPair(
@@ -151,7 +151,7 @@ class FakeEngine:
                     input_ids=(PREFIX_ID, *map(ord, pair.prompt), *map(ord, pair.response)),
                     prompt_tokens=m,
                     response_tokens=n,
-                    spans=spans,
+                    offsets=offsets,
                     boundary_straddled=False,
                     return_tokens=options.return_tokens,
                 )

@@ -221,3 +221,13 @@ def test_unicode_character_spans_round_trip(engine, mode):
             if t.char_end > t.char_start:
                 piece = src[t.char_start:t.char_end]
                 assert piece and (t.text.strip() in piece or "\ufffd" in t.text or not t.text.strip())
+
+
+@pytest.mark.parametrize("mode", list(TokenizationMode))
+def test_batched_tokenization_equals_one_by_one(engine, mode):
+    """prepare() tokenizes a request in one batched call; each pair gets what it gets alone."""
+    pairs = [(p.prompt, p.response) for p in PAIRS]
+    many = engine.pair_tokenizer.encode_many(pairs, mode)
+    for (x, y), batched in zip(pairs, many, strict=True):
+        assert engine.pair_tokenizer.encode_many([(x, y)], mode) == [batched]
+        assert len(batched.offsets) == len(batched.ids)

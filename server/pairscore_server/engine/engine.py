@@ -28,7 +28,7 @@ from pairscore_server.engine.logprobs import (
 )
 from pairscore_server.engine.prefix import Prefix, resolve_prefix
 from pairscore_server.engine.prepared import PreparedPair
-from pairscore_server.engine.tokenization import PairTokenizer
+from pairscore_server.engine.tokenization import PairTokenizer, TokenizedPair
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +171,19 @@ class ScoringEngine:
     def prepare(
         self, pairs: Sequence[Pair], options: ScoreOptions
     ) -> list[PreparedPair | ItemError]:
-        """Tokenize pairs; a pair that cannot be scored becomes an ItemError."""
-        return [self._prepare_one(pair, options) for pair in pairs]
-
-    def _prepare_one(self, pair: Pair, options: ScoreOptions) -> PreparedPair | ItemError:
+        """Tokenize pairs (in one batched tokenizer call); a pair that cannot be scored
+        becomes an ItemError."""
         try:
-            tok = self.pair_tokenizer.encode(pair.prompt, pair.response, options.tokenization)
-        except ValueError as exc:
-            return ItemError(ItemErrorCode.INVALID_ARGUMENT, str(exc), pair.id)
+            tokenized = self.pair_tokenizer.encode_many(
+                [(p.prompt, p.response) for p in pairs], options.tokenization
+            )
+        except ValueError as exc:  # the mode is unavailable for this tokenizer
+            return [ItemError(ItemErrorCode.INVALID_ARGUMENT, str(exc), p.id) for p in pairs]
+        return [self._prepared(pair, tok, options) for pair, tok in zip(pairs, tokenized, strict=True)]
+
+    def _prepared(
+        self, pair: Pair, tok: TokenizedPair, options: ScoreOptions
+    ) -> PreparedPair | ItemError:
         total = 1 + len(tok.ids)
         if total > self.max_context:
             return ItemError(
@@ -193,9 +198,10 @@ class ScoringEngine:
             input_ids=(self.prefix.token_id, *tok.ids),
             prompt_tokens=tok.prompt_tokens,
             response_tokens=tok.response_tokens,
-            spans=tok.spans,
+            offsets=tok.offsets,
             boundary_straddled=tok.boundary_straddled,
             return_tokens=options.return_tokens,
+            straddle_index=tok.straddle_index,
         )
 
     def plan_batches(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pairscore.types import Side
 
 
-@dataclass(frozen=True)
-class TokenSpan:
-    """Where one scored token came from: its side and code-point span in that side's text."""
+class TokenSpan(NamedTuple):
+    """Where one scored token came from: its side and code-point span in that side's text.
+
+    A NamedTuple rather than a dataclass: a request makes one per token, and
+    tuples are several times cheaper to build.
+    """
 
     side: Side
     char_start: int
@@ -23,18 +27,32 @@ class PreparedPair:
 
     ``input_ids`` is p ⊕ x ⊕ y (the prefix token first). Tokens
     ``1 .. prompt_tokens`` are the prompt's and the last ``response_tokens``
-    are the response's; ``spans`` describes those scored tokens (not p).
+    are the response's. ``offsets`` holds each scored token's code-point span
+    in its own side's text (not p's); ``straddle_index`` is the position
+    among them of the response token that began in the prompt (JOINT mode),
+    else -1. Spans are kept as plain tuples: a request has one per token and
+    :attr:`spans` builds the richer objects only when asked.
     """
 
     id: str
     input_ids: tuple[int, ...]
     prompt_tokens: int
     response_tokens: int
-    spans: tuple[TokenSpan, ...]
+    offsets: tuple[tuple[int, int], ...]
     boundary_straddled: bool
     return_tokens: bool
+    straddle_index: int = -1
 
     @property
     def num_tokens(self) -> int:
         """Length of p ⊕ x ⊕ y: what this pair costs in a forward pass."""
         return len(self.input_ids)
+
+    @property
+    def spans(self) -> tuple[TokenSpan, ...]:
+        """Side and span of each scored token."""
+        m = self.prompt_tokens
+        return tuple(
+            TokenSpan(Side.PROMPT if i < m else Side.RESPONSE, s, e, i == self.straddle_index)
+            for i, (s, e) in enumerate(self.offsets)
+        )

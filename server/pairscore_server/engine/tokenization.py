@@ -22,23 +22,25 @@ is the prefix token that the engine puts in front.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tokenizers import Tokenizer
 
-from pairscore.types import Side, TokenizationMode
-from pairscore_server.engine.prepared import TokenSpan
+from pairscore.types import TokenizationMode
 
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """The scored ids of x ⊕ y (no prefix token) with one span per id."""
+    """The scored ids of x ⊕ y (no prefix token), each with its code-point span in
+    its own side's text; ``straddle_index`` as in PreparedPair."""
 
     ids: tuple[int, ...]
     prompt_tokens: int
-    spans: tuple[TokenSpan, ...]
+    offsets: tuple[tuple[int, int], ...]
     boundary_straddled: bool
+    straddle_index: int = -1
 
     @property
     def response_tokens(self) -> int:
@@ -124,18 +126,26 @@ class PairTokenizer:
             list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
 
-    def _encode_first(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids and code-point offsets of ``text`` at the start of a document."""
+    def _encode_first(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Ids and code-point offsets of each text at the start of a document (empty: none)."""
+        todo = [i for i, t in enumerate(texts) if t]
+        out: list[tuple[list[int], list[tuple[int, int]]]] = [([], []) for _ in texts]
+        if not todo:
+            return out
         if not self.dummy_prefix:
-            enc = self._first.encode(text, add_special_tokens=False)
-            return enc.ids, enc.offsets
-        enc = self._cont.encode(" " + text, add_special_tokens=False)
-        return enc.ids, [(max(s - 1, 0), max(e - 1, 0)) for s, e in enc.offsets]
+            encs = self._first.encode_batch([texts[i] for i in todo], add_special_tokens=False)
+            for i, enc in zip(todo, encs, strict=True):
+                out[i] = (enc.ids, enc.offsets)
+            return out
+        encs = self._cont.encode_batch([" " + texts[i] for i in todo], add_special_tokens=False)
+        for i, enc in zip(todo, encs, strict=True):
+            out[i] = (enc.ids, [(max(s - 1, 0), max(e - 1, 0)) for s, e in enc.offsets])
+        return out
 
     def _check_separate(self) -> tuple[bool, str]:
         probes = [("Hello", " world"), ("a", "b"), ("The answer is", "42.\n"), (" x", "  y")]
         for x, y in probes:
-            ids = self._encode_first(x)[0]
+            ids = self._encode_first([x])[0][0]
             ids += self._cont.encode(y, add_special_tokens=False).ids
             got = self.decode(ids)
             if got != x + y:
@@ -150,40 +160,45 @@ class PairTokenizer:
 
     def encode(self, prompt: str, response: str, mode: TokenizationMode) -> TokenizedPair:
         """Tokenize one pair; raises ValueError when ``mode`` is unsupported here."""
+        return self.encode_many([(prompt, response)], mode)[0]
+
+    def encode_many(
+        self, pairs: Sequence[tuple[str, str]], mode: TokenizationMode
+    ) -> list[TokenizedPair]:
+        """Tokenize many pairs at once (the tokenizers library batches them in
+        parallel and outside the GIL); raises ValueError when ``mode`` is
+        unsupported here."""
         if mode is TokenizationMode.JOINT:
-            return self._encode_joint(prompt, response)
+            whole = self._encode_first([x + y for x, y in pairs])
+            return [self._split_joint(len(x), ids, offsets)
+                    for (x, _), (ids, offsets) in zip(pairs, whole, strict=True)]
         if not self.separate_supported:
             raise ValueError(self.separate_problem)
-        return self._encode_separate(prompt, response)
+        prompts = self._encode_first([x for x, _ in pairs])
+        responses = self._cont.encode_batch([y for _, y in pairs], add_special_tokens=False)
+        return [
+            TokenizedPair(tuple(x_ids + y.ids), len(x_ids), tuple(x_offsets + y.offsets), False)
+            for (x_ids, x_offsets), y in zip(prompts, responses, strict=True)
+        ]
 
-    def _encode_separate(self, prompt: str, response: str) -> TokenizedPair:
-        x_ids, x_offsets = self._encode_first(prompt) if prompt else ([], [])
-        y = self._cont.encode(response, add_special_tokens=False)
-        spans = [TokenSpan(Side.PROMPT, s, e) for s, e in x_offsets]
-        spans += [TokenSpan(Side.RESPONSE, s, e) for s, e in y.offsets]
-        return TokenizedPair(tuple(x_ids + y.ids), len(x_ids), tuple(spans), False)
-
-    def _encode_joint(self, prompt: str, response: str) -> TokenizedPair:
-        text = prompt + response
-        if not text:
-            return TokenizedPair((), 0, (), False)
-        ids, offsets = self._encode_first(text)
-        cut = len(prompt)
-        spans: list[TokenSpan] = []
+    @staticmethod
+    def _split_joint(cut: int, ids: list[int], offsets: list[tuple[int, int]]) -> TokenizedPair:
+        """Split the tokens of x + y at character ``cut`` = len(x)."""
+        spans: list[tuple[int, int]] = []
         prompt_tokens = 0
-        straddled = False
-        for start, end in offsets:
+        straddle_index = -1
+        for i, (start, end) in enumerate(offsets):
             if start < cut and end <= cut:
                 # Only prompt tokens may precede this one: the tokens are in order.
                 prompt_tokens += 1
-                spans.append(TokenSpan(Side.PROMPT, start, end))
+                spans.append((start, end))
             else:
-                straddles = start < cut
-                straddled = straddled or straddles
-                spans.append(
-                    TokenSpan(Side.RESPONSE, max(start - cut, 0), end - cut, straddles)
-                )
-        return TokenizedPair(tuple(ids), prompt_tokens, tuple(spans), straddled)
+                if start < cut:
+                    straddle_index = i  # begins in x, ends in y: counts toward y
+                spans.append((max(start - cut, 0), end - cut))
+        return TokenizedPair(
+            tuple(ids), prompt_tokens, tuple(spans), straddle_index >= 0, straddle_index
+        )
 
     def token_texts(self, prefix_id: int, ids: tuple[int, ...]) -> list[str]:
         """Each token decoded on its own, leading space kept.
