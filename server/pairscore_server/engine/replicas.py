@@ -104,13 +104,8 @@ class ReplicatedEngine:
         self.last_replica_seconds = tuple(seconds)
         return results  # type: ignore[return-value]
 
-    def score_pairs(self, pairs: Sequence[Pair], options: ScoreOptions | None = None
-                    ) -> list[PairScore | ItemError]:
-        """prepare + score in one call, for in-process use."""
-        prepared = self.prepare(pairs, options or ScoreOptions())
-        ready = [p for p in prepared if isinstance(p, PreparedPair)]
-        scored = iter(self.score(ready))
-        return [next(scored) if isinstance(p, PreparedPair) else p for p in prepared]
+    # prepare + score in one call, for in-process use: the same code as ScoringEngine's.
+    score_pairs = ScoringEngine.score_pairs
 
     def warmup(self) -> None:
         """Warm every replica up, in parallel."""
