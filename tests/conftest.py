@@ -74,3 +74,24 @@ def tiny_engine(gpt2_family):
 def smol_cache_dir(tmp_path_factory):
     """A pairscore cache dir private to this test session (the slow tests share it)."""
     return tmp_path_factory.mktemp("pairscore-cache")
+
+
+@pytest.fixture
+def start_server():
+    """Factory: start_server(engine, wait_ready=True, **config) -> a running in-process
+    server (test_server_e2e.ServerThread); every server started is closed afterwards."""
+    from test_server_e2e import ServerThread, make_config
+
+    started = []
+
+    def start(engine, *, wait_ready: bool = True, **config):
+        st = ServerThread(make_config(**config), engine)
+        started.append(st)
+        st.call(st.server.start())
+        if wait_ready:
+            st.call(st.server.wait_ready())
+        return st
+
+    yield start
+    for st in reversed(started):
+        st.close()

@@ -110,31 +110,13 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-@pytest.fixture
-def launch() -> Iterator[Callable[..., ServerThread]]:
-    """Factory: launch(engine, wait_ready=True, **config) -> a running ServerThread."""
-    started: list[ServerThread] = []
-
-    def start(engine: Any, *, wait_ready: bool = True, **config: Any) -> ServerThread:
-        st_ = ServerThread(make_config(**config), engine)
-        started.append(st_)
-        st_.call(st_.server.start())
-        if wait_ready:
-            st_.call(st_.server.wait_ready())
-        return st_
-
-    yield start
-    for st_ in reversed(started):
-        st_.close()
-
-
 # --- limits ------------------------------------------------------------------------------
 
 
 def test_limits_are_enforced_with_messages_naming_limit_and_value(
-    launch: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread],
 ) -> None:
-    st_ = launch(
+    st_ = start_server(
         FakeEngine(max_context=64), max_pairs_per_request=4, max_text_chars=30, max_item_tokens=20
     )
     with Raw(st_.target) as client:
@@ -168,9 +150,9 @@ def test_limits_are_enforced_with_messages_naming_limit_and_value(
 
 
 def test_max_item_tokens_is_capped_at_the_model_context(
-    launch: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread],
 ) -> None:
-    st_ = launch(FakeEngine(max_context=64), max_item_tokens=1000, max_queue_tokens=10)
+    st_ = start_server(FakeEngine(max_context=64), max_item_tokens=1000, max_queue_tokens=10)
     with Raw(st_.target) as client:
         info = client.info()
     assert info.max_item_tokens == 64
@@ -178,9 +160,9 @@ def test_max_item_tokens_is_capped_at_the_model_context(
 
 
 def test_an_oversized_message_is_refused_and_the_server_keeps_serving(
-    launch: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread],
 ) -> None:
-    st_ = launch(FakeEngine(), max_message_bytes=64 * 1024)
+    st_ = start_server(FakeEngine(), max_message_bytes=64 * 1024)
     big = pb.ScoreRequest(pairs=pairs_pb(("x" * 100_000, "y")))
     options = [("grpc.max_send_message_length", 1 << 22)]
     with grpc.insecure_channel(st_.target, options=options) as channel:
@@ -423,10 +405,10 @@ def _fill(st_: ServerThread, engine: FakeEngine, n_queued: int) -> list[threadin
 
 
 def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_hint(
-    launch: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread],
 ) -> None:
     engine = FakeEngine(forward_delay_s=0.5)
-    st_ = launch(engine, max_batch_pairs=1, max_queue_tokens=9, max_item_tokens=8, max_wait_ms=0)
+    st_ = start_server(engine, max_batch_pairs=1, max_queue_tokens=9, max_item_tokens=8, max_wait_ms=0)
     # 3 x 3 tokens queued: a 4-token request is refused until two of them ran (1 s).
     threads = _fill(st_, engine, n_queued=3)
     started = time.monotonic()
@@ -461,10 +443,10 @@ def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_hint(
 
 
 def test_health_watchers_see_not_serving_as_soon_as_shutdown_starts(
-    launch: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread],
 ) -> None:
     engine = FakeEngine(forward_delay_s=1.0)
-    st_ = launch(engine)
+    st_ = start_server(engine)
     with grpc.insecure_channel(st_.target) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service=""), timeout=10
@@ -489,10 +471,10 @@ def test_health_watchers_see_not_serving_as_soon_as_shutdown_starts(
 
 
 def test_cancelling_a_call_mid_batch_leaves_its_batch_mates_their_results(
-    launch: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread],
 ) -> None:
     engine = FakeEngine(forward_delay_s=0.5)
-    st_ = launch(engine, max_wait_ms=150)
+    st_ = start_server(engine, max_wait_ms=150)
     with grpc.insecure_channel(st_.target) as channel:
         stub = pb_grpc.ScoringServiceStub(channel)
         leaver = stub.Score.future(pb.ScoreRequest(pairs=pairs_pb(("leaver", "!"))), timeout=10)
@@ -507,10 +489,10 @@ def test_cancelling_a_call_mid_batch_leaves_its_batch_mates_their_results(
 
 
 def test_cancelled_and_expired_queued_work_never_reaches_the_model_and_is_counted(
-    launch: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread],
 ) -> None:
     engine = FakeEngine(forward_delay_s=0.5)
-    st_ = launch(engine, max_batch_pairs=1)
+    st_ = start_server(engine, max_batch_pairs=1)
     with grpc.insecure_channel(st_.target) as channel:
         stub = pb_grpc.ScoringServiceStub(channel)
         busy = stub.Score.future(pb.ScoreRequest(pairs=pairs_pb(("busy", "!"))), timeout=10)
@@ -542,10 +524,10 @@ def test_cancelled_and_expired_queued_work_never_reaches_the_model_and_is_counte
 
 
 def test_injected_oom_splits_batches_and_fails_only_what_cannot_fit(
-    launch: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread],
 ) -> None:
     engine = FakeEngine(oom_above_tokens=24, forward_delay_s=0.05)
-    st_ = launch(engine, max_wait_ms=100)
+    st_ = start_server(engine, max_wait_ms=100)
     pairs = [Pair(f"p{i}", "!!", id=f"p{i}") for i in range(12)]  # 5 tokens each
     huge = Pair("h" * 30, "", id="huge")  # 31 tokens: does not fit even alone
     results: list[Any] = [None] * 4
@@ -577,12 +559,12 @@ def test_injected_oom_splits_batches_and_fails_only_what_cannot_fit(
 
 
 def test_a_stuck_worker_turns_health_not_serving_and_fails_callers_instead_of_hanging(
-    launch: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread],
 ) -> None:
     gate = threading.Event()
     engine = FakeEngine(score_gate=gate)
     try:
-        st_ = launch(engine, forward_timeout_s=0.3, max_batch_pairs=1)
+        st_ = start_server(engine, forward_timeout_s=0.3, max_batch_pairs=1)
         with Raw(st_.target) as client:
             started = time.monotonic()
             with pytest.raises(grpc.RpcError) as info:
@@ -622,10 +604,10 @@ class _CrashableEngine:
 
 
 def test_a_crashed_batching_loop_turns_health_not_serving_and_callers_get_unavailable(
-    launch: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+    start_server: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = _CrashableEngine()
-    st_ = launch(engine)
+    st_ = start_server(engine)
     engine.armed = True
     with Raw(st_.target) as client:
         with pytest.raises(grpc.RpcError) as info:
@@ -643,11 +625,11 @@ def test_a_crashed_batching_loop_turns_health_not_serving_and_callers_get_unavai
 
 
 def test_no_user_text_in_info_logs_or_metrics(
-    launch: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+    start_server: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     engine = FakeEngine(oom_above_tokens=40, max_context=64)
-    st_ = launch(engine, max_text_chars=50, max_wait_ms=50)
+    st_ = start_server(engine, max_text_chars=50, max_wait_ms=50)
     with Raw(st_.target) as client:
         client.score([Pair(SECRET, SECRET, id=SECRET)])
         client.score([Pair(SECRET * 3, "", id="too-long-for-the-limit")])
@@ -662,7 +644,7 @@ def test_no_user_text_in_info_logs_or_metrics(
 
 
 def test_max_connection_age_reaches_grpc_and_clients_reconnect_transparently(
-    launch: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread],
 ) -> None:
     config = ServerConfig(max_connection_age_s=0.3, max_connection_age_grace_s=0.2)
     options = dict(RunningServer(config)._grpc_options())
@@ -670,7 +652,7 @@ def test_max_connection_age_reaches_grpc_and_clients_reconnect_transparently(
     assert options["grpc.max_connection_age_grace_ms"] == 200
     assert "grpc.max_connection_age_ms" not in dict(RunningServer(ServerConfig())._grpc_options())
 
-    st_ = launch(FakeEngine(), max_connection_age_s=0.3, max_connection_age_grace_s=0.2)
+    st_ = start_server(FakeEngine(), max_connection_age_s=0.3, max_connection_age_grace_s=0.2)
     with Raw(st_.target) as client:
         for _ in range(4):  # spans several connection lifetimes
             assert client.score([("a", "b")]) == [expected_score(Pair("a", "b"))]

@@ -14,7 +14,7 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,24 +121,6 @@ def make_config(**overrides: Any) -> ServerConfig:
     )
     settings.update(overrides)
     return ServerConfig(**settings)
-
-
-@pytest.fixture
-def start_server() -> Iterator[Callable[..., ServerThread]]:
-    """Factory: start_server(engine, wait_ready=True, **config) -> a running ServerThread."""
-    started: list[ServerThread] = []
-
-    def start(engine: Any, *, wait_ready: bool = True, **config: Any) -> ServerThread:
-        st = ServerThread(make_config(**config), engine)
-        started.append(st)
-        st.call(st.server.start())
-        if wait_ready:
-            st.call(st.server.wait_ready())
-        return st
-
-    yield start
-    for st in reversed(started):
-        st.close()
 
 
 @pytest.fixture(params=["fake", "tiny"])
