@@ -15,3 +15,7 @@ python3 -m pytest -q tests/test_cuda.py tests/test_engine_math.py 2>&1 | tee "$o
 python3 bench/throughput.py --model smollm2 --device cuda --dtype bfloat16 --pairs 512 \
     --methods naive_one,lmeval,engine,grpc --peak-tflops "${PEAK_TFLOPS:-989}" \
     --json "$out/bench-smollm2.json" 2>&1 | grep -v Warning | tee "$out/bench.log"
+# 3. Packed rows vs padded batches on CUDA (auto = padded there until this says otherwise).
+python3 bench/throughput.py --model smollm2 --device cuda --dtype bfloat16 --pairs 512 \
+    --methods engine,engine_padded --packing on --peak-tflops "${PEAK_TFLOPS:-989}" \
+    --json "$out/bench-packing.json" 2>&1 | grep -v Warning | tee "$out/bench-packing.log"

@@ -11,7 +11,8 @@ Methods:
   naive_one   one forward per pair over p+x+y, full-vocabulary log-softmax
   naive_two   two forwards per pair: p+x, then p+x+y
   lmeval      lm-evaluation-harness HF backend, loglikelihood, batch size 1
-  engine      the pairscore engine in-process
+  engine      the pairscore engine in-process (packed rows on CPU, the default there)
+  engine_padded  the engine with --packing off: padded batches, a key/value cache per shared prompt
   engine_bf16 the engine with bfloat16 weights (float32 log-softmax), opt-in
   grpc        `pairscore serve` in a separate process, N concurrent client streams
 
@@ -40,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-ALL_METHODS = ["naive_one", "naive_two", "lmeval", "engine", "engine_bf16", "grpc"]
+ALL_METHODS = ["naive_one", "naive_two", "lmeval", "engine", "engine_padded", "engine_bf16", "grpc"]
 PRESETS = {
     "tiny": {"n_embd": 256, "n_layer": 4, "n_head": 4},
     "gpt2-small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
@@ -206,7 +207,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_grpc(model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path, device: str, dtype: str):
+def run_grpc(model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path, device: str, dtype: str,
+             packing: str):
     """Start `pairscore serve` on model_dir, score through N concurrent streams.
 
     Returns (results, seconds, server peak RSS in bytes); server start-up and
@@ -218,7 +220,7 @@ def run_grpc(model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path,
     server = subprocess.Popen(
         [sys.executable, "-m", "pairscore_server", "serve", "--model", model_dir, "--host", "127.0.0.1",
          "--port", str(port), "--metrics-port", "off", "--device", device, "--dtype", dtype,
-         "--log-level", "WARNING"],
+         "--packing", packing, "--log-level", "WARNING"],
         stdout=log_path.open("w"), stderr=subprocess.STDOUT,
     )
     try:
@@ -275,7 +277,8 @@ def child(args) -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model = build_model(args.model, len(tokenizer)).to(device=device, dtype=dtype)
-    limits = engine_limits(ModelSpec(), device)
+    packing = "off" if args.run_method == "engine_padded" else args.packing
+    limits = engine_limits(ModelSpec(packing=packing), device)
     engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"), limits=limits)
     prepared = engine.prepare([Pair(x, y) for x, y in pairs], ScoreOptions())
     tokens = sum(p.num_tokens for p in prepared)
@@ -290,7 +293,7 @@ def child(args) -> None:
     elif method == "lmeval":
         results = run_lmeval(model, tokenizer, pairs, engine.prefix.token,
                              "auto" if device.type == "cuda" else 1)
-    elif method == "engine":
+    elif method in ("engine", "engine_padded"):
         results = run_engine(engine, pairs)
     elif method == "engine_bf16":
         engine = ScoringEngine(model.to(torch.bfloat16), tokenizer,
@@ -303,7 +306,7 @@ def child(args) -> None:
             model.to(torch.float32).save_pretrained(tmp)  # the server casts to --dtype itself
             results, seconds, rss = run_grpc(tmp, pairs, streams=args.streams, chunk=args.chunk,
                                              log_path=Path(tmp) / "server.log", device=args.device,
-                                             dtype=args.dtype)
+                                             dtype=args.dtype, packing=args.packing)
         start = time.perf_counter() - seconds
     else:
         raise SystemExit(f"unknown method {method}")
@@ -329,7 +332,7 @@ def run_child(method: str, args, shared) -> dict | None:
     cmd = [sys.executable, __file__, "--run-method", method, "--model", args.model,
            "--device", args.device, "--dtype", args.dtype,
            "--pairs", str(args.pairs), "--seed", str(args.seed), "--threads", str(args.threads),
-           "--streams", str(args.streams), "--chunk", str(args.chunk)]
+           "--streams", str(args.streams), "--chunk", str(args.chunk), "--packing", args.packing]
     cmd += ["--shared", f"{shared[0]}x{shared[1]}" if shared else "off"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -366,7 +369,7 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
         print(f"{method:<12} {s['tokens_per_s']:9.0f} {s['pairs_per_s']:8.2f} {100 * s['ideal_fraction']:7.0f}% "
               f"{s['peak_rss_gib']:8.2f}G {s['over_weights_gib']:10.2f}G {s['cuda_max_allocated_gib']:13.2f}G")
     base = [m for m in ("naive_one", "naive_two", "lmeval") if m in summary]
-    for mine in ("engine", "engine_bf16", "grpc"):
+    for mine in ("engine", "engine_padded", "engine_bf16", "grpc"):
         if mine in summary and base:
             ratios = ", ".join(f"{summary[mine]['tokens_per_s'] / summary[b]['tokens_per_s']:.2f}x {b}"
                                for b in base)
@@ -375,6 +378,9 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
         for method, reps in runs.items():
             mfu = summary[method]["tokens_per_s"] * reps[0]["flops_per_token"] / (peak_tflops * 1e12)
             print(f"{method}: model FLOP utilisation {100 * mfu:.1f}% of {peak_tflops:g} TFLOP/s")
+    if "engine_padded" in summary and "engine" in summary:
+        print(f"engine / engine_padded: "
+              f"{summary['engine']['tokens_per_s'] / summary['engine_padded']['tokens_per_s']:.2f}")
     if "grpc" in summary and "engine" in summary:
         print(f"grpc / engine in-process: {summary['grpc']['tokens_per_s'] / summary['engine']['tokens_per_s']:.2f}")
     if "engine" in summary:
@@ -399,6 +405,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--streams", type=int, default=4, help="concurrent client streams (grpc)")
     parser.add_argument("--chunk", type=int, default=16, help="pairs per stream message (grpc)")
+    parser.add_argument("--packing", default="auto", choices=["auto", "on", "off"],
+                        help="the engine's and server's --packing (engine_padded is always off)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the card's dense peak (e.g. 989 for H100/H200 bf16): adds model FLOP utilisation")
     parser.add_argument("--json", type=Path, help="also write the summary here")

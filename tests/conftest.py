@@ -56,11 +56,14 @@ def make_engine(model, tokenizer, **limits):
     )
 
 
-@pytest.fixture(scope="session")
-def engine(family):
-    """A ScoringEngine on each tiny family."""
+@pytest.fixture(scope="session", params=["packed", "padded"])
+def engine(family, request):
+    """A ScoringEngine on each tiny family, in each forward-pass layout: packed rows
+    (the CPU default) and padded batches with a key/value cache per shared prompt."""
     model, tokenizer = family
-    return make_engine(model, tokenizer)
+    eng = make_engine(model, tokenizer, packing=request.param == "packed")
+    assert eng.packing == (request.param == "packed")
+    return eng
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 The CPU suite already covers every code path these use (chunked head, shared
 prompts, OOM splitting by injection, replicas); these tests check what only a
 GPU shows: bf16 weights with float32 log-softmax against the fp32 reference,
-a real CUDA out-of-memory error being recognised, and replicas on two GPUs.
+a real CUDA out-of-memory error being recognised, packed rows and padded
+batches on CUDA, and replicas on two GPUs.
 Run them with `bench/gpu_check.sh` on a GPU machine.
 """
 
@@ -35,10 +36,12 @@ def test_bf16_on_cuda_stays_close_to_fp32_on_cpu(gpt2_family):
         assert b.conditional_logprob <= 0
 
 
-def test_fp32_on_cuda_matches_cpu(gpt2_family):
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_fp32_on_cuda_matches_cpu(gpt2_family, packing):
     model, tokenizer = gpt2_family
     cpu = make_engine(model, tokenizer)
-    gpu = make_engine(copy.deepcopy(model).to("cuda"), tokenizer)
+    gpu = make_engine(copy.deepcopy(model).to("cuda"), tokenizer, packing=packing)
+    assert gpu.packing == packing
     torch.backends.cuda.matmul.allow_tf32 = False
     pairs = mixed_pairs(16, seed=22)
     for a, b in zip(cpu.score_pairs(pairs), gpu.score_pairs(pairs), strict=True):

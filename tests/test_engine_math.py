@@ -75,6 +75,17 @@ def reference_token_logprobs(model64, ids: tuple[int, ...]) -> list[float]:
     return [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
 
 
+def forward_passes(engine, prepared) -> int:
+    """How many forward passes ``engine`` runs for ``prepared`` (shared prompts aside)."""
+    if not engine.packing:
+        return len(engine.plan_batches(prepared))
+    from pairscore_server.engine.packing import build_trees, plan_rows
+
+    trees = build_trees([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared],
+                        share_prompts=True, capacity=engine.max_batch_tokens)
+    return len(plan_rows([t.size for t in trees], capacity=engine.max_batch_tokens))
+
+
 def prepared_ids(engine, pair: Pair, options: ScoreOptions) -> tuple[tuple[int, ...], int]:
     [prep] = engine.prepare([pair], options)
     return prep.input_ids, prep.prompt_tokens
@@ -126,7 +137,7 @@ def test_batch_invariance(engine, mode):
     batched = engine.score_pairs(pairs, options)
     lengths = {len(p.input_ids) for p in engine.prepare(pairs, options)}
     assert len(lengths) > 5, "the batch must really mix lengths"
-    assert len(engine.plan_batches(engine.prepare(pairs, options))) == 1
+    assert forward_passes(engine, engine.prepare(pairs, options)) == 1
     for pair, in_batch in zip(pairs, batched, strict=True):
         [alone] = engine.score_pairs([pair], options)
         assert_same_scores(alone, in_batch)
@@ -188,14 +199,16 @@ def test_only_prefix_sequences(engine):
     assert results[2].joint_logprob < 0.0
 
 
+SHARED_PROMPTS = ["The capital of France is", "", "Question: what is two plus two? Answer:"]
+SHARED_RESPONSES = ["", " Paris.", "x", " a much longer response with several words 😀 你好", " four"]
+
+
 def test_shared_prompts_run_once_and_score_like_separate_pairs(family):
-    """Pairs sharing a prompt reuse its key/value cache and get the same scores."""
+    """Padded layout: pairs sharing a prompt reuse its key/value cache and get the same scores."""
     model, tokenizer = family
-    shared = make_engine(model, tokenizer, max_batch_tokens=120)
-    plain = make_engine(model, tokenizer, share_prompts=False)
-    prompts = ["The capital of France is", "", "Question: what is two plus two? Answer:"]
-    responses = [" Paris.", "", "x", " a much longer response with several words 😀 你好", " four"]
-    pairs = [Pair(x, y) for x in prompts for y in responses] + [Pair("unique prompt", " y")]
+    shared = make_engine(model, tokenizer, max_batch_tokens=120, packing=False)
+    plain = make_engine(model, tokenizer, share_prompts=False, packing=False)
+    pairs = [Pair(x, y) for x in SHARED_PROMPTS for y in SHARED_RESPONSES] + [Pair("unique prompt", " y")]
     prepared = shared.prepare(pairs, ScoreOptions(return_tokens=True))
     groups = shared.shared_prompt_groups(prepared)
     assert sorted(len(g) for g in groups) == [5, 5, 5]
@@ -211,6 +224,38 @@ def test_shared_prompts_run_once_and_score_like_separate_pairs(family):
     assert stats.real_tokens == computed and stats.padded_tokens >= computed
     want = plain.score_pairs(pairs, ScoreOptions(return_tokens=True))
     for a, b in zip(got, want, strict=True):
+        assert_same_scores(a, b)
+
+
+@pytest.mark.parametrize("capacity", [4096, 12])
+def test_packed_rows_share_prompts_and_score_like_separate_pairs(family, capacity):
+    """Packed layout: a shared prompt is computed once per row for all its responses
+    (once per row it lands in, when its responses overflow the capacity), and every
+    pair scores as it does run on its own."""
+    model, tokenizer = family
+    packed = make_engine(model, tokenizer, max_batch_tokens=capacity)
+    plain = make_engine(model, tokenizer, share_prompts=False, packing=False)
+    assert packed.packing
+    pairs = [Pair(x, y) for x in SHARED_PROMPTS for y in SHARED_RESPONSES] + [Pair("unique prompt", " y")]
+    options = ScoreOptions(return_tokens=True)
+    prepared = packed.prepare(pairs, options)
+    got = packed.score(prepared)
+    stats = packed.last_stats
+    assert stats.padded_tokens == stats.real_tokens, "a packed row has no padding"
+    n = len(SHARED_RESPONSES)
+    prompt_lens = [1 + prepared[n * k].prompt_tokens for k in range(len(SHARED_PROMPTS))]
+    if capacity == 4096:
+        # Each prompt once (with its last token, which predicts every y_1), each
+        # response without its last token, the lone pair without its last token.
+        want_inputs = sum(prompt_lens) + sum(
+            max(p.num_tokens - plen - 1, 0)
+            for k, plen in enumerate(prompt_lens) for p in prepared[n * k: n * (k + 1)]
+        ) + prepared[-1].num_tokens - 1
+        assert stats.real_tokens == want_inputs
+        assert stats.reused_tokens == sum(plen * (n - 1) for plen in prompt_lens)
+    else:
+        assert 0 < stats.reused_tokens < sum(plen * (n - 1) for plen in prompt_lens)
+    for a, b in zip(got, plain.score_pairs(pairs, options), strict=True):
         assert_same_scores(a, b)
 
 

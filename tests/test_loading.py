@@ -42,6 +42,18 @@ def test_dtype_flag_is_applied(saved_gpt2):
     assert res.joint_logprob < 0 and res.conditional_logprob <= 0
 
 
+def test_packing_is_on_for_cpu_by_default_and_follows_the_flag(saved_gpt2):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert loading.engine_limits(ModelSpec(), cpu).packing
+    assert not loading.engine_limits(ModelSpec(), cuda).packing  # until measured on a GPU
+    assert loading.engine_limits(ModelSpec(packing="on"), cuda).packing
+    assert not loading.engine_limits(ModelSpec(packing="off"), cpu).packing
+    engine = load_engine(ModelSpec(model=str(saved_gpt2), device="cpu", dtype="float32", packing="off"))
+    assert not engine.packing
+    [res] = engine.score_pairs([Pair("a b c", " d e")])
+    assert res.joint_logprob < 0
+
+
 def test_device_and_dtype_rules():
     cpu = torch.device("cpu")
     assert loading.resolve_dtype("auto", cpu) is torch.float32

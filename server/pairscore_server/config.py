@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pairscore_server.engine.loading import ModelSpec
+from pairscore_server.engine.loading import PACKING_CHOICES, ModelSpec
 from pairscore_server.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_PAIRS_PER_REQUEST,
@@ -149,6 +149,10 @@ class ServerConfig:
         _check(self.model.workers >= 1, f"workers must be >= 1, got {self.model.workers}")
         _check(
             self.model.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.model.dtype!r}"
+        )
+        _check(
+            self.model.packing in PACKING_CHOICES,
+            f"packing must be one of {PACKING_CHOICES}, got {self.model.packing!r}",
         )
         if self.model.max_batch_tokens is not None:
             _check(
@@ -308,9 +312,22 @@ _MODEL_SETTINGS = (
         "--max-batch-tokens",
         "PAIRSCORE_MAX_BATCH_TOKENS",
         int,
-        "Padded tokens (longest pair x pairs) allowed in one forward pass; lower "
-        "it if the model runs out of memory. Default: the engine's choice.",
+        "Tokens allowed in one forward pass (a packed row's length, or longest "
+        "pair x pairs of a padded batch); lower it if the model runs out of memory. "
+        "Default: 2048 on CPU, 32768 on GPU.",
         "N",
+    ),
+    _Setting(
+        "packing",
+        "--packing",
+        "PAIRSCORE_PACKING",
+        lambda text: text.strip().lower(),
+        "Forward-pass layout: on = packed rows (pairs end to end, shared prompts "
+        "computed once inside the row, attention per segment), off = padded batches "
+        "with a key/value cache per shared prompt, auto = on for CPU (measured "
+        "faster, see README Performance), off for GPU until measured there. "
+        "Models that cannot pack fall back to padded batches. Default: auto.",
+        "auto|on|off",
     ),
 )
 

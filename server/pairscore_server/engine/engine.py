@@ -26,6 +26,11 @@ from pairscore_server.engine.logprobs import (
     make_batch,
     plan_padded_batches,
 )
+from pairscore_server.engine.packed_attention import (
+    disable_packed_attention,
+    enable_packed_attention,
+)
+from pairscore_server.engine.packing import build_trees, pack_row, plan_rows
 from pairscore_server.engine.prefix import Prefix, resolve_prefix
 from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.tokenization import PairTokenizer, TokenizedPair
@@ -37,8 +42,14 @@ log = logging.getLogger(__name__)
 class EngineLimits:
     """Sizes of the engine's work units.
 
-    ``max_batch_tokens`` bounds the padded tokens (rows x longest row) of one
-    forward pass; a single pair longer than the budget still runs alone.
+    ``max_batch_tokens`` bounds the tokens of one forward pass: the length of
+    a packed row, or rows x longest row of a padded batch; a single pair
+    longer than the budget still runs alone.
+    ``packing``: run packed rows (several pairs end to end, shared prompts
+    inside the row, attention per segment: see packing.py) instead of padded
+    batches and a key/value cache per shared prompt. Used when the model
+    supports it (SDPA attention that passes attention kwargs through, checked
+    on a probe); otherwise the engine falls back to padded batches.
     ``min_batch_efficiency`` keeps real tokens / padded tokens of a batch at
     least this high (padding buys nothing on CPU, a lot on GPU).
     ``call_batches``: one ``score`` call may hold this many forward passes'
@@ -54,6 +65,7 @@ class EngineLimits:
     min_batch_efficiency: float = 0.0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     share_prompts: bool = True
+    packing: bool = True
 
 
 @dataclass(frozen=True)
@@ -126,8 +138,22 @@ class ScoringEngine:
         if not self._logprobs.head_is_plain():
             log.info("model logits are not a plain projection; using the full-logits path")
             self._logprobs.split_head = False
+        self.packing = limits.packing and self._enable_packing()
         if not self.pair_tokenizer.separate_supported:
             log.warning("SEPARATE tokenization unavailable: %s", self.pair_tokenizer.separate_problem)
+
+    def _enable_packing(self) -> bool:
+        if not self._logprobs.split_head:
+            log.info("packing off: the model's logits are not a plain projection")
+            return False
+        reason = enable_packed_attention(self.model)
+        if reason is None and not self._logprobs.packing_agrees():
+            disable_packed_attention(self.model)
+            reason = "packed rows did not reproduce padded batches on a probe"
+        if reason is not None:
+            log.info("packing off, using padded batches: %s", reason)
+            return False
+        return True
 
     # -- facts ---------------------------------------------------------------
 
@@ -223,6 +249,30 @@ class ScoringEngine:
 
     def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
         """Run the forward passes for ``prepared`` and return scores in the same order."""
+        if self.packing:
+            return self._score_packed(prepared)
+        return self._score_padded(prepared)
+
+    def _score_packed(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
+        trees = build_trees(
+            [p.input_ids for p in prepared],
+            [1 + p.prompt_tokens for p in prepared],
+            share_prompts=self.limits.share_prompts,
+            capacity=self.max_batch_tokens,
+        )
+        lps: list[torch.Tensor | None] = [None] * len(prepared)
+        computed = reused = 0
+        for members in plan_rows([t.size for t in trees], capacity=self.max_batch_tokens):
+            row = pack_row([trees[j] for j in members], device=self.device)
+            for i, pair_lps in row.split(self._logprobs.packed(row).cpu()):
+                lps[i] = pair_lps
+            computed += row.tokens
+            reused += row.reused_tokens
+        self.last_stats = ForwardStats(computed, computed, reused)
+        none = torch.empty(0, dtype=torch.float32)  # pairs of the prefix alone score nothing
+        return [self._result(p, none if x is None else x) for p, x in zip(prepared, lps, strict=True)]
+
+    def _score_padded(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
         results: list[PairScore | None] = [None] * len(prepared)
         real = padded = reused = 0
         for group in self.shared_prompt_groups(prepared):

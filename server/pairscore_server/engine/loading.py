@@ -53,6 +53,11 @@ class ModelSpec:
     revision: str | None = None
     max_batch_tokens: int | None = None
     workers: int = 1
+    packing: str = "auto"
+
+
+#: ``ModelSpec.packing`` values: auto picks by device (see :func:`engine_limits`).
+PACKING_CHOICES = ("auto", "on", "off")
 
 
 def resolve_devices(name: str, workers: int = 1) -> list[torch.device]:
@@ -111,6 +116,10 @@ def engine_limits(spec: ModelSpec, device: torch.device) -> EngineLimits:
         max_batch_tokens=spec.max_batch_tokens or default_max_batch_tokens(device),
         # Padding only wastes work on CPU; on GPU wide batches pay for it.
         min_batch_efficiency=0.9 if device.type == "cpu" else 0.5,
+        # Packed rows measured faster on CPU (README, Performance). On GPU the
+        # per-segment attention launches one kernel per segment and layer:
+        # padded batches stay the default until packing is measured there.
+        packing=spec.packing == "on" or (spec.packing == "auto" and device.type == "cpu"),
     )
 
 

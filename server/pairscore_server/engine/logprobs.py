@@ -37,6 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pairscore_server.engine.packed_attention import SEGMENTS_KWARG
+from pairscore_server.engine.packing import PackedRow, Tree, pack_row
+
 #: Default memory for one chunk of float32 logits.
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
@@ -194,6 +197,48 @@ class LogprobComputer:
             logits = logits.reshape(-1, logits.shape[-1])[rows]
             lps = _chunked_target_logprobs(logits, targets, torch.nn.Identity(), self.chunk_rows)
         return list(lps.split([length - 1 for length in batch.lengths]))
+
+    @torch.inference_mode()
+    def packed(self, row: PackedRow) -> torch.Tensor:
+        """Float32 log-probs of a packed row's scored tokens (layout in packing.py).
+
+        Needs the model switched to packed attention (packed_attention.py).
+        The all-ones attention mask keeps transformers from building a
+        [T x T] mask that the segments make unnecessary.
+        """
+        hidden = self.model.base_model(
+            input_ids=row.input_ids,
+            attention_mask=torch.ones_like(row.input_ids),
+            position_ids=row.position_ids,
+            use_cache=False,
+            **{SEGMENTS_KWARG: row.segments},
+        ).last_hidden_state[0]
+        return self._project(hidden[row.score_rows], row.targets)
+
+    @torch.inference_mode()
+    def packing_agrees(self) -> bool:
+        """Whether packed rows reproduce padded batches on a probe: a lone sequence
+        and a prompt with two responses, packed into one row, against each
+        sequence run alone. Catches models that drop the segments on the way
+        to their attention function."""
+        vocab = self.vocab_size
+        lone = [(7 * k + 3) % vocab for k in range(9)]
+        prompt = [(5 * k + 1) % vocab for k in range(6)]
+        responses = [[(11 * k + 2) % vocab for k in range(5)], [(13 * k + 4) % vocab for k in range(3)]]
+        row = pack_row(
+            [Tree(tuple(lone), ((0, ()),)),
+             Tree(tuple(prompt), tuple((1 + j, tuple(r)) for j, r in enumerate(responses)))],
+            device=self.device,
+        )
+        packed = dict(row.split(self.packed(row)))
+        singles = [lone, prompt + responses[0], prompt + responses[1]]
+        dtype = next(self.model.parameters()).dtype
+        atol = 1e-3 if dtype == torch.float32 else 5e-2
+        for i, seq in enumerate(singles):
+            [alone] = self(make_batch([seq], pad_id=0, device=self.device))
+            if not torch.allclose(packed[i].float(), alone.float(), atol=atol, rtol=0):
+                return False
+        return True
 
     @torch.inference_mode()
     def shared_prompt(
