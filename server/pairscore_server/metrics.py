@@ -121,8 +121,8 @@ class Metrics:
         self.forward_tokens = Counter(
             "pairscore_forward_tokens",
             "Token positions run through the model, by kind: 'real' tokens, 'padded' positions "
-            "(real + padding; padding efficiency = real / padded), and 'reused' prompt tokens "
-            "not run again because a shared prompt's key/value cache served several responses.",
+            "(real + padding; padding efficiency = real / padded; packed rows have none), and "
+            "'reused' prompt tokens not run again because a shared prompt served several responses.",
             ["kind"],
             registry=r,
         )
