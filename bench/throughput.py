@@ -17,9 +17,12 @@ Methods:
   grpc        `pairscore serve` in a separate process, N concurrent client streams
 
 Usage:
-  python bench/throughput.py                      # tiny model, a couple of minutes on 2 cores
-  python bench/throughput.py --model gpt2-small --pairs 128
+  python bench/throughput.py                      # tiny model, about 4 minutes on 2 cores
+  python bench/throughput.py --model gpt2-small   # about 25 minutes on 2 cores
   python bench/throughput.py --model smollm2 --methods engine,grpc,lmeval
+  python bench/throughput.py --model smollm2 --device cuda --pairs 512 --shared 64x8
+The workload is 128 distinct pairs and 16 prompts x 8 responses on CPU, 512
+and 64 x 8 on CUDA, unless --pairs / --shared say otherwise.
 The table ends with ratios against the baselines measured in the same run and
 the largest score difference between methods (nats).
 """
@@ -395,10 +398,11 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", choices=[*PRESETS, "smollm2"])
-    parser.add_argument("--pairs", type=int, default=512, help="distinct-prompt workload size")
+    parser.add_argument("--pairs", type=int, help="distinct-prompt workload size (default 128 on CPU, 512 on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 (CUDA default) or float16")
-    parser.add_argument("--shared", default="64x8", help="shared-prompt workload: PROMPTSxRESPONSES, or 'off'")
+    parser.add_argument("--shared", help="shared-prompt workload: PROMPTSxRESPONSES, or 'off' "
+                        "(default 16x8 on CPU, 64x8 on CUDA)")
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument("--repeats", type=int, default=1, help="runs per method; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
@@ -412,6 +416,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the summary here")
     parser.add_argument("--run-method", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    on_cuda = args.device.startswith("cuda")
+    args.pairs = args.pairs or (512 if on_cuda else 128)
+    args.shared = args.shared or ("64x8" if on_cuda else "16x8")
     args.shared = None if args.shared in (None, "off") else tuple(int(v) for v in args.shared.split("x"))
     if args.run_method:
         child(args)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from pairscore_server.engine.engine import EngineLimits, ModelDescription, ScoringEngine
+from pairscore_server.engine.logprobs import CUDA_CHUNK_BYTES, DEFAULT_CHUNK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def engine_limits(spec: ModelSpec, device: torch.device) -> EngineLimits:
         # per-segment attention launches one kernel per segment and layer:
         # padded batches stay the default until packing is measured there.
         packing=spec.packing == "on" or (spec.packing == "auto" and device.type == "cpu"),
+        chunk_bytes=CUDA_CHUNK_BYTES if device.type == "cuda" else DEFAULT_CHUNK_BYTES,
     )
 
 
