@@ -48,6 +48,9 @@ def test_packing_is_on_for_cpu_by_default_and_follows_the_flag(saved_gpt2):
     assert not loading.engine_limits(ModelSpec(), cuda).packing  # until measured on a GPU
     assert loading.engine_limits(ModelSpec(packing="on"), cuda).packing
     assert not loading.engine_limits(ModelSpec(packing="off"), cpu).packing
+    # Logits chunks: in the last-level cache on CPU, few launches on CUDA.
+    assert loading.engine_limits(ModelSpec(), cpu).chunk_bytes == 24 * 2**20
+    assert loading.engine_limits(ModelSpec(), cuda).chunk_bytes == 256 * 2**20
     engine = load_engine(ModelSpec(model=str(saved_gpt2), device="cpu", dtype="float32", packing="off"))
     assert not engine.packing
     [res] = engine.score_pairs([Pair("a b c", " d e")])

@@ -6,13 +6,17 @@ to this test session; the second load must reuse it and give the same scores.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
+import random
 import time
 
 import pytest
 import torch
 
 from pairscore.types import Pair, PairScore, PrefixPolicy, ScoreOptions, TokenizationMode
+from pairscore_server.engine.engine import ScoringEngine
 from pairscore_server.engine.loading import ModelSpec, load_engine
 
 pytestmark = pytest.mark.slow
@@ -67,6 +71,55 @@ def test_matches_float64_reference_on_the_real_model(smol):
             assert got.conditional_logprob == pytest.approx(math.fsum(ref[m:]), abs=1e-4)
     finally:
         smol.model.to(torch.float32)
+
+
+def gibberish_pairs(tokenizer, n: int, seed: int) -> list[Pair]:
+    """Long pairs of random vocabulary (as bench/throughput.py makes): ~13 nats a token."""
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        ids = [rng.randrange(1000, 40000) for _ in range(rng.randint(lo, hi))]
+        return " ".join(tokenizer.decode(ids).split())
+
+    return [Pair(text(120, 200), " " + text(100, 200)) for _ in range(n)]
+
+
+# On long, very unlikely text the real model's fp32 scores drift further from
+# float64 than 1e-4 nats, in either layout (the fp32 forward itself: its
+# hidden states carry large activations into logits of ~30-50). Measured with
+# this test's 6 pairs (joint log-probs -2700 to -5000 nats): per token up to
+# 8.2e-4 nats packed and 6.1e-4 padded; per sum up to 1.7e-7 of the sum packed
+# and 7.8e-8 padded. On bench/throughput.py's 128 SmolLM2 pairs: per sum up
+# to 1.0e-3 nats packed and 1.5e-3 padded, at most 5.5e-7 of the sum.
+# Natural text stays within 1e-4 per sum (the test above). The bounds below
+# are those measurements with about 2x margin: 1e-6 of the sum, 2e-3 per token.
+LONG_SUM_REL_TOL = 1e-6
+LONG_TOKEN_TOL = 2e-3
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_long_unlikely_text_stays_within_float32_bounds(smol, packing):
+    engine = ScoringEngine(smol.model, smol.tokenizer, description=smol.description,
+                           limits=dataclasses.replace(smol.limits, packing=packing))
+    assert engine.packing == packing
+    pairs = gibberish_pairs(smol.tokenizer, 6, seed=3)
+    options = ScoreOptions(return_tokens=True)
+    results = engine.score_pairs(pairs, options)
+    model64 = copy.deepcopy(smol.model).to(torch.float64)
+    worst_sum = worst_token = 0.0
+    for pair, got in zip(pairs, results, strict=True):
+        [prep] = engine.prepare([pair], options)
+        with torch.no_grad():
+            logp = torch.log_softmax(model64(torch.tensor([prep.input_ids])).logits[0], -1)
+        ref = [float(logp[j - 1, prep.input_ids[j]]) for j in range(1, len(prep.input_ids))]
+        assert len(ref) > 200 and math.fsum(ref) < -2000
+        worst_sum = max(worst_sum, abs(got.joint_logprob - math.fsum(ref)) / -math.fsum(ref))
+        worst_token = max(worst_token, *(abs(t.logprob - r) for t, r in zip(got.tokens, ref, strict=True)))
+        assert got.joint_logprob == pytest.approx(math.fsum(ref), rel=LONG_SUM_REL_TOL)
+        assert got.conditional_logprob == pytest.approx(
+            math.fsum(ref[prep.prompt_tokens:]), rel=LONG_SUM_REL_TOL)
+    print(f"worst relative sum error {worst_sum:.1e}, worst per-token {worst_token:.1e}")
+    assert worst_token < LONG_TOKEN_TOL
 
 
 def test_real_tokenizer_contract(smol):
