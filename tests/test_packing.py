@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from pairscore.types import Pair
+from pairscore.types import Pair, ScoreOptions
 from pairscore_server.engine import packed_attention
 from pairscore_server.engine.packing import Tree, build_trees, pack_row, plan_rows
 
@@ -130,4 +131,23 @@ def test_scores_do_not_depend_on_row_capacity(family, capacity):
     want = make_engine(model, tokenizer, packing=False, share_prompts=False).score_pairs(pairs)
     eng = make_engine(model, tokenizer, max_batch_tokens=capacity)
     for a, b in zip(eng.score_pairs(pairs), want, strict=True):
+        assert_same_scores(a, b)
+
+
+def test_identical_pairs_run_once(gpt2_family):
+    """A dataset's duplicate pairs cost one computation; each still gets its answer."""
+    model, tokenizer = gpt2_family
+    eng = make_engine(model, tokenizer)
+    once = [Pair("The capital of France is", " Paris."), Pair("lone", "")]
+    pairs = [once[0], once[1], once[0], Pair("other", " y"), once[0], once[1]]
+    got = eng.score_pairs(pairs)
+    stats = eng.last_stats
+    eng.score_pairs(once + [Pair("other", " y")])
+    assert stats.real_tokens == eng.last_stats.real_tokens, "the repeats computed nothing"
+    prepared = eng.prepare(pairs, ScoreOptions())
+    assert stats.reused_tokens == 2 * prepared[0].num_tokens + prepared[1].num_tokens
+    for i, j in ((0, 2), (0, 4), (1, 5)):
+        assert got[i] == dataclasses.replace(got[j], id=got[i].id)
+    want = make_engine(model, tokenizer, packing=False, share_prompts=False).score_pairs(pairs)
+    for a, b in zip(got, want, strict=True):
         assert_same_scores(a, b)

@@ -122,7 +122,8 @@ class Metrics:
             "pairscore_forward_tokens",
             "Token positions run through the model, by kind: 'real' tokens, 'padded' positions "
             "(real + padding; padding efficiency = real / padded; packed rows have none), and "
-            "'reused' prompt tokens not run again because a shared prompt served several responses.",
+            "'reused' tokens not run again because a shared prompt served several responses "
+            "(or identical pairs were run once).",
             ["kind"],
             registry=r,
         )

@@ -4,7 +4,8 @@ Padding a batch to its longest sequence computes positions that are thrown
 away, and a prompt shared by several responses is computed once per pair.
 A packed row does neither. It holds *trees*: a tree is a prompt P = p ⊕ x
 and the responses scored on it; a pair whose prompt no other pair shares is
-a tree without responses. Each segment of the row has its own position ids,
+a tree without responses; identical pairs share one tree and one response
+segment. Each segment of the row has its own position ids,
 and attention runs segment by segment (:mod:`.packed_attention`), so no
 token sees another tree and a response sees only its own prompt::
 
@@ -51,13 +52,20 @@ class Tree:
 
     @property
     def size(self) -> int:
-        """Token positions this tree takes in a row."""
-        return self.prompt_inputs + sum(max(len(r) - 1, 0) for _, r in self.members)
+        """Token positions this tree takes in a row (a response given by several
+        members, i.e. identical pairs, runs once)."""
+        return self.prompt_inputs + sum(max(len(r) - 1, 0) for r in self.distinct_responses)
+
+    @property
+    def distinct_responses(self) -> set[tuple[int, ...]]:
+        return {r for _, r in self.members}
 
     @property
     def reused_tokens(self) -> int:
-        """Prompt positions not computed again because the members share them."""
-        return len(self.prompt) * (len(self.members) - 1)
+        """Positions not computed again: the prompt for every member but one, and
+        each repeated response (identical pairs) for every repeat."""
+        everyone = len(self.prompt) * len(self.members) + sum(len(r) for _, r in self.members)
+        return everyone - len(self.prompt) - sum(len(r) for r in self.distinct_responses)
 
 
 def build_trees(
@@ -175,7 +183,11 @@ def pack_row(trees: Sequence[Tree], *, device: torch.device) -> PackedRow:
         prompt_lps = (len(targets), len(targets) + plen - 1)
         score_rows += range(start, start + plen - 1)
         targets += tree.prompt[1:]
+        done: dict[tuple[int, ...], tuple[int, int]] = {}
         for pair, response in tree.members:
+            if response in done:  # an identical pair: same log-probs, computed once
+                pieces.append((pair, *prompt_lps, *done[response]))
+                continue
             first = len(targets)
             if response:
                 score_rows.append(start + plen - 1)  # the prompt's last row predicts y_1
@@ -187,6 +199,7 @@ def pack_row(trees: Sequence[Tree], *, device: torch.device) -> PackedRow:
                 segments.append(_response_segment(r_start, len(ids), start, start + plen, device))
                 score_rows += range(r_start, len(ids))
                 targets += response[1:]
+            done[response] = (first, len(targets))
             pieces.append((pair, *prompt_lps, first, len(targets)))
     return PackedRow(
         input_ids=torch.tensor([ids], dtype=torch.long).to(device),
