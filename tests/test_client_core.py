@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from pairscore import errors
 from pairscore._base import IterSettings, to_pair
-from pairscore._reconnect import ITEM_RETRY_ATTEMPTS, Reconnector, item_retry_delays
+from pairscore._reconnect import (
+    CORE_WRITE_FAILURE,
+    ITEM_RETRY_ATTEMPTS,
+    Reconnector,
+    item_retry_delays,
+    lane_error,
+)
 from pairscore._sequencer import Lane, Sequencer
 from pairscore.channel import ChannelSettings, RetryPolicy, TlsConfig
 from pairscore.types import ItemError, ItemErrorCode, Pair, PairScore
@@ -208,6 +214,30 @@ def test_reconnector_retries_retryable_codes_with_growing_backoff_then_gives_up(
     assert r.next_delay(_err(grpc.StatusCode.UNAVAILABLE)) is None
     assert r.next_delay(_err(grpc.StatusCode.INVALID_ARGUMENT)) is None
     assert Reconnector(None).next_delay(_err(grpc.StatusCode.UNAVAILABLE)) is None
+
+
+class _RpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_aio_local_write_failure_reads_as_a_broken_stream_and_is_resent() -> None:
+    """grpc.aio turns a write after the server ended the stream into INTERNAL 'Internal
+    error from Core' (grpc/grpc#36066): a lane broken that way reconnects, while a real
+    INTERNAL from the server does not."""
+    policy = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.01)
+    broken = lane_error(_RpcError(grpc.StatusCode.INTERNAL, CORE_WRITE_FAILURE), Lane())
+    assert isinstance(broken, errors.UnavailableError) and "36066" in broken.message
+    assert Reconnector(policy).next_delay(broken) is not None
+    real = lane_error(_RpcError(grpc.StatusCode.INTERNAL, "the model worker failed"), Lane())
+    assert real.code == grpc.StatusCode.INTERNAL
+    assert Reconnector(policy).next_delay(real) is None
 
 
 def test_item_retry_delays_stop_after_the_attempt_limit() -> None:

@@ -23,7 +23,12 @@ import grpc
 
 from pairscore._sequencer import Lane
 from pairscore.channel import RetryPolicy
-from pairscore.errors import DeadlineExceededError, ScoringError, error_from_rpc
+from pairscore.errors import (
+    DeadlineExceededError,
+    ScoringError,
+    UnavailableError,
+    error_from_rpc,
+)
 
 #: How often a pair refused for overload is sent again before its error is the result.
 ITEM_RETRY_ATTEMPTS = 10
@@ -49,14 +54,28 @@ def item_retry_delays(
     return delay
 
 
+#: What grpc.aio reports, as INTERNAL, when a write fails because the server
+#: already ended the stream (a server stopping, say): the server's own status
+#: is lost (grpc/grpc#36066). Our server never sends this text.
+CORE_WRITE_FAILURE = "Internal error from Core"
+
+
 def lane_error(exc: grpc.RpcError, lane: Lane) -> ScoringError:
-    """The typed error that broke ``lane`` (a stall reads as DEADLINE_EXCEEDED)."""
+    """The typed error that broke ``lane`` (a stall reads as DEADLINE_EXCEEDED, and
+    grpc.aio's local write failure as UNAVAILABLE: the stream broke under it)."""
     if lane.stalled:
         return DeadlineExceededError(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             "no answer on the stream within the timeout; the stream was cancelled",
         )
-    return error_from_rpc(exc)
+    error = error_from_rpc(exc)
+    if error.code == grpc.StatusCode.INTERNAL and error.message == CORE_WRITE_FAILURE:
+        return UnavailableError(
+            grpc.StatusCode.UNAVAILABLE,
+            "the stream broke while a batch was being sent (gRPC reported "
+            f"{CORE_WRITE_FAILURE!r}, which hides the server's status: grpc/grpc#36066)",
+        )
+    return error
 
 
 def unanswered_error(lane: Lane) -> ScoringError:
