@@ -79,11 +79,7 @@ def forward_passes(engine, prepared) -> int:
     """How many forward passes ``engine`` runs for ``prepared`` (shared prompts aside)."""
     if not engine.packing:
         return len(engine.plan_batches(prepared))
-    from pairscore_server.engine.packing import build_trees, plan_rows
-
-    trees = build_trees([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared],
-                        share_prompts=True, capacity=engine.max_batch_tokens)
-    return len(plan_rows([t.size for t in trees], capacity=engine.max_batch_tokens))
+    return len(engine.plan_packed_rows(prepared)[1])
 
 
 def prepared_ids(engine, pair: Pair, options: ScoreOptions) -> tuple[tuple[int, ...], int]:

@@ -30,7 +30,13 @@ from pairscore_server.engine.packed_attention import (
     disable_packed_attention,
     enable_packed_attention,
 )
-from pairscore_server.engine.packing import build_trees, pack_row, plan_rows
+from pairscore_server.engine.packing import (
+    Tree,
+    build_trees,
+    group_by_prompt,
+    pack_row,
+    plan_rows,
+)
 from pairscore_server.engine.prefix import Prefix, resolve_prefix
 from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.tokenization import PairTokenizer, TokenizedPair
@@ -242,10 +248,19 @@ class ScoringEngine:
         """Indices of pairs that share their prompt (p ⊕ x), in groups of two or more."""
         if not (self.limits.share_prompts and self._logprobs.split_head):
             return []
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, pair in enumerate(prepared):
-            groups.setdefault(pair.input_ids[: 1 + pair.prompt_tokens], []).append(i)
+        groups = group_by_prompt([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared])
         return [g for g in groups.values() if len(g) > 1]
+
+    def plan_packed_rows(self, prepared: Sequence[PreparedPair]) -> tuple[list[Tree], list[list[int]]]:
+        """The packed layout of ``prepared``: its trees (shared prompts, see
+        packing.py) and the tree indices of each row."""
+        trees = build_trees(
+            [p.input_ids for p in prepared],
+            [1 + p.prompt_tokens for p in prepared],
+            share_prompts=self.limits.share_prompts,
+            capacity=self.max_batch_tokens,
+        )
+        return trees, plan_rows([t.size for t in trees], capacity=self.max_batch_tokens)
 
     def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
         """Run the forward passes for ``prepared`` and return scores in the same order."""
@@ -254,15 +269,10 @@ class ScoringEngine:
         return self._score_padded(prepared)
 
     def _score_packed(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
-        trees = build_trees(
-            [p.input_ids for p in prepared],
-            [1 + p.prompt_tokens for p in prepared],
-            share_prompts=self.limits.share_prompts,
-            capacity=self.max_batch_tokens,
-        )
+        trees, rows = self.plan_packed_rows(prepared)
         lps: list[torch.Tensor | None] = [None] * len(prepared)
         computed = reused = 0
-        for members in plan_rows([t.size for t in trees], capacity=self.max_batch_tokens):
+        for members in rows:
             row = pack_row([trees[j] for j in members], device=self.device)
             for i, pair_lps in row.split(self._logprobs.packed(row).cpu()):
                 lps[i] = pair_lps

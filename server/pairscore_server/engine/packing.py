@@ -68,6 +68,17 @@ class Tree:
         return everyone - len(self.prompt) - sum(len(r) for r in self.distinct_responses)
 
 
+def group_by_prompt(
+    sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int]
+) -> dict[tuple[int, ...], list[int]]:
+    """Sequence indices by their prompt ids (the first ``prompt_lengths[i]``
+    tokens of sequence i: prefix and prompt), in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (seq, plen) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        groups.setdefault(tuple(seq[:plen]), []).append(i)
+    return groups
+
+
 def build_trees(
     sequences: Sequence[Sequence[int]],
     prompt_lengths: Sequence[int],
@@ -83,11 +94,8 @@ def build_trees(
     """
     if not share_prompts:
         return [Tree(tuple(s), ((i, ()),)) for i, s in enumerate(sequences)]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (seq, plen) in enumerate(zip(sequences, prompt_lengths, strict=True)):
-        groups.setdefault(tuple(seq[:plen]), []).append(i)
     trees: list[Tree] = []
-    for prompt, indices in groups.items():
+    for prompt, indices in group_by_prompt(sequences, prompt_lengths).items():
         if len(indices) == 1:
             trees.append(Tree(tuple(sequences[indices[0]]), ((indices[0], ()),)))
             continue

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions
 from pairscore_server.engine.engine import ForwardStats, ScoringEngine
+from pairscore_server.engine.packing import group_by_prompt
 from pairscore_server.engine.prepared import PreparedPair
 
 
@@ -62,9 +63,7 @@ class ReplicatedEngine:
 
     def split(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
         """Pair indices per replica: shared-prompt groups kept whole, tokens balanced."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, pair in enumerate(prepared):
-            groups.setdefault(pair.input_ids[: 1 + pair.prompt_tokens], []).append(i)
+        groups = group_by_prompt([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared])
         load = [0] * len(self.engines)
         parts: list[list[int]] = [[] for _ in self.engines]
         cost = {key: sum(prepared[i].num_tokens for i in idx) for key, idx in groups.items()}
