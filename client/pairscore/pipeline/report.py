@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pairscore.pipeline.columns import Metric, metric, value_of
 from pairscore.pipeline.formats import FormatError, RowReader, detect_format
+from pairscore.pipeline.stats import quantile
 
 REPORT_QUANTILES = (0.05, 0.5, 0.95)
 
@@ -28,13 +29,7 @@ class ReportData:
 
     def quantile(self, q: float) -> float:
         """The q-quantile (linear interpolation); NaN when there are no values."""
-        if not self.values:
-            return math.nan
-        ordered = sorted(self.values)
-        pos = q * (len(ordered) - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, len(ordered) - 1)
-        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+        return quantile(self.values, q)
 
     def share_kept(self, threshold: float) -> float:
         """The fraction of values on the better side of ``threshold`` (inclusive)."""

@@ -49,13 +49,7 @@ class Reservoir:
 
     def quantile(self, q: float) -> float:
         """The q-quantile (linear interpolation) of the sample; NaN when empty."""
-        if not self.values:
-            return math.nan
-        ordered = sorted(self.values)
-        pos = q * (len(ordered) - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, len(ordered) - 1)
-        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+        return quantile(self.values, q)
 
     def to_state(self) -> dict[str, Any]:
         """A JSON-able snapshot."""
@@ -71,6 +65,16 @@ class Reservoir:
         r.max = state["max"]
         return r
 
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile of ``values`` (linear interpolation); NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 @dataclass
 class RunStats:
