@@ -293,6 +293,16 @@ def test_round_robin_spreads_streams_over_every_replica(
     target = "ipv4:" + ",".join(r.target for r in replicas)  # what DNS gives for a headless Service
     pairs = [Pair(f"x{i}", "y", id=str(i)) for i in range(400)]
     with ScoringClient(target, timeout=20, load_balancing=policy) as client:
+        # round_robin picks only subchannels that are READY: streams opened while the
+        # second one is still connecting all go to the first. Wait until the channel
+        # has connected (unary calls until both replicas answered one, or 50 calls),
+        # then count only the streams' batches.
+        for _ in range(50):
+            if all(e.batches for e in engines):
+                break
+            client.score([Pair("warm", " up")])
+        for e in engines:
+            e.batches.clear()
         got = list(client.score_iter(pairs, batch_size=10, streams=4))
     assert [g.id for g in got] == [p.id for p in pairs]
     busy = [bool(e.batches) for e in engines]
