@@ -52,7 +52,7 @@ class ServerThread:
 
     def start(self, *, wait_ready: bool = True) -> ServerThread:
         """Start (again) on the same port once one was chosen."""
-        from pairscore_server.app import RunningServer
+        from pairscore_server.lifecycle import RunningServer
         from pairscore_server.config import ServerConfig
 
         self.loop = asyncio.new_event_loop()
@@ -102,7 +102,7 @@ class ServerThread:
 _SERVER_SCRIPT = """
 import asyncio, sys
 sys.path.insert(0, {tests!r})
-from pairscore_server.app import RunningServer
+from pairscore_server.lifecycle import RunningServer
 from pairscore_server.config import ServerConfig
 from fake_engine import FakeEngine
 

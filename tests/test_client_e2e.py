@@ -71,7 +71,7 @@ def mixed_pairs(engine: Any, n: int) -> list[Pair]:
 def reference(engine: Any, pairs: list[Pair]) -> list[Any]:
     """What the engine gives for each pair alone, in-process."""
     return [
-        p if isinstance(p, ItemError) else engine.score([p])[0] for p in engine.prepare(pairs, ScoreOptions())
+        p if isinstance(p, ItemError) else engine.score([p]).scores[0] for p in engine.prepare(pairs, ScoreOptions())
     ]
 
 

@@ -44,7 +44,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.config import ServerConfig, build_config, make_parser
+from pairscore_server.config import ServerConfig
+from pairscore_server.flags import build_config, make_parser
 from pairscore_server.engine.loading import EMBEDDED_PACKAGE, EMBEDDED_VERSION
 from pairscore_server.servicer import SERVICE_NAME
 
@@ -583,7 +584,7 @@ def declared_labelnames(metrics: Any) -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def exposition(tiny_engine: Any) -> Exposition:
     """/metrics of an in-process server on the tiny engine, after a few calls of each kind."""
-    from pairscore_server.app import RunningServer
+    from pairscore_server.lifecycle import RunningServer
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -171,7 +171,7 @@ def test_full_logits_path_matches_split_head(family):
     pairs = mixed_pairs(8, seed=5)
     split = make_engine(model, tokenizer)
     full = make_engine(model, tokenizer)
-    full._logprobs.split_head = False
+    full._logprobs.use_full_logits()
     for a, b in zip(split.score_pairs(pairs), full.score_pairs(pairs), strict=True):
         assert_same_scores(a, b)
 
@@ -211,9 +211,9 @@ def test_shared_prompts_run_once_and_score_like_separate_pairs(family):
     calls = []
     original = shared._logprobs.shared_prompt
     shared._logprobs.shared_prompt = lambda *a, **k: calls.append(a[0]) or original(*a, **k)
-    got = shared.score(prepared)
+    scored = shared.score(prepared)
+    got, stats = scored.scores, scored.stats
     assert len(calls) == 3, "each distinct prompt runs once"
-    stats = shared.last_stats
     prompt_lens = [1 + prepared[g[0]].prompt_tokens for g in groups]
     assert stats.reused_tokens == sum(n * 4 for n in prompt_lens)
     computed = sum(p.num_tokens for p in prepared) - stats.reused_tokens
@@ -235,8 +235,8 @@ def test_packed_rows_share_prompts_and_score_like_separate_pairs(family, capacit
     pairs = [Pair(x, y) for x in SHARED_PROMPTS for y in SHARED_RESPONSES] + [Pair("unique prompt", " y")]
     options = ScoreOptions(return_tokens=True)
     prepared = packed.prepare(pairs, options)
-    got = packed.score(prepared)
-    stats = packed.last_stats
+    scored = packed.score(prepared)
+    got, stats = scored.scores, scored.stats
     assert stats.padded_tokens == stats.real_tokens, "a packed row has no padding"
     n = len(SHARED_RESPONSES)
     prompt_lens = [1 + prepared[n * k].prompt_tokens for k in range(len(SHARED_PROMPTS))]

@@ -140,11 +140,11 @@ def test_identical_pairs_run_once(gpt2_family):
     eng = make_engine(model, tokenizer)
     once = [Pair("The capital of France is", " Paris."), Pair("lone", "")]
     pairs = [once[0], once[1], once[0], Pair("other", " y"), once[0], once[1]]
-    got = eng.score_pairs(pairs)
-    stats = eng.last_stats
-    eng.score_pairs(once + [Pair("other", " y")])
-    assert stats.real_tokens == eng.last_stats.real_tokens, "the repeats computed nothing"
     prepared = eng.prepare(pairs, ScoreOptions())
+    scored = eng.score(prepared)
+    got, stats = scored.scores, scored.stats
+    distinct = eng.score(eng.prepare(once + [Pair("other", " y")], ScoreOptions())).stats
+    assert stats.real_tokens == distinct.real_tokens, "the repeats computed nothing"
     assert stats.reused_tokens == 2 * prepared[0].num_tokens + prepared[1].num_tokens
     for i, j in ((0, 2), (0, 4), (1, 5)):
         assert got[i] == dataclasses.replace(got[j], id=got[i].id)

@@ -33,7 +33,7 @@ from pairscore.types import (
 )
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.app import RunningServer
+from pairscore_server.lifecycle import RunningServer
 from pairscore_server.config import ServerConfig
 from pairscore_server.servicer import RETRY_PUSHBACK_KEY
 
@@ -597,10 +597,10 @@ class _CrashableEngine:
         return getattr(self._inner, name)
 
     @property
-    def max_batch_tokens(self) -> int:
+    def max_call_tokens(self) -> int:
         if self.armed:
             raise RuntimeError("injected bug in the batching loop")
-        return self._inner.max_batch_tokens
+        return self._inner.max_call_tokens
 
 
 def test_a_crashed_batching_loop_turns_health_not_serving_and_callers_get_unavailable(

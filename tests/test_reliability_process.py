@@ -263,7 +263,8 @@ def test_damaged_model_directories_are_load_errors(
     gpt2_family: Any, tmp_path: Path, damage: str
 ) -> None:
     """In-process (the CLI path of a ModelLoadError is covered above)."""
-    from pairscore_server.engine.loading import ModelLoadError, ModelSpec, load_engine
+    from pairscore_server.engine.loading import load_engine
+    from pairscore_server.engine.spec import ModelLoadError, ModelSpec
 
     model, tokenizer = gpt2_family
     model.save_pretrained(str(tmp_path))

@@ -42,9 +42,10 @@ from pairscore.types import (
 )
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.app import RunningServer
+from pairscore_server.lifecycle import RunningServer
 from pairscore_server.config import ServerConfig
-from pairscore_server.engine.loading import ModelLoadError, ModelSpec
+from pairscore_server.engine.spec import ModelLoadError, ModelSpec
+from pairscore_server.engine import ScoredBatch
 from pairscore_server.servicer import SERVICE_NAME
 
 from fake_engine import FakeEngine, expected_score
@@ -67,7 +68,7 @@ class FailOnIdEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def score(self, prepared: Sequence[Any]) -> list[PairScore]:
+    def score(self, prepared: Sequence[Any]) -> ScoredBatch:
         if any(p.id.startswith(FAIL_ID) for p in prepared):
             raise RuntimeError("injected failure for a FAIL pair")
         return self._inner.score(prepared)
@@ -143,7 +144,7 @@ def server(engine_for_e2e: Any, start_server: Callable[..., ServerThread]) -> Se
 def reference_scores(engine: Any, pairs: Sequence[Pair], options: ScoreOptions) -> list[Any]:
     """What the engine gives for each pair alone, computed in-process."""
     return [
-        item if isinstance(item, ItemError) else engine.score([item])[0]
+        item if isinstance(item, ItemError) else engine.score([item]).scores[0]
         for item in engine.prepare(pairs, options)
     ]
 

@@ -5,11 +5,9 @@ engine on a single-thread executor, so the event loop never runs model code
 and the (not thread-safe) engine is only ever used from one thread.
 
 A batch closes when the next queued pair would push its padded size
-(longest pair x number of pairs) over ``engine.max_call_tokens`` (engines
-that split a call into forward passes themselves and want several passes'
-worth of pairs to group by length and shared prompt; else
-``engine.max_batch_tokens``), when it
-holds ``max_batch_pairs`` pairs, or when its oldest pair has waited
+(longest pair x number of pairs) over ``engine.max_call_tokens`` (several
+forward passes' worth, for the engine to group by length and shared
+prompt), when it holds ``max_batch_pairs`` pairs, or when its oldest pair has waited
 ``max_wait_s``. Pairs are taken in arrival order. A request may span several
 batches; it completes when its last pair is scored.
 
@@ -39,16 +37,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pairscore.types import ItemError, ItemErrorCode, ScoreOutcome
+from pairscore_server.engine.interface import ForwardStats, ScoredBatch
+from pairscore_server.engine.memory import is_out_of_memory, release_memory
 from pairscore_server.errors import (
     BatcherClosedError,
     BatchFailedError,
@@ -59,7 +57,7 @@ from pairscore_server.errors import (
 )
 
 if TYPE_CHECKING:
-    from pairscore_server.engine import PreparedPair, ScoringEngine
+    from pairscore_server.engine import Engine, PreparedPair
     from pairscore_server.metrics import Metrics
 
 __all__ = [
@@ -70,7 +68,6 @@ __all__ = [
     "QueueFullError",
     "RequestLimitError",
     "WorkerUnavailableError",
-    "is_out_of_memory",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,42 +88,6 @@ DROP_CANCELLED = "cancelled"
 DROP_DEADLINE = "deadline"
 DROP_SHUTDOWN = "shutdown"
 DROP_WORKER = "worker_unavailable"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` means "out of memory" (accelerator or host).
-
-    True for ``torch.OutOfMemoryError`` / ``torch.cuda.OutOfMemoryError``,
-    :class:`MemoryError`, and any RuntimeError whose message says "out of
-    memory" (what other torch backends raise). torch is only consulted if
-    something already imported it.
-    """
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        oom_types = tuple(
-            t
-            for t in (
-                getattr(torch, "OutOfMemoryError", None),
-                getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None),
-            )
-            if isinstance(t, type)
-        )
-        if oom_types and isinstance(exc, oom_types):
-            return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _release_memory() -> None:
-    """After an OOM: collect the failed pass's garbage and return cached accelerator memory."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    try:
-        if torch is not None and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-    except Exception:  # never let cleanup turn an OOM into a different failure
-        log.debug("emptying the CUDA cache failed", exc_info=True)
 
 
 def _short(exc: BaseException) -> str:
@@ -161,6 +122,17 @@ class _Item:
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
+@dataclass(frozen=True)
+class _Forward:
+    """One batch's trip through the model thread: its outcomes, what the engine measured
+    (added up over the calls an out-of-memory split made) and the wall time."""
+
+    outcomes: list[ScoreOutcome]
+    stats: ForwardStats
+    replica_seconds: tuple[float, ...]
+    seconds: float
+
+
 class Batcher:
     """Collects pairs from concurrent callers into batches for one engine.
 
@@ -172,7 +144,7 @@ class Batcher:
 
     def __init__(
         self,
-        engine: ScoringEngine,
+        engine: Engine,
         executor: Executor,
         *,
         max_batch_pairs: int,
@@ -462,7 +434,7 @@ class Batcher:
             await self._wait_for_work(None)
         self._collecting = batch = [first]
         longest = first.prepared.num_tokens
-        budget = getattr(self._engine, "max_call_tokens", self._engine.max_batch_tokens)
+        budget = self._engine.max_call_tokens
         deadline = first.enqueued_at + self._max_wait_s
         while len(batch) < self._max_batch_pairs:
             if not self._queue:
@@ -486,37 +458,38 @@ class Batcher:
         self._collecting = []
         return batch
 
-    def _forward(self, prepared: list[PreparedPair]) -> tuple[list[ScoreOutcome], float, Any, Any]:
-        """Runs on the model thread: score the batch (splitting on OOM), timed.
-
-        Also returns the engine's token accounting of the call (``last_stats``)
-        and each replica's busy time (``last_replica_seconds``), read on the
-        same thread; None for engines that keep none.
-        """
+    def _forward(self, prepared: list[PreparedPair]) -> _Forward:
+        """Runs on the model thread: score the batch (splitting on OOM), timed."""
         started = time.perf_counter()
-        outcomes = self._score_splitting(prepared)
+        measured: list[ScoredBatch] = []
+        outcomes = self._score_splitting(prepared, measured)
         seconds = time.perf_counter() - started
-        replicas = getattr(self._engine, "last_replica_seconds", None)
-        if replicas is None and hasattr(self._engine, "last_stats"):
-            replicas = (seconds,)
-        return outcomes, seconds, getattr(self._engine, "last_stats", None), replicas
+        stats = sum((m.stats for m in measured), ForwardStats())
+        replicas = [0.0] * max((len(m.replica_seconds) for m in measured), default=0)
+        for m in measured:
+            for i, busy in enumerate(m.replica_seconds):
+                replicas[i] += busy
+        return _Forward(outcomes, stats, tuple(replicas), seconds)
 
-    def _score_splitting(self, prepared: list[PreparedPair]) -> list[ScoreOutcome]:
+    def _score_splitting(
+        self, prepared: list[PreparedPair], measured: list[ScoredBatch]
+    ) -> list[ScoreOutcome]:
         """engine.score; on out-of-memory, score each half, down to single pairs."""
         try:
-            scores = list(self._engine.score(prepared))
+            scored = self._engine.score(prepared)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
             reason = _short(exc)
         else:
-            if len(scores) != len(prepared):
+            if len(scored.scores) != len(prepared):
                 raise RuntimeError(
-                    f"engine returned {len(scores)} scores for a batch of {len(prepared)} pairs"
+                    f"engine returned {len(scored.scores)} scores for a batch of {len(prepared)} pairs"
                 )
-            return scores
+            measured.append(scored)
+            return list(scored.scores)
         # The exception (and the traceback holding the failed pass's tensors) is gone here.
-        _release_memory()
+        release_memory()
         tokens = sum(p.num_tokens for p in prepared)
         if len(prepared) == 1:
             pair = prepared[0]
@@ -534,7 +507,9 @@ class Batcher:
         if self._metrics is not None:
             self._metrics.oom_splits.inc()
         mid = len(prepared) // 2
-        return self._score_splitting(prepared[:mid]) + self._score_splitting(prepared[mid:])
+        return self._score_splitting(prepared[:mid], measured) + self._score_splitting(
+            prepared[mid:], measured
+        )
 
     def _live_batch(self, batch: list[_Item]) -> list[_Item]:
         """The batch without pairs whose caller left or whose deadline passed meanwhile."""
@@ -564,9 +539,7 @@ class Batcher:
         self._in_flight, self._in_flight_tokens = batch, tokens
         self._forward_started = time.monotonic()
         try:
-            outcomes, seconds, stats, replica_seconds = await loop.run_in_executor(
-                self._executor, self._forward, prepared
-            )
+            forward = await loop.run_in_executor(self._executor, self._forward, prepared)
         except Exception as exc:  # the whole batch failed: fail exactly its requests
             log.error("a batch of %d pairs failed: %s", len(batch), _short(exc), exc_info=exc)
             failed = {id(item.request): item.request for item in batch}
@@ -586,6 +559,7 @@ class Batcher:
                 self._stalled = False
             self._in_flight, self._in_flight_tokens = [], 0
             self._forward_started = None
+        seconds = forward.seconds
         if seconds > 0:
             rate = tokens / seconds
             old = self._tokens_per_s
@@ -593,18 +567,13 @@ class Batcher:
                 rate if old is None else old + _THROUGHPUT_SMOOTHING * (rate - old)
             )
         if self._metrics is not None:
-            if stats is not None:
-                self._metrics.observe_batch(
-                    pairs=len(prepared), padded_tokens=stats.padded_tokens, seconds=seconds,
-                    real_tokens=stats.real_tokens, reused_tokens=stats.reused_tokens,
-                    replica_seconds=replica_seconds or (),
-                )
-            else:
-                longest = max(p.num_tokens for p in prepared)
-                self._metrics.observe_batch(
-                    pairs=len(prepared), padded_tokens=longest * len(prepared), seconds=seconds
-                )
-        for item, outcome in zip(batch, outcomes, strict=True):
+            stats = forward.stats
+            self._metrics.observe_batch(
+                pairs=len(prepared), padded_tokens=stats.padded_tokens, seconds=seconds,
+                real_tokens=stats.real_tokens, reused_tokens=stats.reused_tokens,
+                replica_seconds=forward.replica_seconds,
+            )
+        for item, outcome in zip(batch, forward.outcomes, strict=True):
             request = item.request
             if request.future.done():  # cancelled (or abandoned) while its batch ran
                 continue

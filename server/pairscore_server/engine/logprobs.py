@@ -138,7 +138,8 @@ class LogprobComputer:
     Models whose logits are more than that projection (soft-capping,
     scaling) must use ``split_head=False``: then the model's own logits are
     used, still turned into log-probs chunk by chunk in float32.
-    :meth:`head_is_plain` tells which applies.
+    :meth:`head_is_plain` tells which applies, and :meth:`use_full_logits`
+    switches to the full-logits path.
     """
 
     def __init__(self, model: torch.nn.Module, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -154,6 +155,10 @@ class LogprobComputer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def use_full_logits(self) -> None:
+        """Use the model's own logits from now on (for heads that are not a plain projection)."""
+        self.split_head = False
 
     def _hidden(self, batch: Batch) -> torch.Tensor:
         out = self.model.base_model(
