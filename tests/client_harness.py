@@ -52,8 +52,8 @@ class ServerThread:
 
     def start(self, *, wait_ready: bool = True) -> ServerThread:
         """Start (again) on the same port once one was chosen."""
-        from pairscore_server.lifecycle import RunningServer
         from pairscore_server.config import ServerConfig
+        from pairscore_server.lifecycle import RunningServer
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

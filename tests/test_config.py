@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from pairscore_server.config import ServerConfig
-from pairscore_server.flags import build_config, make_parser
 from pairscore_server.engine.spec import ModelSpec
+from pairscore_server.flags import build_config, make_parser
 
 
 def test_defaults_without_flags_or_env() -> None:

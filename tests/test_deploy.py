@@ -45,8 +45,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 from pairscore_server.config import ServerConfig
-from pairscore_server.flags import build_config, make_parser
 from pairscore_server.engine.loading import EMBEDDED_PACKAGE, EMBEDDED_VERSION
+from pairscore_server.flags import build_config, make_parser
 from pairscore_server.servicer import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]

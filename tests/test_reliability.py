@@ -33,8 +33,8 @@ from pairscore.types import (
 )
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.lifecycle import RunningServer
 from pairscore_server.config import ServerConfig
+from pairscore_server.lifecycle import RunningServer
 from pairscore_server.servicer import RETRY_PUSHBACK_KEY
 
 from fake_engine import FakeEngine, expected_score

@@ -30,8 +30,8 @@ from test_server_e2e import ServerThread, _samples, make_config
 
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.lifecycle import RunningServer, StartupError
 from pairscore_server.auth import TokenSet, bearer_token, parse_token_file
+from pairscore_server.lifecycle import RunningServer, StartupError
 
 from fake_engine import FakeEngine
 

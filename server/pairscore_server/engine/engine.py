@@ -21,7 +21,7 @@ from pairscore.types import (
     TokenizationMode,
     TokenScore,
 )
-from pairscore_server.engine.interface import Engine, ForwardStats, ScoredBatch, score_pairs
+from pairscore_server.engine.interface import CausalLM, Engine, ForwardStats, ScoredBatch, score_pairs
 from pairscore_server.engine.kernels import fuse_activations
 from pairscore_server.engine.logprobs import (
     DEFAULT_CHUNK_BYTES,
@@ -111,7 +111,7 @@ class ScoringEngine(Engine):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         tokenizer: Any,
         *,
         description: ModelDescription,

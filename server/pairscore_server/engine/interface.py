@@ -15,10 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions, ScoreOutcome
 from pairscore_server.engine.prepared import PreparedPair
+
+#: The model an engine wraps: a transformers causal LM (``PreTrainedModel``). Typed
+#: ``Any``: torch types every attribute of a ``torch.nn.Module`` as ``Tensor | Module``,
+#: which would make each ``model.base_model`` or ``model.config`` access a type error.
+CausalLM: TypeAlias = Any
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from pairscore_server.engine.engine import EngineLimits, ModelDescription, ScoringEngine
+from pairscore_server.engine.interface import CausalLM, Engine
 from pairscore_server.engine.logprobs import CUDA_CHUNK_BYTES, DEFAULT_CHUNK_BYTES
-from pairscore_server.engine.interface import Engine
 from pairscore_server.engine.spec import ModelLoadError, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def _dequantised_copy(gguf: Path, cache_dir: Path) -> Path:
     log.info("dequantising %s once into %s (later starts reuse it)", gguf.name, target)
     start = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: CausalLM = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     # The weights are plain float32 tensors now; drop the GGUF marker so the
@@ -223,7 +223,7 @@ def _load_one(spec: ModelSpec, device: torch.device) -> ScoringEngine:
     try:
         where, description = _source(spec, cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(where, revision=spec.revision)
-        model = AutoModelForCausalLM.from_pretrained(where, revision=spec.revision, dtype=dtype)
+        model: CausalLM = AutoModelForCausalLM.from_pretrained(where, revision=spec.revision, dtype=dtype)
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers raises many types: OSError, ValueError, KeyError...
