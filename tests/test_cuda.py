@@ -18,8 +18,8 @@ import torch
 from pairscore.types import PairScore, ScoreOptions
 from pairscore_server.engine import PreparedPair
 
-from conftest import make_engine
-from test_engine_math import mixed_pairs
+from harness.models import make_engine
+from harness.scoring import mixed_pairs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -12,8 +12,8 @@ from pairscore.types import Pair, ScoreOptions
 from pairscore_server.engine import packed_attention
 from pairscore_server.engine.packing import Tree, build_trees, pack_row, plan_rows
 
-from conftest import make_engine
-from test_engine_math import assert_same_scores, mixed_pairs
+from harness.models import make_engine
+from harness.scoring import assert_same_scores, mixed_pairs
 
 
 def test_lone_pairs_are_trees_of_their_own():

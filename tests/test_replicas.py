@@ -11,8 +11,8 @@ from pairscore_server.engine.loading import load_engine, resolve_devices
 from pairscore_server.engine.replicas import ReplicatedEngine
 from pairscore_server.engine.spec import ModelSpec
 
-from conftest import make_engine
-from test_engine_math import assert_same_scores, mixed_pairs
+from harness.models import make_engine
+from harness.scoring import assert_same_scores, mixed_pairs
 
 
 @pytest.fixture(scope="module")
