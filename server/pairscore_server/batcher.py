@@ -44,9 +44,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pairscore.types import ItemError, ItemErrorCode, ScoreOutcome
-from pairscore_server.engine.interface import ForwardStats, ScoredBatch
-from pairscore_server.engine.memory import is_out_of_memory, release_memory
+from pairscore.types import ScoreOutcome
 from pairscore_server.errors import (
     BatcherClosedError,
     BatchFailedError,
@@ -55,6 +53,7 @@ from pairscore_server.errors import (
     RequestLimitError,
     WorkerUnavailableError,
 )
+from pairscore_server.worker import ModelWorker, short_reason
 
 if TYPE_CHECKING:
     from pairscore_server.engine import Engine, PreparedPair
@@ -81,18 +80,12 @@ DEFAULT_RETRY_AFTER_S = 1.0
 #: side gives up at its deadline a little before the server's own timer fires.
 DEADLINE_SLACK_S = 0.05
 _THROUGHPUT_SMOOTHING = 0.3  # weight of the newest batch in the tokens/s estimate
-_MAX_REASON_CHARS = 300
 
 # Reasons of pairscore_dropped_pairs_total.
 DROP_CANCELLED = "cancelled"
 DROP_DEADLINE = "deadline"
 DROP_SHUTDOWN = "shutdown"
 DROP_WORKER = "worker_unavailable"
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 3] + "..."
 
 
 @dataclass(eq=False)
@@ -122,17 +115,6 @@ class _Item:
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class _Forward:
-    """One batch's trip through the model thread: its outcomes, what the engine measured
-    (added up over the calls an out-of-memory split made) and the wall time."""
-
-    outcomes: list[ScoreOutcome]
-    stats: ForwardStats
-    replica_seconds: tuple[float, ...]
-    seconds: float
-
-
 class Batcher:
     """Collects pairs from concurrent callers into batches for one engine.
 
@@ -159,6 +141,7 @@ class Batcher:
         if max_queue_tokens is not None and max_queue_tokens < 1:
             raise ValueError(f"max_queue_tokens must be >= 1, got {max_queue_tokens}")
         self._engine = engine
+        self._worker = ModelWorker(engine, metrics)
         self._executor = executor
         self._max_batch_pairs = max_batch_pairs
         self._max_wait_s = max_wait_s
@@ -458,59 +441,6 @@ class Batcher:
         self._collecting = []
         return batch
 
-    def _forward(self, prepared: list[PreparedPair]) -> _Forward:
-        """Runs on the model thread: score the batch (splitting on OOM), timed."""
-        started = time.perf_counter()
-        measured: list[ScoredBatch] = []
-        outcomes = self._score_splitting(prepared, measured)
-        seconds = time.perf_counter() - started
-        stats = sum((m.stats for m in measured), ForwardStats())
-        replicas = [0.0] * max((len(m.replica_seconds) for m in measured), default=0)
-        for m in measured:
-            for i, busy in enumerate(m.replica_seconds):
-                replicas[i] += busy
-        return _Forward(outcomes, stats, tuple(replicas), seconds)
-
-    def _score_splitting(
-        self, prepared: list[PreparedPair], measured: list[ScoredBatch]
-    ) -> list[ScoreOutcome]:
-        """engine.score; on out-of-memory, score each half, down to single pairs."""
-        try:
-            scored = self._engine.score(prepared)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            reason = _short(exc)
-        else:
-            if len(scored.scores) != len(prepared):
-                raise RuntimeError(
-                    f"engine returned {len(scored.scores)} scores for a batch of {len(prepared)} pairs"
-                )
-            measured.append(scored)
-            return list(scored.scores)
-        # The exception (and the traceback holding the failed pass's tensors) is gone here.
-        release_memory()
-        tokens = sum(p.num_tokens for p in prepared)
-        if len(prepared) == 1:
-            pair = prepared[0]
-            log.warning("a pair of %d tokens does not fit in memory even alone", tokens)
-            message = (
-                f"out of memory scoring this pair ({tokens} tokens) even alone in its batch; "
-                f"shorten it or retry later ({reason})"
-            )
-            return [ItemError(ItemErrorCode.RESOURCE_EXHAUSTED, message, pair.id)]
-        log.warning(
-            "out of memory on a batch of %d pairs (%d tokens); retrying it in two halves",
-            len(prepared),
-            tokens,
-        )
-        if self._metrics is not None:
-            self._metrics.oom_splits.inc()
-        mid = len(prepared) // 2
-        return self._score_splitting(prepared[:mid], measured) + self._score_splitting(
-            prepared[mid:], measured
-        )
-
     def _live_batch(self, batch: list[_Item]) -> list[_Item]:
         """The batch without pairs whose caller left or whose deadline passed meanwhile."""
         now = time.monotonic()
@@ -539,13 +469,13 @@ class Batcher:
         self._in_flight, self._in_flight_tokens = batch, tokens
         self._forward_started = time.monotonic()
         try:
-            forward = await loop.run_in_executor(self._executor, self._forward, prepared)
+            forward = await loop.run_in_executor(self._executor, self._worker.run, prepared)
         except Exception as exc:  # the whole batch failed: fail exactly its requests
-            log.error("a batch of %d pairs failed: %s", len(batch), _short(exc), exc_info=exc)
+            log.error("a batch of %d pairs failed: %s", len(batch), short_reason(exc), exc_info=exc)
             failed = {id(item.request): item.request for item in batch}
             for request in failed.values():
                 if not request.future.done():
-                    err = BatchFailedError(f"scoring failed: {_short(exc)}")
+                    err = BatchFailedError(f"scoring failed: {short_reason(exc)}")
                     err.__cause__ = exc
                     request.future.set_exception(err)
                 self._drop(request)
@@ -596,7 +526,7 @@ class Batcher:
             raise
         except Exception as exc:  # a bug in the loop itself: fail everyone, don't hang them
             log.critical("the batching loop crashed", exc_info=exc)
-            crashed = BatcherClosedError(f"the batching loop crashed: {_short(exc)}")
+            crashed = BatcherClosedError(f"the batching loop crashed: {short_reason(exc)}")
             self._fail_in_flight(crashed, DROP_WORKER)
             self._fail_pending(crashed, DROP_WORKER)
             raise
