@@ -458,7 +458,10 @@ def test_abandoning_a_stuck_worker_fails_its_callers_and_refuses_work_until_it_a
             assert h.batcher.stalled
             with pytest.raises(WorkerUnavailableError):
                 await h.score(pair("refused"))
-            assert h.sample("pairscore_dropped_pairs_total", reason="worker_unavailable") == 1
+            # Every pair of a failed request is dropped, the one in the model too (issue 12:
+            # before, in-flight pairs were in no counter); the refused one was never admitted.
+            assert h.sample("pairscore_dropped_pairs_total", reason="worker_unavailable") == 2
+            assert h.sample("pairscore_rejected_pairs_total", reason="worker_unavailable") == 1
             gate.set()  # the worker answers again
             for _ in range(100):
                 if not h.batcher.stalled:

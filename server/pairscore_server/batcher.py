@@ -18,9 +18,20 @@ Overload, time and faults:
   does not fit now raises :class:`QueueFullError` at once, with a retry hint
   from the measured throughput; one larger than the whole queue raises
   :class:`RequestLimitError`. Memory held by queued work is thus bounded.
-* **Deadlines and cancellation.** Pairs of a caller that cancelled, or whose
-  deadline passed, are dropped before they reach the model and counted in
-  ``pairscore_dropped_pairs_total{reason}``; their batch mates are scored.
+* **Deadlines and cancellation.** A request whose deadline the measured
+  throughput cannot meet (the queue ahead of it and its own tokens take
+  longer than it has left) is refused at admission with
+  :class:`QueueFullError`. Pairs of a caller that cancelled, or whose
+  deadline passed, are dropped before they reach the model; their batch
+  mates are scored.
+* **Accounting.** Every pair offered to :meth:`check_admission` /
+  :meth:`submit` ends in exactly one counter: refused ones in
+  ``pairscore_rejected_pairs_total{reason}``; admitted ones that never get an
+  answer (the caller left, the deadline passed, their batch failed, the
+  worker got stuck, the server shut down) in
+  ``pairscore_dropped_pairs_total{reason}``, all of the request's pairs at
+  the moment it ends, wherever they were (queued, in the model, done); the
+  rest are answered, and the service counts their outcomes.
 * **Out of memory.** When ``engine.score`` runs out of (accelerator) memory,
   the batch is split in halves and each half retried, down to single pairs;
   only a pair that does not fit alone fails, with an
@@ -49,6 +60,7 @@ from pairscore_server.errors import (
     BatcherClosedError,
     BatchFailedError,
     DeadlineExceededError,
+    DeadlineUnmeetableError,
     QueueFullError,
     RequestLimitError,
     WorkerUnavailableError,
@@ -81,11 +93,41 @@ DEFAULT_RETRY_AFTER_S = 1.0
 DEADLINE_SLACK_S = 0.05
 _THROUGHPUT_SMOOTHING = 0.3  # weight of the newest batch in the tokens/s estimate
 
-# Reasons of pairscore_dropped_pairs_total.
+# Reasons of pairscore_dropped_pairs_total and pairscore_rejected_pairs_total.
 DROP_CANCELLED = "cancelled"
 DROP_DEADLINE = "deadline"
 DROP_SHUTDOWN = "shutdown"
 DROP_WORKER = "worker_unavailable"
+DROP_FAILED = "batch_failed"
+REJECT_QUEUE_FULL = "queue_full"
+REJECT_REQUEST_LIMIT = "request_limit"
+
+
+def counts_as_deadline(remaining_s: float | None, budget_s: float | None) -> bool:
+    """Whether a caller that left with ``remaining_s`` of its ``budget_s`` deadline left gave
+    up because of its deadline. The client's timer fires a little before the server's
+    (the deadline travels as a timeout), so the last 5 % of the budget, and at least
+    :data:`DEADLINE_SLACK_S`, count as "deadline" rather than "cancelled"."""
+    if remaining_s is None:
+        return False
+    slack = DEADLINE_SLACK_S if budget_s is None else max(DEADLINE_SLACK_S, 0.05 * budget_s)
+    return remaining_s <= slack
+
+
+_ADMISSION_REASONS = (BatcherClosedError, RequestLimitError, QueueFullError)
+
+
+def _admission_reason(exc: BaseException) -> str:
+    """The ``reason`` label of a refusal at admission."""
+    if isinstance(exc, WorkerUnavailableError):
+        return DROP_WORKER
+    if isinstance(exc, BatcherClosedError):
+        return DROP_SHUTDOWN
+    if isinstance(exc, RequestLimitError):
+        return REJECT_REQUEST_LIMIT
+    if isinstance(exc, DeadlineUnmeetableError):
+        return DROP_DEADLINE
+    return REJECT_QUEUE_FULL
 
 
 @dataclass(eq=False)
@@ -94,12 +136,12 @@ class _Request:
 
     future: asyncio.Future[list[ScoreOutcome]]
     results: list[ScoreOutcome | None]
+    pairs: int  # all its pairs
     remaining: int  # pairs not scored yet
     queued: int  # pairs still in the queue
     queued_tokens: int  # their tokens
     deadline: float | None = None  # time.monotonic() after which the caller no longer waits
-    dropped: bool = False  # finished early (failed/cancelled): its queued pairs are dead
-    drop_reason: str | None = None  # why, for pairscore_dropped_pairs_total (None: not counted)
+    dropped: bool = False  # finished early (failed/cancelled): its pairs are dead and counted
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -222,15 +264,27 @@ class Batcher:
         except Exception:  # a crashed loop already logged why
             pass
 
-    def check_admission(self, *, tokens: int, pairs: int, at_least: bool = False) -> None:
+    def check_admission(
+        self, *, tokens: int, pairs: int, at_least: bool = False, deadline: float | None = None
+    ) -> None:
         """Raise if a request of ``tokens`` tokens / ``pairs`` pairs cannot be queued now.
 
         :class:`RequestLimitError` if it is larger than the whole queue (it
-        never fits), :class:`QueueFullError` if it does not fit now, and
-        :class:`BatcherClosedError` / :class:`WorkerUnavailableError` when no
-        work is taken at all. Cheap; callers may pre-check with a lower
-        bound (one token per pair, ``at_least=True``) before tokenizing.
+        never fits), :class:`QueueFullError` if it does not fit now or the
+        measured throughput cannot score it before ``deadline`` (a
+        ``time.monotonic()`` value), and :class:`BatcherClosedError` /
+        :class:`WorkerUnavailableError` when no work is taken at all. The
+        refused pairs are counted in ``pairscore_rejected_pairs_total``.
+        Cheap; callers may pre-check with a lower bound (one token per pair,
+        ``at_least=True``) before tokenizing.
         """
+        try:
+            self._admit(tokens=tokens, at_least=at_least, deadline=deadline)
+        except _ADMISSION_REASONS as exc:
+            self._count("rejected", _admission_reason(exc), pairs)
+            raise
+
+    def _admit(self, *, tokens: int, at_least: bool, deadline: float | None) -> None:
         if self._closing or not self.running:
             raise BatcherClosedError("the server is shutting down and takes no new work")
         if self._stalled:
@@ -239,23 +293,38 @@ class Batcher:
                 "the server refuses work until it does (retry on another replica)"
             )
         cap = self._max_queue_tokens
-        if cap is None:
-            return
         needs = f"at least {tokens}" if at_least else f"{tokens}"
-        if tokens > cap:
+        if cap is not None and tokens > cap:
             raise RequestLimitError(
                 f"request needs {needs} tokens but the server queues at most {cap} tokens "
                 "(max_queue_tokens); split it into smaller requests"
             )
-        if self._live_tokens + tokens > cap:
+        if cap is not None and self._live_tokens + tokens > cap:
             retry = self.retry_after_s()
-            if self._metrics is not None:
-                self._metrics.rejected_pairs.labels(reason="queue_full").inc(pairs)
             raise QueueFullError(
                 f"server overloaded: its queue holds {self._live_tokens} of {cap} tokens and "
                 f"this request needs {needs}; retry in about {retry * 1000:.0f} ms",
                 retry,
             )
+        rate = self._tokens_per_s
+        if deadline is not None and rate:
+            ahead = self._live_tokens + self._in_flight_tokens
+            wait = (ahead + tokens) / rate
+            left = deadline - time.monotonic()
+            if 0 < left < wait:  # one already past is DeadlineExceededError, in submit()
+                retry = self.retry_after_s()
+                raise DeadlineUnmeetableError(
+                    f"the server cannot meet this request's deadline: at the measured "
+                    f"{rate:.0f} tokens/s, the {ahead} tokens queued ahead of it and its own "
+                    f"{needs} take about {wait:.2f} s, and it has {left:.2f} s left; "
+                    "retry with a longer deadline, later, or on another replica",
+                    retry,
+                )
+
+    def _count(self, counter: str, reason: str, pairs: int) -> None:
+        if self._metrics is not None and pairs:
+            metric = self._metrics.rejected_pairs if counter == "rejected" else self._metrics.dropped_pairs
+            metric.labels(reason=reason).inc(pairs)
 
     def retry_after_s(self) -> float:
         """How long the queued work will take at the measured throughput (clamped)."""
@@ -286,15 +355,16 @@ class Batcher:
             return []
         n = len(prepared)
         tokens = sum(p.num_tokens for p in prepared)
-        self.check_admission(tokens=tokens, pairs=n)
+        self.check_admission(tokens=tokens, pairs=n, deadline=deadline)
         now = time.monotonic()
         if deadline is not None and now >= deadline:
-            self._count_dropped(DROP_DEADLINE, n)
+            self._count("dropped", DROP_DEADLINE, n)
             raise DeadlineExceededError("the deadline passed before the pairs were queued")
         loop = asyncio.get_running_loop()
         request = _Request(
             future=loop.create_future(),
             results=[None] * n,
+            pairs=n,
             remaining=n,
             queued=n,
             queued_tokens=tokens,
@@ -312,8 +382,9 @@ class Batcher:
             return await request.future
         except asyncio.CancelledError:
             request.future.cancel()
-            expired = request.expired(time.monotonic() + DEADLINE_SLACK_S)
-            self._drop(request, DROP_DEADLINE if expired else DROP_CANCELLED)
+            left = None if deadline is None else deadline - time.monotonic()
+            budget = None if deadline is None else deadline - now
+            self._drop(request, DROP_DEADLINE if counts_as_deadline(left, budget) else DROP_CANCELLED)
             raise
 
     def abandon_in_flight(self, reason: str) -> None:
@@ -336,24 +407,19 @@ class Batcher:
             self._metrics.queue_pairs.set(self._live)
             self._metrics.queue_tokens.set(self._live_tokens)
 
-    def _count_dropped(self, reason: str, pairs: int) -> None:
-        if self._metrics is not None and pairs:
-            self._metrics.dropped_pairs.labels(reason=reason).inc(pairs)
+    def _drop(self, request: _Request, reason: str) -> None:
+        """Mark a request that finished early (failed, cancelled, expired): its pairs are dead.
 
-    def _drop(self, request: _Request, reason: str | None = None) -> None:
-        """Mark a request that finished early (failed, cancelled, expired): its queued pairs are dead.
-
-        Dead pairs stay in the deque (removing them would cost O(queue) per
-        request) and are skipped when they reach its head. With a
-        ``reason``, its queued pairs count as dropped before the model.
+        All its pairs count as dropped for ``reason``, once, wherever they
+        are. Dead pairs stay in the deque (removing them would cost O(queue)
+        per request) and are skipped when they reach its head; results of
+        ones in the model are thrown away.
         """
         if not request.dropped:
             request.dropped = True
-            request.drop_reason = reason
             self._live -= request.queued
             self._live_tokens -= request.queued_tokens
-            if reason is not None:
-                self._count_dropped(reason, request.queued)
+            self._count("dropped", reason, request.pairs)
             self._queue_changed()
 
     def _expire(self, request: _Request) -> None:
@@ -381,7 +447,6 @@ class Batcher:
             return False
         if request.expired(now):
             self._expire(request)
-            self._count_dropped(DROP_DEADLINE, 1)  # this popped pair
             return False
         return True
 
@@ -450,8 +515,6 @@ class Batcher:
             if not request.future.done() and request.expired(now):
                 self._expire(request)
             if request.future.done():
-                if request.drop_reason is not None:
-                    self._count_dropped(request.drop_reason, 1)
                 continue
             live.append(item)
         return live
@@ -478,7 +541,7 @@ class Batcher:
                     err = BatchFailedError(f"scoring failed: {short_reason(exc)}")
                     err.__cause__ = exc
                     request.future.set_exception(err)
-                self._drop(request)
+                self._drop(request, DROP_FAILED)
             return
         finally:
             if self._stalled:

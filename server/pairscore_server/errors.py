@@ -43,6 +43,10 @@ class DeadlineExceededError(RuntimeError):
     """The caller's deadline passed before its pairs reached the model."""
 
 
+class DeadlineUnmeetableError(QueueFullError):
+    """Admission: at the measured throughput the request cannot be scored before its deadline."""
+
+
 @dataclass(frozen=True)
 class Failure:
     """How one kind of failure reaches the caller.

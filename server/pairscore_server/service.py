@@ -28,7 +28,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
@@ -40,7 +40,7 @@ from pairscore.types import (
     ScoreOptions,
     ScoreOutcome,
 )
-from pairscore_server.batcher import Batcher
+from pairscore_server.batcher import DROP_DEADLINE, REJECT_REQUEST_LIMIT, Batcher
 from pairscore_server.errors import (
     DeadlineExceededError,
     RequestLimitError,
@@ -130,48 +130,75 @@ class ScoringService:
         QueueFullError, DeadlineExceededError or BatchFailedError, or with
         ``errors_as_items=True`` become item errors for the pairs not
         already rejected. BatcherClosedError (shutting down, stuck worker)
-        always raises.
+        always raises. Each pair is counted once: its own outcome in
+        ``pairscore_pairs_total``, or the request's fate in
+        ``pairscore_rejected_pairs_total`` / ``pairscore_dropped_pairs_total``.
         """
         if not pairs:
             return []
+        n = len(pairs)
         try:
-            n = len(pairs)
             if n > self.limits.max_pairs_per_request:
+                self._count_rejected(REJECT_REQUEST_LIMIT, n)
                 raise RequestLimitError(
                     f"request has {n} pairs; this server takes at most "
                     f"{self.limits.max_pairs_per_request} pairs per request "
                     "(max_pairs_per_request); split it"
                 )
             if deadline is not None and time.monotonic() >= deadline:
+                self._count_rejected(DROP_DEADLINE, n)
                 raise DeadlineExceededError("the deadline passed before scoring started")
-            self._batcher.check_admission(tokens=n, pairs=n, at_least=True)  # >= 1 token a pair
+            # >= 1 token a pair; the batcher counts what it refuses
+            self._batcher.check_admission(tokens=n, pairs=n, at_least=True, deadline=deadline)
         except Exception as exc:
             item = _as_item_error(exc) if errors_as_items else None
             if item is None:
                 raise
-            return self._finish(pairs, [item] * n)
+            return self._finish(pairs, [item] * n, counted=False)
         prepared = await self._prepare(pairs, options)
         ready = [p for p in prepared if not isinstance(p, ItemError)]
-        scores: Iterator[ScoreOutcome]
         try:
             scores = iter(await self._batcher.submit(ready, deadline=deadline) if ready else [])
         except Exception as exc:
+            # The batcher counted the ready pairs; the ones prepare() answered are counted here.
             item = _as_item_error(exc) if errors_as_items else None
             if item is None:
+                self._observe([p for p in prepared if isinstance(p, ItemError)])
                 raise
-            scores = iter([item] * len(ready))
-        merged = [item if isinstance(item, ItemError) else next(scores) for item in prepared]
+            failed: list[ScoreOutcome] = [p if isinstance(p, ItemError) else item for p in prepared]
+            return self._finish(pairs, failed, counted=[isinstance(p, ItemError) for p in prepared])
+        merged: list[ScoreOutcome] = [p if isinstance(p, ItemError) else next(scores) for p in prepared]
         return self._finish(pairs, merged)
 
-    def _finish(self, pairs: Sequence[Pair], outcomes: Sequence[ScoreOutcome]) -> list[ScoreOutcome]:
-        """Give each outcome its pair's id and count the outcomes."""
+    def _count_rejected(self, reason: str, pairs: int) -> None:
+        if self._metrics is not None:
+            self._metrics.rejected_pairs.labels(reason=reason).inc(pairs)
+
+    def _observe(self, outcomes: Sequence[ScoreOutcome]) -> None:
+        if self._metrics is not None and outcomes:
+            self._metrics.observe_outcomes(outcomes)
+
+    def _finish(
+        self,
+        pairs: Sequence[Pair],
+        outcomes: Sequence[ScoreOutcome],
+        *,
+        counted: bool | Sequence[bool] = True,
+    ) -> list[ScoreOutcome]:
+        """Give each outcome its pair's id and count the outcomes decided for one pair.
+
+        ``counted`` (one flag, or one per pair) says which outcomes go to
+        ``pairscore_pairs_total``: not the item errors that stand for a
+        whole-request refusal or drop, which the rejected / dropped counters
+        already hold.
+        """
         result: list[ScoreOutcome] = []
         for pair, outcome in zip(pairs, outcomes, strict=True):
             if outcome.id != pair.id:
                 outcome = dataclasses.replace(outcome, id=pair.id)
             result.append(outcome)
-        if self._metrics is not None:
-            self._metrics.observe_outcomes(result)
+        flags = [counted] * len(result) if isinstance(counted, bool) else list(counted)
+        self._observe([o for o, flag in zip(result, flags, strict=True) if flag])
         return result
 
     # --- tokenization and per-item limits -------------------------------------------

@@ -40,9 +40,10 @@ from pairscore.convert import (
     request_from_pb,
     response_to_pb,
 )
-from pairscore.types import ItemError, ItemErrorCode, ScoreOutcome
+from pairscore.types import ItemError, ItemErrorCode, Pair, ScoreOptions, ScoreOutcome
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
+from pairscore_server.batcher import counts_as_deadline
 from pairscore_server.errors import BatcherClosedError, QueueFullError, failure_for
 
 if TYPE_CHECKING:
@@ -57,6 +58,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
 #: Request messages of one ScoreStream call that may be in work at once.
 DEFAULT_STREAM_MAX_IN_FLIGHT = 4
 
+
+#: ``reason`` of pairscore_rejected_pairs_total for pairs of a message that cannot be converted.
+REJECT_INVALID = "invalid_request"
 
 #: Trailing metadata key of gRPC's retry pushback (milliseconds), see gRFC A6.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -132,9 +136,11 @@ class _RpcScope:
         self._context = context
         self._metrics = metrics
         self._started = 0.0
+        self._budget: float | None = None
 
     async def __aenter__(self) -> _RpcScope:
         self._started = time.perf_counter()
+        self._budget = self._context.time_remaining()
         return self
 
     def _record(self, code: grpc.StatusCode) -> None:
@@ -159,8 +165,7 @@ class _RpcScope:
         if not isinstance(exc, Exception):
             # CancelledError/GeneratorExit: the client cancelled, its deadline passed,
             # or the server is shutting down.
-            remaining = self._context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            expired = counts_as_deadline(self._context.time_remaining(), self._budget)
             self._record(
                 grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             )
@@ -216,7 +221,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
             if isinstance(request, MalformedMessage):
                 raise request.error()
             service = self._require_service()
-            pairs, options = request_from_pb(request)
+            pairs, options = self._convert(request)
             outcomes = await service.score(pairs, options, deadline=_deadline(context))
             return response_to_pb(outcomes)
 
@@ -260,6 +265,15 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                 raise request.error()
             return model_info_to_pb(self._require_service().model_info())
 
+    def _convert(self, message: pb.ScoreRequest) -> tuple[list[Pair], ScoreOptions]:
+        """request_from_pb; a message that cannot be converted counts its pairs as rejected."""
+        try:
+            return request_from_pb(message)
+        except ConversionError:
+            if self._metrics is not None and message.pairs:
+                self._metrics.rejected_pairs.labels(reason=REJECT_INVALID).inc(len(message.pairs))
+            raise
+
     # --- stream helpers -------------------------------------------------------------
 
     async def _read_stream(
@@ -296,7 +310,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
     ) -> pb.ScoreResponse:
         """Score one stream message; failures become item errors for its pairs."""
         try:
-            pairs, options = request_from_pb(message)
+            pairs, options = self._convert(message)
         except ConversionError as exc:
             failure = failure_for(exc)
             assert failure is not None and failure.item_code is not None
