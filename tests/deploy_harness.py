@@ -66,7 +66,8 @@ def need_tool(name: str, how: str) -> str:
 
 
 def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, timeout=120, **kwargs)
+    kwargs.setdefault("timeout", 120)
+    return subprocess.run(args, capture_output=True, text=True, **kwargs)
 
 
 # --- the built overlays ---------------------------------------------------------------------

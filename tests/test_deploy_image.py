@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +144,76 @@ def test_prepare_model_bakes_the_embedded_model(smol_cache_dir: Path) -> None:
     assert "SmolLM2-135M-Instruct" in message
     copies = list((smol_cache_dir / "dequantised").glob("SmolLM2-135M-Instruct*/config.json"))
     assert len(copies) == 1
+
+
+# --- the torch wheel the image installs ----------------------------------------------------------
+
+
+def torch_wheels() -> dict[str, Any]:
+    return json.loads((DEPLOY / "torch-wheels.json").read_text())
+
+
+def image_torch() -> tuple[str, str, str, str]:
+    """(torch version, wheel index URL, its variant such as cu130, the base image) of the image."""
+    deps = stage_args(dockerfile_stage("deps"))
+    index = deps["TORCH_INDEX_URL"].rstrip("/")
+    return deps["TORCH_VERSION"], index, index.rsplit("/", 1)[-1], stage_args(dockerfile_stages()[0])["BASE_IMAGE"]
+
+
+def test_the_image_torch_build_is_published_for_the_cuda_of_its_base() -> None:
+    """The Dockerfile's torch version exists in the variant its index names, on a base of that CUDA."""
+    table = torch_wheels()
+    version, index, variant, base = image_torch()
+    assert index == f"https://download.pytorch.org/whl/{variant}"
+    assert version in table["torch"], f"torch {version} is not in deploy/torch-wheels.json: add it"
+    published = table["torch"][version]["variants"]
+    assert variant in published, f"torch {version} has no {variant} build; published: {published}"
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-[a-z-]+-ubuntu([\d.]+)", base)
+    assert match, base
+    cuda = f"{match[1]}.{match[2]}"
+    assert variant == f"cu{match[1]}{match[2]}", f"base image CUDA {cuda} but torch build {variant}"
+    assert match[3] in table["ubuntu_python"], f"which Python does ubuntu {match[3]} have?"
+    # The driver the Dockerfile's notes ask for is the one this CUDA needs.
+    driver = table["cuda_min_driver"][cuda]
+    notes = (DEPLOY / "Dockerfile").read_text()
+    assert f"driver >= {driver.split('.')[0]}" in notes, f"CUDA {cuda} needs driver >= {driver}"
+
+
+def test_the_wheel_table_check_rejects_an_unpublished_pair() -> None:
+    """What the check above would have said about the old cu128 pin of torch 2.13.0."""
+    table = torch_wheels()
+    assert "cu128" not in table["torch"]["2.13.0"]["variants"]
+    assert table["torch"]["2.13.0"]["pypi_default"] in table["torch"]["2.13.0"]["variants"]
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1900)
+def test_the_image_torch_wheel_resolves_on_its_index(tmp_path: Path) -> None:
+    """Resolve the exact wheel the image build installs, on the index the Dockerfile names.
+
+    Needs that index (download.pytorch.org); without it the table check above
+    stands in. pip may download the wheel (no PEP 658 metadata): slow.
+    """
+    version, index, variant, base = image_torch()
+    if not _reachable(f"{index}/torch/"):
+        pytest.skip(f"{index} is not reachable from here; deploy/torch-wheels.json is checked instead")
+    ubuntu = base.rsplit("-ubuntu", 1)[1]
+    python = torch_wheels()["ubuntu_python"][ubuntu]
+    report = tmp_path / "report.json"
+    proc = run([
+        sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--no-deps",
+        "--ignore-installed", "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64",
+        "--python-version", python, "--target", str(tmp_path / "target"),
+        "--index-url", index, "--report", str(report), f"torch=={version}",
+    ], timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [item] = json.loads(report.read_text())["install"]
+    assert item["metadata"]["version"] == f"{version}+{variant}", item["download_info"]["url"]
