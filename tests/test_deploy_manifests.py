@@ -6,7 +6,8 @@
   checked for shape against the subset of their schemas used here
   (tests/data/deploy/crd-schemas.json).
 * The pieces fit together: Services and the PDB select the pods, probes hit
-  the gRPC port and the health service names, the ConfigMap is a valid server
+  the dedicated health port (not the gRPC port, where health checks count
+  toward --max-concurrent-rpcs) and the health service names, the ConfigMap is a valid server
   configuration, the drain fits in the termination grace period.
 
 kubernetes-validate comes with the test extra; kubectl comes with the machine.
@@ -183,6 +184,7 @@ def test_configmap_is_a_valid_server_configuration(
     config = build_config([], env)  # exits (SystemExit) on any invalid value
     ports = {p["name"]: p["containerPort"] for p in container(built[overlay])["ports"]}
     assert (config.port, config.metrics_port) == (ports["grpc"], ports["metrics"])
+    assert config.health_port == ports["health"]
     if overlay == GPU_OVERLAY:
         assert config.model.device.startswith("cuda")
     else:
@@ -196,9 +198,14 @@ def test_pod_probes_drain_and_security(overlay: str, built: dict[str, list[dict[
     c = container(docs)
     config = build_config([], configmap_env(docs))
 
-    # Probes: gRPC-native, on the gRPC port, against the standard health service.
+    # Probes: gRPC-native, against the standard health service, on the dedicated
+    # health port: on the gRPC port health checks count toward
+    # --max-concurrent-rpcs, and a saturated server would fail its liveness probe.
+    assert config.health_port is not None, "probes need PAIRSCORE_HEALTH_PORT"
+    assert config.health_port not in (config.port, config.metrics_port)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == config.port, probe
+        assert c[probe]["grpc"]["port"] == config.health_port, probe
+        assert c[probe]["grpc"]["port"] != config.port, probe
     assert c["startupProbe"]["grpc"]["service"] == SERVICE_NAME
     assert c["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
     assert c["livenessProbe"]["grpc"].get("service", "") == ""
