@@ -26,6 +26,7 @@ import pytest
 import yaml
 from deploy_harness import (
     MONITORING,
+    ROOT,
     TARGET_LABELS,
     alert_groups,
     alert_queries,
@@ -66,6 +67,24 @@ def test_promtool_unit_tests_of_the_alerts_pass(promtool: str, tmp_path: Path) -
     tested = set(re.findall(r"alertname: (\w+)", (MONITORING / "alerts.test.yaml").read_text()))
     alerts = {r["alert"] for g in alert_groups()["groups"] for r in g["rules"] if "alert" in r}
     assert alerts <= tested, f"alerts without a unit test: {sorted(alerts - tested)}"
+
+
+def test_the_rule_file_for_promtool_is_the_prometheusrule_spec() -> None:
+    """pairscore-alerts.yaml, which alerts.test.yaml loads, is prometheusrule.yaml's spec."""
+    committed = yaml.safe_load((MONITORING / "pairscore-alerts.yaml").read_text())
+    assert committed == alert_groups(), "copy prometheusrule.yaml's spec into pairscore-alerts.yaml"
+
+
+@pytest.mark.parametrize("cwd", ["monitoring folder", "repository root"])
+def test_promtool_runs_the_alert_tests_from_the_checkout(promtool: str, cwd: str) -> None:
+    """What a user types: from the monitoring folder, or with the path from the root."""
+    folder = MONITORING.relative_to(ROOT)
+    here, prefix = (MONITORING, Path()) if cwd == "monitoring folder" else (ROOT, folder)
+    proc = run([promtool, "check", "rules", str(prefix / "pairscore-alerts.yaml")], cwd=here)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run([promtool, "test", "rules", str(prefix / "alerts.test.yaml")], cwd=here)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout and "WARNING" not in proc.stdout + proc.stderr
 
 
 def test_dashboard_and_autoscaler_queries_are_valid_promql(promtool: str, tmp_path: Path) -> None:
