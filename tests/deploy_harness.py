@@ -33,6 +33,12 @@ MONITORING = K8S / "components" / "monitoring"
 AUTOSCALING = K8S / "components" / "autoscaling"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
 GPU_OVERLAY = "gpu-prod"
+#: gpu-prod with the model on a PersistentVolumeClaim, filled by an init container.
+MODEL_VOLUME_OVERLAY = "gpu-model-volume"
+#: Overlays that run on NVIDIA GPUs.
+GPU_OVERLAYS = {GPU_OVERLAY, MODEL_VOLUME_OVERLAY}
+#: Built-in kinds that only some overlays deploy.
+EXTRA_KINDS = {MODEL_VOLUME_OVERLAY: {"PersistentVolumeClaim"}}
 
 #: The oldest Kubernetes the manifests are for: gRPC probes are GA since 1.27.
 MIN_KUBERNETES = "1.29.0"

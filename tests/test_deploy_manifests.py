@@ -25,7 +25,9 @@ import pytest
 from deploy_harness import (
     CRD_KINDS,
     CRD_SCHEMAS,
+    EXTRA_KINDS,
     GPU_OVERLAY,
+    GPU_OVERLAYS,
     MIN_KUBERNETES,
     OVERLAYS,
     build_overlays,
@@ -47,7 +49,7 @@ def built() -> dict[str, list[dict[str, Any]]]:
 
 
 def test_there_are_cpu_and_gpu_overlays() -> None:
-    assert {"cpu-dev", "gpu-prod"} <= set(OVERLAYS)
+    assert {"cpu-dev", "gpu-prod", "gpu-model-volume"} <= set(OVERLAYS)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -78,7 +80,7 @@ def test_only_known_kinds_are_deployed(built: dict[str, list[dict[str, Any]]]) -
     }
     for overlay, docs in built.items():
         kinds = {d["kind"] for d in docs}
-        assert kinds <= builtin | CRD_KINDS, overlay
+        assert kinds <= builtin | CRD_KINDS | EXTRA_KINDS.get(overlay, set()), overlay
         assert builtin <= kinds, overlay
     assert {d["kind"] for d in built[GPU_OVERLAY]} >= CRD_KINDS
 
@@ -185,7 +187,7 @@ def test_configmap_is_a_valid_server_configuration(
     ports = {p["name"]: p["containerPort"] for p in container(built[overlay])["ports"]}
     assert (config.port, config.metrics_port) == (ports["grpc"], ports["metrics"])
     assert config.health_port == ports["health"]
-    if overlay == GPU_OVERLAY:
+    if overlay in GPU_OVERLAYS:
         assert config.model.device.startswith("cuda")
     else:
         assert config.model.device == "cpu"
@@ -244,7 +246,7 @@ def test_pod_probes_drain_and_security(overlay: str, built: dict[str, list[dict[
     resources = c["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"])
     gpus = resources.get("limits", {}).get("nvidia.com/gpu")
-    if overlay == GPU_OVERLAY:
+    if overlay in GPU_OVERLAYS:
         assert int(gpus) == 1 and int(resources["requests"]["nvidia.com/gpu"]) == 1
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     else:
