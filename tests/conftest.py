@@ -1,16 +1,22 @@
-"""Shared fixtures: tiny models built locally (tier 1), engines on them (tiers 2-3)."""
+"""Shared fixtures: tiny models built locally (tier 1), engines on them, servers (tiers 2-3).
+
+The helpers behind them live in the ``harness`` package; test modules import
+from there, never from each other.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tiny_models import (
+from harness.models import (
     build_bpe_tokenizer,
     build_gpt2_model,
     build_llama_model,
     build_sentencepiece_tokenizer,
+    make_engine,
 )
+from harness.servers import ServerThread
 
 # Two threads keep test timings stable on the 2-core CI machine.
 torch.set_num_threads(2)
@@ -44,18 +50,6 @@ def family(request):
     return request.getfixturevalue(f"{request.param}_family")
 
 
-def make_engine(model, tokenizer, **limits):
-    from pairscore_server.engine import EngineLimits, ScoringEngine
-    from pairscore_server.engine.engine import ModelDescription
-
-    return ScoringEngine(
-        model,
-        tokenizer,
-        description=ModelDescription(name="tiny", source="test:tiny", server_version="test"),
-        limits=EngineLimits(**limits),
-    )
-
-
 @pytest.fixture(scope="session", params=["packed", "padded"])
 def engine(family, request):
     """A ScoringEngine on each tiny family, in each forward-pass layout: packed rows
@@ -82,19 +76,14 @@ def smol_cache_dir(tmp_path_factory):
 @pytest.fixture
 def start_server():
     """Factory: start_server(engine, wait_ready=True, **config) -> a running in-process
-    server (test_server_e2e.ServerThread); every server started is closed afterwards."""
-    from test_server_e2e import ServerThread, make_config
+    server (harness.servers.ServerThread); every server started is stopped afterwards."""
+    started: list[ServerThread] = []
 
-    started = []
-
-    def start(engine, *, wait_ready: bool = True, **config):
-        st = ServerThread(make_config(**config), engine)
+    def start(engine, *, wait_ready: bool = True, **config) -> ServerThread:
+        st = ServerThread(engine, **config)
         started.append(st)
-        st.call(st.server.start())
-        if wait_ready:
-            st.call(st.server.wait_ready())
-        return st
+        return st.start(wait_ready=wait_ready)
 
     yield start
     for st in reversed(started):
-        st.close()
+        st.stop()

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fake_engine import FakeEngine
+from harness.fake_engine import FakeEngine
 
 TOKEN = "s3cret-token-for-tests"
 GOOD = (("authorization", f"Bearer {TOKEN}"),)

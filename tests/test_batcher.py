@@ -20,11 +20,11 @@ from pairscore_server.batcher import (
     QueueFullError,
     RequestLimitError,
     WorkerUnavailableError,
-    is_out_of_memory,
 )
+from pairscore_server.engine.memory import is_out_of_memory
 from pairscore_server.metrics import Metrics
 
-from fake_engine import FakeEngine, cuda_oom, expected_score
+from harness.fake_engine import FakeEngine, cuda_oom, expected_score
 
 T = TypeVar("T")
 MODEL_THREAD = "test-model"

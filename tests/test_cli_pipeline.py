@@ -21,8 +21,8 @@ import pytest
 from pairscore import cli
 from pairscore.pipeline import runner as runner_module
 
-from client_harness import ServerThread, cli_env
-from fake_engine import FakeEngine
+from harness.fake_engine import FakeEngine
+from harness.servers import ServerThread, cli_env
 
 MAX_CONTEXT = 64
 SCORE_COLUMNS = [

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from client_harness import ServerThread, cli_env
-from fake_engine import FakeEngine
+from harness.fake_engine import FakeEngine
+from harness.servers import ServerThread, cli_env
 
 ROWS = 3000
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,8 +26,8 @@ from pairscore.channel import RetryPolicy, TlsConfig
 from pairscore.client import ScoringClient
 from pairscore.types import ItemError, ItemErrorCode, Pair, PairScore, ScoreOptions
 
-from client_harness import ServerThread, StubServer, StubServicer
-from fake_engine import FakeEngine, expected_score
+from harness.fake_engine import FakeEngine, expected_score
+from harness.servers import ServerThread, StubServer, StubServicer, free_port
 
 FAST_RETRY = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, stream_reconnect_timeout_s=20)
 
@@ -49,7 +48,7 @@ def start(servers: list[ServerThread], engine: Any, **config: Any) -> ServerThre
 
 
 @pytest.fixture(params=["fake", "tiny"])
-def engine(request: pytest.FixtureRequest) -> Any:
+def client_engine(request: pytest.FixtureRequest) -> Any:
     """The fake engine, or a real ScoringEngine on a tiny random GPT-2."""
     if request.param == "fake":
         return FakeEngine(max_context=64)
@@ -71,7 +70,7 @@ def mixed_pairs(engine: Any, n: int) -> list[Pair]:
 def reference(engine: Any, pairs: list[Pair]) -> list[Any]:
     """What the engine gives for each pair alone, in-process."""
     return [
-        p if isinstance(p, ItemError) else engine.score([p])[0] for p in engine.prepare(pairs, ScoreOptions())
+        p if isinstance(p, ItemError) else engine.score([p]).scores[0] for p in engine.prepare(pairs, ScoreOptions())
     ]
 
 
@@ -87,31 +86,25 @@ def assert_matches(got: list[Any], want: list[Any]) -> None:
             assert g.joint_logprob == pytest.approx(w.joint_logprob, abs=1e-4)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- ordering and per-item errors --------------------------------------------------------
 
 
 def test_score_iter_yields_input_order_with_mixed_lengths_and_item_errors(
-    engine: Any, servers: list[ServerThread]
+    client_engine: Any, servers: list[ServerThread]
 ) -> None:
-    st = start(servers, engine)
-    pairs = mixed_pairs(engine, 40)
+    st = start(servers, client_engine)
+    pairs = mixed_pairs(client_engine, 40)
     with ScoringClient(st.target, timeout=30) as client:
         got = list(client.score_iter(iter(pairs), batch_size=3, streams=2))
-        assert_matches(client.score(pairs), reference(engine, pairs))
-    assert_matches(got, reference(engine, pairs))
+        assert_matches(client.score(pairs), reference(client_engine, pairs))
+    assert_matches(got, reference(client_engine, pairs))
     assert sum(isinstance(g, ItemError) for g in got) == 6
     assert all(g.code is ItemErrorCode.CONTEXT_LENGTH_EXCEEDED for g in got if isinstance(g, ItemError))
 
 
-def test_async_client_gives_what_the_sync_client_gives(engine: Any, servers: list[ServerThread]) -> None:
-    st = start(servers, engine)
-    pairs = mixed_pairs(engine, 25)
+def test_async_client_gives_what_the_sync_client_gives(client_engine: Any, servers: list[ServerThread]) -> None:
+    st = start(servers, client_engine)
+    pairs = mixed_pairs(client_engine, 25)
 
     async def pairs_async() -> Any:
         for p in pairs:
@@ -130,12 +123,12 @@ def test_async_client_gives_what_the_sync_client_gives(engine: Any, servers: lis
             )
 
     unary, streamed, from_list, info, health = asyncio.run(asyncio.wait_for(body(), 60))
-    want = reference(engine, pairs)
+    want = reference(client_engine, pairs)
     for got in (unary, streamed, from_list):
         assert_matches(got, want)
     with ScoringClient(st.target, timeout=30) as client:
         assert info == client.model_info()
-    assert info.model_name == engine.info.model_name
+    assert info.model_name == client_engine.info.model_name
     assert health == "SERVING"
 
 

@@ -24,7 +24,7 @@ from pairscore.client import ScoringClient
 from pairscore.pipeline.formats import RowReader
 from pairscore.types import Pair, PairScore
 
-from client_harness import server_process, stop_process
+from harness.servers import server_process, stop_process
 
 ROWS = 100_000
 WARM = 10_000

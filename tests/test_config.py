@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 
-from pairscore_server.config import ServerConfig, build_config, make_parser
-from pairscore_server.engine.loading import ModelSpec
+from pairscore_server.config import ServerConfig
+from pairscore_server.engine.spec import ModelSpec
+from pairscore_server.flags import build_config, make_parser
 
 
 def test_defaults_without_flags_or_env() -> None:

@@ -15,10 +15,11 @@ import copy
 import pytest
 import torch
 
-from pairscore.types import PairScore
+from pairscore.types import PairScore, ScoreOptions
+from pairscore_server.engine import PreparedPair
 
-from conftest import make_engine
-from test_engine_math import mixed_pairs
+from harness.models import make_engine
+from harness.scoring import mixed_pairs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,7 +50,7 @@ def test_fp32_on_cuda_matches_cpu(gpt2_family, packing):
 
 
 def test_real_cuda_oom_is_recognised():
-    from pairscore_server.batcher import is_out_of_memory
+    from pairscore_server.engine.memory import is_out_of_memory
 
     free, _ = torch.cuda.mem_get_info()
     with pytest.raises(Exception) as info:
@@ -66,6 +67,9 @@ def test_replicas_on_two_gpus(gpt2_family):
     replicated = ReplicatedEngine(engines)
     pairs = mixed_pairs(32, seed=23)
     want = make_engine(model, tokenizer).score_pairs(pairs)
-    for a, b in zip(replicated.score_pairs(pairs), want, strict=True):
-        assert a.joint_logprob == pytest.approx(b.joint_logprob, rel=1e-5, abs=1e-4)
-    assert all(s > 0 for s in replicated.last_replica_seconds)
+    scored = replicated.score([p for p in replicated.prepare(pairs, ScoreOptions()) if isinstance(p, PreparedPair)])
+    got = iter(scored.scores)
+    for b in want:
+        if isinstance(b, PairScore):
+            assert next(got).joint_logprob == pytest.approx(b.joint_logprob, rel=1e-5, abs=1e-4)
+    assert all(s > 0 for s in scored.replica_seconds)

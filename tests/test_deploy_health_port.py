@@ -23,7 +23,7 @@ from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 from pairscore_server.servicer import SERVICE_NAME
 
-from fake_engine import FakeEngine
+from harness.fake_engine import FakeEngine
 
 MAX_CONCURRENT_RPCS = 2
 SERVING = health_pb2.HealthCheckResponse.SERVING

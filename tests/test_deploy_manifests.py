@@ -38,7 +38,7 @@ from deploy_harness import (
     only,
 )
 
-from pairscore_server.config import build_config, make_parser
+from pairscore_server.flags import build_config, make_parser
 from pairscore_server.servicer import SERVICE_NAME
 
 

@@ -142,7 +142,7 @@ def declared_labelnames(metrics: Any) -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def exposition(tiny_engine: Any) -> Exposition:
     """/metrics of an in-process server on the tiny engine, after a few calls of each kind."""
-    from pairscore_server.app import RunningServer
+    from pairscore_server.lifecycle import RunningServer
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

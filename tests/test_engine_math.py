@@ -10,55 +10,16 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 
 import pytest
 import torch
 
 from pairscore.types import Pair, PairScore, ScoreOptions, TokenizationMode
 
-from conftest import make_engine
+from harness.models import make_engine
+from harness.scoring import SUM_REL_TOL, TOKEN_TOL, assert_same_scores, mixed_pairs
 
 TOL = 1e-4  # nats, on each sum, fp32 engine vs float64 reference
-
-# Batch invariance is not bitwise on CPU: float32 GEMMs block differently for
-# different batch shapes (and a 1-row chunk takes a GEMV path), which moves a
-# log-prob by a few float32 ulps. Measured on the tiny models (random weights,
-# init range 0.4, so |log-prob| per token reaches ~20 and sums ~670 nats):
-# per token <= 5.7e-6 nats, per sum <= 1.4e-5 nats = 1.0e-7 relative.
-# The bounds below are those figures with a margin, per token and relative
-# to the sum, rather than one absolute bound that long sums would outgrow.
-TOKEN_TOL = 1e-5
-SUM_REL_TOL = 1e-6
-
-
-def assert_same_scores(a: PairScore, b: PairScore) -> None:
-    """a and b agree up to float32 GEMM-shape noise (see the bounds above)."""
-    for x, y in ((a.joint_logprob, b.joint_logprob), (a.prompt_logprob, b.prompt_logprob),
-                 (a.conditional_logprob, b.conditional_logprob)):
-        assert x == pytest.approx(y, rel=SUM_REL_TOL, abs=TOKEN_TOL)
-    assert (a.prompt_tokens, a.response_tokens) == (b.prompt_tokens, b.response_tokens)
-    assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]
-    for x, y in zip(a.tokens, b.tokens, strict=True):
-        assert x.logprob == pytest.approx(y.logprob, abs=TOKEN_TOL)
-
-WORDS = (
-    "the capital of France is Paris Rome banana café 😀 你好 naïve e\u0301 "
-    "return x + y ? ! \n \t 42 0123 hello world"
-).split(" ")
-
-
-def mixed_pairs(n: int, seed: int = 0) -> list[Pair]:
-    """Seeded pairs of mixed lengths, including empty sides and odd whitespace."""
-    rng = random.Random(seed)
-
-    def text(lo: int, hi: int) -> str:
-        return "".join(rng.choice([" ", "", "  "]) + rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-
-    pairs = [Pair(text(0, 12), text(0, 12), id=f"p{i}") for i in range(n)]
-    pairs[1] = Pair("", text(1, 5), id="empty-x")
-    pairs[2] = Pair(text(1, 5), "", id="empty-y")
-    return pairs
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +132,7 @@ def test_full_logits_path_matches_split_head(family):
     pairs = mixed_pairs(8, seed=5)
     split = make_engine(model, tokenizer)
     full = make_engine(model, tokenizer)
-    full._logprobs.split_head = False
+    full._logprobs.use_full_logits()
     for a, b in zip(split.score_pairs(pairs), full.score_pairs(pairs), strict=True):
         assert_same_scores(a, b)
 
@@ -211,9 +172,9 @@ def test_shared_prompts_run_once_and_score_like_separate_pairs(family):
     calls = []
     original = shared._logprobs.shared_prompt
     shared._logprobs.shared_prompt = lambda *a, **k: calls.append(a[0]) or original(*a, **k)
-    got = shared.score(prepared)
+    scored = shared.score(prepared)
+    got, stats = scored.scores, scored.stats
     assert len(calls) == 3, "each distinct prompt runs once"
-    stats = shared.last_stats
     prompt_lens = [1 + prepared[g[0]].prompt_tokens for g in groups]
     assert stats.reused_tokens == sum(n * 4 for n in prompt_lens)
     computed = sum(p.num_tokens for p in prepared) - stats.reused_tokens
@@ -235,8 +196,8 @@ def test_packed_rows_share_prompts_and_score_like_separate_pairs(family, capacit
     pairs = [Pair(x, y) for x in SHARED_PROMPTS for y in SHARED_RESPONSES] + [Pair("unique prompt", " y")]
     options = ScoreOptions(return_tokens=True)
     prepared = packed.prepare(pairs, options)
-    got = packed.score(prepared)
-    stats = packed.last_stats
+    scored = packed.score(prepared)
+    got, stats = scored.scores, scored.stats
     assert stats.padded_tokens == stats.real_tokens, "a packed row has no padding"
     n = len(SHARED_RESPONSES)
     prompt_lens = [1 + prepared[n * k].prompt_tokens for k in range(len(SHARED_PROMPTS))]

@@ -14,8 +14,8 @@ import pytest
 
 from pairscore.hf import ScoreColumns, add_scores
 
-from client_harness import ROOT, ServerThread
-from fake_engine import FakeEngine
+from harness.fake_engine import FakeEngine
+from harness.servers import ROOT, ServerThread
 
 datasets = pytest.importorskip("datasets")
 

@@ -19,8 +19,8 @@ import pytest
 
 from pairscore.types import Pair
 
-from client_harness import ROOT, ServerThread
-from fake_engine import FakeEngine
+from harness.fake_engine import FakeEngine
+from harness.servers import ROOT, ServerThread
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")

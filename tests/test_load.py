@@ -28,14 +28,12 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_reliability_process import clean_env, free_port
 
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 
-from fake_engine import PROMPT_TOKEN_LOGPROB, RESPONSE_TOKEN_LOGPROB
-
-TESTS = Path(__file__).resolve().parent
+from harness.fake_engine import PROMPT_TOKEN_LOGPROB, RESPONSE_TOKEN_LOGPROB
+from harness.servers import FAKE_ENGINE_SCRIPT, clean_env, free_port
 
 DURATION_S = 3.0
 UNARY_STREAMS, UNARY_RATE, UNARY_OUTSTANDING = 16, 20.0, 4  # calls/s each; cap per stream
@@ -241,7 +239,7 @@ def test_open_loop_overload_is_answered_exactly_once_with_bounded_latency_and_me
     target = f"127.0.0.1:{port}"
     log = tmp_path / "server.log"
     popen = subprocess.Popen(
-        [sys.executable, str(TESTS / "fake_engine.py"), "--forward-delay", str(FORWARD_DELAY_S),
+        [sys.executable, str(FAKE_ENGINE_SCRIPT), "--forward-delay", str(FORWARD_DELAY_S),
          "--", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "off", *SERVER_FLAGS],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path,
     )  # fmt: skip

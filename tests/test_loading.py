@@ -9,7 +9,8 @@ import torch
 
 from pairscore.types import Pair, PairScore
 from pairscore_server.engine import loading
-from pairscore_server.engine.loading import ModelLoadError, ModelSpec, load_engine
+from pairscore_server.engine.loading import load_engine
+from pairscore_server.engine.spec import ModelLoadError, ModelSpec
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from pairscore_server.metrics import Metrics
 
-from fake_engine import FakeEngine
+from harness.fake_engine import FakeEngine
 
 
 def get(url: str) -> tuple[int, str]:

@@ -12,8 +12,8 @@ from pairscore.types import Pair, ScoreOptions
 from pairscore_server.engine import packed_attention
 from pairscore_server.engine.packing import Tree, build_trees, pack_row, plan_rows
 
-from conftest import make_engine
-from test_engine_math import assert_same_scores, mixed_pairs
+from harness.models import make_engine
+from harness.scoring import assert_same_scores, mixed_pairs
 
 
 def test_lone_pairs_are_trees_of_their_own():
@@ -140,11 +140,11 @@ def test_identical_pairs_run_once(gpt2_family):
     eng = make_engine(model, tokenizer)
     once = [Pair("The capital of France is", " Paris."), Pair("lone", "")]
     pairs = [once[0], once[1], once[0], Pair("other", " y"), once[0], once[1]]
-    got = eng.score_pairs(pairs)
-    stats = eng.last_stats
-    eng.score_pairs(once + [Pair("other", " y")])
-    assert stats.real_tokens == eng.last_stats.real_tokens, "the repeats computed nothing"
     prepared = eng.prepare(pairs, ScoreOptions())
+    scored = eng.score(prepared)
+    got, stats = scored.scores, scored.stats
+    distinct = eng.score(eng.prepare(once + [Pair("other", " y")], ScoreOptions())).stats
+    assert stats.real_tokens == distinct.real_tokens, "the repeats computed nothing"
     assert stats.reused_tokens == 2 * prepared[0].num_tokens + prepared[1].num_tokens
     for i, j in ((0, 2), (0, 4), (1, 5)):
         assert got[i] == dataclasses.replace(got[j], id=got[i].id)

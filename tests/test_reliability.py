@@ -19,7 +19,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_server_e2e import ServerThread, _samples, make_config
 
 from pairscore.convert import model_info_from_pb, request_to_pb, response_from_pb
 from pairscore.types import (
@@ -33,11 +32,12 @@ from pairscore.types import (
 )
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.app import RunningServer
 from pairscore_server.config import ServerConfig
+from pairscore_server.lifecycle import RunningServer
 from pairscore_server.servicer import RETRY_PUSHBACK_KEY
 
-from fake_engine import FakeEngine, expected_score
+from harness.fake_engine import FakeEngine, expected_score
+from harness.servers import ServerThread, metric_samples
 
 SCORE = "/pairscore.v1.ScoringService/Score"
 SCORE_STREAM = "/pairscore.v1.ScoringService/ScoreStream"
@@ -187,11 +187,9 @@ MALFORMED = [
 @pytest.fixture(scope="module")
 def fake_server() -> Iterator[ServerThread]:
     """One fake-engine server shared by the malformed-input tests of this module."""
-    st_ = ServerThread(make_config(max_text_chars=200), FakeEngine(max_context=64))
-    st_.call(st_.server.start())
-    st_.call(st_.server.wait_ready())
+    st_ = ServerThread(FakeEngine(max_context=64), max_text_chars=200).start()
     yield st_
-    st_.close()
+    st_.stop()
 
 
 @pytest.mark.parametrize("payload", MALFORMED, ids=range(len(MALFORMED)))
@@ -263,24 +261,20 @@ HOSTILE = {
 @pytest.fixture(scope="module")
 def tiny_server(tiny_engine: Any) -> Iterator[ServerThread]:
     """One server on the tiny real GPT-2 engine, shared by this module's text tests."""
-    st_ = ServerThread(make_config(), tiny_engine)
-    st_.call(st_.server.start())
-    st_.call(st_.server.wait_ready())
+    st_ = ServerThread(tiny_engine).start()
     yield st_
-    st_.close()
+    st_.stop()
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def family_server(request: pytest.FixtureRequest) -> Iterator[tuple[ServerThread, set[int]]]:
     """A server on each tiny family's real engine, and the tokenizer's special token ids."""
-    from conftest import make_engine
+    from harness.models import make_engine
 
     model, tokenizer = request.getfixturevalue(f"{request.param}_family")
-    st_ = ServerThread(make_config(), make_engine(model, tokenizer))
-    st_.call(st_.server.start())
-    st_.call(st_.server.wait_ready())
+    st_ = ServerThread(make_engine(model, tokenizer)).start()
     yield st_, set(tokenizer.all_special_ids)
-    st_.close()
+    st_.stop()
 
 
 def test_hostile_text_is_scored_as_plain_text(
@@ -430,7 +424,7 @@ def test_a_full_queue_answers_resource_exhausted_at_once_with_a_retry_hint(
     assert rejected.code is ItemErrorCode.RESOURCE_EXHAUSTED and "retry in" in rejected.message
     for t in threads:
         t.join(timeout=10)
-    samples = _samples(st_.metrics_text())
+    samples = metric_samples(st_.metrics_text())
     assert samples[("pairscore_rejected_pairs_total", (("reason", "queue_full"),))] == 2
     exhausted = ("pairscore_requests_total", (("code", "RESOURCE_EXHAUSTED"), ("method", "Score")))
     assert samples[exhausted] == 1
@@ -511,7 +505,7 @@ def test_cancelled_and_expired_queued_work_never_reaches_the_model_and_is_counte
         busy.result(timeout=10)
     wait_until(lambda: batcher.queued_pairs == 0)
     assert engine.batches == [("busy",)]
-    samples = _samples(st_.metrics_text())
+    samples = metric_samples(st_.metrics_text())
     dropped = {
         dict(labels)["reason"]: value
         for (name, labels), value in samples.items()
@@ -549,7 +543,7 @@ def test_injected_oom_splits_batches_and_fails_only_what_cannot_fit(
     [failed] = [r for r in flat if isinstance(r, ItemError)]
     assert failed.id == "huge" and failed.code is ItemErrorCode.RESOURCE_EXHAUSTED
     assert "out of memory" in failed.message and "31 tokens" in failed.message
-    samples = _samples(st_.metrics_text())
+    samples = metric_samples(st_.metrics_text())
     assert samples[("pairscore_oom_splits_total", ())] >= 1
     assert samples[("pairscore_pairs_total", (("outcome", "resource_exhausted"),))] == 1
     assert health(st_.target) == "SERVING"
@@ -597,10 +591,10 @@ class _CrashableEngine:
         return getattr(self._inner, name)
 
     @property
-    def max_batch_tokens(self) -> int:
+    def max_call_tokens(self) -> int:
         if self.armed:
             raise RuntimeError("injected bug in the batching loop")
-        return self._inner.max_batch_tokens
+        return self._inner.max_call_tokens
 
 
 def test_a_crashed_batching_loop_turns_health_not_serving_and_callers_get_unavailable(

@@ -1,6 +1,6 @@
 """Issue 5 chaos, with the server as a separate process: signals, grace, load failures.
 
-The fake-engine servers run ``python tests/fake_engine.py -- SERVE FLAGS``,
+The fake-engine servers run ``python tests/harness/fake_engine.py -- SERVE FLAGS``,
 which goes through the real ``pairscore serve`` entry point (signal
 handling, logging, exit codes) with a FakeEngine in place of the model. The
 load-failure tests also run the real ``python -m pairscore_server serve``
@@ -10,9 +10,7 @@ on broken model directories.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,18 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 
-TESTS = Path(__file__).resolve().parent
+from harness.servers import FAKE_ENGINE_SCRIPT, clean_env, free_port
+
 OK, UNAVAILABLE = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PAIRSCORE_")}
 
 
 @dataclass
@@ -76,7 +65,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         port = free_port()
         log = tmp_path / f"server-{len(procs)}.log"
         argv = [
-            sys.executable, str(TESTS / "fake_engine.py"), *fake_args, "--",
+            sys.executable, str(FAKE_ENGINE_SCRIPT), *fake_args, "--",
             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "off", *serve_args,
         ]  # fmt: skip
         popen = subprocess.Popen(
@@ -263,7 +252,8 @@ def test_damaged_model_directories_are_load_errors(
     gpt2_family: Any, tmp_path: Path, damage: str
 ) -> None:
     """In-process (the CLI path of a ModelLoadError is covered above)."""
-    from pairscore_server.engine.loading import ModelLoadError, ModelSpec, load_engine
+    from pairscore_server.engine.loading import load_engine
+    from pairscore_server.engine.spec import ModelLoadError, ModelSpec
 
     model, tokenizer = gpt2_family
     model.save_pretrained(str(tmp_path))

@@ -7,11 +7,12 @@ from typing import Any
 import pytest
 
 from pairscore.types import Pair, PairScore, ScoreOptions
-from pairscore_server.engine.loading import ModelSpec, load_engine, resolve_devices
+from pairscore_server.engine.loading import load_engine, resolve_devices
 from pairscore_server.engine.replicas import ReplicatedEngine
+from pairscore_server.engine.spec import ModelSpec
 
-from conftest import make_engine
-from test_engine_math import assert_same_scores, mixed_pairs
+from harness.models import make_engine
+from harness.scoring import assert_same_scores, mixed_pairs
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +24,14 @@ def replicated(gpt2_family):
 def test_replicas_score_like_one_engine(replicated, tiny_engine):
     pairs = mixed_pairs(24, seed=11) + [Pair("shared prompt", f" answer {i}") for i in range(6)]
     options = ScoreOptions(return_tokens=True)
-    got = replicated.score_pairs(pairs, options)
+    scored = replicated.score(replicated.prepare(pairs, options))
     want = tiny_engine.score_pairs(pairs, options)
-    for a, b in zip(got, want, strict=True):
+    for a, b in zip(scored.scores, want, strict=True):
         assert isinstance(a, PairScore)
         assert_same_scores(a, b)
-    assert all(s > 0 for s in replicated.last_replica_seconds), "both replicas worked"
-    assert replicated.last_stats.reused_tokens > 0, "the shared prompt still ran once"
+    assert len(scored.replica_seconds) == 2
+    assert all(s > 0 for s in scored.replica_seconds), "both replicas worked"
+    assert scored.stats.reused_tokens > 0, "the shared prompt still ran once"
 
 
 def test_split_keeps_shared_prompts_together_and_balances_tokens(replicated):
@@ -67,7 +69,7 @@ def test_device_lists():
 
     assert [str(d) for d in resolve_devices("cpu", 3)] == ["cpu", "cpu", "cpu"]
     if not torch.cuda.is_available():
-        from pairscore_server.engine.loading import ModelLoadError
+        from pairscore_server.engine.spec import ModelLoadError
 
         with pytest.raises(ModelLoadError):
             resolve_devices("cuda:0,cuda:1")

@@ -26,14 +26,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from test_server_e2e import ServerThread, _samples, make_config
 
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.app import RunningServer, StartupError
 from pairscore_server.auth import TokenSet, bearer_token, parse_token_file
+from pairscore_server.lifecycle import RunningServer, StartupError
 
-from fake_engine import FakeEngine
+from harness.fake_engine import FakeEngine
+from harness.servers import ServerThread, make_config, metric_samples
 
 TOKEN = "tok-3b1f0c9e5d"
 REQUEST = pb.ScoreRequest(pairs=[pb.Pair(id="a", prompt="hello", response=" world")])
@@ -143,15 +143,13 @@ def launch() -> Iterator[Callable[..., ServerThread]]:
     started: list[ServerThread] = []
 
     def start(**config: Any) -> ServerThread:
-        st_ = ServerThread(make_config(**config), FakeEngine())
+        st_ = ServerThread(FakeEngine(), **config)
         started.append(st_)
-        st_.call(st_.server.start())
-        st_.call(st_.server.wait_ready())
-        return st_
+        return st_.start()
 
     yield start
     for st_ in reversed(started):
-        st_.close()
+        st_.stop()
 
 
 def tls_channel(
@@ -292,7 +290,7 @@ def test_bearer_token_is_required_except_for_health_checks(
             ProtoReflectionDescriptorDatabase(channel).get_services()
         assert check_health(channel) == "SERVING"
         assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10, metadata=good).model_name
-    samples = _samples(st_.metrics_text())
+    samples = metric_samples(st_.metrics_text())
     assert samples[("pairscore_requests_total", (("code", "UNAUTHENTICATED"), ("method", "Score")))] >= 7
     assert TOKEN not in st_.metrics_text()
 

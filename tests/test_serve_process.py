@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +19,12 @@ import pytest
 
 from pairscore import Pair, PairScore, ScoringClient
 
+from harness.servers import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int, int, Path]:
+def spawn_server(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int, int, Path]:
     port, metrics_port = free_port(), free_port()
     log = tmp_path / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRSCORE_")}
@@ -75,7 +70,7 @@ def saved_tiny(gpt2_family, tmp_path_factory):
 
 
 def test_serve_tiny_model_from_another_process(saved_tiny, tiny_engine, tmp_path):
-    proc, port, metrics_port, log = start_server(tmp_path, "--model", str(saved_tiny))
+    proc, port, metrics_port, log = spawn_server(tmp_path, "--model", str(saved_tiny))
     try:
         with wait_serving(proc, port, log, timeout=60) as client:
             pairs = [Pair("The capital of France is", " Paris.", id="a"), Pair("", "x", id="b")]
@@ -96,7 +91,7 @@ def test_serve_tiny_model_from_another_process(saved_tiny, tiny_engine, tmp_path
 
 
 def test_bad_model_path_exits_nonzero_with_a_clear_log_line(tmp_path):
-    proc, _, _, log = start_server(tmp_path, "--model", str(tmp_path / "missing.gguf"))
+    proc, _, _, log = spawn_server(tmp_path, "--model", str(tmp_path / "missing.gguf"))
     assert proc.wait(timeout=60) == 1
     text = log.read_text()
     assert "no such GGUF file" in text and "Traceback" not in text
@@ -104,7 +99,7 @@ def test_bad_model_path_exits_nonzero_with_a_clear_log_line(tmp_path):
 
 @pytest.mark.slow
 def test_serve_embedded_default_model(smol_cache_dir, tmp_path):
-    proc, port, _, log = start_server(tmp_path, "--cache-dir", str(smol_cache_dir))
+    proc, port, _, log = spawn_server(tmp_path, "--cache-dir", str(smol_cache_dir))
     try:
         with wait_serving(proc, port, log, timeout=180) as client:
             paris, banana = client.score([Pair("The capital of France is", " Paris."),

@@ -14,8 +14,7 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,10 +26,9 @@ from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from pairscore import cli
-from pairscore.client import ScoringClient, ScoringError
+from pairscore.client import ScoringError
 from pairscore.types import (
     ItemError,
     ItemErrorCode,
@@ -42,12 +40,14 @@ from pairscore.types import (
 )
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.app import RunningServer
 from pairscore_server.config import ServerConfig
-from pairscore_server.engine.loading import ModelLoadError, ModelSpec
+from pairscore_server.engine import ScoredBatch
+from pairscore_server.engine.spec import ModelLoadError, ModelSpec
+from pairscore_server.lifecycle import RunningServer
 from pairscore_server.servicer import SERVICE_NAME
 
-from fake_engine import FakeEngine, expected_score
+from harness.fake_engine import FakeEngine, expected_score
+from harness.servers import ServerThread, make_config, metric_samples
 
 T = TypeVar("T")
 FAIL_ID = "FAIL"
@@ -67,60 +67,10 @@ class FailOnIdEngine:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def score(self, prepared: Sequence[Any]) -> list[PairScore]:
+    def score(self, prepared: Sequence[Any]) -> ScoredBatch:
         if any(p.id.startswith(FAIL_ID) for p in prepared):
             raise RuntimeError("injected failure for a FAIL pair")
         return self._inner.score(prepared)
-
-
-class ServerThread:
-    """A RunningServer on its own event loop in a daemon thread."""
-
-    def __init__(self, config: ServerConfig, engine: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-        async def make() -> RunningServer:
-            return RunningServer(config, engine=engine)
-
-        self.server = self.call(make())
-
-    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
-        """Schedule ``coro`` on the server's loop; returns a concurrent Future."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
-        """Run ``coro`` on the server's loop and wait for its result."""
-        return self.submit(coro).result(timeout)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-    def client(self, **kwargs: Any) -> ScoringClient:
-        return ScoringClient(self.target, timeout=kwargs.pop("timeout", 20.0), **kwargs)
-
-    def metrics_text(self) -> str:
-        url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.read().decode()
-
-    def close(self) -> None:
-        try:
-            self.call(self.server.stop(grace=0))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=10)
-            self.loop.close()
-
-
-def make_config(**overrides: Any) -> ServerConfig:
-    settings: dict[str, Any] = dict(
-        host="127.0.0.1", port=0, metrics_port=0, max_wait_ms=2.0, grace_period_s=5.0
-    )
-    settings.update(overrides)
-    return ServerConfig(**settings)
 
 
 @pytest.fixture(params=["fake", "tiny"])
@@ -135,7 +85,7 @@ def engine_for_e2e(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture
-def server(engine_for_e2e: Any, start_server: Callable[..., ServerThread]) -> ServerThread:
+def e2e_server(engine_for_e2e: Any, start_server: Callable[..., ServerThread]) -> ServerThread:
     """A ready server on ``engine_for_e2e`` (wrapped so that FAIL ids break their batch)."""
     return start_server(FailOnIdEngine(engine_for_e2e))
 
@@ -143,7 +93,7 @@ def server(engine_for_e2e: Any, start_server: Callable[..., ServerThread]) -> Se
 def reference_scores(engine: Any, pairs: Sequence[Pair], options: ScoreOptions) -> list[Any]:
     """What the engine gives for each pair alone, computed in-process."""
     return [
-        item if isinstance(item, ItemError) else engine.score([item])[0]
+        item if isinstance(item, ItemError) else engine.score([item]).scores[0]
         for item in engine.prepare(pairs, options)
     ]
 
@@ -174,11 +124,11 @@ MIXED = [
 
 
 def test_score_keeps_request_order_across_mixed_lengths_and_flags_too_long(
-    engine_for_e2e: Any, server: ServerThread
+    engine_for_e2e: Any, e2e_server: ServerThread
 ) -> None:
     pairs = [*MIXED[:2], too_long_pair(engine_for_e2e, "too-long"), *MIXED[2:]]
     want = reference_scores(engine_for_e2e, pairs, ScoreOptions())
-    with server.client() as client:
+    with e2e_server.client() as client:
         got = client.score(pairs)
     assert [r.id for r in got] == [p.id for p in pairs]
     assert isinstance(got[2], ItemError)
@@ -188,8 +138,8 @@ def test_score_keeps_request_order_across_mixed_lengths_and_flags_too_long(
         assert_same_score(g, w)
 
 
-def test_score_accepts_tuples_and_returns_tokens(engine_for_e2e: Any, server: ServerThread) -> None:
-    with server.client() as client:
+def test_score_accepts_tuples_and_returns_tokens(engine_for_e2e: Any, e2e_server: ServerThread) -> None:
+    with e2e_server.client() as client:
         [result] = client.score([("Hello", " world")], return_tokens=True)
         assert client.score([]) == []
     assert isinstance(result, PairScore)
@@ -200,21 +150,21 @@ def test_score_accepts_tuples_and_returns_tokens(engine_for_e2e: Any, server: Se
 
 
 def test_score_joint_tokenization_is_passed_through(
-    engine_for_e2e: Any, server: ServerThread
+    engine_for_e2e: Any, e2e_server: ServerThread
 ) -> None:
     pairs = [Pair("The capital of France is", " Paris.", id="j")]
     want = reference_scores(
         engine_for_e2e, pairs, ScoreOptions(tokenization=TokenizationMode.JOINT)
     )
-    with server.client() as client:
+    with e2e_server.client() as client:
         [got] = client.score(pairs, tokenization=TokenizationMode.JOINT)
     assert_same_score(got, want[0])
 
 
 def test_score_batch_failure_is_internal_and_the_server_keeps_serving(
-    server: ServerThread,
+    e2e_server: ServerThread,
 ) -> None:
-    with server.client() as client:
+    with e2e_server.client() as client:
         with pytest.raises(ScoringError) as info:
             client.score([Pair("x", "y", id=FAIL_ID)])
         assert info.value.code is grpc.StatusCode.INTERNAL
@@ -223,8 +173,8 @@ def test_score_batch_failure_is_internal_and_the_server_keeps_serving(
     assert isinstance(ok, PairScore)
 
 
-def test_unknown_enum_is_invalid_argument(server: ServerThread) -> None:
-    with grpc.insecure_channel(server.target) as channel:
+def test_unknown_enum_is_invalid_argument(e2e_server: ServerThread) -> None:
+    with grpc.insecure_channel(e2e_server.target) as channel:
         stub = pb_grpc.ScoringServiceStub(channel)
         bad = pb.ScoreRequest(
             pairs=[pb.Pair(prompt="x", response="y")], options=pb.ScoreOptions(tokenization=99)
@@ -264,7 +214,7 @@ def test_score_stream_answers_in_order_with_item_errors_and_goes_on(
     assert_same_score(responses[4][0], want[1])
 
 
-def test_score_stream_unknown_enum_fails_only_that_message(server: ServerThread) -> None:
+def test_score_stream_unknown_enum_fails_only_that_message(e2e_server: ServerThread) -> None:
     requests = [
         pb.ScoreRequest(pairs=[pb.Pair(id="a", prompt="x", response="y")]),
         pb.ScoreRequest(
@@ -273,7 +223,7 @@ def test_score_stream_unknown_enum_fails_only_that_message(server: ServerThread)
         ),
         pb.ScoreRequest(pairs=[pb.Pair(id="c", prompt="x", response="y")]),
     ]
-    with grpc.insecure_channel(server.target) as channel:
+    with grpc.insecure_channel(e2e_server.target) as channel:
         responses = list(
             pb_grpc.ScoringServiceStub(channel).ScoreStream(iter(requests), timeout=10)
         )
@@ -302,11 +252,11 @@ def test_score_stream_works_on_several_messages_at_once_but_bounded(
 
 
 def test_model_info_describes_the_engine_and_the_limits(
-    engine_for_e2e: Any, server: ServerThread
+    engine_for_e2e: Any, e2e_server: ServerThread
 ) -> None:
-    with server.client() as client:
+    with e2e_server.client() as client:
         info = client.model_info()
-    limits = server.server.limits
+    limits = e2e_server.server.limits
     assert limits is not None
     assert info == dataclasses.replace(
         engine_for_e2e.info,
@@ -324,8 +274,8 @@ def test_model_info_describes_the_engine_and_the_limits(
     assert info.max_queue_tokens == 32 * engine_for_e2e.max_batch_tokens
 
 
-def test_health_reports_serving_for_server_and_service(server: ServerThread) -> None:
-    with server.client() as client:
+def test_health_reports_serving_for_server_and_service(e2e_server: ServerThread) -> None:
+    with e2e_server.client() as client:
         assert client.health() == "SERVING"
         assert client.health("") == "SERVING"
         with pytest.raises(ScoringError) as info:
@@ -333,29 +283,21 @@ def test_health_reports_serving_for_server_and_service(server: ServerThread) -> 
     assert info.value.code is grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_lists_the_services(server: ServerThread) -> None:
-    with grpc.insecure_channel(server.target) as channel:
+def test_reflection_lists_the_services(e2e_server: ServerThread) -> None:
+    with grpc.insecure_channel(e2e_server.target) as channel:
         services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
     assert {SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME} <= services
     assert SERVICE_NAME == "pairscore.v1.ScoringService"
 
 
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def test_metrics_endpoint_parses_and_counters_move(server: ServerThread) -> None:
+def test_metrics_endpoint_parses_and_counters_move(e2e_server: ServerThread) -> None:
     ok_score = ("pairscore_requests_total", (("code", "OK"), ("method", "Score")))
     ok_pairs = ("pairscore_pairs_total", (("outcome", "ok"),))
-    before = _samples(server.metrics_text())
-    with server.client() as client:
+    before = metric_samples(e2e_server.metrics_text())
+    with e2e_server.client() as client:
         client.score([Pair("Hello", " world"), Pair("a", " b")])
         client.model_info()
-    after = _samples(server.metrics_text())
+    after = metric_samples(e2e_server.metrics_text())
     assert after[ok_score] == before.get(ok_score, 0) + 1
     assert after[ok_pairs] == before.get(ok_pairs, 0) + 2
     assert after[("pairscore_requests_total", (("code", "OK"), ("method", "GetModelInfo")))] >= 1
@@ -367,10 +309,10 @@ def test_metrics_endpoint_parses_and_counters_move(server: ServerThread) -> None
     assert len(build) == 1 and dict(build[0][1])["dtype"]
 
 
-def test_metrics_count_failures_by_status_code(server: ServerThread) -> None:
-    with server.client() as client, pytest.raises(ScoringError):
+def test_metrics_count_failures_by_status_code(e2e_server: ServerThread) -> None:
+    with e2e_server.client() as client, pytest.raises(ScoringError):
         client.score([Pair("x", "y", id=FAIL_ID)])
-    after = _samples(server.metrics_text())
+    after = metric_samples(e2e_server.metrics_text())
     assert after[("pairscore_requests_total", (("code", "INTERNAL"), ("method", "Score")))] == 1
 
 
@@ -416,7 +358,7 @@ def test_expired_deadline_drops_queued_pairs_and_is_counted(
         assert client.score([("after", "!")]) == [expected_score(Pair("after", "!"))]
     assert results == [[expected_score(Pair("busy", "!"))]]
     assert engine.batches == [("busy",), ("after",)]  # the expired pair never ran
-    samples = _samples(st.metrics_text())
+    samples = metric_samples(st.metrics_text())
     key = ("pairscore_requests_total", (("code", "DEADLINE_EXCEEDED"), ("method", "Score")))
     assert samples[key] == 1
 
@@ -491,15 +433,15 @@ def test_graceful_stop_finishes_in_flight_work_and_refuses_new_calls(
 # --- CLI against the server ----------------------------------------------------------------------
 
 
-def test_cli_query_and_info(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["query", "--target", server.target, "Hello", " world", "a", " b"]) == 0
+def test_cli_query_and_info(e2e_server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["query", "--target", e2e_server.target, "Hello", " world", "a", " b"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["index"] for line in lines] == [0, 1]
     assert lines[0]["joint_logprob"] == pytest.approx(
         lines[0]["prompt_logprob"] + lines[0]["conditional_logprob"]
     )
     assert {"prompt_tokens", "response_tokens"} <= lines[0].keys()
-    assert cli.main(["info", "--target", server.target]) == 0
+    assert cli.main(["info", "--target", e2e_server.target]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["max_context_tokens"] > 0
     assert info["prefix_policy"] in {"bos", "document_separator", "custom"}
@@ -520,7 +462,7 @@ def test_forward_token_accounting_reaches_metrics(
     prompt = "The capital of France is"
     with st.client() as client:
         client.score([Pair(prompt, " Paris."), Pair(prompt, " Rome."), Pair(prompt, " a city")])
-    after = _samples(st.metrics_text())
+    after = metric_samples(st.metrics_text())
     real = after[("pairscore_forward_tokens_total", (("kind", "real"),))]
     padded = after[("pairscore_forward_tokens_total", (("kind", "padded"),))]
     reused = after[("pairscore_forward_tokens_total", (("kind", "reused"),))]
@@ -534,7 +476,7 @@ def test_replica_busy_time_is_exported_per_replica(
 ) -> None:
     from pairscore_server.engine.replicas import ReplicatedEngine
 
-    from conftest import make_engine
+    from harness.models import make_engine
 
     model, tokenizer = gpt2_family
     engine = ReplicatedEngine([make_engine(model, tokenizer), make_engine(model, tokenizer)])
@@ -542,6 +484,6 @@ def test_replica_busy_time_is_exported_per_replica(
     with st.client() as client:
         results = client.score([Pair(f"prompt number {i}", f" response {i}") for i in range(8)])
     assert all(isinstance(r, PairScore) for r in results)
-    after = _samples(st.metrics_text())
+    after = metric_samples(st.metrics_text())
     for replica in ("0", "1"):
         assert after[("pairscore_replica_busy_seconds_total", (("replica", replica),))] > 0

@@ -17,7 +17,8 @@ import torch
 
 from pairscore.types import Pair, PairScore, PrefixPolicy, ScoreOptions, TokenizationMode
 from pairscore_server.engine.engine import ScoringEngine
-from pairscore_server.engine.loading import ModelSpec, load_engine
+from pairscore_server.engine.loading import load_engine
+from pairscore_server.engine.spec import ModelSpec
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from pairscore.types import (
 )
 from pairscore_server.engine.prefix import resolve_prefix
 
-from conftest import make_engine
+from harness.models import make_engine
 
 TEXTS = [
     "",

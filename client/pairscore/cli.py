@@ -111,7 +111,7 @@ def _make_parser() -> argparse.ArgumentParser:
 
 def _serve(argv: Sequence[str]) -> int:
     try:
-        from pairscore_server.app import main as serve_main
+        from pairscore_server.main import main as serve_main
     except ImportError as exc:
         print(
             f"pairscore serve needs the server extra ({exc.name or exc} is missing): "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from pairscore_server.app import main
+from pairscore_server.main import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -5,11 +5,9 @@ engine on a single-thread executor, so the event loop never runs model code
 and the (not thread-safe) engine is only ever used from one thread.
 
 A batch closes when the next queued pair would push its padded size
-(longest pair x number of pairs) over ``engine.max_call_tokens`` (engines
-that split a call into forward passes themselves and want several passes'
-worth of pairs to group by length and shared prompt; else
-``engine.max_batch_tokens``), when it
-holds ``max_batch_pairs`` pairs, or when its oldest pair has waited
+(longest pair x number of pairs) over ``engine.max_call_tokens`` (several
+forward passes' worth, for the engine to group by length and shared
+prompt), when it holds ``max_batch_pairs`` pairs, or when its oldest pair has waited
 ``max_wait_s``. Pairs are taken in arrival order. A request may span several
 batches; it completes when its last pair is scored.
 
@@ -39,16 +37,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pairscore.types import ItemError, ItemErrorCode, ScoreOutcome
+from pairscore.types import ScoreOutcome
 from pairscore_server.errors import (
     BatcherClosedError,
     BatchFailedError,
@@ -57,9 +53,10 @@ from pairscore_server.errors import (
     RequestLimitError,
     WorkerUnavailableError,
 )
+from pairscore_server.worker import ModelWorker, short_reason
 
 if TYPE_CHECKING:
-    from pairscore_server.engine import PreparedPair, ScoringEngine
+    from pairscore_server.engine import Engine, PreparedPair
     from pairscore_server.metrics import Metrics
 
 __all__ = [
@@ -70,7 +67,6 @@ __all__ = [
     "QueueFullError",
     "RequestLimitError",
     "WorkerUnavailableError",
-    "is_out_of_memory",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,54 +80,12 @@ DEFAULT_RETRY_AFTER_S = 1.0
 #: side gives up at its deadline a little before the server's own timer fires.
 DEADLINE_SLACK_S = 0.05
 _THROUGHPUT_SMOOTHING = 0.3  # weight of the newest batch in the tokens/s estimate
-_MAX_REASON_CHARS = 300
 
 # Reasons of pairscore_dropped_pairs_total.
 DROP_CANCELLED = "cancelled"
 DROP_DEADLINE = "deadline"
 DROP_SHUTDOWN = "shutdown"
 DROP_WORKER = "worker_unavailable"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` means "out of memory" (accelerator or host).
-
-    True for ``torch.OutOfMemoryError`` / ``torch.cuda.OutOfMemoryError``,
-    :class:`MemoryError`, and any RuntimeError whose message says "out of
-    memory" (what other torch backends raise). torch is only consulted if
-    something already imported it.
-    """
-    if isinstance(exc, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        oom_types = tuple(
-            t
-            for t in (
-                getattr(torch, "OutOfMemoryError", None),
-                getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None),
-            )
-            if isinstance(t, type)
-        )
-        if oom_types and isinstance(exc, oom_types):
-            return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _release_memory() -> None:
-    """After an OOM: collect the failed pass's garbage and return cached accelerator memory."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    try:
-        if torch is not None and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-    except Exception:  # never let cleanup turn an OOM into a different failure
-        log.debug("emptying the CUDA cache failed", exc_info=True)
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 3] + "..."
 
 
 @dataclass(eq=False)
@@ -172,7 +126,7 @@ class Batcher:
 
     def __init__(
         self,
-        engine: ScoringEngine,
+        engine: Engine,
         executor: Executor,
         *,
         max_batch_pairs: int,
@@ -187,6 +141,7 @@ class Batcher:
         if max_queue_tokens is not None and max_queue_tokens < 1:
             raise ValueError(f"max_queue_tokens must be >= 1, got {max_queue_tokens}")
         self._engine = engine
+        self._worker = ModelWorker(engine, metrics)
         self._executor = executor
         self._max_batch_pairs = max_batch_pairs
         self._max_wait_s = max_wait_s
@@ -462,7 +417,7 @@ class Batcher:
             await self._wait_for_work(None)
         self._collecting = batch = [first]
         longest = first.prepared.num_tokens
-        budget = getattr(self._engine, "max_call_tokens", self._engine.max_batch_tokens)
+        budget = self._engine.max_call_tokens
         deadline = first.enqueued_at + self._max_wait_s
         while len(batch) < self._max_batch_pairs:
             if not self._queue:
@@ -485,56 +440,6 @@ class Batcher:
         self._queue_changed()
         self._collecting = []
         return batch
-
-    def _forward(self, prepared: list[PreparedPair]) -> tuple[list[ScoreOutcome], float, Any, Any]:
-        """Runs on the model thread: score the batch (splitting on OOM), timed.
-
-        Also returns the engine's token accounting of the call (``last_stats``)
-        and each replica's busy time (``last_replica_seconds``), read on the
-        same thread; None for engines that keep none.
-        """
-        started = time.perf_counter()
-        outcomes = self._score_splitting(prepared)
-        seconds = time.perf_counter() - started
-        replicas = getattr(self._engine, "last_replica_seconds", None)
-        if replicas is None and hasattr(self._engine, "last_stats"):
-            replicas = (seconds,)
-        return outcomes, seconds, getattr(self._engine, "last_stats", None), replicas
-
-    def _score_splitting(self, prepared: list[PreparedPair]) -> list[ScoreOutcome]:
-        """engine.score; on out-of-memory, score each half, down to single pairs."""
-        try:
-            scores = list(self._engine.score(prepared))
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            reason = _short(exc)
-        else:
-            if len(scores) != len(prepared):
-                raise RuntimeError(
-                    f"engine returned {len(scores)} scores for a batch of {len(prepared)} pairs"
-                )
-            return scores
-        # The exception (and the traceback holding the failed pass's tensors) is gone here.
-        _release_memory()
-        tokens = sum(p.num_tokens for p in prepared)
-        if len(prepared) == 1:
-            pair = prepared[0]
-            log.warning("a pair of %d tokens does not fit in memory even alone", tokens)
-            message = (
-                f"out of memory scoring this pair ({tokens} tokens) even alone in its batch; "
-                f"shorten it or retry later ({reason})"
-            )
-            return [ItemError(ItemErrorCode.RESOURCE_EXHAUSTED, message, pair.id)]
-        log.warning(
-            "out of memory on a batch of %d pairs (%d tokens); retrying it in two halves",
-            len(prepared),
-            tokens,
-        )
-        if self._metrics is not None:
-            self._metrics.oom_splits.inc()
-        mid = len(prepared) // 2
-        return self._score_splitting(prepared[:mid]) + self._score_splitting(prepared[mid:])
 
     def _live_batch(self, batch: list[_Item]) -> list[_Item]:
         """The batch without pairs whose caller left or whose deadline passed meanwhile."""
@@ -564,15 +469,13 @@ class Batcher:
         self._in_flight, self._in_flight_tokens = batch, tokens
         self._forward_started = time.monotonic()
         try:
-            outcomes, seconds, stats, replica_seconds = await loop.run_in_executor(
-                self._executor, self._forward, prepared
-            )
+            forward = await loop.run_in_executor(self._executor, self._worker.run, prepared)
         except Exception as exc:  # the whole batch failed: fail exactly its requests
-            log.error("a batch of %d pairs failed: %s", len(batch), _short(exc), exc_info=exc)
+            log.error("a batch of %d pairs failed: %s", len(batch), short_reason(exc), exc_info=exc)
             failed = {id(item.request): item.request for item in batch}
             for request in failed.values():
                 if not request.future.done():
-                    err = BatchFailedError(f"scoring failed: {_short(exc)}")
+                    err = BatchFailedError(f"scoring failed: {short_reason(exc)}")
                     err.__cause__ = exc
                     request.future.set_exception(err)
                 self._drop(request)
@@ -586,6 +489,7 @@ class Batcher:
                 self._stalled = False
             self._in_flight, self._in_flight_tokens = [], 0
             self._forward_started = None
+        seconds = forward.seconds
         if seconds > 0:
             rate = tokens / seconds
             old = self._tokens_per_s
@@ -593,18 +497,13 @@ class Batcher:
                 rate if old is None else old + _THROUGHPUT_SMOOTHING * (rate - old)
             )
         if self._metrics is not None:
-            if stats is not None:
-                self._metrics.observe_batch(
-                    pairs=len(prepared), padded_tokens=stats.padded_tokens, seconds=seconds,
-                    real_tokens=stats.real_tokens, reused_tokens=stats.reused_tokens,
-                    replica_seconds=replica_seconds or (),
-                )
-            else:
-                longest = max(p.num_tokens for p in prepared)
-                self._metrics.observe_batch(
-                    pairs=len(prepared), padded_tokens=longest * len(prepared), seconds=seconds
-                )
-        for item, outcome in zip(batch, outcomes, strict=True):
+            stats = forward.stats
+            self._metrics.observe_batch(
+                pairs=len(prepared), padded_tokens=stats.padded_tokens, seconds=seconds,
+                real_tokens=stats.real_tokens, reused_tokens=stats.reused_tokens,
+                replica_seconds=forward.replica_seconds,
+            )
+        for item, outcome in zip(batch, forward.outcomes, strict=True):
             request = item.request
             if request.future.done():  # cancelled (or abandoned) while its batch ran
                 continue
@@ -627,7 +526,7 @@ class Batcher:
             raise
         except Exception as exc:  # a bug in the loop itself: fail everyone, don't hang them
             log.critical("the batching loop crashed", exc_info=exc)
-            crashed = BatcherClosedError(f"the batching loop crashed: {_short(exc)}")
+            crashed = BatcherClosedError(f"the batching loop crashed: {short_reason(exc)}")
             self._fail_in_flight(crashed, DROP_WORKER)
             self._fail_pending(crashed, DROP_WORKER)
             raise

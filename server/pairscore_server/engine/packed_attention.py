@@ -18,6 +18,8 @@ import logging
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
+from pairscore_server.engine.interface import CausalLM
+
 log = logging.getLogger(__name__)
 
 PACKED_ATTENTION = "pairscore_packed"
@@ -63,7 +65,7 @@ def packed_sdpa_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def enable_packed_attention(model: torch.nn.Module) -> str | None:
+def enable_packed_attention(model: CausalLM) -> str | None:
     """Switch ``model`` (an SDPA model) to :data:`PACKED_ATTENTION`.
 
     Returns None on success, else why packing cannot be used. The switch
@@ -74,7 +76,7 @@ def enable_packed_attention(model: torch.nn.Module) -> str | None:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    config = getattr(model, "config", None)
+    config = model.config
     current = getattr(config, "_attn_implementation", None)
     if current == PACKED_ATTENTION:
         return None
@@ -91,7 +93,7 @@ def enable_packed_attention(model: torch.nn.Module) -> str | None:
     return None
 
 
-def disable_packed_attention(model: torch.nn.Module) -> None:
+def disable_packed_attention(model: CausalLM) -> None:
     """Back to plain SDPA (after a failed probe)."""
     if getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION:
         model.set_attn_implementation("sdpa")

@@ -10,28 +10,27 @@ groups go first, each to the least-loaded replica.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
-from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions
-from pairscore_server.engine.engine import ForwardStats, ScoringEngine
+from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions, ScoreOutcome
+from pairscore_server.engine.engine import ScoringEngine
+from pairscore_server.engine.interface import Engine, ForwardStats, ScoredBatch, score_pairs
 from pairscore_server.engine.packing import group_by_prompt
+from pairscore_server.engine.prefix import Prefix
 from pairscore_server.engine.prepared import PreparedPair
+from pairscore_server.engine.tokenization import PairTokenizer
 
 
-class ReplicatedEngine:
-    """The ScoringEngine interface over ``engines``, one per device."""
+class ReplicatedEngine(Engine):
+    """The :class:`~pairscore_server.engine.interface.Engine` over ``engines``, one per device."""
 
     def __init__(self, engines: Sequence[ScoringEngine]) -> None:
         if not engines:
             raise ValueError("ReplicatedEngine needs at least one engine")
         self.engines = list(engines)
         self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="pairscore-replica")
-        self.last_stats = ForwardStats()
-        #: Seconds each replica spent on the last call (0 for an idle one).
-        self.last_replica_seconds: tuple[float, ...] = (0.0,) * len(self.engines)
 
     # -- the one-engine interface -------------------------------------------------
 
@@ -50,11 +49,11 @@ class ReplicatedEngine:
         return sum(e.max_call_tokens for e in self.engines)
 
     @property
-    def prefix(self):
+    def prefix(self) -> Prefix:
         return self.engines[0].prefix
 
     @property
-    def pair_tokenizer(self):
+    def pair_tokenizer(self) -> PairTokenizer:
         return self.engines[0].pair_tokenizer
 
     def prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
@@ -73,38 +72,34 @@ class ReplicatedEngine:
             load[target] += cost[key]
         return parts
 
-    def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
-        """Score on all replicas at once; raises the first replica's failure, if any."""
+    def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
+        """Score on all replicas at once; raises the first replica's failure, if any.
+
+        The stats add up every replica's; ``replica_seconds`` holds each
+        replica's own busy time (0 for one that got no pairs).
+        """
         parts = self.split(prepared)
-
-        def run(engine: ScoringEngine, idx: list[int]) -> tuple[list[PairScore], float, ForwardStats]:
-            started = time.perf_counter()
-            scores = engine.score([prepared[i] for i in idx])
-            return scores, time.perf_counter() - started, engine.last_stats
-
-        futures = [
-            self._pool.submit(run, engine, idx) if idx else None
+        futures: list[Future[ScoredBatch] | None] = [
+            self._pool.submit(engine.score, [prepared[i] for i in idx]) if idx else None
             for engine, idx in zip(self.engines, parts, strict=True)
         ]
         results: list[PairScore | None] = [None] * len(prepared)
-        seconds = []
-        real = padded = reused = 0
+        seconds: list[float] = []
+        stats = ForwardStats()
         for future, idx in zip(futures, parts, strict=True):
             if future is None:
                 seconds.append(0.0)
                 continue
-            scores, took, stats = future.result()  # re-raises the replica's exception
-            seconds.append(took)
-            real, padded = real + stats.real_tokens, padded + stats.padded_tokens
-            reused += stats.reused_tokens
-            for i, score in zip(idx, scores, strict=True):
+            part = future.result()  # re-raises the replica's exception
+            seconds.append(sum(part.replica_seconds))
+            stats += part.stats
+            for i, score in zip(idx, part.scores, strict=True):
                 results[i] = score
-        self.last_stats = ForwardStats(real, padded, reused)
-        self.last_replica_seconds = tuple(seconds)
-        return results  # type: ignore[return-value]
+        return ScoredBatch(results, stats, tuple(seconds))  # type: ignore[arg-type]
 
-    # prepare + score in one call, for in-process use: the same code as ScoringEngine's.
-    score_pairs = ScoringEngine.score_pairs
+    def score_pairs(self, pairs: Sequence[Pair], options: ScoreOptions | None = None) -> list[ScoreOutcome]:
+        """prepare + score in one call, for in-process use."""
+        return score_pairs(self, pairs, options)
 
     def warmup(self) -> None:
         """Warm every replica up, in parallel."""

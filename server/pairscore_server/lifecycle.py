@@ -1,8 +1,10 @@
-"""Running the server: gRPC, health, reflection, metrics, signals.
+"""The server's lifecycle: ports, health, reflection, metrics, model loading, shutdown.
 
 :class:`RunningServer` is the whole server inside the current event loop
-(tests use it with port 0); :func:`serve` runs one until SIGTERM/SIGINT;
-:func:`main` is ``pairscore serve``.
+(tests use it with port 0). :mod:`pairscore_server.main` runs one as a
+process (signals, logging, exit status); :mod:`pairscore_server.wiring`
+builds what serves a loaded engine; :mod:`pairscore_server.watchdog` keeps
+health in step with the model worker.
 
 Start-up order: the gRPC port opens first with health ``NOT_SERVING`` (so
 orchestrators can probe it while the model loads), then the model is loaded
@@ -17,25 +19,19 @@ loop has died or one forward pass has run longer than
 worker get ``UNAVAILABLE`` instead of hanging, and health turns ``SERVING``
 again if the worker ever answers.
 
-On SIGTERM/SIGINT health turns ``NOT_SERVING`` (open health Watch streams
-get that and end), the server stops taking RPCs, running RPCs get
-``grace_period_s`` to finish (then they are cancelled), and the process
-exits 0. A second signal cancels running RPCs
-at once and exits 1. The process never waits for a stuck model thread.
+On :meth:`RunningServer.stop` health turns ``NOT_SERVING`` (open health
+Watch streams get that and end), the server stops taking RPCs and running
+RPCs get ``grace_period_s`` to finish (then they are cancelled).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,19 +39,18 @@ from grpc_reflection.v1alpha import reflection
 
 import pairscore
 from pairscore_server.auth import BearerTokenInterceptor, TokenSet
-from pairscore_server.batcher import Batcher, is_out_of_memory
-from pairscore_server.config import ServerConfig, build_config
-from pairscore_server.engine.loading import ModelLoadError
+from pairscore_server.batcher import Batcher
+from pairscore_server.config import ServerConfig
+from pairscore_server.engine.interface import Engine
+from pairscore_server.engine.memory import is_out_of_memory
+from pairscore_server.engine.spec import ModelLoadError, ModelSpec
 from pairscore_server.health import HealthService
-from pairscore_server.limits import Limits, resolve_limits
+from pairscore_server.limits import Limits
 from pairscore_server.metrics import Metrics
-from pairscore_server.service import ScoringService
 from pairscore_server.servicer import SERVICE_NAME, ScoringServicer, add_to_server
 from pairscore_server.tls import server_credentials
-
-if TYPE_CHECKING:
-    from pairscore_server.engine import ScoringEngine
-    from pairscore_server.engine.loading import ModelSpec
+from pairscore_server.watchdog import watch_worker
+from pairscore_server.wiring import wire
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +62,15 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 
 #: After the RPCs have ended, how long stop() waits for the batcher to drain.
 _BATCHER_DRAIN_S = 2.0
-#: Exit status after a second SIGTERM/SIGINT cut the grace period short.
-EXIT_FORCED = 1
 
 
 class StartupError(RuntimeError):
     """The server cannot start: a TLS file or the auth token set is unusable."""
 
 
-def _load_engine(spec: ModelSpec) -> ScoringEngine:
-    from pairscore_server.engine.loading import load_engine  # imports torch
+def load_default_engine(spec: ModelSpec) -> Engine:
+    """Load the engine ``spec`` describes (imports torch and transformers on first use)."""
+    from pairscore_server.engine.loading import load_engine
 
     return load_engine(spec)
 
@@ -107,8 +101,8 @@ class RunningServer:
         self,
         config: ServerConfig,
         *,
-        engine: ScoringEngine | None = None,
-        engine_loader: Callable[[ModelSpec], ScoringEngine] = _load_engine,
+        engine: Engine | None = None,
+        engine_loader: Callable[[ModelSpec], Engine] = load_default_engine,
     ) -> None:
         self.config = config
         self.metrics = Metrics()
@@ -318,32 +312,6 @@ class RunningServer:
             await self.health.set(name, status)
         self.metrics.serving.set(1 if serving else 0)
 
-    async def _watch(self, batcher: Batcher) -> None:
-        """Health follows the model worker: NOT_SERVING while it is stuck or its loop is dead."""
-        timeout = self.config.forward_timeout_s
-        interval = 0.5 if timeout is None else min(0.5, max(0.02, timeout / 5))
-        crashed = False
-        while True:
-            await asyncio.sleep(interval)
-            busy = batcher.busy_seconds
-            if timeout is not None and not batcher.stalled and busy > timeout:
-                log.error(
-                    "the model worker has been in one forward pass for %.1f s (forward timeout "
-                    "%.1f s): health NOT_SERVING, waiting callers get UNAVAILABLE",
-                    busy,
-                    timeout,
-                )
-                batcher.abandon_in_flight(
-                    f"the model worker is stuck: one forward pass has run for {busy:.1f} s "
-                    f"(forward timeout {timeout:g} s); retry later or on another replica"
-                )
-            if not batcher.running and not self._stopped and not crashed:
-                crashed = True
-                log.critical("the batching loop has stopped: health NOT_SERVING")
-            await self._set_serving(batcher.running and not batcher.stalled)
-
-    # --- model loading ---------------------------------------------------------------
-
     async def _become_ready(self) -> None:
         loop = asyncio.get_running_loop()
         engine = self._engine
@@ -363,36 +331,16 @@ class RunningServer:
         except Exception as exc:
             log.debug("warming up the model failed", exc_info=exc)
             raise _load_failure("the warm-up forward pass", exc) from exc
-        cfg = self.config
-        engine_info = engine.info
-        self.limits = limits = resolve_limits(
-            max_context=engine_info.max_context_tokens,
-            max_batch_tokens=engine.max_batch_tokens,
-            max_pairs_per_request=cfg.max_pairs_per_request,
-            max_text_chars=cfg.max_text_chars,
-            max_item_tokens=cfg.max_item_tokens,
-            max_queue_tokens=cfg.max_queue_tokens,
-            max_message_bytes=cfg.max_message_bytes,
-        )
-        batcher = Batcher(
+        serving = wire(
             engine,
-            self._model_executor,
-            max_batch_pairs=cfg.max_batch_pairs,
-            max_wait_s=cfg.max_wait_s,
-            max_queue_tokens=limits.max_queue_tokens,
-            metrics=self.metrics,
-        )
-        batcher.start()
-        self._batcher = batcher
-        service = ScoringService(
-            engine=engine,
-            batcher=batcher,
-            metrics=self.metrics,
+            self.config,
+            model_executor=self._model_executor,
             prepare_executor=self._prepare_executor,
-            limits=limits,
+            metrics=self.metrics,
         )
-        info = service.model_info()
-        self._servicer.set_service(service)
+        self.limits, self._batcher = serving.limits, serving.batcher
+        self._servicer.set_service(serving.service)
+        info = serving.info
         self.metrics.set_model(
             version=info.server_version or pairscore.__version__,
             model=info.model_name,
@@ -400,151 +348,12 @@ class RunningServer:
             device=info.device,
         )
         await self._set_serving(True)
-        self._watchdog = loop.create_task(self._watch(batcher), name="pairscore-watchdog")
-        log.info(
-            "serving model %s (source %s, revision %s) on %s as %s; context %d tokens, "
-            "prefix token %r (%s), batches of up to %d pairs / %d padded tokens",
-            info.model_name,
-            info.model_source,
-            info.revision or "-",
-            info.device,
-            info.dtype,
-            info.max_context_tokens,
-            info.prefix_token,
-            info.prefix_policy.value,
-            cfg.max_batch_pairs,
-            engine.max_batch_tokens,
+        self._watchdog = loop.create_task(
+            watch_worker(
+                serving.batcher,
+                forward_timeout_s=self.config.forward_timeout_s,
+                set_serving=self._set_serving,
+                stopped=lambda: self._stopped,
+            ),
+            name="pairscore-watchdog",
         )
-        log.info(
-            "limits: %d pairs per request, %d characters per text, %d tokens per pair, "
-            "%d bytes per message, %d queued tokens, %s concurrent RPCs",
-            limits.max_pairs_per_request,
-            limits.max_text_chars,
-            limits.max_item_tokens,
-            limits.max_message_bytes,
-            limits.max_queue_tokens,
-            cfg.max_concurrent_rpcs or "unbounded",
-        )
-
-
-async def serve(
-    config: ServerConfig,
-    engine: ScoringEngine | None = None,
-    *,
-    engine_loader: Callable[[ModelSpec], ScoringEngine] = _load_engine,
-) -> int:
-    """Run a server until SIGTERM or SIGINT, then shut down gracefully.
-
-    Returns the exit status: 0 after a graceful stop, :data:`EXIT_FORCED`
-    when a second signal cut the grace period short. Raises whatever
-    loading the model raised (after closing the ports).
-    """
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    force_requested = asyncio.Event()
-
-    def on_signal(signum: int) -> None:
-        name = signal.Signals(signum).name
-        if not stop_requested.is_set():
-            log.info(
-                "%s received: shutting down (grace %.1f s; send it again to stop at once)",
-                name,
-                config.grace_period_s,
-            )
-            stop_requested.set()
-        else:
-            log.warning("%s received again: cancelling running requests and exiting now", name)
-            force_requested.set()
-
-    handled = (signal.SIGTERM, signal.SIGINT)
-    for signum in handled:
-        loop.add_signal_handler(signum, on_signal, signum)
-    running = RunningServer(config, engine=engine, engine_loader=engine_loader)
-    stopping = asyncio.ensure_future(stop_requested.wait())
-    forced = asyncio.ensure_future(force_requested.wait())
-    status = 0
-    try:
-        await running.start()
-        ready = asyncio.ensure_future(running.wait_ready())
-        done, _ = await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if ready in done:
-            ready.result()  # raises what loading the model raised
-            await stopping
-        else:  # stopped while the model was loading
-            ready.cancel()
-    finally:
-        stopping.cancel()
-        stop_task = asyncio.ensure_future(running.stop())
-        done, _ = await asyncio.wait({stop_task, forced}, return_when=asyncio.FIRST_COMPLETED)
-        if stop_task not in done:
-            status = EXIT_FORCED
-            await running.abort()
-            await stop_task
-        forced.cancel()
-        for signum in handled:
-            loop.remove_signal_handler(signum)
-    return status
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception's text on one line (transformers' messages span several)."""
-    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-
-
-def _busy_threads(settle_s: float = 1.0) -> list[threading.Thread]:
-    """Non-daemon threads still running after ``settle_s`` (a model thread stuck in a forward
-    pass or a load); idle executor threads get that long to wind down."""
-    main_thread = threading.main_thread()
-    deadline = time.monotonic() + settle_s
-    busy = []
-    for thread in threading.enumerate():
-        if thread is main_thread or thread.daemon:
-            continue
-        thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        if thread.is_alive():
-            busy.append(thread)
-    return busy
-
-
-def main(
-    argv: Sequence[str] | None = None,
-    *,
-    engine_loader: Callable[[ModelSpec], ScoringEngine] | None = None,
-) -> int:
-    """``pairscore serve``: parse flags (env fallbacks), set up logging, serve.
-
-    Returns the exit code: 0 after a clean shutdown, 1 if the model failed
-    to load, the server could not start, or a second signal forced the
-    exit. If a model thread is still busy (stuck, or loading when the
-    signal came), the process exits at once with that code instead of
-    waiting for the thread. ``engine_loader`` replaces how the engine is
-    built (tests serve a fake engine through the real entry point).
-    """
-    config = build_config(sys.argv[1:] if argv is None else argv, os.environ)
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    status = 1
-    try:
-        status = asyncio.run(serve(config, engine_loader=engine_loader or _load_engine))
-    except ModelLoadError as exc:
-        log.error("cannot load the model: %s", _one_line(exc))
-    except (StartupError, OSError) as exc:  # a port is taken, a TLS file is missing, ...
-        log.error("cannot start: %s", _one_line(exc))
-    except Exception:
-        log.exception("the server failed")
-    busy = _busy_threads()
-    if busy:
-        log.warning(
-            "not waiting for %d busy thread(s) (%s); exiting with status %d",
-            len(busy),
-            ", ".join(t.name for t in busy),
-            status,
-        )
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    return status

@@ -118,3 +118,16 @@ def build_llama_model(vocab_size: int, seed: int = 0):
         initializer_range=INIT_RANGE, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def make_engine(model, tokenizer, **limits):
+    """A ScoringEngine on ``model`` with :class:`EngineLimits` ``limits``."""
+    from pairscore_server.engine import EngineLimits, ScoringEngine
+    from pairscore_server.engine.engine import ModelDescription
+
+    return ScoringEngine(
+        model,
+        tokenizer,
+        description=ModelDescription(name="tiny", source="test:tiny", server_version="test"),
+        limits=EngineLimits(**limits),
+    )

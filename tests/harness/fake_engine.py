@@ -44,6 +44,7 @@ from pairscore.types import (
     TokenizationMode,
     TokenScore,
 )
+from pairscore_server.engine.interface import Engine, ForwardStats, ScoredBatch
 from pairscore_server.engine.prepared import PreparedPair
 
 FAIL_PROMPT = "FAIL"
@@ -78,8 +79,8 @@ def expected_score(pair: Pair) -> PairScore:
     )
 
 
-class FakeEngine:
-    """Implements the ScoringEngine interface with character 'tokens' and fixed log-probs."""
+class FakeEngine(Engine):
+    """Implements the Engine protocol with character 'tokens' and fixed log-probs."""
 
     def __init__(
         self,
@@ -93,7 +94,7 @@ class FakeEngine:
         oom_error: Callable[[int], BaseException] = cuda_oom,
     ) -> None:
         self.max_context = max_context
-        self.max_batch_tokens = max_batch_tokens
+        self._max_batch_tokens = max_batch_tokens
         self.forward_delay_s = forward_delay_s
         self.warmup_gate = warmup_gate
         self.score_gate = score_gate
@@ -105,6 +106,16 @@ class FakeEngine:
         self.score_threads: set[str] = set()
         self.warmups = 0
         self._lock = threading.Lock()
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """Token budget of one forward pass (the constructor's ``max_batch_tokens``)."""
+        return self._max_batch_tokens
+
+    @property
+    def max_call_tokens(self) -> int:
+        """One forward pass per call: a batcher's batch is exactly one score() call."""
+        return self._max_batch_tokens
 
     @property
     def info(self) -> ModelInfo:
@@ -163,8 +174,12 @@ class FakeEngine:
         """The prompt text a prepared pair was made from."""
         return "".join(map(chr, prepared.input_ids[1 : 1 + prepared.prompt_tokens]))
 
-    def score(self, prepared: Sequence[PreparedPair]) -> list[PairScore]:
-        """Sleep ``forward_delay_s``, record the batch, and score it (or raise on FAIL / OOM)."""
+    def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
+        """Sleep ``forward_delay_s``, record the batch, and score it (or raise on FAIL / OOM).
+
+        Its stats are those of one padded batch: every pair padded to the longest.
+        """
+        started = time.perf_counter()
         prompts = tuple(self.prompt_of(p) for p in prepared)
         padded = max((p.num_tokens for p in prepared), default=0) * len(prepared)
         if self.oom_above_tokens is not None and padded > self.oom_above_tokens:
@@ -181,7 +196,9 @@ class FakeEngine:
             time.sleep(self.forward_delay_s)
         if FAIL_PROMPT in prompts:
             raise FakeEngineError("injected failure: the batch holds a FAIL pair")
-        return [self._score_one(p) for p in prepared]
+        scores = [self._score_one(p) for p in prepared]
+        stats = ForwardStats(real_tokens=sum(p.num_tokens for p in prepared), padded_tokens=padded)
+        return ScoredBatch(scores, stats, (time.perf_counter() - started,))
 
     def _score_one(self, p: PreparedPair) -> PairScore:
         m, n = p.prompt_tokens, p.response_tokens
@@ -218,7 +235,7 @@ class FakeEngine:
 
 
 def _serve_main(argv: Sequence[str]) -> int:
-    """Serve a FakeEngine through ``pairscore_server.app.main`` (see the module docstring)."""
+    """Serve a FakeEngine through ``pairscore_server.main.main`` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="fake_engine.py")
     parser.add_argument("--forward-delay", type=float, default=0.0)
     parser.add_argument("--max-context", type=int, default=64)
@@ -240,7 +257,7 @@ def _serve_main(argv: Sequence[str]) -> int:
             forward_delay_s=args.forward_delay,
         )
 
-    from pairscore_server.app import main
+    from pairscore_server.main import main
 
     return main(args.serve_args, engine_loader=loader)
 

@@ -1,59 +1,112 @@
-"""Servers for the client and pipeline tests, all on 127.0.0.1.
+"""Servers for the server, client and pipeline tests, all on 127.0.0.1.
 
 * :class:`ServerThread` - the real pairscore server (``RunningServer``) on its own
-  event loop in a daemon thread, that can be stopped and started again on the same port.
+  event loop in a daemon thread, that can be stopped and started again on the same port;
+  :func:`make_config` is its configuration.
 * :func:`server_process` - the same server with the fake engine in a child
   process, so that the test process's memory is the client's alone.
 * :class:`StubServer` - a plain grpc server with a hand-written servicer, for
   what the real server does not do (yet): TLS, checking a bearer token,
   refusing items for overload.
+* :func:`free_port`, :func:`clean_env` for servers in child processes, and
+  :func:`metric_samples` to read a /metrics page.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent import futures
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
-from pairscore.convert import request_from_pb, response_to_pb
+from pairscore.client import ScoringClient
+from pairscore.convert import model_info_to_pb, request_from_pb, response_to_pb
+from pairscore.types import ItemError, ItemErrorCode
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
+from pairscore_server.config import ServerConfig
+
+from harness.fake_engine import FakeEngine, expected_score
 
 T = TypeVar("T")
-TESTS = Path(__file__).resolve().parent
+HARNESS = Path(__file__).resolve().parent
+TESTS = HARNESS.parent
 ROOT = TESTS.parent
+#: ``python FAKE_ENGINE_SCRIPT [fake flags] -- SERVE FLAGS`` serves a FakeEngine
+#: through the real ``pairscore serve`` entry point (see harness/fake_engine.py).
+FAKE_ENGINE_SCRIPT = HARNESS / "fake_engine.py"
+
+
+def make_config(**overrides: Any) -> ServerConfig:
+    """A test server's configuration: 127.0.0.1, free ports, short batching wait."""
+    settings: dict[str, Any] = dict(
+        host="127.0.0.1", port=0, metrics_port=0, max_wait_ms=2.0, grace_period_s=5.0
+    )
+    settings.update(overrides)
+    return ServerConfig(**settings)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without PAIRSCORE_* settings, for child servers."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PAIRSCORE_")}
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus exposition text -> {(sample name, sorted labels): value}."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
 
 
 class ServerThread:
-    """A RunningServer on ``engine`` in a background thread; ``restart()`` keeps the port."""
+    """A RunningServer on ``engine`` on its own event loop in a daemon thread.
+
+    ``config`` overrides :func:`make_config`'s settings. :meth:`start` opens
+    the ports (and waits until the model is ready); :meth:`stop` shuts it down
+    and keeps the port, so that a later :meth:`start` comes back on it.
+    """
 
     def __init__(self, engine: Any, **config: Any) -> None:
         self.engine = engine
-        self.config = dict(host="127.0.0.1", port=0, metrics_port=None, max_wait_ms=2.0, grace_period_s=5.0)
-        self.config.update(config)
+        self.config = config
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.server: Any = None
         self.port: int | None = None
 
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Schedule ``coro`` on the server's loop; returns a concurrent Future."""
+        assert self.loop is not None, "start() first"
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        """Run ``coro`` on the server's loop and wait for it."""
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        """Run ``coro`` on the server's loop and wait for its result."""
+        return self.submit(coro).result(timeout)
 
     def start(self, *, wait_ready: bool = True) -> ServerThread:
-        """Start (again) on the same port once one was chosen."""
-        from pairscore_server.app import RunningServer
-        from pairscore_server.config import ServerConfig
+        """Start (again, on the same port once one was chosen)."""
+        from pairscore_server.lifecycle import RunningServer
 
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -63,7 +116,7 @@ class ServerThread:
             config["port"] = self.port
 
         async def make() -> Any:
-            return RunningServer(ServerConfig(**config), engine=self.engine)
+            return RunningServer(make_config(**config), engine=self.engine)
 
         self.server = self.call(make())
         deadline = time.monotonic() + 10
@@ -85,6 +138,16 @@ class ServerThread:
         """``127.0.0.1:PORT``."""
         return f"127.0.0.1:{self.port}"
 
+    def client(self, **kwargs: Any) -> ScoringClient:
+        """A sync client on this server (20 s timeout unless given)."""
+        return ScoringClient(self.target, timeout=kwargs.pop("timeout", 20.0), **kwargs)
+
+    def metrics_text(self) -> str:
+        """The server's /metrics page."""
+        url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+
     def stop(self, grace: float = 0.0) -> None:
         """Stop the server and its loop (the port is kept for start())."""
         if self.loop is None:
@@ -102,9 +165,9 @@ class ServerThread:
 _SERVER_SCRIPT = """
 import asyncio, sys
 sys.path.insert(0, {tests!r})
-from pairscore_server.app import RunningServer
+from pairscore_server.lifecycle import RunningServer
 from pairscore_server.config import ServerConfig
-from fake_engine import FakeEngine
+from harness.fake_engine import FakeEngine
 
 async def main():
     config = ServerConfig(host="127.0.0.1", port=0, metrics_port=None, max_wait_ms=2.0)
@@ -174,10 +237,6 @@ class StubServicer(pb_grpc.ScoringServiceServicer):
         self._lock = threading.Lock()
 
     def _outcomes(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
-        from pairscore.types import ItemError, ItemErrorCode
-
-        from fake_engine import expected_score
-
         pairs, _ = request_from_pb(request)
         outcomes: list[Any] = []
         for pair in pairs:
@@ -207,10 +266,6 @@ class StubServicer(pb_grpc.ScoringServiceServicer):
             yield self._outcomes(request)
 
     def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        from pairscore.convert import model_info_to_pb
-
-        from fake_engine import FakeEngine
-
         self._enter(context)
         return model_info_to_pb(FakeEngine().info)
 

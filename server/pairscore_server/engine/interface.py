@@ -1,0 +1,112 @@
+"""The engine interface: what the batcher, the service and the server depend on.
+
+Everything outside :mod:`pairscore_server.engine` talks to an engine through
+:class:`Engine` (as vLLM's entrypoints talk to its ``EngineClient``):
+:class:`~pairscore_server.engine.engine.ScoringEngine` (one model),
+:class:`~pairscore_server.engine.replicas.ReplicatedEngine` (one model per
+GPU) and the tests' fake engine implement it. This module imports no torch.
+
+A call returns what it measured: :meth:`Engine.score` hands back a
+:class:`ScoredBatch` with the scores, the token accounting of its forward
+passes and each replica's busy time, instead of leaving them on the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeAlias, runtime_checkable
+
+from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions, ScoreOutcome
+from pairscore_server.engine.prepared import PreparedPair
+
+#: The model an engine wraps: a transformers causal LM (``PreTrainedModel``). Typed
+#: ``Any``: torch types every attribute of a ``torch.nn.Module`` as ``Tensor | Module``,
+#: which would make each ``model.base_model`` or ``model.config`` access a type error.
+CausalLM: TypeAlias = Any
+
+
+@dataclass(frozen=True)
+class ForwardStats:
+    """Token accounting of one ``score`` call.
+
+    ``real_tokens``: token positions computed; ``padded_tokens``: positions
+    including padding (real / padded is the padding efficiency);
+    ``reused_tokens``: prompt tokens not computed again thanks to a shared
+    prompt's key/value cache or a shared prompt inside a packed row.
+    """
+
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    reused_tokens: int = 0
+
+    def __add__(self, other: ForwardStats) -> ForwardStats:
+        return ForwardStats(
+            self.real_tokens + other.real_tokens,
+            self.padded_tokens + other.padded_tokens,
+            self.reused_tokens + other.reused_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    """What one :meth:`Engine.score` call returns.
+
+    ``scores``: one PairScore per prepared pair, in order. ``stats``: the
+    call's token accounting. ``replica_seconds``: how long each model
+    replica was busy in the call (one entry for a single-model engine; 0 for
+    a replica that got no pairs).
+    """
+
+    scores: list[PairScore]
+    stats: ForwardStats = field(default_factory=ForwardStats)
+    replica_seconds: tuple[float, ...] = ()
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A scoring engine: tokenization and batched forward passes, no gRPC.
+
+    ``prepare`` is cheap and thread-safe (a server calls it from several
+    threads); ``score`` and ``warmup`` block and are called from one thread
+    at a time (the server's model thread).
+    """
+
+    @property
+    def info(self) -> ModelInfo:
+        """What is served and under which contract (limits of the server not included)."""
+        ...
+
+    @property
+    def max_batch_tokens(self) -> int:
+        """Token budget of one forward pass (a packed row, or pairs x longest padded row)."""
+        ...
+
+    @property
+    def max_call_tokens(self) -> int:
+        """Padded-token size (pairs x longest pair) of one ``score`` call a batcher should build:
+        several forward passes' worth, so the engine can group by length and shared prompt."""
+        ...
+
+    def prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
+        """Tokenize ``pairs``; one PreparedPair, or an ItemError for a pair that cannot be
+        scored, per pair, in order."""
+        ...
+
+    def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
+        """Run the forward passes for ``prepared``; scores in the same order, with what was measured."""
+        ...
+
+    def warmup(self) -> None:
+        """Run a short forward pass, so the first request does not pay for lazy initialisation."""
+        ...
+
+
+def score_pairs(
+    engine: Engine, pairs: Sequence[Pair], options: ScoreOptions | None = None
+) -> list[ScoreOutcome]:
+    """``prepare`` + ``score`` in one call, for in-process use: one PairScore or ItemError per pair."""
+    prepared = engine.prepare(pairs, options or ScoreOptions())
+    ready = [p for p in prepared if isinstance(p, PreparedPair)]
+    scored = iter(engine.score(ready).scores if ready else [])
+    return [next(scored) if isinstance(p, PreparedPair) else p for p in prepared]
