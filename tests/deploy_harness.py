@@ -91,9 +91,7 @@ def build_overlays() -> dict[str, list[dict[str, Any]]]:
 
 
 def only(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [
-        d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
-    ]
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
     assert len(found) == 1, f"want one {kind} {name or ''}, got {len(found)}"
     return found[0]
 
@@ -135,10 +133,7 @@ def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def dashboard_queries() -> list[str]:
     return [
-        t["expr"]
-        for p in all_panels(dashboard()["panels"])
-        for t in p.get("targets", [])
-        if t.get("expr")
+        t["expr"] for p in all_panels(dashboard()["panels"]) for t in p.get("targets", []) if t.get("expr")
     ]
 
 
@@ -169,7 +164,9 @@ def grafana_to_promql(expr: str) -> str:
 
 def need_promtool() -> str:
     """promtool's path (skips without it)."""
-    return need_tool("promtool", "`make test` installs it (Makefile target tools, from Debian's prometheus package)")
+    return need_tool(
+        "promtool", "`make test` installs it (Makefile target tools, from Debian's prometheus package)"
+    )
 
 
 # --- the Dockerfile ---------------------------------------------------------------------------------
@@ -227,4 +224,3 @@ def dockerfile_uid() -> int:
     final = dockerfile_stages()[-1]
     users = [args for keyword, args in final["instructions"] if keyword == "USER"]
     return int(users[-1].split(":")[0])
-

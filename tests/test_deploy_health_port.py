@@ -33,9 +33,11 @@ def check(target: str, service: str = "") -> Any:
     """The health status of ``service`` at ``target``, or the gRPC status code that refused the check."""
     with grpc.insecure_channel(target) as channel:
         try:
-            return health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=10
-            ).status
+            return (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                .status
+            )
         except grpc.RpcError as exc:
             return exc.code()
 
@@ -44,9 +46,7 @@ def test_the_health_port_answers_while_max_concurrent_rpcs_refuses_the_grpc_port
     start_server: Callable[..., Any],
 ) -> None:
     gate = threading.Event()
-    st = start_server(
-        FakeEngine(score_gate=gate), max_concurrent_rpcs=MAX_CONCURRENT_RPCS, health_port=0
-    )
+    st = start_server(FakeEngine(score_gate=gate), max_concurrent_rpcs=MAX_CONCURRENT_RPCS, health_port=0)
     main = f"127.0.0.1:{st.server.port}"
     health = f"127.0.0.1:{st.server.health_port}"
     assert st.server.health_port not in (None, st.server.port)

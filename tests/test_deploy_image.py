@@ -62,7 +62,9 @@ def test_dockerfile_runtime_stage_is_non_root_offline_and_serves() -> None:
     env = stage_env(final)
     assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
     # The model stage bakes into PAIRSCORE_CACHE_DIR, and that directory is copied over.
-    [bake] = [a for k, a in dockerfile_stage("model")["instructions"] if k == "RUN" and "prepare_model.py" in a]
+    [bake] = [
+        a for k, a in dockerfile_stage("model")["instructions"] if k == "RUN" and "prepare_model.py" in a
+    ]
     cache = re.search(r"--cache-dir ([^\s;]+)", bake)
     assert cache and env["PAIRSCORE_CACHE_DIR"] == cache[1]
     assert stage_env(dockerfile_stage("model"))["HF_HOME"] == env["HF_HOME"]
@@ -76,7 +78,8 @@ def test_dockerfile_runtime_stage_is_non_root_offline_and_serves() -> None:
 def test_dockerfile_build_context_has_what_it_copies() -> None:
     """Every path taken from the build context exists and is let in by the .dockerignore."""
     ignore = [
-        line.strip() for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert ignore[0] == "*", "let in only what is listed"
@@ -100,9 +103,7 @@ def test_dockerfile_build_context_has_what_it_copies() -> None:
 
 
 def _prepare_model_module() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "prepare_model", DEPLOY / "docker" / "prepare_model.py"
-    )
+    spec = importlib.util.spec_from_file_location("prepare_model", DEPLOY / "docker" / "prepare_model.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -123,12 +124,16 @@ def test_prepare_model_downloads_hub_models_without_other_formats(
     module = _prepare_model_module()
     calls: list[tuple[str, Any]] = []
     monkeypatch.setattr(
-        huggingface_hub, "list_repo_files",
+        huggingface_hub,
+        "list_repo_files",
         lambda repo, revision=None: ["config.json", "model.safetensors", "pytorch_model.bin"],
     )
     monkeypatch.setattr(
-        huggingface_hub, "snapshot_download",
-        lambda repo, revision=None, ignore_patterns=(): calls.append((repo, revision, ignore_patterns)) or "/hf/x",
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo, revision=None, ignore_patterns=(): (
+            calls.append((repo, revision, ignore_patterns)) or "/hf/x"
+        ),
     )
     monkeypatch.setattr(module, "_check_offline", lambda repo, revision: calls.append(("offline", repo)))
     assert module.prepare("org/model", str(tmp_path), "v1") == "downloaded org/model into /hf/x"
@@ -157,7 +162,12 @@ def image_torch() -> tuple[str, str, str, str]:
     """(torch version, wheel index URL, its variant such as cu130, the base image) of the image."""
     deps = stage_args(dockerfile_stage("deps"))
     index = deps["TORCH_INDEX_URL"].rstrip("/")
-    return deps["TORCH_VERSION"], index, index.rsplit("/", 1)[-1], stage_args(dockerfile_stages()[0])["BASE_IMAGE"]
+    return (
+        deps["TORCH_VERSION"],
+        index,
+        index.rsplit("/", 1)[-1],
+        stage_args(dockerfile_stages()[0])["BASE_IMAGE"],
+    )
 
 
 def test_the_image_torch_build_is_published_for_the_cuda_of_its_base() -> None:
@@ -208,12 +218,31 @@ def test_the_image_torch_wheel_resolves_on_its_index(tmp_path: Path) -> None:
     ubuntu = base.rsplit("-ubuntu", 1)[1]
     python = torch_wheels()["ubuntu_python"][ubuntu]
     report = tmp_path / "report.json"
-    proc = run([
-        sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--no-deps",
-        "--ignore-installed", "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64",
-        "--python-version", python, "--target", str(tmp_path / "target"),
-        "--index-url", index, "--report", str(report), f"torch=={version}",
-    ], timeout=1800)
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--isolated",
+            "--dry-run",
+            "--no-deps",
+            "--ignore-installed",
+            "--only-binary=:all:",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--python-version",
+            python,
+            "--target",
+            str(tmp_path / "target"),
+            "--index-url",
+            index,
+            "--report",
+            str(report),
+            f"torch=={version}",
+        ],
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     [item] = json.loads(report.read_text())["install"]
     assert item["metadata"]["version"] == f"{version}+{variant}", item["download_info"]["url"]

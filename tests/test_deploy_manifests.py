@@ -76,7 +76,12 @@ def test_strict_validation_rejects_a_misspelt_field(built: dict[str, list[dict[s
 
 def test_only_known_kinds_are_deployed(built: dict[str, list[dict[str, Any]]]) -> None:
     builtin = {
-        "Namespace", "ServiceAccount", "ConfigMap", "Service", "Deployment", "PodDisruptionBudget",
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
     }
     for overlay, docs in built.items():
         kinds = {d["kind"] for d in docs}
@@ -168,7 +173,8 @@ def test_services_pdb_and_monitor_select_the_right_things(
     monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
     for monitor in monitors:
         selected = [
-            d for d in docs
+            d
+            for d in docs
             if d["kind"] == "Service"
             and matches(monitor["spec"]["selector"]["matchLabels"], d["metadata"]["labels"])
         ]
@@ -251,4 +257,3 @@ def test_pod_probes_drain_and_security(overlay: str, built: dict[str, list[dict[
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     else:
         assert gpus is None
-

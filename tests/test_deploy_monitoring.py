@@ -91,9 +91,14 @@ def test_dashboard_and_autoscaler_queries_are_valid_promql(promtool: str, tmp_pa
     queries = [grafana_to_promql(q) for q in dashboard_queries()] + autoscaler_queries()
     assert len(queries) > 10
     # promtool checks PromQL inside rule files: one recording rule per query.
-    rules = {"groups": [{"name": "queries", "rules": [
-        {"record": f"pairscore:query_{i}", "expr": q} for i, q in enumerate(queries)
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "queries",
+                "rules": [{"record": f"pairscore:query_{i}", "expr": q} for i, q in enumerate(queries)],
+            }
+        ]
+    }
     path = tmp_path / "queries.yaml"
     path.write_text(yaml.safe_dump(rules, sort_keys=False))
     proc = run([promtool, "check", "rules", str(path)])
@@ -132,11 +137,7 @@ class Exposition(str):
 def declared_labelnames(metrics: Any) -> dict[str, set[str]]:
     from prometheus_client.metrics import MetricWrapperBase
 
-    return {
-        m._name: set(m._labelnames)
-        for m in vars(metrics).values()
-        if isinstance(m, MetricWrapperBase)
-    }
+    return {m._name: set(m._labelnames) for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)}
 
 
 @pytest.fixture(scope="module")
@@ -162,18 +163,26 @@ def exposition(tiny_engine: Any) -> Exposition:
         n = tiny_engine.info.max_context_tokens
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.ScoringServiceStub(channel)
-            stub.Score(pb.ScoreRequest(pairs=[
-                pb.Pair(prompt="Hello", response=" world"),
-                pb.Pair(prompt="a " * n, response=" b" * n),  # an item error
-            ]), timeout=30)
+            stub.Score(
+                pb.ScoreRequest(
+                    pairs=[
+                        pb.Pair(prompt="Hello", response=" world"),
+                        pb.Pair(prompt="a " * n, response=" b" * n),  # an item error
+                    ]
+                ),
+                timeout=30,
+            )
             request = pb.ScoreRequest(pairs=[pb.Pair(prompt="x", response=" y")])
             list(stub.ScoreStream(iter([request, request]), timeout=30))
             stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
             with pytest.raises(grpc.RpcError):  # a failed RPC
-                stub.Score(pb.ScoreRequest(
-                    pairs=[pb.Pair(prompt="x", response="y")],
-                    options=pb.ScoreOptions(tokenization=99),
-                ), timeout=30)
+                stub.Score(
+                    pb.ScoreRequest(
+                        pairs=[pb.Pair(prompt="x", response="y")],
+                        options=pb.ScoreOptions(tokenization=99),
+                    ),
+                    timeout=30,
+                )
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             out = Exposition(response.read().decode())

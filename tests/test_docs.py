@@ -31,7 +31,11 @@ PAGES = [README, *sorted(DOCS.glob("*.md"))]
 PENDING = {DOCS / "gpu-check.md", DOCS / "architecture.md"}
 #: Flags of other tools that the docs show: docker, kubectl, pip, argparse.
 OTHER_TOOLS_FLAGS = {
-    "--build-arg", "--gpus", "--read-only", "--shm-size", "--tmpfs",  # docker
+    "--build-arg",
+    "--gpus",
+    "--read-only",
+    "--shm-size",
+    "--tmpfs",  # docker
     "--from-literal",  # kubectl create secret
     "--no-deps",  # pip
     "--help",
@@ -51,8 +55,15 @@ def source_text() -> str:
 def test_the_docs_pages_exist() -> None:
     names = {p.name for p in DOCS.glob("*.md")}
     assert {
-        "api.md", "contract.md", "deploying.md", "metrics.md", "performance.md",
-        "pipeline.md", "reliability.md", "security.md", "server.md",
+        "api.md",
+        "contract.md",
+        "deploying.md",
+        "metrics.md",
+        "performance.md",
+        "pipeline.md",
+        "reliability.md",
+        "security.md",
+        "server.md",
     } <= names
 
 
@@ -123,9 +134,7 @@ def exported_names() -> set[str]:
         "info": ("_info",),
     }
     return {
-        family.name + suffix
-        for family in Metrics().registry.collect()
-        for suffix in suffixes[family.type]
+        family.name + suffix for family in Metrics().registry.collect() for suffix in suffixes[family.type]
     }
 
 

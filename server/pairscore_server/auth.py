@@ -34,9 +34,7 @@ log = logging.getLogger(__name__)
 #: Methods reachable without a token: health checks, for load balancers and probes.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 _SCHEME = "bearer"
-_UNAUTHENTICATED_MESSAGE = (
-    "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
-)
+_UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
 
 
 def _digest(token: str) -> bytes:
