@@ -206,3 +206,17 @@ def test_the_kubectl_only_image_override_builds(tmp_path: Path) -> None:
     assert images == {f"{new_name[1]}:{new_tag[1]}"}, images
     # The overlay it builds on is gpu-prod, unchanged otherwise.
     assert len(proc.stdout.split("\n---\n")) == len(build_overlays()["gpu-prod"])
+
+
+def test_the_documented_startup_log_is_what_the_server_logs() -> None:
+    """docs/server.md quotes the start-up log lines: their wording is the server's."""
+    source = "".join(p.read_text() for p in sorted((ROOT / "server").rglob("*.py")))
+    source = re.sub(r'"\s*\n\s*"', "", source)  # adjacent string literals, as Python joins them
+    text = " ".join((DOCS / "server.md").read_text().split())
+    quotes = re.findall(r"`((?:serving model|limits:)[^`]*)`", text)
+    assert len(quotes) == 2, quotes
+    for quote in quotes:
+        for piece in (p.strip() for p in quote.split("...")):
+            pattern = re.sub(r"\d+", lambda _: "%[ds]", re.escape(piece))
+            assert re.search(pattern, source), f"the server logs no {piece!r}"
+    assert "padded tokens" not in text
