@@ -23,8 +23,19 @@ from pathlib import Path
 
 # Everything but the weights in a format transformers loads (safetensors, or
 # the PyTorch .bin files of repositories that have no safetensors).
-_SKIP_ALWAYS = ["*.gguf", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.ot", "*.tflite",
-                "onnx/*", "original/*", "coreml/*", "openvino/*"]
+_SKIP_ALWAYS = [
+    "*.gguf",
+    "*.onnx",
+    "*.onnx_data",
+    "*.msgpack",
+    "*.h5",
+    "*.ot",
+    "*.tflite",
+    "onnx/*",
+    "original/*",
+    "coreml/*",
+    "openvino/*",
+]
 _SKIP_WITH_SAFETENSORS = ["*.bin", "*.pt", "*.pth"]
 
 

@@ -8,8 +8,10 @@ every accepted token (SHA-256 digests, so neither the position of the first
 differing byte nor the tokens' lengths leak through timing).
 
 Health checks (``grpc.health.v1.Health``) stay open for probes; everything
-else, server reflection included, answers ``UNAUTHENTICATED`` without a
-valid token. A refused call's request bytes are never parsed.
+else, server reflection and methods the server does not have included,
+answers ``UNAUTHENTICATED`` without a valid token (so an unauthenticated
+caller cannot tell which methods exist). A refused call's request bytes are
+never parsed.
 """
 
 from __future__ import annotations
@@ -32,9 +34,7 @@ log = logging.getLogger(__name__)
 #: Methods reachable without a token: health checks, for load balancers and probes.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 _SCHEME = "bearer"
-_UNAUTHENTICATED_MESSAGE = (
-    "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
-)
+_UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'"
 
 
 def _digest(token: str) -> bytes:
@@ -134,8 +134,12 @@ def bearer_token(metadata: Iterable[Any] | None) -> str | None:
     return None
 
 
-def _deny_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED unread."""
+def _deny_handler(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED unread.
+
+    ``None`` (a method the server does not have) gets a streaming one: it
+    answers before reading any message, whatever the caller's shape.
+    """
 
     async def deny_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED_MESSAGE)
@@ -145,7 +149,7 @@ def _deny_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
     # No deserializer: an unauthenticated caller's bytes are never parsed.
-    if handler.request_streaming and handler.response_streaming:
+    if handler is None or (handler.request_streaming and handler.response_streaming):
         return grpc.stream_stream_rpc_method_handler(deny_streaming)
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(deny_unary)
@@ -180,8 +184,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if token is not None and self._tokens.accepts(token):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: UNIMPLEMENTED, as without auth
-            return handler
+        if handler is None:
+            # An unknown method answers like a known one: UNIMPLEMENTED would tell
+            # a caller without a token which methods exist. Not counted in the
+            # metrics: made-up method names would be unbounded label values.
+            log.info("refused an unauthenticated call to an unknown method")
+            return _deny_handler(None)
         log.info("refused an unauthenticated call to %s", method)
         if self._metrics is not None:
             self._metrics.observe_request(

@@ -12,7 +12,8 @@ import logging
 import socket
 import socketserver
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -27,6 +28,9 @@ from prometheus_client import (
 from pairscore.types import ItemError, PairScore
 
 log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 #: ``pairscore_pairs_total{outcome}`` label for a pair that was scored.
 OUTCOME_OK = "ok"
@@ -58,6 +62,26 @@ class _MetricsHTTPServer(socketserver.ThreadingMixIn, WSGIServer):
 
 class _MetricsHTTPServerV6(_MetricsHTTPServer):
     address_family = socket.AF_INET6
+
+
+#: The one path the metrics HTTP server answers on; every other path is 404.
+METRICS_PATH = "/metrics"
+
+
+def _only_metrics_path(app: WSGIApp) -> WSGIApp:
+    """``app`` on :data:`METRICS_PATH` (with any query string), 404 Not Found elsewhere."""
+
+    def serve(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") == METRICS_PATH:
+            return app(environ, start_response)
+        body = b"Not Found: metrics are at /metrics\n"
+        start_response(
+            "404 Not Found",
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    return serve
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -232,16 +256,23 @@ class Metrics:
 
     # --- HTTP endpoint -------------------------------------------------------------
 
-    def start_http_server(self, *, port: int, host: str = "0.0.0.0") -> int:
+    def start_http_server(self, *, port: int, host: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` from this registry on ``host:port`` in a daemon thread.
 
-        ``port=0`` binds a free ephemeral port. Returns the bound port.
+        Only ``/metrics`` answers (404 elsewhere). ``host`` is an address, not
+        a bracketed IPv6 literal (``"::"`` for every interface); the server
+        passes its gRPC ``--host``. ``port=0`` binds a free ephemeral port.
+        Returns the bound port.
         """
         if self._http is not None:
             raise RuntimeError("the metrics HTTP server is already running")
         server_class = _MetricsHTTPServerV6 if ":" in host else _MetricsHTTPServer
         self._http = make_server(
-            host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler
+            host,
+            port,
+            _only_metrics_path(make_wsgi_app(self.registry)),
+            server_class,
+            handler_class=_QuietHandler,
         )
         self._http_thread = threading.Thread(
             target=self._http.serve_forever,
