@@ -13,8 +13,8 @@ from pairscore_server.errors import FAILURES, Failure, QueueFullError, failure_f
 
 
 def _instance(kind: type[Exception]) -> Exception:
-    if kind is QueueFullError:
-        return QueueFullError("the queue is full", retry_after_s=0.25)
+    if issubclass(kind, QueueFullError):
+        return kind("the queue is full", retry_after_s=0.25)
     return kind("what went wrong")
 
 
@@ -63,3 +63,21 @@ def test_an_unexpected_exception_is_internal_and_names_only_its_type() -> None:
     assert code is grpc.StatusCode.INTERNAL
     assert message == "internal server error (KeyError)"
     assert service._as_item_error(KeyError("secret")) is None
+
+
+def test_the_docs_table_is_the_servers_table() -> None:
+    """docs/api.md's copy of FAILURES: one row per failure, with its status and item code."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "(`" in line]
+    assert len(rows) == len(FAILURES)
+    for row, failure in zip(rows, FAILURES, strict=True):
+        assert f"(`{failure.exception.__name__}`)" in row
+        status = row.split("|")[2]
+        assert f"`{failure.status}`" in status
+        item = row.split("|")[3]
+        if failure.item_code is None:
+            assert "stream ends" in item
+        else:
+            assert f"`ITEM_ERROR_CODE_{failure.item_code.name}`" in item
