@@ -222,3 +222,23 @@ def model_info_from_pb(msg: pb.GetModelInfoResponse) -> ModelInfo:
         max_message_bytes=msg.max_message_bytes,
         max_queue_tokens=msg.max_queue_tokens,
     )
+
+
+#: Upper bounds of the encoded size of a ScoreResponse's parts, in bytes (field tags,
+#: varints at their widest, doubles, the length prefixes of nested messages).
+_RESULT_BYTES = 80  # a ScoreResult with its PairScores or ItemError, without id / tokens / message
+_TOKEN_BYTES = 40  # a TokenScore without its text
+_PARTIAL_UTF8_BYTES = 3  # a token cut inside a character decodes to U+FFFD
+
+
+def result_bytes_bound(*, id: str, tokens: int = 0, text_bytes: int = 0, message: str = "") -> int:
+    """An upper bound of one result's size in a ScoreResponse.
+
+    ``tokens``: the per-token detail it carries (0 without ``return_tokens``);
+    ``text_bytes``: the UTF-8 size of the texts those tokens come from.
+    ``message``: an item error's message.
+    """
+    size = _RESULT_BYTES + len(id.encode()) + len(message.encode())
+    if tokens:
+        size += tokens * (_TOKEN_BYTES + _PARTIAL_UTF8_BYTES) + text_bytes
+    return size

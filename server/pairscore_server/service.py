@@ -15,7 +15,10 @@ Which limit gives which error:
   already says ``CONTEXT_LENGTH_EXCEEDED``);
 * the admission queue is full: :class:`QueueFullError`
   (RESOURCE_EXHAUSTED), checked once before tokenizing (one token per pair
-  is a lower bound) and again with the real token count.
+  is a lower bound) and again with the real token count;
+* the answer could be larger than ``max_message_bytes`` (a bound from the
+  token counts, before any scoring): :class:`RequestLimitError`
+  (INVALID_ARGUMENT: retrying it unchanged cannot succeed).
 
 With ``errors_as_items=True`` (ScoreStream) the request-level errors above,
 deadline expiry and batch failures become item errors for the request's
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
+from pairscore.convert import result_bytes_bound
 from pairscore.types import (
     ItemError,
     ItemErrorCode,
@@ -53,6 +57,9 @@ if TYPE_CHECKING:
     from pairscore_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+#: ``reason`` of pairscore_rejected_pairs_total for a request whose answer would be too large.
+REJECT_RESPONSE_SIZE = "response_too_large"
 
 #: Requests with more pairs, or more characters in all, than these are
 #: tokenized on a worker thread instead of on the event loop.
@@ -156,6 +163,13 @@ class ScoringService:
                 raise
             return self._finish(pairs, [item] * n, counted=False)
         prepared = await self._prepare(pairs, options)
+        try:
+            self._check_response_size(pairs, prepared, options)
+        except RequestLimitError as exc:
+            item = _as_item_error(exc) if errors_as_items else None
+            if item is None:
+                raise
+            return self._finish(pairs, [item] * n, counted=False)
         ready = [p for p in prepared if not isinstance(p, ItemError)]
         try:
             scores = iter(await self._batcher.submit(ready, deadline=deadline) if ready else [])
@@ -169,6 +183,32 @@ class ScoringService:
             return self._finish(pairs, failed, counted=[isinstance(p, ItemError) for p in prepared])
         merged: list[ScoreOutcome] = [p if isinstance(p, ItemError) else next(scores) for p in prepared]
         return self._finish(pairs, merged)
+
+    def _check_response_size(
+        self, pairs: Sequence[Pair], prepared: Sequence[PreparedPair | ItemError], options: ScoreOptions
+    ) -> None:
+        """Refuse, before any scoring, a request whose answer could not be sent: its
+        bounded size is over ``max_message_bytes`` (per-token detail is the large part)."""
+        size = 0
+        for pair, item in zip(pairs, prepared, strict=True):
+            if isinstance(item, ItemError):
+                size += result_bytes_bound(id=pair.id, message=item.message)
+            elif item.return_tokens:
+                text_bytes = len(pair.prompt.encode()) + len(pair.response.encode())
+                tokens = item.prompt_tokens + item.response_tokens
+                size += result_bytes_bound(id=pair.id, tokens=tokens, text_bytes=text_bytes)
+            else:
+                size += result_bytes_bound(id=pair.id)
+        limit = self.limits.max_message_bytes
+        if size > limit:
+            self._count_rejected(REJECT_RESPONSE_SIZE, len(pairs))
+            fix = "send fewer pairs per request"
+            if options.return_tokens:
+                fix += " or leave out the per-token detail (return_tokens)"
+            raise RequestLimitError(
+                f"the answer to this request could take up to {size} bytes, over this server's "
+                f"{limit}-byte message limit (max_message_bytes); {fix}; nothing was scored"
+            )
 
     def _count_rejected(self, reason: str, pairs: int) -> None:
         if self._metrics is not None:

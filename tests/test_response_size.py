@@ -1,0 +1,66 @@
+"""A request whose answer could not be sent is refused before any scoring (issue 12).
+
+Before, the server scored everything, then failed the send with
+RESOURCE_EXHAUSTED, which clients took for overload and resent forever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from pairscore.convert import response_to_pb, result_bytes_bound
+from pairscore.types import ItemError, Pair, PairScore, ScoreOptions
+from pairscore.v1 import scoring_pb2 as pb
+from pairscore.v1 import scoring_pb2_grpc as pb_grpc
+
+from harness.fake_engine import FakeEngine
+from harness.scoring import mixed_pairs
+from harness.servers import ServerThread, metric_samples
+
+
+def test_the_bound_holds_and_is_tight_on_both_tokenizer_families(engine) -> None:
+    pairs = mixed_pairs(40, seed=5) + [Pair("e\u0301 😀 你好", " naïve\n\t", id="x" * 300)]
+    outcomes = engine.score_pairs(pairs, ScoreOptions(return_tokens=True))
+    actual = response_to_pb(outcomes).ByteSize()
+    bound = 0
+    for pair, out in zip(pairs, outcomes, strict=True):
+        if isinstance(out, ItemError):
+            bound += result_bytes_bound(id=pair.id, message=out.message)
+        else:
+            assert isinstance(out, PairScore)
+            text = len(pair.prompt.encode()) + len(pair.response.encode())
+            tokens = out.prompt_tokens + out.response_tokens
+            bound += result_bytes_bound(id=pair.id, tokens=tokens, text_bytes=text)
+    assert actual <= bound <= 3 * actual, (actual, bound)
+
+
+def test_a_too_large_answer_is_refused_before_scoring(start_server: Callable[..., ServerThread]) -> None:
+    engine = FakeEngine(max_context=4096)
+    st = start_server(engine, max_message_bytes=8192)
+    big = pb.ScoreRequest(
+        pairs=[pb.Pair(prompt="p" * 300, response="r" * 300, id=f"b{i}") for i in range(4)],
+        options=pb.ScoreOptions(return_tokens=True),
+    )
+    with grpc.insecure_channel(st.target) as channel:
+        stub = pb_grpc.ScoringServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Score(big, timeout=10)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = refused.value.details() or ""
+        assert "8192-byte message limit (max_message_bytes)" in details
+        assert "leave out the per-token detail (return_tokens)" in details
+        assert engine.batches == [], "nothing was scored"
+        # the same pairs without per-token detail fit, and are scored
+        big.options.return_tokens = False
+        assert len(stub.Score(big, timeout=10).results) == 4
+        # in a stream, the message's pairs get the refusal as item errors and the stream goes on
+        big.options.return_tokens = True
+        small = pb.ScoreRequest(pairs=[pb.Pair(prompt="a", response="b", id="s")])
+        answers = list(stub.ScoreStream(iter([big, small]), timeout=10))
+        assert [r.WhichOneof("outcome") for r in answers[0].results] == ["error"] * 4
+        assert answers[1].results[0].WhichOneof("outcome") == "scores"
+    samples = metric_samples(st.metrics_text())
+    assert samples[("pairscore_rejected_pairs_total", (("reason", "response_too_large"),))] == 8
