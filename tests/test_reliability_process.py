@@ -267,3 +267,43 @@ def test_damaged_model_directories_are_load_errors(
         (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="cannot load model"):
         load_engine(ModelSpec(model=str(tmp_path), device="cpu"))
+
+
+def test_the_whole_shutdown_fits_the_grace_period(spawn: Callable[..., Proc]) -> None:
+    """Kubernetes sizes terminationGracePeriodSeconds from --grace-period: a stream that stays
+    open and a forward pass still running when the grace runs out must not add the batcher's
+    drain and a settle on top (it took grace + ~2.7 s)."""
+    grace = 2.0
+    proc = spawn("--forward-delay", "1.5", serve_args=("--grace-period", str(grace)))
+    wait_health(proc, "SERVING")
+    with grpc.insecure_channel(proc.target) as channel:
+        stub = pb_grpc.ScoringServiceStub(channel)
+        opened = threading.Event()
+
+        def messages() -> Iterator[pb.ScoreRequest]:  # a stream that stays open
+            for i in range(1000):
+                yield pb.ScoreRequest(pairs=[pb.Pair(id=f"s{i}", prompt=f"s{i}", response="!")])
+                opened.set()
+                time.sleep(0.2)
+
+        stream = stub.ScoreStream(messages(), timeout=60)
+        ended: list[grpc.StatusCode] = []
+
+        def read() -> None:
+            try:
+                for _ in stream:
+                    pass
+            except grpc.RpcError as exc:  # the server cuts the stream when the grace runs out
+                ended.append(exc.code())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert opened.wait(10)
+        time.sleep(0.6)  # a forward pass of 1.5 s is running now
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        took = time.monotonic() - started
+        reader.join(10)
+    assert ended and ended[0] is not OK
+    assert took <= grace + 0.3, f"shutdown took {took:.2f} s for a {grace} s grace period"

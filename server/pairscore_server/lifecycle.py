@@ -60,8 +60,9 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: Services whose health is reported: the whole server ("") and ScoringService.
 HEALTH_SERVICES = ("", SERVICE_NAME)
 
-#: After the RPCs have ended, how long stop() waits for the batcher to drain.
-_BATCHER_DRAIN_S = 2.0
+#: Of the grace period, the part kept for after the RPCs have ended (the batcher's
+#: drain, closing the ports): at most this, and at most a fifth of the grace.
+_SHUTDOWN_RESERVE_S = 1.0
 
 
 class StartupError(RuntimeError):
@@ -247,14 +248,20 @@ class RunningServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop gracefully: health NOT_SERVING, refuse new RPCs, let running ones finish.
 
-        Running RPCs get ``grace`` seconds (default ``config.grace_period_s``)
-        and are cancelled after that. Then the batcher drains and the metrics
-        endpoint closes. Safe to call twice.
+        The whole stop fits in ``grace`` seconds (default
+        ``config.grace_period_s``, from which Kubernetes'
+        terminationGracePeriodSeconds is sized): running RPCs get it less a
+        reserve (a fifth, at most 1 s) and are cancelled after that; the
+        batcher drains in what is left, and a forward pass still running then
+        is abandoned (its thread cannot be interrupted). Then the ports and the
+        metrics endpoint close. Safe to call twice.
         """
         if self._stopped:
             return
         self._stopped = True
         grace = self.config.grace_period_s if grace is None else grace
+        end = time.monotonic() + grace
+        rpc_grace = grace - min(_SHUTDOWN_RESERVE_S, grace / 5)
         await self.health.enter_graceful_shutdown()
         self._serving = False
         self.metrics.serving.set(0)
@@ -265,11 +272,11 @@ class RunningServer:
         if self._server is not None:
             log.info("shutting down: finishing running requests (grace %.1f s)", grace)
             started = time.monotonic()
-            await self._server.stop(grace)
-            if grace > 0 and time.monotonic() - started >= grace * 0.99:
+            await self._server.stop(rpc_grace)
+            if rpc_grace > 0 and time.monotonic() - started >= rpc_grace * 0.99:
                 log.warning("the grace period of %.1f s ran out; running calls were cancelled", grace)
         if self._batcher is not None:
-            await self._batcher.stop(timeout=_BATCHER_DRAIN_S)
+            await self._batcher.stop(timeout=max(0.0, end - time.monotonic()))
         if self._health_server is not None:
             await self._health_server.stop(0)
         self._model_executor.shutdown(wait=False, cancel_futures=True)

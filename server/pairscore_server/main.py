@@ -97,7 +97,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
-def _busy_threads(settle_s: float = 1.0) -> list[threading.Thread]:
+def _busy_threads(settle_s: float = 0.2) -> list[threading.Thread]:
     """Non-daemon threads still running after ``settle_s`` (a model thread stuck in a forward
     pass or a load); idle executor threads get that long to wind down."""
     main_thread = threading.main_thread()
