@@ -306,4 +306,4 @@ def test_the_whole_shutdown_fits_the_grace_period(spawn: Callable[..., Proc]) ->
         took = time.monotonic() - started
         reader.join(10)
     assert ended and ended[0] is not OK
-    assert took <= grace + 0.3, f"shutdown took {took:.2f} s for a {grace} s grace period"
+    assert took <= grace + 0.35, f"shutdown took {took:.2f} s for a {grace} s grace period"
