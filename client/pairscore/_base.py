@@ -147,12 +147,12 @@ class ClientCore:
         """The per-call ``timeout`` if given, else the client's default."""
         return self.timeout if timeout is None else timeout
 
-    def call_kwargs(self, timeout: float | None) -> dict[str, object]:
-        """Keyword arguments for a unary gRPC call."""
+    def call_kwargs(self, timeout: float | None, wait_for_ready: bool | None = None) -> dict[str, object]:
+        """Keyword arguments for a unary gRPC call (``wait_for_ready``: override the client's)."""
         return {
             "timeout": self.deadline(timeout),
             "metadata": self.metadata,
-            "wait_for_ready": self.wait_for_ready,
+            "wait_for_ready": self.wait_for_ready if wait_for_ready is None else wait_for_ready,
         }
 
     def stream_kwargs(self) -> dict[str, object]:

@@ -122,7 +122,7 @@ class _SyncDriver:
     # --- a lane's answers ---------------------------------------------------------
 
     def _worker(self) -> None:
-        reconnect = Reconnector(self._core.settings.retry)
+        reconnect = Reconnector(self._core.settings.retry, connect_timeout=self._settings.progress_timeout)
         while not self._closing.is_set():
             lane = Lane()
             with self._cond:
@@ -141,7 +141,7 @@ class _SyncDriver:
                     return  # the request stream ended: all input read and answered
                 error = unanswered_error(lane)
             except grpc.RpcError as exc:
-                error = lane_error(exc, lane)
+                error = lane_error(exc, lane, secure=self._core.settings.secure)
             except ScoringError as exc:  # an answer that does not fit the request
                 error = exc
             with self._cond:

@@ -123,7 +123,7 @@ class AsyncScoringClient:
         try:
             response = await self._stub.Score(request, **self._core.call_kwargs(timeout))
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.outcomes(response, len(pairs))
 
     def score_iter(
@@ -152,14 +152,16 @@ class AsyncScoringClient:
             settings=settings,
         )
 
-    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """Describe the served model and its scoring contract."""
+    async def model_info(
+        self, *, timeout: float | None = None, wait_for_ready: bool | None = None
+    ) -> ModelInfo:
+        """Describe the served model and its scoring contract (``wait_for_ready``: as in the sync client)."""
         try:
             response = await self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout)
+                pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout, wait_for_ready)
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.model_info(response)
 
     async def health(self, service: str = SCORING_SERVICE, *, timeout: float | None = None) -> str:
@@ -169,5 +171,5 @@ class AsyncScoringClient:
                 self._core.health_request(service), **self._core.call_kwargs(timeout)
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.health_status(response)

@@ -145,7 +145,7 @@ class ScoringClient:
         try:
             response = self._stub.Score(request, **self._core.call_kwargs(timeout))
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.outcomes(response, len(pairs))
 
     def score_iter(
@@ -213,16 +213,22 @@ class ScoringClient:
             for i, response in enumerate(call):
                 yield self._core.outcomes(response, sizes[i])
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         finally:
             call.cancel()  # no-op when the stream already ended
 
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """Describe the served model and its scoring contract."""
+    def model_info(self, *, timeout: float | None = None, wait_for_ready: bool | None = None) -> ModelInfo:
+        """Describe the served model and its scoring contract.
+
+        ``wait_for_ready`` overrides the client's setting for this call
+        (``False``: fail at once, with the cause, when no server is reachable).
+        """
         try:
-            response = self._stub.GetModelInfo(pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout))
+            response = self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout, wait_for_ready)
+            )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.model_info(response)
 
     def health(self, service: str = SCORING_SERVICE, *, timeout: float | None = None) -> str:
@@ -235,5 +241,5 @@ class ScoringClient:
                 self._core.health_request(service), **self._core.call_kwargs(timeout)
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.health_status(response)

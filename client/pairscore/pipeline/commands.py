@@ -202,8 +202,9 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
 
 def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pairscore.client import ScoringClient
-    from pairscore.errors import ScoringError
+    from pairscore.errors import ConnectionFailedError, ScoringError
     from pairscore.pipeline.formats import FormatError
+    from pairscore.pipeline.reach import reach_server
     from pairscore.pipeline.runner import ResumeError, Runner
     from pairscore.pipeline.summary import summary_lines
 
@@ -214,12 +215,26 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     target = target_of(args)
     restore = _sigterm_as_interrupt()
     try:
-        with ScoringClient(target, wait_for_ready=True, **client_kwargs(args)) as client:
+        # No wait_for_ready: a server that cannot be reached must say why, not stall.
+        with ScoringClient(target, **client_kwargs(args)) as client:
+            reach_server(
+                client,
+                label=args.command,
+                target=target,
+                patience_s=args.timeout,
+                wait_for_unreachable=job.resume,
+                stream=sys.stderr,
+            )
             outcome = Runner(job, client).run()
     except KeyboardInterrupt:
         hint = " run the same command with --resume to continue." if job.resume else ""
         print(f"\npairscore {args.command}: interrupted.{hint}", file=sys.stderr)
         return 130
+    except ConnectionFailedError as exc:
+        hint = " Then rerun with --resume to continue." if job.resume else ""
+        fix = exc.hint[:1].upper() + exc.hint[1:]
+        print(f"pairscore {args.command}: cannot reach {target}: {exc.cause}. {fix}.{hint}", file=sys.stderr)
+        return 1
     except ScoringError as exc:
         hint = " Fix the cause and rerun with --resume to continue." if job.resume else ""
         print(f"pairscore {args.command}: {target}: {exc}.{hint}", file=sys.stderr)
