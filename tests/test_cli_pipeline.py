@@ -431,7 +431,8 @@ def test_resume_refuses_a_changed_job_and_a_fresh_run_discards_leftovers(
 
     (tmp_path / "out.jsonl.part").write_text("garbage\n")
     (tmp_path / "out.jsonl.pairscore-state.json").write_text(json.dumps({**state, "version": 1}))
-    assert run(server, "score", str(tmp_path / "in.jsonl"), "-o", str(out)) == 0  # no --resume: start over
+    # no --resume: start over (out.jsonl exists from the finished run, so --overwrite is needed)
+    assert run(server, "score", str(tmp_path / "in.jsonl"), "-o", str(out), "--overwrite") == 0
     assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in rows]
     assert not (tmp_path / "out.jsonl.part").exists()
 
