@@ -75,18 +75,32 @@ def build_settings(
 
 
 def to_pair(item: PairLike) -> Pair:
-    """Accept a Pair or a (prompt, response) tuple; TypeError for anything else."""
+    """Accept a Pair or a (prompt, response) tuple of str; TypeError for anything else.
+
+    A missing prompt or response (``None``, or NaN from pandas) is refused
+    here, before anything is sent: it used to go out as an empty text (a
+    Pair) and be scored. The batch helpers (``pairscore score``,
+    :mod:`pairscore.hf`, :mod:`pairscore.ray`) instead give such a row error
+    ``invalid_row``; see :func:`pairscore.pipeline.columns.score_rows`.
+    """
     if isinstance(item, Pair):
-        return item
-    try:
-        prompt, response = item
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"a pair must be a pairscore.Pair or a (prompt, response) tuple, got {item!r}"
-        ) from None
+        prompt, response = item.prompt, item.response
+    else:
+        try:
+            prompt, response = item
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"a pair must be a pairscore.Pair or a (prompt, response) tuple, got {item!r}"
+            ) from None
     if not isinstance(prompt, str) or not isinstance(response, str):
-        raise TypeError(f"prompt and response must be str, got {type(prompt)} and {type(response)}")
-    return Pair(prompt=prompt, response=response)
+        from pairscore.pipeline.columns import pair_problem
+
+        raise TypeError(
+            f"prompt and response must be str, got {type(prompt).__name__} and {type(response).__name__} "
+            f"({pair_problem(prompt, response)}); a missing text cannot be scored: leave the pair out, "
+            "or score a table with pairscore.hf / pairscore.ray / `pairscore score`, which mark it invalid_row"
+        )
+    return item if isinstance(item, Pair) else Pair(prompt=prompt, response=response)
 
 
 def make_options(

@@ -201,21 +201,30 @@ class ScoringClient:
         """
         options = make_options(tokenization, return_tokens)
         sizes: list[int] = []
+        failed: list[BaseException] = []
 
         def requests() -> Iterator[pb.ScoreRequest]:
-            for batch in batches:
-                batch = list(batch)
-                sizes.append(len(batch))
-                yield self._core.request(batch, options)
+            try:
+                for batch in batches:
+                    batch = list(batch)
+                    request = self._core.request(batch, options)  # TypeError for a missing text
+                    sizes.append(len(batch))
+                    yield request
+            except Exception as exc:  # noqa: BLE001 - raised in the caller's thread below
+                failed.append(exc)  # gRPC would only report "Exception iterating requests!"
 
         call = self._stub.ScoreStream(requests(), **self._core.call_kwargs(timeout))
         try:
             for i, response in enumerate(call):
                 yield self._core.outcomes(response, sizes[i])
         except grpc.RpcError as exc:
+            if failed:
+                raise failed[0] from None
             raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         finally:
             call.cancel()  # no-op when the stream already ended
+        if failed:
+            raise failed[0]
 
     def model_info(self, *, timeout: float | None = None, wait_for_ready: bool | None = None) -> ModelInfo:
         """Describe the served model and its scoring contract.

@@ -38,7 +38,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pairscore.pipeline.columns import INVALID_ROW, error_columns, metric, score_columns, value_of
+from pairscore.pipeline.columns import (
+    INVALID_ROW,
+    error_columns,
+    metric,
+    pair_problem,
+    score_columns,
+    value_of,
+)
 from pairscore.pipeline.formats import STDIO, BadRow, FormatError, Row, RowReader, count_rows
 from pairscore.pipeline.job import Job
 from pairscore.pipeline.parts import LinePart, ParquetPart, StateFile, open_part
@@ -218,10 +225,9 @@ class Runner:
     def _pair(self, row: Row) -> tuple[Pair | None, str | None]:
         job = self.job
         prompt, response = row.get(job.prompt_field), row.get(job.response_field)
-        for name, value in ((job.prompt_field, prompt), (job.response_field, response)):
-            if not isinstance(value, str):
-                what = "missing" if value is None else f"a {type(value).__name__}, not text"
-                return None, f"field {name!r} is {what}"
+        problem = pair_problem(prompt, response, job.prompt_field, job.response_field)
+        if problem is not None:
+            return None, problem
         pair_id = "" if job.id_field is None else str(row.get(job.id_field, ""))
         return Pair(prompt=prompt, response=response, id=pair_id), None  # type: ignore[arg-type]
 
