@@ -77,7 +77,7 @@ class ScoreColumns:
 
     def refresh_model_identity(self) -> dict[str, object]:
         """Ask the server (GetModelInfo) what it serves now; kept in ``model_identity``."""
-        info = self._get_client().model_info()
+        info = self._get_client().model_info(wait_for_ready=False)  # a wrong target fails fast
         self.model_identity = {
             "model_name": info.model_name,
             "model_source": info.model_source,
