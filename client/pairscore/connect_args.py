@@ -37,7 +37,10 @@ def add_connection_args(parser: argparse.ArgumentParser, *, timeout: float = 60.
         type=float,
         default=timeout,
         metavar="SECONDS",
-        help=f"deadline of each call; for streams, the longest wait for an answer (default: {timeout:g})",
+        help=(
+            f"deadline of each call; for streams, the longest wait for an answer, or for a server that "
+            f"cannot be reached to come back (default: {timeout:g})"
+        ),
     )
     group.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     group.add_argument(

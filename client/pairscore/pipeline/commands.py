@@ -58,7 +58,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue an interrupted run with the same arguments (start one so that it can be resumed; "
-        "without --resume a failed run removes its partial files)",
+        "without --resume a failed run removes its partial files). A server that cannot be reached is "
+        "waited for, up to --timeout, with a line every 5 s; without --resume the run fails at once",
     )
     p.add_argument(
         "--shard",
