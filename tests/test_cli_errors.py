@@ -318,3 +318,57 @@ def test_overload_is_still_retried_but_message_size_is_not() -> None:
     assert isinstance(too_large, errors.MessageTooLargeError) and not too_large.retryable
     assert Reconnector(policy).next_delay(too_large) is None
     assert "4,194,304 bytes" in str(too_large)
+
+
+# --- a server that goes away during a run ------------------------------------------------------
+
+
+def test_a_run_says_it_is_waiting_while_the_server_is_down_then_goes_on(tmp_path: Path) -> None:
+    from client_harness import ServerThread
+    from fake_engine import FakeEngine
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(
+        "".join(json.dumps({"id": i, "prompt": "q", "response": "r" * (i % 7)}) + "\n" for i in range(3000))
+    )
+    st = ServerThread(FakeEngine(max_context=64, forward_delay_s=0.005)).start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pairscore.cli", "score", str(src), "-o", str(out), "--target", st.target,
+         "--batch-size", "8", "--progress", "log", "--log-every", "600", "--timeout", "60"],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    waiting, refused = threading.Event(), threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "waiting for the server" in line:
+                waiting.set()
+                if "connection refused" in line:
+                    refused.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        part = Path(str(out) + ".part")
+        deadline = time.monotonic() + 60
+        while not part.exists() or part.stat().st_size < 20_000:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.02)
+        st.stop()
+        stopped = time.monotonic()
+        assert waiting.wait(15), "".join(lines)
+        said_after = time.monotonic() - stopped
+        assert refused.wait(20), "".join(lines)  # the note repeats every 5 s with the current cause
+        st.start()
+        assert proc.wait(120) == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        st.stop()
+    reader.join(10)
+    assert said_after < 10
+    assert len(out.read_text().splitlines()) == 3000

@@ -6,7 +6,7 @@ everything here is plain Python that both call.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -118,6 +118,8 @@ class IterSettings:
     max_in_flight: int
     streams: int
     progress_timeout: float | None
+    #: Called as ``on_retry(error, delay_s)`` when a broken stream will be reopened.
+    on_retry: Callable[[ScoringError, float], None] | None = None
 
     @classmethod
     def build(
@@ -126,6 +128,7 @@ class IterSettings:
         max_in_flight: int | None,
         streams: int,
         progress_timeout: float | None,
+        on_retry: Callable[[ScoringError, float], None] | None = None,
     ) -> IterSettings:
         """Validate and fill in defaults (``max_in_flight``: 8 batches per stream)."""
         if batch_size < 1:
@@ -138,7 +141,7 @@ class IterSettings:
             raise ValueError(f"max_in_flight ({max_in_flight}) must be >= batch_size ({batch_size})")
         if progress_timeout is not None and progress_timeout <= 0:
             raise ValueError(f"timeout must be > 0 or None, got {progress_timeout}")
-        return cls(batch_size, max_in_flight, streams, progress_timeout)
+        return cls(batch_size, max_in_flight, streams, progress_timeout, on_retry)
 
 
 class ClientCore:

@@ -166,6 +166,8 @@ class _AioDriver:
             if self._closing.is_set():
                 return
             delay = reconnect.next_delay(error)
+            if delay is not None and self._settings.on_retry is not None:
+                self._settings.on_retry(error, delay)  # e.g. "waiting for the server" on a progress line
             if delay is None:
                 async with self._cond:
                     self._seq.fail(error)

@@ -20,7 +20,7 @@ the asyncio twin; both share :mod:`pairscore._base` and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 
 import grpc
@@ -158,6 +158,7 @@ class ScoringClient:
         tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
         return_tokens: bool = False,
         timeout: float | None = None,
+        on_retry: Callable[[ScoringError, float], None] | None = None,
     ) -> Iterator[ScoreOutcome]:
         """Score an iterable of any size; yields one PairScore or ItemError per pair, in input order.
 
@@ -172,11 +173,21 @@ class ScoringClient:
         backoff and its unanswered pairs are sent again, so every input
         pair is answered exactly once. ``timeout`` (default: the client's)
         is the progress deadline: a stream that gets no answer for that
-        long is cancelled and reopened. Raises a
+        long is cancelled and reopened; a server that cannot be reached
+        at all (connection refused, unknown host, TLS handshake failure)
+        fails with :class:`~pairscore.errors.ConnectionFailedError` once
+        ``timeout`` passed without an answer. ``on_retry(error, delay_s)``
+        is called (from a worker thread) each time a broken stream is
+        about to be reopened, e.g. to say "waiting for the server". A
+        message over the size limit raises
+        :class:`~pairscore.errors.MessageTooLargeError` at once. Raises a
         :class:`~pairscore.errors.ScoringError` when a stream fails for
-        good; leaving the loop early cancels the streams.
+        good; leaving the loop early cancels the streams. A pair whose
+        prompt or response is not a str (None, NaN) raises TypeError.
         """
-        settings = IterSettings.build(batch_size, max_in_flight, streams, self._core.deadline(timeout))
+        settings = IterSettings.build(
+            batch_size, max_in_flight, streams, self._core.deadline(timeout), on_retry
+        )
         return _stream_sync.iterate(
             open_call=self._stub.ScoreStream,
             core=self._core,

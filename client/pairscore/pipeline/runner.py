@@ -297,12 +297,18 @@ class Runner:
             self._last_checkpoint = time.monotonic()
 
         self._last_checkpoint = time.monotonic()
+
+        def on_retry(error: Exception, delay: float) -> None:
+            reason = getattr(error, "cause", "") or str(error)
+            progress.waiting(f"{reason}; retrying (gives up after --timeout without an answer)")
+
         results = self.client.score_iter(
             pairs(),
             batch_size=job.batch_size,
             max_in_flight=job.max_in_flight,
             streams=job.concurrency,
             tokenization=job.tokenization,
+            on_retry=on_retry,
         )
         try:
             for outcome in results:
