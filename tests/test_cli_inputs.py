@@ -307,3 +307,37 @@ def test_a_shard_resumes_within_its_own_rows(
     assert run(server, "score", str(src), "-o", str(out), "--shard", "2/3", "--resume") == 0
     assert [r["id"] for r in read_jsonl(out)] == list(range(7, 15))
     capsys.readouterr()
+
+
+def test_a_csv_row_with_too_many_fields_goes_to_errors_with_its_line(
+    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out, errors = tmp_path / "in.csv", tmp_path / "out.csv", tmp_path / "errors.csv"
+    src.write_text('prompt,response\nQ,ab\n"multi\nline",x,extra\nQQ,c\n', encoding="utf-8")
+    assert run(server, "score", str(src), "-o", str(out)) == 1
+    assert "ending on line 4" in capsys.readouterr().err
+    code = run(server, "score", str(src), "-o", str(out), "--errors", str(errors), "--on-bad-row", "skip")
+    assert code == 0, capsys.readouterr().err
+    with out.open(newline="") as f:
+        assert [r["prompt"] for r in csv.DictReader(f)] == ["Q", "QQ"]
+    with errors.open(newline="") as f:
+        [bad] = list(csv.DictReader(f))
+    assert bad["error"] == "invalid_row" and "ending on line 4" in bad["error_message"]
+    assert bad["prompt"] == "" and "prompt" in bad  # the input's columns, empty
+
+
+def test_parquet_shards_concatenate_to_the_single_process_output(
+    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), src, row_group_size=5)
+    assert run(server, "score", str(src), "-o", str(tmp_path / "all.parquet")) == 0
+    shards = []
+    for i in (1, 2, 3):
+        out = tmp_path / f"s{i}.parquet"
+        assert run(server, "score", str(src), "-o", str(out), "--shard", f"{i}/3") == 0
+        shards.extend(pq.read_table(out).to_pylist())
+    assert shards == pq.read_table(tmp_path / "all.parquet").to_pylist()
+    capsys.readouterr()

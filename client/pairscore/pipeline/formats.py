@@ -258,6 +258,8 @@ class RowReader:
             if index <= skip:
                 self.rows_read += 1
                 continue
+            if bad is not None:  # the header's columns, empty: a CSV errors file keeps one header
+                bad.update(dict.fromkeys(reader.fieldnames or ()))
             yield row if bad is None else bad
 
     def _pq(self, skip: int) -> Iterator[Row]:
