@@ -372,3 +372,62 @@ def test_a_run_says_it_is_waiting_while_the_server_is_down_then_goes_on(tmp_path
     reader.join(10)
     assert said_after < 10
     assert len(out.read_text().splitlines()) == 3000
+
+
+# --- reach_server, with a fake clock -------------------------------------------------------------
+
+
+class FlakyInfo:
+    """model_info raising the given errors in turn, then answering; records each call's timeout."""
+
+    def __init__(self, failures: list[errors.ScoringError], clock: list[float], cost: float) -> None:
+        self.failures, self.clock, self.cost = failures, clock, cost
+        self.timeouts: list[float] = []
+
+    def model_info(self, *, timeout: float, wait_for_ready: bool) -> str:
+        assert wait_for_ready is False
+        self.timeouts.append(timeout)
+        self.clock[0] += self.cost
+        if self.failures:
+            raise self.failures.pop(0)
+        return "info"
+
+
+def _refused() -> errors.ScoringError:
+    return errors.classify(
+        grpc.StatusCode.UNAVAILABLE, "ipv4:127.0.0.1:1: Failed to connect: Connection refused"
+    )
+
+
+def _reach(client: FlakyInfo, clock: list[float], *, resume: bool, out: Any) -> Any:
+    from pairscore.pipeline.reach import reach_server
+
+    def sleep(s: float) -> None:
+        clock[0] += s
+
+    return reach_server(
+        client, label="score", target="t:1", patience_s=60, wait_for_unreachable=resume,
+        stream=out, clock=lambda: clock[0], sleep=sleep,
+    )  # fmt: skip
+
+
+def test_reach_server_fails_a_fresh_run_at_once_and_waits_for_a_resumed_one() -> None:
+    import io
+
+    clock = [0.0]
+    out = io.StringIO()
+    with pytest.raises(errors.ConnectionFailedError):
+        _reach(FlakyInfo([_refused()] * 50, clock, 3.0), clock, resume=False, out=out)
+    assert clock[0] == 3.0 and out.getvalue() == ""
+    clock = [0.0]
+    client = FlakyInfo([_refused()] * 4, clock, 3.0)
+    assert _reach(client, clock, resume=True, out=out) == "info"
+    assert "waiting for the server at t:1" in out.getvalue() and "connection refused" in out.getvalue()
+    assert client.timeouts[0] == 60  # one attempt may take the whole patience: a busy server is slow
+    loading = errors.classify(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+    clock = [0.0]
+    assert _reach(FlakyInfo([loading] * 3, clock, 0.1), clock, resume=False, out=out) == "info"
+    clock = [0.0]
+    with pytest.raises(errors.ConnectionFailedError):
+        _reach(FlakyInfo([_refused()] * 1000, clock, 3.0), clock, resume=True, out=out)
+    assert 55 <= clock[0] <= 63

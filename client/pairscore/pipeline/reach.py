@@ -22,8 +22,6 @@ from pairscore.errors import ConnectionFailedError, DeadlineExceededError, Scori
 
 #: Seconds between "waiting for the server" lines.
 WAIT_REPORT_S = 5.0
-#: Longest single GetModelInfo attempt while waiting.
-_ATTEMPT_S = 5.0
 
 
 def reach_server(
@@ -51,7 +49,9 @@ def reach_server(
     while True:
         left = patience_s - (clock() - started)
         try:
-            return client.model_info(timeout=max(0.1, min(_ATTEMPT_S, left)), wait_for_ready=False)
+            # The whole patience per attempt: a busy server may be slow to answer, while one
+            # that cannot be reached fails in a few seconds anyway (no wait_for_ready).
+            return client.model_info(timeout=max(0.1, left), wait_for_ready=False)
         except DeadlineExceededError:
             if why is not None:  # gRPC's own retries ran into the attempt's deadline
                 raise why from None
