@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# promtool, for the deploy/ monitoring tests (tests/test_deploy.py). It comes
+# promtool, for the deploy/ monitoring tests (tests/test_deploy_monitoring.py). It comes
 # from Debian's prometheus package, unpacked rather than installed: only the
 # promtool binary lands, in .venv/bin, and no Prometheus service is set up or
 # started. A promtool already on PATH is used as it is. Elsewhere than a

@@ -39,7 +39,7 @@ SCORE_COLUMNS = [
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[ServerThread]:
+def pipeline_server() -> Iterator[ServerThread]:
     st = ServerThread(FakeEngine(max_context=MAX_CONTEXT)).start()
     yield st
     st.stop()
@@ -96,8 +96,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def run(server: ServerThread, *args: str) -> int:
-    return cli.main([*args, "--target", server.target, "--progress", "none", "--timeout", "30"])
+def run(pipeline_server: ServerThread, *args: str) -> int:
+    return cli.main([*args, "--target", pipeline_server.target, "--progress", "none", "--timeout", "30"])
 
 
 def assert_scored(row: dict[str, Any], source: dict[str, Any]) -> None:
@@ -119,13 +119,13 @@ def assert_scored(row: dict[str, Any], source: dict[str, Any]) -> None:
 
 
 def test_score_jsonl_keeps_every_column_and_row_in_order(
-    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pipeline_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rows = rows_fixture()
     write_jsonl(tmp_path / "in.jsonl", rows)
     assert (
         run(
-            server,
+            pipeline_server,
             "score",
             str(tmp_path / "in.jsonl"),
             "-o",
@@ -148,7 +148,7 @@ def test_score_jsonl_keeps_every_column_and_row_in_order(
     assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*state*"))
 
 
-def test_score_sends_failed_rows_to_errors_when_asked(server: ServerThread, tmp_path: Path) -> None:
+def test_score_sends_failed_rows_to_errors_when_asked(pipeline_server: ServerThread, tmp_path: Path) -> None:
     rows = rows_fixture()
     write_jsonl(tmp_path / "in.jsonl", rows)
     args = [
@@ -159,7 +159,7 @@ def test_score_sends_failed_rows_to_errors_when_asked(server: ServerThread, tmp_
         "--errors",
         str(tmp_path / "bad.csv"),
     ]
-    assert run(server, *args, "--id-field", "id", "--concurrency", "3") == 0
+    assert run(pipeline_server, *args, "--id-field", "id", "--concurrency", "3") == 0
     good = read_jsonl(tmp_path / "out.jsonl")
     with (tmp_path / "bad.csv").open(newline="", encoding="utf-8") as f:
         bad = list(csv.DictReader(f))
@@ -168,7 +168,7 @@ def test_score_sends_failed_rows_to_errors_when_asked(server: ServerThread, tmp_
     assert {r["error"] for r in bad} == {"context_length_exceeded", "invalid_row"}
 
 
-def test_csv_round_trip_keeps_all_columns_and_values(server: ServerThread, tmp_path: Path) -> None:
+def test_csv_round_trip_keeps_all_columns_and_values(pipeline_server: ServerThread, tmp_path: Path) -> None:
     rows = [
         {
             "text_id": f"r{i}",
@@ -195,7 +195,7 @@ def test_csv_round_trip_keeps_all_columns_and_values(server: ServerThread, tmp_p
             "--response-field",
             "output",
         ]
-        assert run(server, *args) == 0
+        assert run(pipeline_server, *args) == 0
         with out.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             assert reader.fieldnames == [*rows[0], *SCORE_COLUMNS]
@@ -209,14 +209,14 @@ def test_csv_round_trip_keeps_all_columns_and_values(server: ServerThread, tmp_p
             assert g["error"] == ""
 
 
-def test_parquet_round_trip_keeps_all_columns_and_their_types(server: ServerThread, tmp_path: Path) -> None:
+def test_parquet_round_trip_keeps_all_columns_and_their_types(pipeline_server: ServerThread, tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     rows = rows_fixture(40)
     rows[9]["response"] = None  # a null in a string column
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=7)
-    assert run(server, "score", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out.parquet")) == 0
+    assert run(pipeline_server, "score", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out.parquet")) == 0
     out = pq.read_table(tmp_path / "out.parquet")
     for field in table.schema:
         assert out.schema.field(field.name).type == field.type
@@ -226,9 +226,9 @@ def test_parquet_round_trip_keeps_all_columns_and_their_types(server: ServerThre
     for got, src in zip(out.to_pylist(), rows, strict=True):
         assert_scored(got, src)
     # and on to JSONL, CSV and back to Parquet: all columns survive
-    assert run(server, "score", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out.jsonl")) == 0
+    assert run(pipeline_server, "score", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out.jsonl")) == 0
     assert [r["meta"] for r in read_jsonl(tmp_path / "out.jsonl")] == [r["meta"] for r in rows]
-    assert run(server, "score", str(tmp_path / "out.jsonl"), "-o", str(tmp_path / "again.parquet")) == 0
+    assert run(pipeline_server, "score", str(tmp_path / "out.jsonl"), "-o", str(tmp_path / "again.parquet")) == 0
     again = pq.read_table(tmp_path / "again.parquet").to_pylist()
     assert [r["tags"] for r in again] == [r["tags"] for r in rows]
 
@@ -259,7 +259,7 @@ def test_stdin_to_stdout_is_jsonl() -> None:
 # --- filter ------------------------------------------------------------------------------------
 
 
-def test_filter_thresholds_keep_exactly_the_rows_that_pass(server: ServerThread, tmp_path: Path) -> None:
+def test_filter_thresholds_keep_exactly_the_rows_that_pass(pipeline_server: ServerThread, tmp_path: Path) -> None:
     rows = rows_fixture()
     write_jsonl(tmp_path / "in.jsonl", rows)
     args = [
@@ -267,7 +267,7 @@ def test_filter_thresholds_keep_exactly_the_rows_that_pass(server: ServerThread,
         "--rejected", str(tmp_path / "rejected.jsonl"),
         "--min", "conditional_logprob=-2.5", "--max", "prompt=-1", "--min", "mean=-0.3",
     ]  # fmt: skip
-    assert run(server, *args) == 0
+    assert run(pipeline_server, *args) == 0
 
     def passes(r: dict[str, Any]) -> bool:
         if outcome_kind(r) is not None:
@@ -292,13 +292,13 @@ def test_filter_thresholds_keep_exactly_the_rows_that_pass(server: ServerThread,
 
 
 def test_filter_without_rejected_writes_failures_beside_kept(
-    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pipeline_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rows = rows_fixture()
     write_jsonl(tmp_path / "in.jsonl", rows)
     assert (
         run(
-            server,
+            pipeline_server,
             "filter",
             str(tmp_path / "in.jsonl"),
             "-o",
@@ -325,7 +325,7 @@ def best_k(rows: list[dict[str, Any]], q: float, key: Any) -> list[int]:
 
 @pytest.mark.parametrize(("fmt", "q"), [("jsonl", 0.25), ("csv", 0.1), ("parquet", 0.5), ("jsonl", 1.0)])
 def test_top_fraction_keeps_exactly_the_best_rows_in_input_order(
-    server: ServerThread, tmp_path: Path, fmt: str, q: float
+    pipeline_server: ServerThread, tmp_path: Path, fmt: str, q: float
 ) -> None:
     if fmt == "parquet":
         pytest.importorskip("pyarrow")
@@ -333,7 +333,7 @@ def test_top_fraction_keeps_exactly_the_best_rows_in_input_order(
     write_jsonl(tmp_path / "in.jsonl", rows)
     kept_path, rejected_path = tmp_path / f"kept.{fmt}", tmp_path / f"rejected.{fmt}"
     args = ["filter", str(tmp_path / "in.jsonl"), "-o", str(kept_path), "--rejected", str(rejected_path)]
-    assert run(server, *args, "--top-fraction", str(q), "--by", "conditional_logprob") == 0
+    assert run(pipeline_server, *args, "--top-fraction", str(q), "--by", "conditional_logprob") == 0
 
     def ids(path: Path) -> list[int]:
         if fmt == "jsonl":
@@ -352,20 +352,20 @@ def test_top_fraction_keeps_exactly_the_best_rows_in_input_order(
     assert not list(tmp_path.glob("*pairscore*"))  # the intermediate file is gone
 
 
-def test_top_fraction_by_perplexity_prefers_low_values(server: ServerThread, tmp_path: Path) -> None:
+def test_top_fraction_by_perplexity_prefers_low_values(pipeline_server: ServerThread, tmp_path: Path) -> None:
     rows = [
         {"id": i, "prompt": "", "response": "r" * (i % 4)} for i in range(20)
     ]  # ppl is constant but n=0 has none
     write_jsonl(tmp_path / "in.jsonl", rows)
     args = ["filter", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "kept.jsonl"), "--top-fraction", "0.5"]
-    assert run(server, *args, "--by", "perplexity", "--rejected", str(tmp_path / "rej.jsonl")) == 0
+    assert run(pipeline_server, *args, "--by", "perplexity", "--rejected", str(tmp_path / "rej.jsonl")) == 0
     kept = [r["id"] for r in read_jsonl(tmp_path / "kept.jsonl")]
     with_value = [r["id"] for r in rows if r["response"]]
     assert kept == with_value[: math.ceil(0.5 * len(with_value))]  # all tie: the first ones win
 
 
 def test_filter_refuses_bad_arguments(
-    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pipeline_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write_jsonl(tmp_path / "in.jsonl", rows_fixture(3))
     cases = [
@@ -375,15 +375,15 @@ def test_filter_refuses_bad_arguments(
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as info:
-            run(server, "filter", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "k.jsonl"), *extra)
+            run(pipeline_server, "filter", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "k.jsonl"), *extra)
         assert info.value.code == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        run(server, "filter", str(tmp_path / "in.jsonl"), "-o", "-")
+        run(pipeline_server, "filter", str(tmp_path / "in.jsonl"), "-o", "-")
     assert "somewhere to go" in capsys.readouterr().err
     assert (
         run(
-            server,
+            pipeline_server,
             "score",
             str(tmp_path / "in.jsonl"),
             "-o",
@@ -400,7 +400,7 @@ def test_filter_refuses_bad_arguments(
 
 
 def test_resume_refuses_a_changed_job_and_a_fresh_run_discards_leftovers(
-    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    pipeline_server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rows = rows_fixture()
     write_jsonl(tmp_path / "in.jsonl", rows)
@@ -416,28 +416,29 @@ def test_resume_refuses_a_changed_job_and_a_fresh_run_discards_leftovers(
 
     monkeypatch.setattr(runner_module.Runner, "_emit", crash_half_way)
     monkeypatch.setattr(runner_module.Runner, "_checkpoint_due", lambda self: True)
-    assert run(server, "score", str(tmp_path / "in.jsonl"), "-o", str(out), "--resume") == 130
+    assert run(pipeline_server, "score", str(tmp_path / "in.jsonl"), "-o", str(out), "--resume") == 130
     assert "--resume to continue" in capsys.readouterr().err
     monkeypatch.undo()
     state = json.loads((tmp_path / "out.jsonl.pairscore-state.json").read_text())
     assert state["stats"]["rows"] == 29
 
-    code = run(server, "score", str(tmp_path / "in.jsonl"), "-o", str(out), "--resume", "--joint")
+    code = run(pipeline_server, "score", str(tmp_path / "in.jsonl"), "-o", str(out), "--resume", "--joint")
     assert code == 1 and "tokenization differ" in capsys.readouterr().err
 
-    assert run(server, "score", str(tmp_path / "in.jsonl"), "-o", str(out), "--resume") == 0
+    assert run(pipeline_server, "score", str(tmp_path / "in.jsonl"), "-o", str(out), "--resume") == 0
     assert "resumed after row 29" in capsys.readouterr().err
     assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in rows]
 
     (tmp_path / "out.jsonl.part").write_text("garbage\n")
     (tmp_path / "out.jsonl.pairscore-state.json").write_text(json.dumps({**state, "version": 1}))
-    assert run(server, "score", str(tmp_path / "in.jsonl"), "-o", str(out)) == 0  # no --resume: start over
+    # no --resume: start over (out.jsonl exists from the finished run, so --overwrite is needed)
+    assert run(pipeline_server, "score", str(tmp_path / "in.jsonl"), "-o", str(out), "--overwrite") == 0
     assert [r["id"] for r in read_jsonl(out)] == [r["id"] for r in rows]
     assert not (tmp_path / "out.jsonl.part").exists()
 
 
 def test_resume_completes_an_interrupted_finish(
-    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pipeline_server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rows = rows_fixture()
     write_jsonl(tmp_path / "in.jsonl", rows)
@@ -461,10 +462,10 @@ def test_resume_completes_an_interrupted_finish(
         "--rejected",
         str(tmp_path / "rej.jsonl"),
     ]
-    assert run(server, *args, "--max", "joint=-2", "--resume") == 130
+    assert run(pipeline_server, *args, "--max", "joint=-2", "--resume") == 130
     monkeypatch.undo()
     assert len(finished) == 1
-    assert run(server, *args, "--max", "joint=-2", "--resume") == 0
+    assert run(pipeline_server, *args, "--max", "joint=-2", "--resume") == 0
     kept, rejected = read_jsonl(tmp_path / "kept.jsonl"), read_jsonl(tmp_path / "rej.jsonl")
     assert sorted(r["id"] for r in kept + rejected) == [r["id"] for r in rows]
     assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*state*"))
@@ -474,11 +475,11 @@ def test_resume_completes_an_interrupted_finish(
 
 
 def test_report_draws_a_png_with_quantiles_and_a_threshold(
-    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pipeline_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("matplotlib")
     write_jsonl(tmp_path / "in.jsonl", rows_fixture())
-    assert run(server, "score", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "scored.jsonl")) == 0
+    assert run(pipeline_server, "score", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "scored.jsonl")) == 0
     png = tmp_path / "report.png"
     assert (
         cli.main(

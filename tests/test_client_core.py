@@ -216,6 +216,24 @@ def test_reconnector_retries_retryable_codes_with_growing_backoff_then_gives_up(
     assert Reconnector(None).next_delay(_err(grpc.StatusCode.UNAVAILABLE)) is None
 
 
+def test_giving_up_names_why_the_server_could_not_be_reached_not_the_last_stall() -> None:
+    """A lane that stalled while the channel kept failing to connect gives up with the
+    connection's cause (it used to end, now and then, as 'no answer on the stream')."""
+    clock = Clock()
+    r = Reconnector(RetryPolicy(initial_backoff_s=0.1), clock=clock, connect_timeout=3.0)
+    refused = errors.ConnectionFailedError(
+        grpc.StatusCode.UNAVAILABLE, "connection refused", cause="connection refused", hint="--target"
+    )
+    stalled = _err(grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert r.next_delay(refused) is not None
+    clock.now = 4.0
+    assert r.next_delay(stalled) is None
+    assert r.final_error(stalled) is refused
+    assert r.final_error(_err(grpc.StatusCode.INVALID_ARGUMENT)).code is grpc.StatusCode.INVALID_ARGUMENT
+    r.progress()  # an answer came: an older connection failure no longer explains anything
+    assert r.final_error(stalled) is stalled
+
+
 class _RpcError(grpc.RpcError):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         self._code, self._details = code, details

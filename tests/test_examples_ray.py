@@ -9,6 +9,7 @@ GPU actor with ``num_gpus=1``.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -88,3 +89,22 @@ def test_engine_scorer_runs_the_engine_inside_the_actors(
 def test_score_dataset_needs_a_target_or_the_engine(ray_local: Any) -> None:
     with pytest.raises(ValueError, match="target"):
         ray_local.score_dataset(ray.data.from_items(ROWS[:1]))
+
+
+def test_missing_texts_are_invalid_rows_not_the_text_none(ray_local: Any) -> None:
+    """None used to be sent as the text 'None' and scored (NaN as 'nan': see test_ray_module;
+    a column mixing text and NaN is not valid Arrow, so Ray hands nulls as None)."""
+    items = [
+        {"prompt": "Q", "response": "ab", "k": 0},
+        {"prompt": None, "response": "ab", "k": 1},
+        {"prompt": "Q", "response": None, "k": 2},
+    ]
+    st = ServerThread(FakeEngine(max_context=64)).start()
+    try:
+        scored = ray_local.score_dataset(ray.data.from_items(items), target=st.target, actors=1, batch_size=8)
+        rows = sorted(scored.take_all(), key=lambda r: r["k"])
+    finally:
+        st.stop()
+    assert [r["error"] for r in rows] == [None, "invalid_row", "invalid_row"]
+    assert rows[0]["conditional_logprob"] == -0.5
+    assert rows[1]["conditional_logprob"] is None or math.isnan(rows[1]["conditional_logprob"])

@@ -6,7 +6,7 @@ everything here is plain Python that both call.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -75,18 +75,32 @@ def build_settings(
 
 
 def to_pair(item: PairLike) -> Pair:
-    """Accept a Pair or a (prompt, response) tuple; TypeError for anything else."""
+    """Accept a Pair or a (prompt, response) tuple of str; TypeError for anything else.
+
+    A missing prompt or response (``None``, or NaN from pandas) is refused
+    here, before anything is sent: it used to go out as an empty text (a
+    Pair) and be scored. The batch helpers (``pairscore score``,
+    :mod:`pairscore.hf`, :mod:`pairscore.ray`) instead give such a row error
+    ``invalid_row``; see :func:`pairscore.pipeline.columns.score_rows`.
+    """
     if isinstance(item, Pair):
-        return item
-    try:
-        prompt, response = item
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"a pair must be a pairscore.Pair or a (prompt, response) tuple, got {item!r}"
-        ) from None
+        prompt, response = item.prompt, item.response
+    else:
+        try:
+            prompt, response = item
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"a pair must be a pairscore.Pair or a (prompt, response) tuple, got {item!r}"
+            ) from None
     if not isinstance(prompt, str) or not isinstance(response, str):
-        raise TypeError(f"prompt and response must be str, got {type(prompt)} and {type(response)}")
-    return Pair(prompt=prompt, response=response)
+        from pairscore.pipeline.columns import pair_problem
+
+        raise TypeError(
+            f"prompt and response must be str, got {type(prompt).__name__} and {type(response).__name__} "
+            f"({pair_problem(prompt, response)}); a missing text cannot be scored: leave the pair out, "
+            "or score a table with pairscore.hf / pairscore.ray / `pairscore score`, which mark it invalid_row"
+        )
+    return item if isinstance(item, Pair) else Pair(prompt=prompt, response=response)
 
 
 def make_options(
@@ -104,6 +118,8 @@ class IterSettings:
     max_in_flight: int
     streams: int
     progress_timeout: float | None
+    #: Called as ``on_retry(error, delay_s)`` when a broken stream will be reopened.
+    on_retry: Callable[[ScoringError, float], None] | None = None
 
     @classmethod
     def build(
@@ -112,6 +128,7 @@ class IterSettings:
         max_in_flight: int | None,
         streams: int,
         progress_timeout: float | None,
+        on_retry: Callable[[ScoringError, float], None] | None = None,
     ) -> IterSettings:
         """Validate and fill in defaults (``max_in_flight``: 8 batches per stream)."""
         if batch_size < 1:
@@ -124,7 +141,7 @@ class IterSettings:
             raise ValueError(f"max_in_flight ({max_in_flight}) must be >= batch_size ({batch_size})")
         if progress_timeout is not None and progress_timeout <= 0:
             raise ValueError(f"timeout must be > 0 or None, got {progress_timeout}")
-        return cls(batch_size, max_in_flight, streams, progress_timeout)
+        return cls(batch_size, max_in_flight, streams, progress_timeout, on_retry)
 
 
 class ClientCore:
@@ -147,12 +164,12 @@ class ClientCore:
         """The per-call ``timeout`` if given, else the client's default."""
         return self.timeout if timeout is None else timeout
 
-    def call_kwargs(self, timeout: float | None) -> dict[str, object]:
-        """Keyword arguments for a unary gRPC call."""
+    def call_kwargs(self, timeout: float | None, wait_for_ready: bool | None = None) -> dict[str, object]:
+        """Keyword arguments for a unary gRPC call (``wait_for_ready``: override the client's)."""
         return {
             "timeout": self.deadline(timeout),
             "metadata": self.metadata,
-            "wait_for_ready": self.wait_for_ready,
+            "wait_for_ready": self.wait_for_ready if wait_for_ready is None else wait_for_ready,
         }
 
     def stream_kwargs(self) -> dict[str, object]:

@@ -7,7 +7,13 @@ lane that breaks is reopened here: after UNAVAILABLE or RESOURCE_EXHAUSTED
 a CANCELLED that the client did not ask for (a server shutting down cancels
 its streams), and after the lane stalled past its progress deadline. It
 waits with the policy's exponential backoff and full jitter, and gives up
-when ``stream_reconnect_timeout_s`` passed without any answer. Scoring has no
+when ``stream_reconnect_timeout_s`` passed without any answer, or, when the
+server cannot be reached at all (connection refused, unknown host, TLS
+handshake failure: :class:`~pairscore.errors.ConnectionFailedError`), when
+the caller's progress ``timeout`` passed, so that a wrong target fails in
+seconds, naming the cause. A message over gRPC's size limit
+(:class:`~pairscore.errors.MessageTooLargeError`) is never retried: it would
+fail the same way every time. Scoring has no
 side effects, so resending unanswered batches is safe. Pairs that a server
 refuses one by one for overload (item error RESOURCE_EXHAUSTED, as
 ScoreStream reports admission failures) are resent with the same backoff.
@@ -24,7 +30,9 @@ import grpc
 from pairscore._sequencer import Lane
 from pairscore.channel import RetryPolicy
 from pairscore.errors import (
+    ConnectionFailedError,
     DeadlineExceededError,
+    MessageTooLargeError,
     ScoringError,
     UnavailableError,
     error_from_rpc,
@@ -60,7 +68,7 @@ def item_retry_delays(
 CORE_WRITE_FAILURE = "Internal error from Core"
 
 
-def lane_error(exc: grpc.RpcError, lane: Lane) -> ScoringError:
+def lane_error(exc: grpc.RpcError, lane: Lane, *, secure: bool | None = None) -> ScoringError:
     """The typed error that broke ``lane`` (a stall reads as DEADLINE_EXCEEDED, and
     grpc.aio's local write failure as UNAVAILABLE: the stream broke under it)."""
     if lane.stalled:
@@ -68,7 +76,7 @@ def lane_error(exc: grpc.RpcError, lane: Lane) -> ScoringError:
             grpc.StatusCode.DEADLINE_EXCEEDED,
             "no answer on the stream within the timeout; the stream was cancelled",
         )
-    error = error_from_rpc(exc)
+    error = error_from_rpc(exc, secure=secure)
     if error.code == grpc.StatusCode.INTERNAL and error.message == CORE_WRITE_FAILURE:
         return UnavailableError(
             grpc.StatusCode.UNAVAILABLE,
@@ -95,12 +103,15 @@ class Reconnector:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[float, float], float] = random.uniform,
+        connect_timeout: float | None = None,
     ) -> None:
         self._policy = policy
+        self._connect_timeout = connect_timeout
         self._clock = clock
         self._rng = rng
         self._retries = 0
         self._give_up_at: float | None = None
+        self._cause: ConnectionFailedError | None = None  # why the server could not be reached
         self._codes = (
             frozenset(grpc.StatusCode[c] for c in policy.retryable_codes)
             | {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -112,15 +123,31 @@ class Reconnector:
         """An answer arrived: the next failure starts a fresh backoff."""
         self._retries = 0
         self._give_up_at = None
+        self._cause = None
+
+    def final_error(self, error: ScoringError) -> ScoringError:
+        """What to fail with when giving up after ``error``: the reason the server could not
+        be reached, if one was seen since the last answer and ``error`` is only a stream that
+        stalled or was cancelled while the channel kept failing to connect."""
+        stalled = error.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+        if self._cause is not None and stalled and not isinstance(error, ConnectionFailedError):
+            return self._cause
+        return error
 
     def next_delay(self, error: ScoringError) -> float | None:
         """Seconds to wait before reopening the stream, or ``None`` to give up with ``error``."""
-        if self._policy is None or error.code not in self._codes:
+        if self._policy is None or error.code not in self._codes or isinstance(error, MessageTooLargeError):
             return None
         now = self._clock()
-        if self._give_up_at is None:
-            self._give_up_at = now + self._policy.stream_reconnect_timeout_s
+        window = self._policy.stream_reconnect_timeout_s
+        if isinstance(error, ConnectionFailedError):
+            self._cause = error
+            if self._connect_timeout is not None:
+                window = min(window, self._connect_timeout)
+        give_up_at = now + window
+        self._give_up_at = give_up_at if self._give_up_at is None else min(self._give_up_at, give_up_at)
         if now >= self._give_up_at:
             return None
         self._retries += 1
-        return self._rng(0.0, self._policy.backoff_ceiling(self._retries))
+        delay = self._rng(0.0, self._policy.backoff_ceiling(self._retries))
+        return min(delay, self._give_up_at - now)

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pairscore.types import ItemError, ItemErrorCode, Pair, ScoreOutcome
 
@@ -199,7 +199,7 @@ class Sequencer:
             batch.not_before = self._clock() + (delay or 0.0)
             heapq.heappush(self._retry, batch)
             return
-        self._ready[batch.seq] = batch.results  # type: ignore[assignment] - all filled now
+        self._ready[batch.seq] = cast("list[ScoreOutcome]", batch.results)  # all filled now
         self._unanswered -= 1
 
     def expected(self, lane: Lane) -> int:

@@ -133,7 +133,7 @@ class _AioDriver:
             yield self._core.request(batch.to_send(), self._options)
 
     async def _worker(self) -> None:
-        reconnect = Reconnector(self._core.settings.retry)
+        reconnect = Reconnector(self._core.settings.retry, connect_timeout=self._settings.progress_timeout)
         while not self._closing.is_set():
             lane = Lane()
             async with self._cond:
@@ -152,7 +152,7 @@ class _AioDriver:
                     return
                 error = unanswered_error(lane)
             except grpc.RpcError as exc:
-                error = lane_error(exc, lane)
+                error = lane_error(exc, lane, secure=self._core.settings.secure)
             except ScoringError as exc:
                 error = exc
             except asyncio.CancelledError:
@@ -166,9 +166,11 @@ class _AioDriver:
             if self._closing.is_set():
                 return
             delay = reconnect.next_delay(error)
+            if delay is not None and self._settings.on_retry is not None:
+                self._settings.on_retry(error, delay)  # e.g. "waiting for the server" on a progress line
             if delay is None:
                 async with self._cond:
-                    self._seq.fail(error)
+                    self._seq.fail(reconnect.final_error(error))
                     self._cond.notify_all()
                 return
             with contextlib.suppress(asyncio.TimeoutError):

@@ -122,7 +122,7 @@ class _SyncDriver:
     # --- a lane's answers ---------------------------------------------------------
 
     def _worker(self) -> None:
-        reconnect = Reconnector(self._core.settings.retry)
+        reconnect = Reconnector(self._core.settings.retry, connect_timeout=self._settings.progress_timeout)
         while not self._closing.is_set():
             lane = Lane()
             with self._cond:
@@ -141,7 +141,7 @@ class _SyncDriver:
                     return  # the request stream ended: all input read and answered
                 error = unanswered_error(lane)
             except grpc.RpcError as exc:
-                error = lane_error(exc, lane)
+                error = lane_error(exc, lane, secure=self._core.settings.secure)
             except ScoringError as exc:  # an answer that does not fit the request
                 error = exc
             with self._cond:
@@ -151,9 +151,11 @@ class _SyncDriver:
             if self._closing.is_set():
                 return
             delay = reconnect.next_delay(error)
+            if delay is not None and self._settings.on_retry is not None:
+                self._settings.on_retry(error, delay)  # e.g. "waiting for the server" on a progress line
             if delay is None:
                 with self._cond:
-                    self._seq.fail(error)
+                    self._seq.fail(reconnect.final_error(error))
                     self._cond.notify_all()
                 return
             self._closing.wait(delay)

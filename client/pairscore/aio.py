@@ -17,7 +17,7 @@ event loop that uses it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 
 import grpc
@@ -35,7 +35,7 @@ from pairscore._base import (
     make_options,
 )
 from pairscore.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelSettings, RetryPolicy, TlsConfig
-from pairscore.errors import error_from_rpc
+from pairscore.errors import ScoringError, error_from_rpc
 from pairscore.types import ModelInfo, ScoreOutcome, TokenizationMode
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
@@ -123,7 +123,7 @@ class AsyncScoringClient:
         try:
             response = await self._stub.Score(request, **self._core.call_kwargs(timeout))
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.outcomes(response, len(pairs))
 
     def score_iter(
@@ -136,14 +136,18 @@ class AsyncScoringClient:
         tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
         return_tokens: bool = False,
         timeout: float | None = None,
+        on_retry: Callable[[ScoringError, float], None] | None = None,
     ) -> AsyncIterator[ScoreOutcome]:
         """Score a (sync or async) iterable of any size; ``async for`` the results in input order.
 
         Same behaviour as :meth:`ScoringClient.score_iter
         <pairscore.client.ScoringClient.score_iter>`: bounded in flight,
-        per-item errors in place, reconnection with backoff.
+        per-item errors in place, reconnection with backoff, connection
+        failures after ``timeout``, ``on_retry`` (called in the event loop).
         """
-        settings = IterSettings.build(batch_size, max_in_flight, streams, self._core.deadline(timeout))
+        settings = IterSettings.build(
+            batch_size, max_in_flight, streams, self._core.deadline(timeout), on_retry
+        )
         return _stream_aio.iterate(
             open_call=self._stub.ScoreStream,
             core=self._core,
@@ -152,14 +156,16 @@ class AsyncScoringClient:
             settings=settings,
         )
 
-    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """Describe the served model and its scoring contract."""
+    async def model_info(
+        self, *, timeout: float | None = None, wait_for_ready: bool | None = None
+    ) -> ModelInfo:
+        """Describe the served model and its scoring contract (``wait_for_ready``: as in the sync client)."""
         try:
             response = await self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout)
+                pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout, wait_for_ready)
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.model_info(response)
 
     async def health(self, service: str = SCORING_SERVICE, *, timeout: float | None = None) -> str:
@@ -169,5 +175,5 @@ class AsyncScoringClient:
                 self._core.health_request(service), **self._core.call_kwargs(timeout)
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.health_status(response)

@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args, parser)
 
     from pairscore.client import ScoringClient
-    from pairscore.errors import ScoringError
+    from pairscore.errors import ConnectionFailedError, ScoringError
     from pairscore.types import Pair, TokenizationMode
 
     if args.command == "query" and len(args.texts) % 2:
@@ -154,6 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results = client.score(pairs, tokenization=mode, return_tokens=args.tokens)
                 for index, result in enumerate(results):
                     print(json.dumps(_result_record(index, result, tokens=args.tokens), ensure_ascii=False))
+    except ConnectionFailedError as exc:
+        print(
+            f"pairscore: cannot reach {target}: {exc.cause}. {exc.hint[:1].upper()}{exc.hint[1:]}.",
+            file=sys.stderr,
+        )
+        return 1
     except ScoringError as exc:
         print(f"pairscore: {target}: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,7 @@ the asyncio twin; both share :mod:`pairscore._base` and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 
 import grpc
@@ -145,7 +145,7 @@ class ScoringClient:
         try:
             response = self._stub.Score(request, **self._core.call_kwargs(timeout))
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.outcomes(response, len(pairs))
 
     def score_iter(
@@ -158,6 +158,7 @@ class ScoringClient:
         tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
         return_tokens: bool = False,
         timeout: float | None = None,
+        on_retry: Callable[[ScoringError, float], None] | None = None,
     ) -> Iterator[ScoreOutcome]:
         """Score an iterable of any size; yields one PairScore or ItemError per pair, in input order.
 
@@ -172,11 +173,21 @@ class ScoringClient:
         backoff and its unanswered pairs are sent again, so every input
         pair is answered exactly once. ``timeout`` (default: the client's)
         is the progress deadline: a stream that gets no answer for that
-        long is cancelled and reopened. Raises a
+        long is cancelled and reopened; a server that cannot be reached
+        at all (connection refused, unknown host, TLS handshake failure)
+        fails with :class:`~pairscore.errors.ConnectionFailedError` once
+        ``timeout`` passed without an answer. ``on_retry(error, delay_s)``
+        is called (from a worker thread) each time a broken stream is
+        about to be reopened, e.g. to say "waiting for the server". A
+        message over the size limit raises
+        :class:`~pairscore.errors.MessageTooLargeError` at once. Raises a
         :class:`~pairscore.errors.ScoringError` when a stream fails for
-        good; leaving the loop early cancels the streams.
+        good; leaving the loop early cancels the streams. A pair whose
+        prompt or response is not a str (None, NaN) raises TypeError.
         """
-        settings = IterSettings.build(batch_size, max_in_flight, streams, self._core.deadline(timeout))
+        settings = IterSettings.build(
+            batch_size, max_in_flight, streams, self._core.deadline(timeout), on_retry
+        )
         return _stream_sync.iterate(
             open_call=self._stub.ScoreStream,
             core=self._core,
@@ -201,28 +212,43 @@ class ScoringClient:
         """
         options = make_options(tokenization, return_tokens)
         sizes: list[int] = []
+        failed: list[BaseException] = []
 
         def requests() -> Iterator[pb.ScoreRequest]:
-            for batch in batches:
-                batch = list(batch)
-                sizes.append(len(batch))
-                yield self._core.request(batch, options)
+            try:
+                for batch in batches:
+                    batch = list(batch)
+                    request = self._core.request(batch, options)  # TypeError for a missing text
+                    sizes.append(len(batch))
+                    yield request
+            except Exception as exc:  # noqa: BLE001 - raised in the caller's thread below
+                failed.append(exc)  # gRPC would only report "Exception iterating requests!"
 
         call = self._stub.ScoreStream(requests(), **self._core.call_kwargs(timeout))
         try:
             for i, response in enumerate(call):
                 yield self._core.outcomes(response, sizes[i])
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            if failed:
+                raise failed[0] from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         finally:
             call.cancel()  # no-op when the stream already ended
+        if failed:
+            raise failed[0]
 
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """Describe the served model and its scoring contract."""
+    def model_info(self, *, timeout: float | None = None, wait_for_ready: bool | None = None) -> ModelInfo:
+        """Describe the served model and its scoring contract.
+
+        ``wait_for_ready`` overrides the client's setting for this call
+        (``False``: fail at once, with the cause, when no server is reachable).
+        """
         try:
-            response = self._stub.GetModelInfo(pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout))
+            response = self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout, wait_for_ready)
+            )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.model_info(response)
 
     def health(self, service: str = SCORING_SERVICE, *, timeout: float | None = None) -> str:
@@ -235,5 +261,5 @@ class ScoringClient:
                 self._core.health_request(service), **self._core.call_kwargs(timeout)
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
         return self._core.health_status(response)

@@ -4,7 +4,7 @@
 ``--ca-cert``, ``--client-cert``, ``--client-key``, ``--server-name``; any
 of them switches TLS on), the bearer token (``--token-file`` or env
 ``PAIRSCORE_TOKEN``; never a flag, so that it stays out of the process
-list and shell history) and ``--lb``.
+list and shell history), ``--max-message-bytes`` and ``--lb``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def add_connection_args(parser: argparse.ArgumentParser, *, timeout: float = 60.
         type=float,
         default=timeout,
         metavar="SECONDS",
-        help=f"deadline of each call; for streams, the longest wait for an answer (default: {timeout:g})",
+        help=(
+            f"deadline of each call; for streams, the longest wait for an answer, or for a server that "
+            f"cannot be reached to come back (default: {timeout:g})"
+        ),
     )
     group.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
     group.add_argument(
@@ -52,6 +55,14 @@ def add_connection_args(parser: argparse.ArgumentParser, *, timeout: float = 60.
         "--token-file",
         metavar="FILE",
         help=f"file holding the bearer token to send (default: ${TOKEN_ENV} if set)",
+    )
+    group.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest gRPC message sent or received (default: 64 MiB); an answer with per-token "
+        "detail for many pairs may need more, or fewer pairs per request",
     )
     group.add_argument(
         "--lb",
@@ -87,9 +98,12 @@ def client_kwargs(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         token = Path(args.token_file).read_text(encoding="utf-8").strip()
     elif environ.get(TOKEN_ENV):
         token = environ[TOKEN_ENV].strip()
-    return {
+    kwargs: dict[str, Any] = {
         "timeout": args.timeout,
         "tls": tls,
         "token": token,
         "load_balancing": args.lb,
     }
+    if getattr(args, "max_message_bytes", None) is not None:
+        kwargs["max_message_bytes"] = args.max_message_bytes
+    return kwargs

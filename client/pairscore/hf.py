@@ -12,19 +12,25 @@
 
 The columns added are those of ``pairscore score`` (see
 :mod:`pairscore.pipeline.columns`); a pair that fails gets nulls and an
-``error`` code instead of raising. :class:`ScoreColumns` is picklable (it
+``error`` code instead of raising, and so does a row whose prompt or
+response is missing (None, or NaN from pandas): error ``invalid_row``, the
+same rule as ``pairscore score``. :class:`ScoreColumns` is picklable (it
 opens its gRPC channel lazily, in whichever process runs it), so
-``num_proc`` works and the datasets cache fingerprints it by target and
-options; pass ``features=score_features(ds.features)`` to ``map`` when
-using it directly (:func:`add_scores` does). Importing this module needs
-only the base install; ``pip install 'pairscore[datasets]'`` brings datasets.
+``num_proc`` works. The datasets cache fingerprints it by target, options
+*and the served model* (name, source, revision, dtype, prefix token,
+tokenizer, context length, default tokenization; fetched with GetModelInfo
+when it is first hashed or pickled), so a second ``add_scores`` after the
+server's model changed scores again instead of returning the cached
+columns. Pass ``features=score_features(ds.features)`` to ``map`` when using
+it directly (:func:`add_scores` does). Importing this module needs only the
+base install; ``pip install 'pairscore[datasets]'`` brings datasets.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pairscore.pipeline.columns import SCORE_COLUMN_TYPES, score_table
+from pairscore.pipeline.columns import SCORE_COLUMN_TYPES, score_rows
 
 
 class ScoreColumns:
@@ -33,7 +39,10 @@ class ScoreColumns:
     ``target`` and ``client_options`` (e.g. ``timeout``, ``token``, ``tls``)
     build a :class:`~pairscore.client.ScoringClient` on first use; each
     call streams its batch through ``score_iter`` in messages of
-    ``message_size`` pairs over ``streams`` streams.
+    ``message_size`` pairs over ``streams`` streams. ``model_identity`` is
+    the served model's description that the datasets cache fingerprint
+    covers; it is fetched on first hashing/pickling, or by
+    :meth:`refresh_model_identity`.
     """
 
     def __init__(
@@ -54,12 +63,35 @@ class ScoreColumns:
         self.message_size = message_size
         self.streams = streams
         self.client_options = client_options
+        self.model_identity: dict[str, object] | None = None
         self._client: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
+        # datasets hashes (dill-pickles) the map function for its cache fingerprint:
+        # the served model must be part of it, or a changed model returns stale scores.
+        if self.model_identity is None:
+            self.refresh_model_identity()
         state = dict(self.__dict__)
         state["_client"] = None  # a gRPC channel neither pickles nor survives a fork
         return state
+
+    def refresh_model_identity(self) -> dict[str, object]:
+        """Ask the server (GetModelInfo) what it serves now; kept in ``model_identity``."""
+        info = self._get_client().model_info(wait_for_ready=False)  # a wrong target fails fast
+        self.model_identity = {
+            "model_name": info.model_name,
+            "model_source": info.model_source,
+            "revision": info.revision,
+            "dtype": info.dtype,
+            "architecture": info.architecture,
+            "tokenizer_class": info.tokenizer_class,
+            "prefix_policy": info.prefix_policy.value,
+            "prefix_token_id": info.prefix_token_id,
+            "prefix_token": info.prefix_token,
+            "max_context_tokens": info.max_context_tokens,
+            "default_tokenization": info.default_tokenization.value,
+        }
+        return self.model_identity
 
     def _get_client(self) -> Any:
         if self._client is None:
@@ -69,18 +101,21 @@ class ScoreColumns:
         return self._client
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[object]]:
-        """Score one batch of rows (column lists) and return the score columns."""
-        prompts = batch[self.prompt_field]
-        responses = batch[self.response_field]
-        outcomes = list(
-            self._get_client().score_iter(
-                zip(prompts, responses, strict=True),
-                batch_size=self.message_size,
-                streams=self.streams,
-                tokenization=self.tokenization,
-            )
+        """Score one batch of rows (column lists) and return the score columns.
+
+        A row with a missing prompt or response (None, NaN) gets error
+        ``invalid_row`` and nulls; the other rows are scored.
+        """
+        client = self._get_client()
+        return score_rows(
+            lambda pairs: client.score_iter(
+                pairs, batch_size=self.message_size, streams=self.streams, tokenization=self.tokenization
+            ),
+            batch[self.prompt_field],
+            batch[self.response_field],
+            prompt_field=self.prompt_field,
+            response_field=self.response_field,
         )
-        return score_table(outcomes)
 
     def close(self) -> None:
         """Close the client's channel (a later call opens a new one)."""
@@ -118,7 +153,8 @@ def add_scores(
 
     ``batch_size`` is the map batch size (rows handed to one call);
     ``map_kwargs`` go to ``Dataset.map`` (e.g. ``num_proc``,
-    ``load_from_cache_file``, ``desc``).
+    ``load_from_cache_file``, ``desc``). The served model is asked for
+    first (GetModelInfo): its identity is part of the cache fingerprint.
     """
     scorer = ScoreColumns(
         target,
@@ -128,6 +164,7 @@ def add_scores(
         **(client_options or {}),
     )
     map_kwargs.setdefault("features", score_features(dataset.features))
+    scorer.refresh_model_identity()  # part of the cache fingerprint: a changed model scores again
     try:
         return dataset.map(scorer, batched=True, batch_size=batch_size, **map_kwargs)
     finally:

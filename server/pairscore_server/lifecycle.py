@@ -124,6 +124,7 @@ class RunningServer:
         self._watchdog: asyncio.Task[None] | None = None
         self._serving = False
         self._stopped = False
+        self._aborted = False
         self.limits: Limits | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -276,7 +277,8 @@ class RunningServer:
             if rpc_grace > 0 and time.monotonic() - started >= rpc_grace * 0.99:
                 log.warning("the grace period of %.1f s ran out; running calls were cancelled", grace)
         if self._batcher is not None:
-            await self._batcher.stop(timeout=max(0.0, end - time.monotonic()))
+            drain = 0.0 if self._aborted else max(0.0, end - time.monotonic())
+            await self._batcher.stop(timeout=drain)
         if self._health_server is not None:
             await self._health_server.stop(0)
         self._model_executor.shutdown(wait=False, cancel_futures=True)
@@ -287,7 +289,9 @@ class RunningServer:
             log.info("server stopped")
 
     async def abort(self) -> None:
-        """Cancel every running RPC at once (cuts short a stop() in progress)."""
+        """Cancel every running RPC at once (cuts short a stop() in progress: it waits for
+        nothing more, not for the batcher's drain either)."""
+        self._aborted = True
         if self._server is not None:
             await self._server.stop(0)
 

@@ -19,10 +19,11 @@ overwritten):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from pairscore.types import ItemError, PairScore, ScoreOutcome
+from pairscore.types import ItemError, Pair, PairScore, ScoreOutcome
 
 SCORE_COLUMNS = (
     "joint_logprob",
@@ -120,6 +121,64 @@ def score_table(outcomes: Sequence[ScoreOutcome]) -> dict[str, list[object]]:
     table: dict[str, list[object]] = {name: [] for name in SCORE_COLUMNS}
     for outcome in outcomes:
         for name, value in score_columns(outcome).items():
+            table[name].append(value)
+    return table
+
+
+# --- the one null rule of every batch entry point ----------------------------------------------
+#
+# ``pairscore score``/``filter``, :mod:`pairscore.hf` and :mod:`pairscore.ray` all
+# read prompts and responses from tables, where a missing value is None (JSON null,
+# Arrow null) or NaN (pandas). Such a row is never sent as text ("None", "nan", ""):
+# it gets error ``invalid_row`` and nulls, the other rows are scored. The client API
+# itself (:meth:`ScoringClient.score` and friends) refuses a Pair whose prompt or
+# response is not a str with a TypeError before sending anything.
+
+
+def text_problem(name: str, value: object) -> str | None:
+    """Why ``value`` of column ``name`` cannot be sent as text, or ``None`` when it can."""
+    if isinstance(value, str):
+        return None
+    if value is None or type(value).__name__ == "NAType":  # pandas.NA
+        return f"field {name!r} is missing"
+    if isinstance(value, float) and math.isnan(value):
+        return f"field {name!r} is missing (NaN)"
+    return f"field {name!r} is a {type(value).__name__}, not text"
+
+
+def pair_problem(
+    prompt: object, response: object, prompt_field: str = "prompt", response_field: str = "response"
+) -> str | None:
+    """Why a (prompt, response) row cannot be scored (the first missing field), or ``None``."""
+    return text_problem(prompt_field, prompt) or text_problem(response_field, response)
+
+
+def score_rows(
+    score: Callable[[list[Pair]], Iterable[ScoreOutcome]],
+    prompts: Iterable[Any],
+    responses: Iterable[Any],
+    *,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+) -> dict[str, list[object]]:
+    """The score columns of a batch of rows, column-wise, under the null rule above.
+
+    ``score`` gets the pairs of the rows that can be scored (in order) and
+    returns one outcome per pair; rows with a missing prompt or response get
+    error ``invalid_row`` in their place.
+    """
+    problems: list[str | None] = []
+    pairs: list[Pair] = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        problem = pair_problem(prompt, response, prompt_field, response_field)
+        problems.append(problem)
+        if problem is None:
+            pairs.append(Pair(prompt=str(prompt), response=str(response)))
+    outcomes = iter(score(pairs) if pairs else ())
+    table: dict[str, list[object]] = {name: [] for name in SCORE_COLUMNS}
+    for problem in problems:
+        columns = error_columns(INVALID_ROW, problem) if problem else score_columns(next(outcomes))
+        for name, value in columns.items():
             table[name].append(value)
     return table
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pairscore.connect_args import add_connection_args, client_kwargs, target_of
 from pairscore.pipeline.columns import METRICS
-from pairscore.pipeline.formats import FORMATS
+from pairscore.pipeline.formats import BAD_ROW_POLICIES, FORMATS
 from pairscore.pipeline.progress import MODES
 
 _METRIC_HELP = ", ".join(METRICS)
@@ -41,9 +41,34 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--errors", metavar="FILE", help="write rows that fail here instead of into the output")
     p.add_argument(
+        "--on-bad-row",
+        choices=BAD_ROW_POLICIES,
+        default="fail",
+        help="an input row that cannot be read (a line that is not a JSON object, a CSV row with more "
+        "fields than the header): 'fail' stops with its line number (default); 'skip' writes it to "
+        "--errors (needed) with error invalid_row and the line number in error_message, and goes on",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs that already exist (without it the run refuses to start, unless "
+        "--resume continues an interrupted run)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted run with the same arguments (start one so that it can be resumed)",
+        help="continue an interrupted run with the same arguments (start one so that it can be resumed; "
+        "without --resume a failed run removes its partial files). A server that cannot be reached is "
+        "waited for, up to --timeout, with a line every 5 s; without --resume the run fails at once",
+    )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="process only the I-th of N contiguous slices of the input's rows (I = 1..N; the rows are "
+        "counted first, so not for stdin). Run N of them (e.g. on N machines) with different outputs: "
+        "their outputs concatenated in order 1..N equal the output of one run over the whole input "
+        "(CSV/TSV: drop the header line of shards 2..N)",
     )
     p.add_argument("--joint", action="store_true", help="tokenize prompt+response as one text (JOINT mode)")
     p.add_argument(
@@ -78,6 +103,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_connection_args(p, timeout=120.0)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``"2/4"`` -> ``(2, 4)`` (argparse type of --shard)."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 1/4, got {text!r}") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"I/N needs 1 <= I <= N, got {text!r}")
+    return index, count
+
+
 def add_pipeline_commands(commands: Any) -> None:
     """Register score, filter and report on the ``pairscore`` subparsers."""
     score = commands.add_parser(
@@ -106,7 +142,8 @@ def add_pipeline_commands(commands: Any) -> None:
             "Rows that fail to score go to --errors, else to --rejected, else to OUTPUT with '.errors' "
             "before the extension. Thresholds are inclusive; a row without a value for a bounded metric "
             "(empty response) does not pass. --top-fraction is exact: the rows are scored once into an "
-            "intermediate file, then two local passes pick exactly ceil(Q*n) rows, ties by input order. "
+            "intermediate file, then two local passes pick exactly ceil(Q*n) rows, ties by input order; "
+            "it is a selection over all rows, so it refuses --shard (thresholds work with --shard). "
             + _FORMATS_HELP
         ),
     )
@@ -184,6 +221,9 @@ def _job(args: argparse.Namespace) -> Any:
         checkpoint_seconds=args.checkpoint_every,
         progress=args.progress,
         log_every=args.log_every,
+        shard=args.shard,
+        on_bad_row=args.on_bad_row,
+        overwrite=args.overwrite,
     )
 
 
@@ -197,29 +237,52 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
         previous = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
         return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, previous)
+
+    def undo() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return undo
 
 
 def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pairscore.client import ScoringClient
-    from pairscore.errors import ScoringError
+    from pairscore.errors import ConnectionFailedError, ScoringError
     from pairscore.pipeline.formats import FormatError
+    from pairscore.pipeline.reach import reach_server
     from pairscore.pipeline.runner import ResumeError, Runner
     from pairscore.pipeline.summary import summary_lines
 
     try:
         job = _job(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ValueError as exc:  # the subcommand's arguments do not fit together
+        # Not parser.error: that is the top-level parser, whose usage line says nothing about this.
+        print(
+            f"pairscore {args.command}: error: {exc} (see pairscore {args.command} --help)", file=sys.stderr
+        )
+        raise SystemExit(2) from None
     target = target_of(args)
     restore = _sigterm_as_interrupt()
     try:
-        with ScoringClient(target, wait_for_ready=True, **client_kwargs(args)) as client:
+        # No wait_for_ready: a server that cannot be reached must say why, not stall.
+        with ScoringClient(target, **client_kwargs(args)) as client:
+            reach_server(
+                client,
+                label=args.command,
+                target=target,
+                patience_s=args.timeout,
+                wait_for_unreachable=job.resume,
+                stream=sys.stderr,
+            )
             outcome = Runner(job, client).run()
     except KeyboardInterrupt:
         hint = " run the same command with --resume to continue." if job.resume else ""
         print(f"\npairscore {args.command}: interrupted.{hint}", file=sys.stderr)
         return 130
+    except ConnectionFailedError as exc:
+        hint = " Then rerun with --resume to continue." if job.resume else ""
+        fix = exc.hint[:1].upper() + exc.hint[1:]
+        print(f"pairscore {args.command}: cannot reach {target}: {exc.cause}. {fix}.{hint}", file=sys.stderr)
+        return 1
     except ScoringError as exc:
         hint = " Fix the cause and rerun with --resume to continue." if job.resume else ""
         print(f"pairscore {args.command}: {target}: {exc}.{hint}", file=sys.stderr)

@@ -37,6 +37,33 @@ _BY_SUFFIX = {
 
 Row = dict[str, Any]
 
+#: What to do with an input row that cannot be read (not JSON, too many CSV fields).
+BAD_ROW_POLICIES = ("fail", "skip")
+
+
+class BadRow(dict):
+    """An input row that could not be read: no columns, ``line`` and ``reason`` say where and why.
+
+    :meth:`RowReader.rows` yields one in place of the row when ``on_bad_row``
+    is ``"skip"``; it counts as a row (for ``--resume`` and ``--shard``).
+    """
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__()
+        self.line = line
+        self.reason = reason
+
+
+def raise_csv_field_limit() -> None:
+    """Let csv read fields of any length (its default limit is 131,072 characters)."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:  # a C long is smaller than sys.maxsize on some platforms
+            limit //= 2
+
 
 class FormatError(ValueError):
     """The input cannot be read as its format says, or rows cannot be written as asked."""
@@ -101,9 +128,12 @@ class RowReader:
     regular files; both are ``None`` for stdin.
     """
 
-    def __init__(self, path: str, fmt: str, *, batch_rows: int = 4096) -> None:
+    def __init__(self, path: str, fmt: str, *, batch_rows: int = 4096, on_bad_row: str = "fail") -> None:
+        if on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"on_bad_row must be one of {BAD_ROW_POLICIES}, got {on_bad_row!r}")
         self.path = path
         self.format = fmt
+        self.on_bad_row = on_bad_row
         self.total_rows: int | None = None
         self.total_bytes: int | None = None
         self.rows_read = 0
@@ -122,6 +152,26 @@ class RowReader:
             if path != STDIO:
                 self.total_bytes = os.fstat(raw.fileno()).st_size
             self._counter = _CountingReader(raw)
+
+    def position(self) -> int:
+        """Where reading stands: rows read (Parquet) or bytes consumed (JSONL exactly; CSV/TSV
+        including the decoder's read-ahead of a few KiB). Pair it with :meth:`fraction_at`."""
+        if self._counter is None:
+            return self.rows_read
+        return self._line_bytes if self.format == "jsonl" else self._counter.count
+
+    def fraction_at(self, position: int) -> float | None:
+        """The share of the input before ``position`` (from :meth:`position`); ``None`` when unknown.
+
+        Progress passes the position of the last row *written*, not of the
+        last row read, so rows read ahead and still being scored do not count.
+        """
+        total = self.total_rows if self._counter is None else self.total_bytes
+        if total is None:
+            return None
+        if total == 0:
+            return 1.0
+        return min(1.0, position / total)
 
     def fraction_done(self) -> float | None:
         """How much of the input was read, 0..1, or ``None`` when the size is unknown."""
@@ -158,27 +208,59 @@ class RowReader:
                 index += 1
                 self.rows_read += 1
                 continue
+            index += 1
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FormatError(f"{self.path}: line {number} is not JSON: {exc}") from None
+            except json.JSONDecodeError as exc:  # its own "line 1 column 5" is within this line
+                yield self._bad(number, f"line {number} is not JSON: {exc.msg} at column {exc.colno}")
+                continue
+            except UnicodeDecodeError as exc:
+                yield self._bad(number, f"line {number} is not UTF-8: {exc.reason} at byte {exc.start + 1}")
+                continue
             if not isinstance(row, dict):
-                raise FormatError(f"{self.path}: line {number} is not a JSON object")
-            index += 1
+                yield self._bad(
+                    number, f"line {number} is not a JSON object (it holds a JSON {type(row).__name__})"
+                )
+                continue
             yield row
+
+    def _bad(self, line: int, reason: str) -> BadRow:
+        """A BadRow to yield (``on_bad_row="skip"``), or raise FormatError (``"fail"``)."""
+        if self.on_bad_row == "fail":
+            raise FormatError(
+                f"{self.path}: {reason} (use --on-bad-row skip --errors FILE to send such rows "
+                "to FILE and go on)"
+            )
+        return BadRow(line, f"{self.path}: {reason}")
 
     def _csv(self, skip: int) -> Iterator[Row]:
         assert self._counter is not None
+        raise_csv_field_limit()
         text = io.TextIOWrapper(io.BufferedReader(self._counter), encoding="utf-8", newline="")
         delimiter = "\t" if self.format == "tsv" else ","
         reader = csv.DictReader(text, delimiter=delimiter)
-        for index, row in enumerate(reader):
-            if None in row:
-                raise FormatError(f"{self.path}: row {index + 1} has more fields than the header")
-            if index < skip:
+        index = 0
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                bad: BadRow | None = self._bad(reader.line_num, f"line {reader.line_num}: {exc}")
+            else:
+                bad = None
+                if None in row:
+                    bad = self._bad(
+                        reader.line_num,
+                        f"row {index + 1} (ending on line {reader.line_num}) has more fields than the header",
+                    )
+            index += 1
+            if index <= skip:
                 self.rows_read += 1
                 continue
-            yield row
+            if bad is not None:  # the header's columns, empty: a CSV errors file keeps one header
+                bad.update(dict.fromkeys(reader.fieldnames or ()))
+            yield row if bad is None else bad
 
     def _pq(self, skip: int) -> Iterator[Row]:
         for batch in self._parquet.iter_batches(batch_size=self._batch_rows):
@@ -196,6 +278,34 @@ class RowReader:
     def parquet_schema(self) -> Any:
         """The Arrow schema of a Parquet input (``None`` for other formats)."""
         return self._parquet.schema_arrow if self._parquet is not None else None
+
+
+def count_rows(path: str, fmt: str) -> int:
+    """How many rows :meth:`RowReader.rows` yields for ``path`` (unreadable rows included).
+
+    JSON Lines: the non-blank lines; CSV/TSV: the records after the header
+    (a field may span lines); Parquet: from the file's metadata. It reads the
+    whole file once (not possible for stdin).
+    """
+    if path == STDIO:
+        raise FormatError("cannot count the rows of stdin; give a file")
+    if fmt == "parquet":
+        return int(require_pyarrow().ParquetFile(path).metadata.num_rows)
+    if fmt == "jsonl":
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    raise_csv_field_limit()
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
+        n = -1  # the header
+        while True:
+            try:
+                next(reader)
+            except StopIteration:
+                return max(n, 0)
+            except csv.Error:
+                pass
+            n += 1
 
 
 # --- writing --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pairscore.pipeline.formats import STDIO, detect_format
+from pairscore.pipeline.formats import BAD_ROW_POLICIES, STDIO, detect_format
 from pairscore.pipeline.selection import Thresholds
 
 #: Suffix of the resume state file, next to the main output.
@@ -36,6 +36,16 @@ class Job:
     go; without it, score keeps them in ``output`` with the error columns
     set, and filter sends them to ``rejected``, or to ``OUTPUT`` with
     ``.errors`` before the extension.
+
+    ``shard``: ``(i, n)`` to process only the i-th (1-based) of n contiguous,
+    equal (within one row) slices of the input's rows: rows
+    ``[(i-1)*total//n, i*total//n)``. The n outputs, concatenated in order
+    of i, hold exactly the rows of one run over the whole input, in the same
+    order (for CSV/TSV, drop the header line of shards 2..n). ``on_bad_row``:
+    ``"fail"`` stops at an input row that cannot be read, ``"skip"`` sends it
+    to ``errors`` (error ``invalid_row``, the line number in
+    ``error_message``). ``overwrite``: replace existing outputs (otherwise a
+    run refuses to start, unless it resumes an interrupted run).
     """
 
     command: str
@@ -59,6 +69,9 @@ class Job:
     checkpoint_seconds: float = 10.0
     progress: str = "auto"
     log_every: float = 30.0
+    shard: tuple[int, int] | None = None
+    on_bad_row: str = "fail"
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.command not in ("score", "filter"):
@@ -81,12 +94,32 @@ class Job:
                 "filtering to stdout: give --errors FILE or --rejected FILE so that rows "
                 "which fail have somewhere to go"
             )
+        if self.shard is not None:
+            index, count = self.shard
+            if not 1 <= index <= count:
+                raise ValueError(f"--shard I/N needs 1 <= I <= N, got {index}/{count}")
+            if self.input == STDIO:
+                raise ValueError("--shard needs an input file, not stdin (it counts the rows first)")
+            if self.top_fraction is not None:
+                raise ValueError(
+                    "--top-fraction cannot be combined with --shard: it picks the best Q of all rows, "
+                    "which no shard sees. Use --min/--max thresholds (they judge each row alone), or "
+                    "run --top-fraction without --shard"
+                )
+        if self.on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"--on-bad-row must be one of {', '.join(BAD_ROW_POLICIES)}")
+        if self.on_bad_row == "skip" and self.errors is None:
+            raise ValueError("--on-bad-row skip needs --errors FILE: unreadable rows go there")
         named = [p for p in (self.output, self.rejected, self.errors) if p not in (None, STDIO)]
         if self.input != STDIO:
             named.append(self.input)
         resolved = [os.path.realpath(p) for p in named]
         if len(set(resolved)) != len(resolved):
-            raise ValueError("the input and the output files must all be different files")
+            same = sorted({p for p in named if resolved.count(os.path.realpath(p)) > 1})
+            raise ValueError(
+                f"{' and '.join(repr(p) for p in same)} name the same file: the input, -o/--output, "
+                "--rejected and --errors must all be different files"
+            )
 
     @property
     def in_format(self) -> str:
@@ -145,4 +178,6 @@ class Job:
             "top_fraction": self.top_fraction,
             "by": self.by,
             "tokenization": self.tokenization,
+            "shard": list(self.shard) if self.shard is not None else None,
+            "on_bad_row": self.on_bad_row,
         }

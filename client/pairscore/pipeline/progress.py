@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import TextIO
 
 MODES = ("auto", "bar", "log", "none")
+#: Seconds between "waiting for the server" notes while no row is written.
+WAIT_NOTE_S = 5.0
 _BAR_REDRAW_S = 0.2
 _RATE_WINDOW_S = 10.0
 
@@ -79,9 +82,35 @@ class Progress:
         self._window: deque[tuple[float, int, int]] = deque([(self.started, 0, 0)])
         self._last_draw = -1e9
         self._last_log = self.started
+        self._waiting: str | None = None
+        self._waiting_since = 0.0
+        self._last_wait_note = -1e9
+        self._lock = threading.Lock()
+
+    def waiting(self, reason: str) -> None:
+        """Say that rows are held up (the server is unreachable) and why; at most every few seconds.
+
+        It may be called from another thread; the note stays on the bar until the next row.
+        """
+        with self._lock:
+            now = self._clock()
+            if self._waiting is None:
+                self._waiting_since = now
+            self._waiting = reason
+            if self.mode == "none" or now - self._last_wait_note < WAIT_NOTE_S:
+                return
+            self._last_wait_note = now
+            note = f"waiting for the server for {now - self._waiting_since:.0f}s: {reason}"
+            if self.mode == "bar":
+                self._draw(now)
+            else:
+                self._stream.write(f"pairscore {self._label}: {note}\n")
+                self._stream.flush()
 
     def update(self, *, rows: int = 0, tokens: int = 0, errors: int = 0) -> None:
         """Count finished rows and maybe redraw."""
+        if rows:
+            self._waiting = None
         self.rows += rows
         self._run_rows += rows
         self.tokens += tokens
@@ -129,6 +158,8 @@ class Progress:
         if eta is not None:
             parts.append(f"ETA {human_duration(eta)}")
         parts.append(f"errors {self.errors:,}")
+        if self._waiting is not None:
+            parts.append(f"waiting for the server {now - self._waiting_since:.0f}s: {self._waiting}")
         return "  ".join(parts)
 
     def _draw(self, now: float) -> None:

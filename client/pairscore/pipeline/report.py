@@ -79,7 +79,7 @@ def draw_report(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise FormatError("pairscore report needs matplotlib: pip install 'pairscore[plot]'") from exc
+        raise FormatError("matplotlib is not installed: pip install 'pairscore[plot]'") from exc
     if not data.values:
         raise FormatError(f"no row has a value for {data.metric.column}; nothing to draw")
     fig, ax = plt.subplots(figsize=(9, 5), dpi=110)

@@ -17,10 +17,18 @@ input order. It is local and simply redone if interrupted.
 
 **Finishing** renames the parts into place; the state file, saved first
 with ``phase: finishing``, lets a resume complete an interrupted finish.
+
+A run refuses to start when an output exists, unless ``--overwrite`` or it
+resumes an interrupted run. A run started without ``--resume`` cannot be
+resumed, so when it fails it removes its part files and state. With
+``--shard I/N`` the input's rows are counted first and only rows
+``[(I-1)*total//N, I*total//N)`` are processed. Progress counts the rows
+written (the input position of the last one), not the rows read ahead.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -30,8 +38,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pairscore.pipeline.columns import INVALID_ROW, error_columns, metric, score_columns, value_of
-from pairscore.pipeline.formats import STDIO, FormatError, Row, RowReader
+from pairscore.pipeline.columns import (
+    INVALID_ROW,
+    error_columns,
+    metric,
+    pair_problem,
+    score_columns,
+    value_of,
+)
+from pairscore.pipeline.formats import STDIO, BadRow, FormatError, Row, RowReader, count_rows
 from pairscore.pipeline.job import Job
 from pairscore.pipeline.parts import LinePart, ParquetPart, StateFile, open_part
 from pairscore.pipeline.progress import Progress
@@ -46,6 +61,10 @@ PARQUET_CHUNK_ROWS = 50_000
 
 class ResumeError(RuntimeError):
     """--resume cannot continue the earlier run (different arguments, input or model)."""
+
+
+class OutputExistsError(FileExistsError):
+    """An output file exists and neither --overwrite nor a run to resume allows replacing it."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +106,32 @@ class Runner:
         fingerprint = self.job.fingerprint()
         model = _model_identity(self.client.model_info())
         state = self._load_state(fingerprint, model)
+        if state is None:
+            self._refuse_to_overwrite()
+        try:
+            return self._run(state, fingerprint, model, started)
+        except BaseException:
+            if not self.job.resume and self.state_file is not None:
+                self._discard_leftovers(None)  # nothing can resume it: leave no part files behind
+            raise
+
+    def _refuse_to_overwrite(self) -> None:
+        if self.job.overwrite:
+            return
+        existing = [p for p, _ in self.job.outputs().values() if p != STDIO and os.path.exists(p)]
+        if existing:
+            raise OutputExistsError(
+                f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
+                "pass --overwrite to replace, or choose another output"
+            )
+
+    def _run(
+        self,
+        state: dict[str, Any] | None,
+        fingerprint: dict[str, object],
+        model: dict[str, str],
+        started: float,
+    ) -> Outcome:
         resumed_from = state["stats"]["rows"] if state else 0
         top = self.job.top_fraction is not None
         if state is not None and state["phase"] == "finishing":
@@ -133,7 +178,7 @@ class Runner:
             )
         return state
 
-    def _discard_leftovers(self, state: dict[str, Any]) -> None:
+    def _discard_leftovers(self, state: dict[str, Any] | None) -> None:
         """Without --resume an earlier unfinished run is thrown away (final files are kept)."""
         del state
         for path, fmt in [*self._phase1_outputs().values(), *self.job.outputs().values()]:
@@ -180,10 +225,9 @@ class Runner:
     def _pair(self, row: Row) -> tuple[Pair | None, str | None]:
         job = self.job
         prompt, response = row.get(job.prompt_field), row.get(job.response_field)
-        for name, value in ((job.prompt_field, prompt), (job.response_field, response)):
-            if not isinstance(value, str):
-                what = "missing" if value is None else f"a {type(value).__name__}, not text"
-                return None, f"field {name!r} is {what}"
+        problem = pair_problem(prompt, response, job.prompt_field, job.response_field)
+        if problem is not None:
+            return None, problem
         pair_id = "" if job.id_field is None else str(row.get(job.id_field, ""))
         return Pair(prompt=prompt, response=response, id=pair_id), None  # type: ignore[arg-type]
 
@@ -192,25 +236,43 @@ class Runner:
     ) -> RunStats:
         job = self.job
         stats = RunStats.from_state(state["stats"]) if state else RunStats()
-        reader = RowReader(job.input, job.in_format)
+        first_row, end_row = 0, None
+        if job.shard is not None:
+            index, count = job.shard
+            total = count_rows(job.input, job.in_format)
+            first_row, end_row = (index - 1) * total // count, index * total // count
+        reader = RowReader(job.input, job.in_format, on_bad_row=job.on_bad_row)
         self._parts: dict[str, LinePart | ParquetPart] = {}
         for role, (path, fmt) in self._phase1_outputs().items():
             part = open_part(path, fmt, reader.parquet_schema())
             part.open(state["parts"][role] if state else None)
             self._parts[role] = part
+        done = [reader.position()]  # where the last row written ends in the input
+
+        def fraction() -> float | None:
+            if end_row is not None:  # a shard: rows written of the shard's rows
+                return 1.0 if end_row == first_row else min(1.0, progress.rows / (end_row - first_row))
+            return reader.fraction_at(done[0])
+
         progress = Progress(
             label=job.command,
-            fraction=reader.fraction_done,
+            fraction=fraction,
             stream=self.stderr,
             mode=job.progress,
             log_every=job.log_every,
             start_rows=stats.rows,
         )
-        waiting: deque[tuple[Row, str | None]] = deque()
+        waiting: deque[tuple[Row, str | None, int]] = deque()
         first = [True]
 
         def pairs() -> Iterator[Pair]:
-            for row in reader.rows(skip=stats.rows):
+            rows: Iterator[Row] = reader.rows(skip=first_row + stats.rows)
+            if end_row is not None:
+                rows = itertools.islice(rows, max(0, end_row - first_row - stats.rows))
+            for row in rows:
+                if isinstance(row, BadRow):
+                    waiting.append((row, row.reason, reader.position()))
+                    continue
                 pair, problem = self._pair(row)
                 if first[0] and not {job.prompt_field, job.response_field} <= row.keys():
                     raise FormatError(
@@ -218,7 +280,7 @@ class Runner:
                         f"(its first row has {sorted(row)}); name them with --prompt-field/--response-field"
                     )
                 first[0] = False
-                waiting.append((row, problem))
+                waiting.append((row, problem, reader.position()))
                 if pair is not None:
                     yield pair
 
@@ -235,28 +297,34 @@ class Runner:
             self._last_checkpoint = time.monotonic()
 
         self._last_checkpoint = time.monotonic()
+
+        def on_retry(error: Exception, delay: float) -> None:
+            reason = getattr(error, "cause", "") or str(error)
+            progress.waiting(f"{reason}; retrying (gives up after --timeout without an answer)")
+
         results = self.client.score_iter(
             pairs(),
             batch_size=job.batch_size,
             max_in_flight=job.max_in_flight,
             streams=job.concurrency,
             tokenization=job.tokenization,
+            on_retry=on_retry,
         )
         try:
             for outcome in results:
                 while waiting[0][1] is not None:
-                    row, problem = waiting.popleft()
+                    row, problem, done[0] = waiting.popleft()
                     self._emit(row, None, problem, stats, progress)
-                row, _ = waiting.popleft()
+                row, _, done[0] = waiting.popleft()
                 self._emit(row, outcome, None, stats, progress)
                 if self._checkpoint_due():
                     checkpoint()
             while waiting:
-                row, problem = waiting.popleft()
+                row, problem, done[0] = waiting.popleft()
                 self._emit(row, None, problem, stats, progress)
         except BaseException:
             results.close()  # cancels the streams
-            if not self._emitting and self.state_file is not None:
+            if job.resume and not self._emitting and self.state_file is not None:
                 checkpoint()  # keep what is done for --resume
             for part in self._parts.values():
                 part.close()
@@ -351,17 +419,17 @@ class Runner:
         for row in reader.rows():
             failed = bool(row.get("error"))
             if failed:
-                role: str | None = "errors" if "errors" in parts else "rejected"
+                dest: str | None = "errors" if "errors" in parts else "rejected"
             else:
                 in_top = selector.keeps(row)
-                role = (
+                dest = (
                     "kept"
                     if in_top and job.thresholds.passes(row)
                     else ("rejected" if "rejected" in parts else None)
                 )
-            if role is not None:
-                parts[role].write(row)
-                stats.routed[role] += 1
+            if dest is not None:
+                parts[dest].write(row)
+                stats.routed[dest] += 1
             if any(isinstance(p, ParquetPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in parts.values()):
                 for p in parts.values():
                     p.checkpoint()
