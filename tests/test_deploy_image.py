@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_harness import (
+
+from pairscore_server.config import ServerConfig
+from pairscore_server.engine.loading import EMBEDDED_PACKAGE, EMBEDDED_VERSION
+
+from harness.deploy import (
     DEPLOY,
     ROOT,
     dockerfile_stage,
@@ -29,9 +33,6 @@ from deploy_harness import (
     stage_args,
     stage_env,
 )
-
-from pairscore_server.config import ServerConfig
-from pairscore_server.engine.loading import EMBEDDED_PACKAGE, EMBEDDED_VERSION
 
 
 def test_hadolint_passes_on_the_dockerfile() -> None:

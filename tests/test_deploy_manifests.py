@@ -22,7 +22,11 @@ from typing import Any
 
 import jsonschema
 import pytest
-from deploy_harness import (
+
+from pairscore_server.flags import build_config, make_parser
+from pairscore_server.servicer import SERVICE_NAME
+
+from harness.deploy import (
     CRD_KINDS,
     CRD_SCHEMAS,
     EXTRA_KINDS,
@@ -37,9 +41,6 @@ from deploy_harness import (
     matches,
     only,
 )
-
-from pairscore_server.flags import build_config, make_parser
-from pairscore_server.servicer import SERVICE_NAME
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_harness import (
+
+from harness.deploy import (
     K8S,
     MODEL_VOLUME_OVERLAY,
     build_overlays,

@@ -24,7 +24,13 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from deploy_harness import (
+from prometheus_client.parser import text_string_to_metric_families
+
+from pairscore.v1 import scoring_pb2 as pb
+from pairscore.v1 import scoring_pb2_grpc as pb_grpc
+from pairscore_server.config import ServerConfig
+
+from harness.deploy import (
     MONITORING,
     ROOT,
     TARGET_LABELS,
@@ -39,11 +45,6 @@ from deploy_harness import (
     need_promtool,
     run,
 )
-from prometheus_client.parser import text_string_to_metric_families
-
-from pairscore.v1 import scoring_pb2 as pb
-from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.config import ServerConfig
 
 
 @pytest.fixture(scope="module")

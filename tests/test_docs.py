@@ -16,12 +16,13 @@ import re
 from pathlib import Path
 
 import pytest
-from deploy_harness import build_overlays, need_tool, run
 
 from pairscore_server.config import ServerConfig
 from pairscore_server.engine.loading import default_max_batch_tokens
 from pairscore_server.limits import DEFAULT_QUEUE_BATCHES
 from pairscore_server.metrics import Metrics
+
+from harness.deploy import build_overlays, need_tool, run
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

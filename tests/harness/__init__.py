@@ -10,6 +10,8 @@
   script, it serves itself through the real ``pairscore serve`` entry point.
 * :mod:`harness.servers` - the real server in a thread (:class:`ServerThread`)
   or a child process, a stub gRPC server, free ports, metrics parsing (tier 3).
+* :mod:`harness.deploy` - the deploy/ tests' tools (kubectl, promtool,
+  hadolint), built kustomize overlays, the parsed Dockerfile, PromQL queries.
 
 Fixtures live in ``tests/conftest.py``; the slow tier (the real SmolLM2
 model) is marked ``slow``.

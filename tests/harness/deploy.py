@@ -1,4 +1,4 @@
-"""Shared helpers of the deploy/ tests (tests/test_deploy_*.py); not a test module.
+"""Shared helpers of the deploy/ tests (tests/test_deploy_*.py, tests/test_docs.py).
 
 Paths and constants, the tools the tests run (kubectl, promtool, hadolint,
 found in this venv's bin or on PATH, skipping with the reason when absent),
@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 MONITORING = K8S / "components" / "monitoring"
@@ -49,7 +49,7 @@ CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 #: The parts of the prometheus-operator (monitoring.coreos.com/v1) and KEDA
 #: (keda.sh/v1alpha1) CRD schemas that matter here, with no unknown fields allowed.
 CRD_SCHEMAS: dict[str, Any] = json.loads(
-    (Path(__file__).resolve().parent / "data" / "deploy" / "crd-schemas.json").read_text()
+    (ROOT / "tests" / "data" / "deploy" / "crd-schemas.json").read_text()
 )
 
 
