@@ -39,7 +39,7 @@ def test_the_bound_holds_and_is_tight_on_both_tokenizer_families(engine) -> None
 
 def test_a_too_large_answer_is_refused_before_scoring(start_server: Callable[..., ServerThread]) -> None:
     engine = FakeEngine(max_context=4096)
-    st = start_server(engine, max_message_bytes=8192)
+    st = start_server(engine, max_response_bytes=8192)
     big = pb.ScoreRequest(
         pairs=[pb.Pair(prompt="p" * 300, response="r" * 300, id=f"b{i}") for i in range(4)],
         options=pb.ScoreOptions(return_tokens=True),
@@ -50,7 +50,7 @@ def test_a_too_large_answer_is_refused_before_scoring(start_server: Callable[...
             stub.Score(big, timeout=10)
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         details = refused.value.details() or ""
-        assert "8192-byte message limit (max_message_bytes)" in details
+        assert "8192-byte answer limit (max_response_bytes" in details
         assert "leave out the per-token detail (return_tokens)" in details
         assert engine.batches == [], "nothing was scored"
         # the same pairs without per-token detail fit, and are scored
@@ -64,3 +64,21 @@ def test_a_too_large_answer_is_refused_before_scoring(start_server: Callable[...
         assert answers[1].results[0].WhichOneof("outcome") == "scores"
     samples = metric_samples(st.metrics_text())
     assert samples[("pairscore_rejected_pairs_total", (("reason", "response_too_large"),))] == 8
+
+
+def test_a_plain_grpc_client_is_never_the_one_that_finds_out(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    """gRPC clients accept 4 MiB answers unless they raise their limit; the server's default
+    answer limit is the same, so a plain client gets the server's reason, not its own
+    'received message larger than max' (RESOURCE_EXHAUSTED, which reads as overload)."""
+    st = start_server(FakeEngine(max_context=4096))
+    request = pb.ScoreRequest(
+        pairs=[pb.Pair(prompt="p" * 2000, response="r" * 2000, id=f"b{i}") for i in range(30)],
+        options=pb.ScoreOptions(return_tokens=True),
+    )  # 120000 tokens of detail: about 5 MiB
+    with grpc.insecure_channel(st.target) as channel:  # gRPC's default 4 MiB receive limit
+        with pytest.raises(grpc.RpcError) as refused:
+            pb_grpc.ScoringServiceStub(channel).Score(request, timeout=20)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "4194304-byte answer limit (max_response_bytes" in (refused.value.details() or "")

@@ -14,6 +14,7 @@ from pairscore_server.engine.spec import ModelSpec
 from pairscore_server.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_PAIRS_PER_REQUEST,
+    DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_TEXT_CHARS,
 )
 
@@ -58,6 +59,7 @@ class ServerConfig:
     grace_period_s: float = 10.0
     log_level: str = "INFO"
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     stream_max_in_flight: int = 4
     prepare_workers: int = 1
     max_pairs_per_request: int = DEFAULT_MAX_PAIRS_PER_REQUEST
@@ -98,6 +100,10 @@ class ServerConfig:
         _check(
             self.max_message_bytes >= 1024,
             f"max message bytes must be >= 1024, got {self.max_message_bytes}",
+        )
+        _check(
+            self.max_response_bytes >= 1024,
+            f"max response bytes must be >= 1024, got {self.max_response_bytes}",
         )
         _check(
             self.stream_max_in_flight >= 1,

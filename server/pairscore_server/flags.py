@@ -239,6 +239,17 @@ _SERVER_SETTINGS = (
         "BYTES",
     ),
     _Setting(
+        "max_response_bytes",
+        "--max-response-bytes",
+        "PAIRSCORE_MAX_RESPONSE_BYTES",
+        int,
+        "Largest answer the server will send: a request whose answer could be larger "
+        "(per-token detail is the large part) is refused with INVALID_ARGUMENT before "
+        "anything is scored. Default: 4194304 (4 MiB, what gRPC clients accept unless "
+        "they raise their limit); at most --max-message-bytes.",
+        "BYTES",
+    ),
+    _Setting(
         "prepare_workers",
         "--prepare-workers",
         "PAIRSCORE_PREPARE_WORKERS",

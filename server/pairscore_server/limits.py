@@ -11,6 +11,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PAIRS_PER_REQUEST = 1024
 DEFAULT_MAX_TEXT_CHARS = 100_000
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: The default receive limit of gRPC clients in every language: an answer over it
+#: fails a client that did not raise its own limit.
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 #: Default admission bound, in forward batches' worth of tokens.
 DEFAULT_QUEUE_BATCHES = 32
 
@@ -24,6 +27,7 @@ class Limits:
     max_item_tokens: int
     max_message_bytes: int
     max_queue_tokens: int
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     def __post_init__(self) -> None:
         for name in (
@@ -32,6 +36,7 @@ class Limits:
             "max_item_tokens",
             "max_message_bytes",
             "max_queue_tokens",
+            "max_response_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -46,12 +51,13 @@ def resolve_limits(
     max_item_tokens: int | None = None,
     max_queue_tokens: int | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> Limits:
     """Fill the configured limits' defaults from the model and clamp them to what makes sense.
 
     ``max_item_tokens`` is at most the model's context. The queue must hold
     at least one item of ``max_item_tokens``, or such items could never be
-    admitted.
+    admitted. ``max_response_bytes`` is at most ``max_message_bytes`` (what gRPC sends).
     """
     item = max_context
     if max_item_tokens is not None:
@@ -78,4 +84,5 @@ def resolve_limits(
         max_item_tokens=item,
         max_message_bytes=max_message_bytes,
         max_queue_tokens=queue,
+        max_response_bytes=min(max_response_bytes, max_message_bytes),
     )

@@ -16,7 +16,7 @@ Which limit gives which error:
 * the admission queue is full: :class:`QueueFullError`
   (RESOURCE_EXHAUSTED), checked once before tokenizing (one token per pair
   is a lower bound) and again with the real token count;
-* the answer could be larger than ``max_message_bytes`` (a bound from the
+* the answer could be larger than ``max_response_bytes`` (a bound from the
   token counts, before any scoring): :class:`RequestLimitError`
   (INVALID_ARGUMENT: retrying it unchanged cannot succeed).
 
@@ -188,7 +188,8 @@ class ScoringService:
         self, pairs: Sequence[Pair], prepared: Sequence[PreparedPair | ItemError], options: ScoreOptions
     ) -> None:
         """Refuse, before any scoring, a request whose answer could not be sent: its
-        bounded size is over ``max_message_bytes`` (per-token detail is the large part)."""
+        bounded size is over ``max_response_bytes`` (per-token detail is the large part): the
+        caller, not a client's receive limit, learns why."""
         size = 0
         for pair, item in zip(pairs, prepared, strict=True):
             if isinstance(item, ItemError):
@@ -199,7 +200,7 @@ class ScoringService:
                 size += result_bytes_bound(id=pair.id, tokens=tokens, text_bytes=text_bytes)
             else:
                 size += result_bytes_bound(id=pair.id)
-        limit = self.limits.max_message_bytes
+        limit = self.limits.max_response_bytes
         if size > limit:
             self._count_rejected(REJECT_RESPONSE_SIZE, len(pairs))
             fix = "send fewer pairs per request"
@@ -207,7 +208,8 @@ class ScoringService:
                 fix += " or leave out the per-token detail (return_tokens)"
             raise RequestLimitError(
                 f"the answer to this request could take up to {size} bytes, over this server's "
-                f"{limit}-byte message limit (max_message_bytes); {fix}; nothing was scored"
+                f"{limit}-byte answer limit (max_response_bytes, the default receive limit of "
+                f"gRPC clients); {fix}; nothing was scored"
             )
 
     def _count_rejected(self, reason: str, pairs: int) -> None:

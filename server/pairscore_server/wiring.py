@@ -58,6 +58,7 @@ def wire(
         max_item_tokens=config.max_item_tokens,
         max_queue_tokens=config.max_queue_tokens,
         max_message_bytes=config.max_message_bytes,
+        max_response_bytes=config.max_response_bytes,
     )
     batcher = Batcher(
         engine,
