@@ -1,10 +1,12 @@
 """pairscore.ray without a Ray cluster: the scorers' columns and null rule, the GPU defaults, and
-that examples/ray_scoring.py is a thin wrapper of it. (Ray itself: test_examples_ray.)"""
+that examples/ray_scoring.py is a thin wrapper of it; on a local Ray instance, that score_files
+(--per-file) skips the finished shards on a rerun. (The example on Ray: test_examples_ray.)"""
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -88,3 +90,84 @@ def test_the_example_is_a_thin_wrapper_of_the_module() -> None:
         assert getattr(module, name) is getattr(pairscore_ray, name)
     with pytest.raises(SystemExit):
         module.main(["in.parquet", "out/"])  # neither --target nor --engine
+
+
+def _write_shards(folder: Any, names: list[str], rows_each: int = 6) -> list[str]:
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    folder.mkdir()
+    paths = []
+    for s, name in enumerate(names):
+        rows = [
+            {"prompt": "Q" * (i % 3), "response": "y" * (1 + i % 4), "k": s * 100 + i}
+            for i in range(rows_each)
+        ]
+        path = folder / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    """A local Ray instance (two CPUs, no dashboard) whose workers import this checkout."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    path = os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")])
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+def test_score_files_rerun_skips_the_finished_shards(
+    ray_local: Any, ray_server: ServerThread, tmp_path: Any
+) -> None:
+    """A failed shard fails the run; the rerun scores only the shards without output (pairscore.ray
+    --per-file). Shard b first lacks its response column, so its actor raises."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    inputs = _write_shards(tmp_path / "in", ["a", "b"])
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Q", "text": "no response column"}]), inputs[1])
+    out = tmp_path / "out"
+    options = {"target": ray_server.target, "actors": 1, "batch_size": 4}
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the actor's KeyError in its own type
+        pairscore_ray.score_files(inputs, out, **options)
+    assert sorted(p.name for p in out.iterdir()) == ["a"]  # no temporary directory left behind
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "a").iterdir()}
+
+    _write_shards(tmp_path / "fixed", ["b"])
+    os.replace(tmp_path / "fixed" / "b.parquet", inputs[1])
+    (out / (pairscore_ray.TEMP_PREFIX + "b-dead")).mkdir()  # a write killed before its rename
+    done = pairscore_ray.score_files(inputs, out, **options)
+
+    assert done.skipped == [str(out / "a")] and done.scored == [str(out / "b")]
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "a").iterdir()} == finished  # not rescored
+    for shard in ("a", "b"):
+        table = pq.read_table(out / shard).to_pylist()
+        src = pq.read_table(tmp_path / "in" / f"{shard}.parquet").to_pylist()
+        assert sorted(r["k"] for r in table) == sorted(r["k"] for r in src)
+        for row in table:
+            assert row["error"] is None and row["conditional_logprob"] == -0.25 * len(row["response"])
+
+
+def test_score_files_refuses_inputs_whose_outputs_collide(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="same name"):
+        pairscore_ray.score_files(["x/a.parquet", "y/a.parquet"], tmp_path, read=lambda f: None, target="t:1")
+
+
+def test_parquet_files_of_a_directory_in_order(tmp_path: Any) -> None:
+    paths = _write_shards(tmp_path / "in", ["b", "a"], rows_each=1)
+    assert pairscore_ray.parquet_files(tmp_path / "in") == sorted(paths)
+    assert pairscore_ray.parquet_files(paths[0]) == [paths[0]]
+    assert pairscore_ray.shard_output("out", "in/part-3.parquet").as_posix() == "out/part-3"

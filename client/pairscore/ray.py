@@ -23,18 +23,32 @@ or NaN from pandas) gets error ``invalid_row`` and nulls, never the text
     pip install 'pairscore[ray]'
     python -m pairscore.ray pairs.parquet scored/ --target dns:///pairscore:50051 --actors 4
     python -m pairscore.ray pairs.parquet scored/ --engine HuggingFaceTB/SmolLM2-135M --actors 2
+
+With ``--per-file`` (:func:`score_files`) every Parquet file of the input
+is a shard scored into its own output directory, ``OUTPUT/<file name
+without .parquet>/``, written under a temporary name and renamed into place
+only when complete; a rerun after a failure skips the shards whose output
+directory exists and scores the rest::
+
+    python -m pairscore.ray /shared/pairs/ /shared/scored/ --per-file --target dns:///pairscore:50051 --actors 8
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
+import shutil
 import sys
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pairscore.pipeline.columns import score_rows
 
-__all__ = ["EngineScorer", "ServiceScorer", "main", "score_dataset"]
+__all__ = ["EngineScorer", "FilesOutcome", "ServiceScorer", "main", "score_dataset", "score_files"]
 
 
 class ServiceScorer:
@@ -165,6 +179,83 @@ def score_dataset(
     )
 
 
+#: Prefix of the directory a shard is written to before it is renamed into place.
+TEMP_PREFIX = "._pairscore_tmp-"
+
+
+@dataclass
+class FilesOutcome:
+    """What :func:`score_files` did: output directories written now, and those already there."""
+
+    scored: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def shard_output(output_dir: str | os.PathLike[str], input_file: str | os.PathLike[str]) -> Path:
+    """The output directory of one input file: ``OUTPUT/<its name without .parquet>``."""
+    name = Path(input_file).name
+    return Path(output_dir) / (name[: -len(".parquet")] if name.endswith(".parquet") else name)
+
+
+def parquet_files(input_path: str | os.PathLike[str]) -> list[str]:
+    """The Parquet files of a directory (recursively, sorted), or the one file given."""
+    path = Path(input_path)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*.parquet") if p.is_file())
+    return [str(path)]
+
+
+def score_files(
+    inputs: Iterable[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    *,
+    read: Callable[[str], Any] | None = None,
+    **score_options: Any,
+) -> FilesOutcome:
+    """Score each input Parquet file as one shard into ``output_dir/<name>/``, skipping finished ones.
+
+    A shard is written with ``write_parquet`` into a temporary directory
+    beside its output (``output_dir/._pairscore_tmp-<name>-<random>``) and
+    renamed to ``output_dir/<name>`` once the write returned, so an output
+    directory exists only for a shard that was completely written. A rerun
+    (the same call after a crash, a failed actor, a lost node...) skips
+    every shard whose output exists and removes the temporary directories
+    that an interrupted write left. ``output_dir`` must be a file system
+    every Ray node writes to and that can rename (local disk on one machine,
+    NFS or another shared POSIX file system on a cluster; not an object
+    store). The shards are scored one after another, each over the whole
+    actor pool; ``score_options`` go to :func:`score_dataset`. Two files
+    with the same name in different folders would share an output: refused.
+    ``read`` (default ``ray.data.read_parquet``) turns a path into a dataset.
+    """
+    if read is None:
+        import ray.data
+
+        read = ray.data.read_parquet
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [str(f) for f in inputs]
+    finals = [shard_output(out, f) for f in files]
+    if len({f.name for f in finals}) != len(finals):
+        raise ValueError("two input files have the same name: their outputs would collide")
+    for leftover in out.glob(TEMP_PREFIX + "*"):  # an interrupted write: never a finished shard
+        shutil.rmtree(leftover, ignore_errors=True)
+    outcome = FilesOutcome()
+    for file, final in zip(files, finals, strict=True):
+        if final.exists():
+            outcome.skipped.append(str(final))
+            continue
+        temp = out / f"{TEMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            score_dataset(read(file), **score_options).write_parquet(str(temp))
+            os.rename(temp, final)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        outcome.scored.append(str(final))
+    return outcome
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: read Parquet, score, write Parquet."""
     parser = argparse.ArgumentParser(
@@ -173,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", help="a Parquet file or directory (ray.data.read_parquet)")
-    parser.add_argument("output", help="directory for write_parquet")
+    parser.add_argument("output", help="directory for write_parquet (with --per-file: one per input file)")
     parser.add_argument("--target", help="pairscore service to call")
     parser.add_argument("--engine", metavar="MODEL", nargs="?", const="", help="run the engine in the actors")
     parser.add_argument("--actors", type=int, default=1)
@@ -189,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prompt-field", default="prompt")
     parser.add_argument("--response-field", default="response")
+    parser.add_argument(
+        "--per-file",
+        action="store_true",
+        help="score each Parquet file of INPUT as one shard into OUTPUT/<file name without .parquet>/, "
+        "renamed into place when complete; a rerun skips the shards whose output exists",
+    )
     args = parser.parse_args(argv)
     if (args.target is None) == (args.engine is None):
         parser.error("give exactly one of --target and --engine")
@@ -196,20 +293,25 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     ray.init()
-    dataset = ray.data.read_parquet(args.input)
-    scored = score_dataset(
-        dataset,
-        target=args.target,
-        engine_model=args.engine or None,
-        use_engine=args.engine is not None,
-        actors=args.actors,
-        batch_size=args.batch_size,
-        gpus_per_actor=args.gpus_per_actor,
-        device=args.device,
-        prompt_field=args.prompt_field,
-        response_field=args.response_field,
-    )
-    scored.write_parquet(args.output)
+    options: dict[str, Any] = {
+        "target": args.target,
+        "engine_model": args.engine or None,
+        "use_engine": args.engine is not None,
+        "actors": args.actors,
+        "batch_size": args.batch_size,
+        "gpus_per_actor": args.gpus_per_actor,
+        "device": args.device,
+        "prompt_field": args.prompt_field,
+        "response_field": args.response_field,
+    }
+    if args.per_file:
+        done = score_files(parquet_files(args.input), args.output, **options)
+        print(
+            f"scored {len(done.scored)} shards, skipped {len(done.skipped)} already done -> {args.output}",
+            file=sys.stderr,
+        )
+        return 0
+    score_dataset(ray.data.read_parquet(args.input), **options).write_parquet(args.output)
     print(f"scored -> {args.output}", file=sys.stderr)
     return 0
 
