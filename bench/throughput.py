@@ -13,6 +13,7 @@ Methods:
   lmeval      lm-evaluation-harness HF backend, loglikelihood, batch size 1
   engine      the pairscore engine in-process (packed rows on CPU, the default there)
   engine_padded  the engine with --packing off: padded batches, a key/value cache per shared prompt
+  engine_packed  the engine with --packing on: packed rows (the CPU default; padded is CUDA's)
   engine_bf16 the engine with bfloat16 weights (float32 log-softmax), opt-in
   grpc        `pairscore serve` in a separate process, N concurrent client streams
 
@@ -21,6 +22,14 @@ Usage:
   python bench/throughput.py --model gpt2-small   # about 25 minutes on 2 cores
   python bench/throughput.py --model smollm2 --methods engine,grpc,lmeval
   python bench/throughput.py --model smollm2 --device cuda --pairs 512 --shared 64x8
+  python bench/throughput.py --model llama-1b-random --tokenizer .gpu-carry/tokenizer --device cuda
+
+Models: the GPT-2 shapes (tiny, gpt2-small) and the Llama shapes (*-random) get
+random weights, so only the tokenizer has to exist: SmolLM2's, from the
+embedded model, or any tokenizer directory given with --tokenizer (the GPU
+check carries SmolLM2's tokenizer alone, bench/gpu_prepare.sh). Throughput and
+memory do not depend on the weights' values. smollm2 is the real embedded
+model (dequantised once, 540 MB).
 The workload is 128 distinct pairs and 16 prompts x 8 responses on CPU, 512
 and 64 x 8 on CUDA, unless --pairs / --shared say otherwise.
 The table ends with ratios against the baselines measured in the same run and
@@ -44,11 +53,30 @@ import threading
 import time
 from pathlib import Path
 
-ALL_METHODS = ["naive_one", "naive_two", "lmeval", "engine", "engine_padded", "engine_bf16", "grpc"]
+ALL_METHODS = ["naive_one", "naive_two", "lmeval", "engine", "engine_padded", "engine_packed", "engine_bf16",
+               "grpc"]
+ENGINE_METHODS = ("engine", "engine_padded", "engine_packed", "engine_bf16")
 PRESETS = {
     "tiny": {"n_embd": 256, "n_layer": 4, "n_head": 4},
     "gpt2-small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
 }
+# Llama shapes with random weights (the vocabulary is the tokenizer's). smollm2-random is
+# SmolLM2-135M's config as its GGUF gives it (bench/gpu_prepare.sh checks that it still
+# does); llama-1b-random is Llama-3.2-1B's dims (plain RoPE, no llama3 scaling: it changes
+# no cost) with the 49152-token vocabulary, big enough that the GPU does real work;
+# llama-tiny-random is for CPU rehearsals of the GPU check.
+LLAMA_PRESETS = {
+    "smollm2-random": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+                       "num_key_value_heads": 3, "intermediate_size": 1536, "max_position_embeddings": 8192,
+                       "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "llama-1b-random": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+                        "num_key_value_heads": 8, "intermediate_size": 8192, "max_position_embeddings": 8192,
+                        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "llama-tiny-random": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 2048,
+                          "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+}
+MODELS = [*PRESETS, *LLAMA_PRESETS, "smollm2"]
 
 
 # --- workload -------------------------------------------------------------------
@@ -86,12 +114,40 @@ def make_workload(tokenizer, *, pairs: int, shared: tuple[int, int] | None, seed
     return out
 
 
-def build_model(name: str, vocab_size: int):
+def llama_config(name: str, vocab_size: int, **overrides):
+    """The LlamaConfig of a random-weight preset, with the tokenizer's vocabulary size."""
+    from transformers import LlamaConfig
+
+    shape = {**LLAMA_PRESETS[name], **overrides}
+    rope = {"rope_type": "default", "rope_theta": shape.pop("rope_theta")}
+    return LlamaConfig(vocab_size=vocab_size, rope_parameters=rope, **shape)
+
+
+def build_random_llama(name: str, vocab_size: int, *, device="cpu", dtype=None, seed: int = 0, **overrides):
+    """A Llama-shaped model with seeded random weights, built on ``device`` itself.
+
+    Building on the GPU takes a second where a 1B model's init on the CPU takes
+    tens of seconds; every child of one run builds the same weights (same seed,
+    device and torch).
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(name, vocab_size, **overrides)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype=dtype or torch.float32).eval()
+
+
+def build_model(name: str, vocab_size: int, device="cpu"):
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if name == "smollm2":
         return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    if name in LLAMA_PRESETS:
+        return build_random_llama(name, vocab_size, device=device)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=vocab_size, n_positions=1024, bos_token_id=0, eos_token_id=0,
                         **PRESETS[name])
@@ -275,12 +331,12 @@ def child(args) -> None:
     from pairscore_server.engine.engine import ModelDescription, ScoringEngine
     from pairscore_server.engine.loading import ModelSpec, engine_limits, resolve_device, resolve_dtype
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or smollm2_dir())
     pairs = make_workload(tokenizer, pairs=args.pairs, shared=args.shared, seed=args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model = build_model(args.model, len(tokenizer)).to(device=device, dtype=dtype)
-    packing = "off" if args.run_method == "engine_padded" else args.packing
+    model = build_model(args.model, len(tokenizer), device).to(device=device, dtype=dtype)
+    packing = {"engine_padded": "off", "engine_packed": "on"}.get(args.run_method, args.packing)
     limits = engine_limits(ModelSpec(packing=packing), device)
     engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"), limits=limits)
     prepared = engine.prepare([Pair(x, y) for x, y in pairs], ScoreOptions())
@@ -296,7 +352,7 @@ def child(args) -> None:
     elif method == "lmeval":
         results = run_lmeval(model, tokenizer, pairs, engine.prefix.token,
                              "auto" if device.type == "cuda" else 1)
-    elif method in ("engine", "engine_padded"):
+    elif method in ("engine", "engine_padded", "engine_packed"):
         results = run_engine(engine, pairs)
     elif method == "engine_bf16":
         engine = ScoringEngine(model.to(torch.bfloat16), tokenizer,
@@ -306,7 +362,9 @@ def child(args) -> None:
     elif method == "grpc":
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
-            model.to(torch.float32).save_pretrained(tmp)  # the server casts to --dtype itself
+            # Saved in the run's dtype (the server loads it with the same --dtype): a 1B
+            # model in bfloat16 writes half the bytes of a float32 copy.
+            model.save_pretrained(tmp)
             results, seconds, rss = run_grpc(tmp, pairs, streams=args.streams, chunk=args.chunk,
                                              log_path=Path(tmp) / "server.log", device=args.device,
                                              dtype=args.dtype, packing=args.packing)
@@ -337,7 +395,23 @@ def run_child(method: str, args, shared) -> dict | None:
            "--pairs", str(args.pairs), "--seed", str(args.seed), "--threads", str(args.threads),
            "--streams", str(args.streams), "--chunk", str(args.chunk), "--packing", args.packing]
     cmd += ["--shared", f"{shared[0]}x{shared[1]}" if shared else "off"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
+    # Its own process group, so that a method timed out goes with whatever it started
+    # (the grpc method's server).
+    child_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+    try:
+        stdout, stderr = child_proc.communicate(timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child_proc.pid, signal.SIGKILL)
+        child_proc.communicate()
+        print(f"  {method}: skipped (timed out after {args.child_timeout:g} s)", flush=True)
+        return None
+    finally:
+        if child_proc.poll() is None:  # the parent itself was stopped (KeyboardInterrupt, SIGTERM)
+            os.killpg(child_proc.pid, signal.SIGKILL)
+    proc = subprocess.CompletedProcess(cmd, child_proc.returncode, stdout, stderr)
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
         print(f"  {method}: skipped ({reason})", flush=True)
@@ -372,7 +446,7 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
         print(f"{method:<12} {s['tokens_per_s']:9.0f} {s['pairs_per_s']:8.2f} {100 * s['ideal_fraction']:7.0f}% "
               f"{s['peak_rss_gib']:8.2f}G {s['over_weights_gib']:10.2f}G {s['cuda_max_allocated_gib']:13.2f}G")
     base = [m for m in ("naive_one", "naive_two", "lmeval") if m in summary]
-    for mine in ("engine", "engine_padded", "engine_bf16", "grpc"):
+    for mine in (*ENGINE_METHODS, "grpc"):
         if mine in summary and base:
             ratios = ", ".join(f"{summary[mine]['tokens_per_s'] / summary[b]['tokens_per_s']:.2f}x {b}"
                                for b in base)
@@ -380,24 +454,34 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
     if peak_tflops:
         for method, reps in runs.items():
             mfu = summary[method]["tokens_per_s"] * reps[0]["flops_per_token"] / (peak_tflops * 1e12)
+            summary[method]["mfu"] = mfu
             print(f"{method}: model FLOP utilisation {100 * mfu:.1f}% of {peak_tflops:g} TFLOP/s")
     if "engine_padded" in summary and "engine" in summary:
         print(f"engine / engine_padded: "
               f"{summary['engine']['tokens_per_s'] / summary['engine_padded']['tokens_per_s']:.2f}")
-    if "grpc" in summary and "engine" in summary:
-        print(f"grpc / engine in-process: {summary['grpc']['tokens_per_s'] / summary['engine']['tokens_per_s']:.2f}")
-    if "engine" in summary:
-        ref = summary["engine"]["results"]
+    if "engine_packed" in summary and "engine_padded" in summary:
+        print(f"engine_packed / engine_padded: "
+              f"{summary['engine_packed']['tokens_per_s'] / summary['engine_padded']['tokens_per_s']:.2f}")
+    # The in-process engine that the server's default layout matches is the reference:
+    # "engine" where it ran, else the first engine layout that did.
+    ref_method = next((m for m in ENGINE_METHODS if m in summary), None)
+    if "grpc" in summary and ref_method:
+        print(f"grpc / {ref_method} in-process: "
+              f"{summary['grpc']['tokens_per_s'] / summary[ref_method]['tokens_per_s']:.2f}")
+    if ref_method:
+        ref = summary[ref_method]["results"]
         for method, s in summary.items():
-            if method != "engine":
-                print(f"max |{method} - engine|: joint {max_diff(s['results'], ref, 0):.2e}, "
+            if method != ref_method:
+                s[f"max_diff_vs_{ref_method}"] = [max_diff(s["results"], ref, 0), max_diff(s["results"], ref, 1)]
+                print(f"max |{method} - {ref_method}|: joint {max_diff(s['results'], ref, 0):.2e}, "
                       f"conditional {max_diff(s['results'], ref, 1):.2e} nats")
     return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", choices=[*PRESETS, "smollm2"])
+    parser.add_argument("--model", default="tiny", choices=MODELS)
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the embedded SmolLM2's)")
     parser.add_argument("--pairs", type=int, help="distinct-prompt workload size (default 128 on CPU, 512 on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 (CUDA default) or float16")
@@ -413,7 +497,8 @@ def main() -> None:
                         help="the engine's and server's --packing (engine_padded is always off)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the card's dense peak (e.g. 989 for H100/H200 bf16): adds model FLOP utilisation")
-    parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument("--json", type=Path, help="also write the summary here (after each workload)")
+    parser.add_argument("--child-timeout", type=float, help="seconds one method may take; past it, skipped")
     parser.add_argument("--run-method", help=argparse.SUPPRESS)
     args = parser.parse_args()
     on_cuda = args.device.startswith("cuda")
@@ -423,8 +508,12 @@ def main() -> None:
     if args.run_method:
         child(args)
         return
+    # A SIGTERM (the GPU check's per-step `timeout`) unwinds like an exception, so that
+    # run_child ends the method's process group, which the signal does not reach.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     methods = [m for m in args.methods.split(",") if m]
-    print(f"model {args.model}, {args.threads} threads, seed {args.seed}, repeats {args.repeats}", flush=True)
+    print(f"model {args.model}, device {args.device} {args.dtype}, {args.threads} threads, seed {args.seed}, "
+          f"repeats {args.repeats}", flush=True)
     out = {}
     workloads = [("distinct", None, args.pairs)]
     if args.shared:
@@ -440,11 +529,13 @@ def main() -> None:
                 if result:
                     runs.setdefault(method, []).append(result)
         out[label] = report(f"{label} prompts ({n} pairs)", runs, args.peak_tflops)
-    if args.json:
-        for summary in out.values():
-            for s in summary.values():
-                s.pop("results")
-        args.json.write_text(json.dumps(out, indent=2))
+        if args.json:  # after each workload, so a run cut short keeps what it measured
+            meta = {"model": args.model, "device": args.device, "dtype": args.dtype, "methods": methods,
+                    "peak_tflops": args.peak_tflops,
+                    "devices": sorted({r["device"] for reps in runs.values() for r in reps})}
+            written = {k: {m: {f: v for f, v in s.items() if f != "results"} for m, s in summary.items()}
+                       for k, summary in out.items()}
+            args.json.write_text(json.dumps({"meta": meta, **written}, indent=2))
 
 
 if __name__ == "__main__":
