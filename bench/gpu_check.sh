@@ -1,21 +1,145 @@
 #!/usr/bin/env bash
-# The GPU checks of pairscore, as one short script for a machine with a CUDA GPU
-# (the project's CI has none). Needs torch with CUDA and transformers already
-# installed (as on the lent H100/H200 machines); installs the rest without deps.
-# Writes logs under ${OUT:-./gpu-check-out}. About 5-8 minutes on one H200.
+# The GPU check of pairscore, as one device call on a lent GPU machine (docs/gpu-check.md).
+#
+#   bash bench/gpu_prepare.sh                 # here, first: fills .gpu-carry/ (wheels, tokenizer)
+#   bash bench/gpu_check.sh                   # there: carry [".gpu-carry"], timeout_s 540
+#   bash bench/gpu_check.sh --device cpu      # the CPU rehearsal on tiny shapes (make gpu-rehearsal)
+#
+# The lent machine reaches no registry and no hub. This installs the carried
+# pure-python wheels with pip --no-index --no-deps --target (and the carried
+# grpcio/protobuf only where the machine's own are older than the stubs need),
+# builds its models on the device from configs with random weights (SmolLM2-135M's
+# shape and a 1B Llama shape, with the carried SmolLM2 tokenizer), runs the GPU
+# tests and the benchmark, and writes every figure to $OUT (7 files, read back
+# by the device tool): summary.md (paste into docs), env.txt, steps.tsv,
+# tests.log, bench.log, bench-small.json, bench-large.json.
+#
+# Every step has its own `timeout`; the limits add up to 450 s, so one hang
+# cannot eat the lease. Exit status: 0 when every step passed and every method
+# ran (lmeval may be skipped with a message when lm-eval was not carried).
 set -uo pipefail
+cd "$(dirname "$0")/.."
+
+device=cuda
+carry=.gpu-carry
 out=${OUT:-./gpu-check-out}
+while [ $# -gt 0 ]; do
+    case $1 in
+        --device) device=$2; shift 2 ;;
+        --carry) carry=$2; shift 2 ;;
+        --out) out=$2; shift 2 ;;
+        *) echo "usage: $0 [--device cuda|cpu] [--carry DIR] [--out DIR]" >&2; exit 2 ;;
+    esac
+done
+py=${PYTHON:-python3}
 mkdir -p "$out"
-export PYTHONPATH="$PWD/client:$PWD/server${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-# 1. GPU tier tests and the engine math on CUDA-capable torch (CPU math tests still run on CPU).
-python3 -m pytest -q tests/test_cuda.py tests/test_engine_math.py 2>&1 | tee "$out/tests.log"
-# 2. Throughput on SmolLM2-135M in bf16: engine, gRPC and lm-eval (auto batch size) on the same card.
-python3 bench/throughput.py --model smollm2 --device cuda --dtype bfloat16 --pairs 512 \
-    --methods naive_one,lmeval,engine,grpc --peak-tflops "${PEAK_TFLOPS:-989}" \
-    --json "$out/bench-smollm2.json" 2>&1 | grep -v Warning | tee "$out/bench.log"
-# 3. Packed rows vs padded batches on CUDA (auto = padded there until this says otherwise).
-python3 bench/throughput.py --model smollm2 --device cuda --dtype bfloat16 --pairs 512 \
-    --methods engine,engine_padded --packing on --peak-tflops "${PEAK_TFLOPS:-989}" \
-    --json "$out/bench-packing.json" 2>&1 | grep -v Warning | tee "$out/bench-packing.log"
+out=$(cd "$out" && pwd)
+: > "$out/steps.tsv"; : > "$out/bench.log"; : > "$out/env.txt"; : > "$out/tests.log"
+rm -f "$out/bench-small.json" "$out/bench-large.json" "$out/summary.md"
+
+if [ "$device" = cpu ]; then
+    # The rehearsal: the same steps on shapes a 2-core machine runs in a minute or two.
+    small=llama-tiny-random; large=llama-tiny-random; dtype=float32; peak=0
+    small_args=(--pairs 8 --shared 2x4); large_args=(--pairs 8 --shared off)
+    bench_args=(--gemm-seconds 0.2 --child-timeout 100)
+else
+    # SmolLM2-135M's shape (every method, both workloads), then a 1B Llama shape where
+    # the GPU does real work (distinct prompts only: the lease is short).
+    small=smollm2-random; large=llama-1b-random; dtype=bfloat16; peak=${PEAK_TFLOPS:-989}
+    small_args=(--pairs 512 --shared 64x8); large_args=(--pairs 512 --shared off)
+    bench_args=(--gemm-seconds 1 --child-timeout 60)
+fi
+small_methods=naive_one,lmeval,engine_packed,engine_padded,grpc
+large_methods=naive_one,lmeval,engine_packed,engine_padded
+
+site=$(mktemp -d "${TMPDIR:-/tmp}/pairscore-gpu-site.XXXXXX")
+trap 'rm -rf "$site"' EXIT
+export PYTHONPATH="$site:$PWD/client:$PWD/server${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+failed=()
+
+# step NAME LIMIT_S LOG CMD...: runs CMD under its own timeout, output to LOG and the
+# terminal, one line (name, exit status, seconds, limit) in steps.tsv.
+step() {
+    local name=$1 limit=$2 log=$3 t0=$SECONDS rc
+    shift 3
+    echo "== $name (limit ${limit}s)" | tee -a "$log"
+    # timeout runs programs: a function of this script runs in a child bash (export -f).
+    if declare -F "$1" >/dev/null; then set -- bash -c "$*"; fi
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && echo "== $name: timed out after ${limit}s" | tee -a "$log"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$limit" >> "$out/steps.tsv"
+    [ "$rc" = 0 ] || failed+=("$name")
+    return "$rc"
+}
+
+install_carried() {
+    set -e
+    [ -f "$carry/.prepared" ] || { echo "no $carry/.prepared: run bash bench/gpu_prepare.sh here first"; exit 1; }
+    # As the device README says: no index, no deps, into a target put first on PYTHONPATH.
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$carry"/wheels/*.whl
+    # grpcio/protobuf for cp312: only where the machine's own are under the stubs' floors.
+    mapfile -t older < <("$py" bench/gpu_carry.py older "$carry")
+    if [ ${#older[@]} -gt 0 ]; then
+        "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+            "${older[@]}"
+    fi
+    ls "$site"
+}
+
+probe_env() {
+    if [ "$device" != cpu ]; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    fi
+    "$py" - <<'EOF'
+import importlib.metadata as md, platform, sys
+print("python", platform.python_version(), sys.executable)
+for name in ("torch", "transformers", "tokenizers", "accelerate", "grpcio", "protobuf",
+             "grpcio-health-checking", "grpcio-reflection", "gguf", "lm-eval", "prometheus-client"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "missing")
+import torch
+print("cuda available", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+import grpc_health, grpc_reflection, pairscore_server.app  # the server's imports
+print("pairscore server imports ok")
+EOF
+}
+export -f install_carried probe_env
+export py carry site device out
+
+lmeval_ok() {
+    timeout -k 5 60 "$py" -c "from lm_eval.api.instance import Instance; from lm_eval.models.huggingface import HFLM" \
+        >> "$out/env.txt" 2>&1
+}
+
+step install 30 "$out/env.txt" install_carried
+step env 20 "$out/env.txt" probe_env
+if ! lmeval_ok; then
+    echo "lm-eval does not import from $carry (see env.txt): the lmeval method is skipped" | tee -a "$out/env.txt"
+    small_methods=${small_methods/lmeval,/}; large_methods=${large_methods/lmeval,/}
+fi
+# GPU tests (CUDA vs the CPU float32 engine and a float64 reference; skipped without CUDA)
+# and the engine math, which runs on the CPU anywhere.
+PAIRSCORE_GPU_TOKENIZER="$PWD/$carry/tokenizer" \
+    step tests 90 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -o addopts="-rA" \
+    tests/test_cuda.py tests/test_engine_math.py
+step bench-small 180 "$out/bench.log" "$py" bench/throughput.py --model "$small" --tokenizer "$carry/tokenizer" \
+    --device "$device" --dtype "$dtype" --methods "$small_methods" --peak-tflops "$peak" \
+    "${small_args[@]}" "${bench_args[@]}" --json "$out/bench-small.json"
+step bench-large 110 "$out/bench.log" "$py" bench/throughput.py --model "$large" --tokenizer "$carry/tokenizer" \
+    --device "$device" --dtype "$dtype" --methods "$large_methods" --peak-tflops "$peak" \
+    "${large_args[@]}" "${bench_args[@]}" --json "$out/bench-large.json"
+step summary 20 "$out/bench.log" "$py" bench/gpu_summary.py "$out" \
+    --require "bench-small.json=$small_methods" --require "bench-large.json=$large_methods"
+
+cat "$out/summary.md" 2>/dev/null
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "gpu_check: failed steps: ${failed[*]} (see $out)"
+    exit 1
+fi
+echo "gpu_check: all steps passed in ${SECONDS}s; results in $out"

@@ -341,7 +341,7 @@ def child(args) -> None:
     engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"), limits=limits)
     prepared = engine.prepare([Pair(x, y) for x, y in pairs], ScoreOptions())
     tokens = sum(p.num_tokens for p in prepared)
-    ideal = ideal_tokens_per_s(model)
+    ideal = ideal_tokens_per_s(model, seconds=args.gemm_seconds)
     engine.warmup()  # first-call costs (allocator, kernels) are not throughput
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     method = args.run_method
@@ -393,7 +393,8 @@ def run_child(method: str, args, shared) -> dict | None:
     cmd = [sys.executable, __file__, "--run-method", method, "--model", args.model,
            "--device", args.device, "--dtype", args.dtype,
            "--pairs", str(args.pairs), "--seed", str(args.seed), "--threads", str(args.threads),
-           "--streams", str(args.streams), "--chunk", str(args.chunk), "--packing", args.packing]
+           "--streams", str(args.streams), "--chunk", str(args.chunk), "--packing", args.packing,
+           "--gemm-seconds", str(args.gemm_seconds)]
     cmd += ["--shared", f"{shared[0]}x{shared[1]}" if shared else "off"]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
@@ -498,6 +499,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="the card's dense peak (e.g. 989 for H100/H200 bf16): adds model FLOP utilisation")
     parser.add_argument("--json", type=Path, help="also write the summary here (after each workload)")
+    parser.add_argument("--gemm-seconds", type=float, default=2.0,
+                        help="time each method spends measuring the GEMM rate for '%% ideal'")
     parser.add_argument("--child-timeout", type=float, help="seconds one method may take; past it, skipped")
     parser.add_argument("--run-method", help=argparse.SUPPRESS)
     args = parser.parse_args()
