@@ -105,7 +105,7 @@ for name in ("torch", "transformers", "tokenizers", "accelerate", "grpcio", "pro
 import torch
 print("cuda available", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-import grpc_health, grpc_reflection, pairscore_server.app  # the server's imports
+import grpc_health, grpc_reflection, pairscore_server.lifecycle, pairscore_server.health  # the server's imports
 print("pairscore server imports ok")
 EOF
 }
