@@ -47,10 +47,10 @@ HERE = Path(__file__).resolve().parent
 # HFLM.loglikelihood alone, whose imports need only what the machine has (the CPU rehearsal
 # proves it in a venv without them).
 PURE = {
-    "grpcio-health-checking": "1.85.1",   # the server's health service (pyproject: >=1.85.1)
-    "grpcio-reflection": "1.85.1",        # the server's reflection service
-    "gguf": "0.19.0",                     # pairscore_server's GGUF loader (not used by the check itself)
-    "lm-eval": "0.4.13",                  # the benchmark's lmeval method
+    "grpcio-health-checking": "1.85.1",  # the server's health service (pyproject: >=1.85.1)
+    "grpcio-reflection": "1.85.1",  # the server's reflection service
+    "gguf": "0.19.0",  # pairscore_server's GGUF loader (not used by the check itself)
+    "lm-eval": "0.4.13",  # the benchmark's lmeval method
 }
 # The machine has these, version not recorded; the stubs in client/pairscore/v1 need at least
 # the floor (pyproject.toml), so the carried copy is installed only under it.
@@ -60,8 +60,8 @@ COMPILED = {
 }
 
 MIB = 1 << 20
-LIMIT_MIB = 64          # the device tool's limit on the working tree plus carried paths
-BUDGET_MIB = 40         # what this check allows, leaving the rest as headroom
+LIMIT_MIB = 64  # the device tool's limit on the working tree plus carried paths
+BUDGET_MIB = 40  # what this check allows, leaving the rest as headroom
 
 
 def _norm(name: str) -> str:
@@ -96,8 +96,11 @@ def dir_bytes(path: Path) -> int:
 
 def tree_bytes(repo: Path = REPO) -> int:
     """Bytes of the working tree that travels: tracked and untracked-not-ignored files."""
-    out = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout
     total = 0
     for rel in filter(None, out.decode().split("\0")):
         f = repo / rel
@@ -111,17 +114,18 @@ def budget(carry_bytes: int, tree: int, *, budget_mib: float | None = None) -> t
     budget_mib = BUDGET_MIB if budget_mib is None else budget_mib
     total = carry_bytes + tree
     ok = total <= budget_mib * MIB
-    line = (f"carried {carry_bytes / MIB:.1f} MiB + working tree {tree / MIB:.1f} MiB = "
-            f"{total / MIB:.1f} MiB of the {LIMIT_MIB} MiB a device call takes "
-            f"(this check allows {budget_mib:g} MiB): {'ok' if ok else 'OVER BUDGET'}")
+    line = (
+        f"carried {carry_bytes / MIB:.1f} MiB + working tree {tree / MIB:.1f} MiB = "
+        f"{total / MIB:.1f} MiB of the {LIMIT_MIB} MiB a device call takes "
+        f"(this check allows {budget_mib:g} MiB): {'ok' if ok else 'OVER BUDGET'}"
+    )
     return ok, line
 
 
 def check(carry: Path) -> int:
     problems = []
     seen: dict[str, str] = {}
-    for section, pins in (("wheels", PURE),
-                          ("wheels-cp312", {k: v[0] for k, v in COMPILED.items()})):
+    for section, pins in (("wheels", PURE), ("wheels-cp312", {k: v[0] for k, v in COMPILED.items()})):
         folder = carry / section
         wheels = sorted(folder.glob("*.whl")) if folder.is_dir() else []
         got = {}
@@ -150,8 +154,10 @@ def check(carry: Path) -> int:
     for w in sorted((carry / "wheels").glob("*.whl")):
         missing = sorted(set(requires_dist(w)) - have)
         if missing:
-            print(f"  {w.name.split('-')[0]}: Requires-Dist not on the machine and not carried "
-                  f"(unused by the check's code path): {', '.join(missing)}")
+            print(
+                f"  {w.name.split('-')[0]}: Requires-Dist not on the machine and not carried "
+                f"(unused by the check's code path): {', '.join(missing)}"
+            )
     ok, line = budget(dir_bytes(carry), tree_bytes())
     print(line)
     if not ok:
@@ -192,11 +198,16 @@ def venv_check() -> int:
     clash = sorted(carried & set(installed))
     extra = sorted(set(installed) - device_packages() - {"pip", "setuptools", "wheel"})
     if extra:
-        print("rehearsal venv: not on the lent machine's list (pulled in by pins' dependencies): "
-              + ", ".join(f"{n} {installed[n]}" for n in extra))
+        print(
+            "rehearsal venv: not on the lent machine's list (pulled in by pins' dependencies): "
+            + ", ".join(f"{n} {installed[n]}" for n in extra)
+        )
     if clash:
-        print(f"rehearsal venv: has {', '.join(clash)}, which the GPU check carries: the rehearsal would not "
-              f"test the carried copy", file=sys.stderr)
+        print(
+            f"rehearsal venv: has {', '.join(clash)}, which the GPU check carries: the rehearsal would not "
+            f"test the carried copy",
+            file=sys.stderr,
+        )
         return 1
     print(f"rehearsal venv: {len(installed)} packages, none of the {len(carried)} carried ones")
     return 0
@@ -215,20 +226,29 @@ def save_tokenizer(target: Path) -> int:
     real = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     preset = llama_config("smollm2-random", len(tokenizer))
     keys = [k for k in LLAMA_PRESETS["smollm2-random"] if k != "rope_theta"] + ["vocab_size"]
-    diffs = [f"{k}: preset {getattr(preset, k)!r}, GGUF {getattr(real, k)!r}" for k in keys
-             if getattr(preset, k) != (round(getattr(real, k), 9) if k == "rms_norm_eps" else getattr(real, k))]
+    diffs = [
+        f"{k}: preset {getattr(preset, k)!r}, GGUF {getattr(real, k)!r}"
+        for k in keys
+        if getattr(preset, k) != (round(getattr(real, k), 9) if k == "rms_norm_eps" else getattr(real, k))
+    ]
     if preset.rope_parameters["rope_theta"] != real.rope_parameters["rope_theta"]:
-        diffs.append(f"rope_theta: preset {preset.rope_parameters['rope_theta']}, "
-                     f"GGUF {real.rope_parameters['rope_theta']}")
+        diffs.append(
+            f"rope_theta: preset {preset.rope_parameters['rope_theta']}, "
+            f"GGUF {real.rope_parameters['rope_theta']}"
+        )
     if diffs:
-        print("the smollm2-random preset no longer matches SmolLM2's config:\n  " + "\n  ".join(diffs),
-              file=sys.stderr)
+        print(
+            "the smollm2-random preset no longer matches SmolLM2's config:\n  " + "\n  ".join(diffs),
+            file=sys.stderr,
+        )
         return 1
     target.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(target))
     (target / "smollm2-config.json").write_text(json.dumps(real.to_dict(), indent=2, default=str))
-    print(f"tokenizer of {gguf.name} ({len(tokenizer)} tokens) saved to {target}; "
-          f"smollm2-random matches its config")
+    print(
+        f"tokenizer of {gguf.name} ({len(tokenizer)} tokens) saved to {target}; "
+        f"smollm2-random matches its config"
+    )
     return 0
 
 

@@ -32,8 +32,10 @@ def steps_table(out: Path) -> list[str]:
 
 def env_lines(out: Path) -> list[str]:
     path = out / "env.txt"
-    keep = re.compile(r"^(name, |NVIDIA|python |torch |transformers |tokenizers |accelerate |grpcio|protobuf |gguf |"
-                      r"lm-eval |prometheus-client |cuda available|pairscore server|lm-eval does not)")
+    keep = re.compile(
+        r"^(name, |NVIDIA|python |torch |transformers |tokenizers |accelerate |grpcio|protobuf |gguf |"
+        r"lm-eval |prometheus-client |cuda available|pairscore server|lm-eval does not)"
+    )
     lines = path.read_text().splitlines() if path.is_file() else []
     return [line for line in lines if keep.match(line)]
 
@@ -42,11 +44,15 @@ def test_lines(out: Path) -> list[str]:
     path = out / "tests.log"
     text = path.read_text() if path.is_file() else ""
     result = [line for line in text.splitlines() if re.match(r"^=*\s*\d+ (passed|failed|error)", line)]
-    figures = [line for line in text.splitlines()
-               if line.startswith(("GPU-FIGURE", "worst |engine"))]
+    figures = [line for line in text.splitlines() if line.startswith(("GPU-FIGURE", "worst |engine"))]
     bad = [line for line in text.splitlines() if line.startswith(("FAILED", "ERROR"))]
     skipped = [line for line in text.splitlines() if line.startswith("SKIPPED")]
-    return [*(result[-1:] or ["(no pytest result line: see tests.log)"]), *bad, *skipped, *sorted(set(figures))]
+    return [
+        *(result[-1:] or ["(no pytest result line: see tests.log)"]),
+        *bad,
+        *skipped,
+        *sorted(set(figures)),
+    ]
 
 
 def _fmt(value, spec: str) -> str:
@@ -56,21 +62,31 @@ def _fmt(value, spec: str) -> str:
 def bench_tables(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     meta = data.pop("meta", {})
-    out = [f"### {path.name}: {meta.get('model')} on {', '.join(meta.get('devices') or [meta.get('device', '?')])}"
-           f" ({meta.get('dtype')})", ""]
+    out = [
+        f"### {path.name}: {meta.get('model')} on {', '.join(meta.get('devices') or [meta.get('device', '?')])}"
+        f" ({meta.get('dtype')})",
+        "",
+    ]
     for workload, summary in data.items():
-        ref = next((m for m in ("engine", "engine_padded", "engine_packed", "engine_bf16") if m in summary), None)
-        out += [f"**{workload} prompts**", "",
-                "| method | tokens/s | pairs/s | % ideal GEMM | MFU | peak RSS GiB | CUDA max alloc GiB |"
-                f" max abs diff vs {ref or '-'} (joint / conditional, nats) |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        ref = next(
+            (m for m in ("engine", "engine_padded", "engine_packed", "engine_bf16") if m in summary), None
+        )
+        out += [
+            f"**{workload} prompts**",
+            "",
+            "| method | tokens/s | pairs/s | % ideal GEMM | MFU | peak RSS GiB | CUDA max alloc GiB |"
+            f" max abs diff vs {ref or '-'} (joint / conditional, nats) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
         for method, s in summary.items():
             diff = s.get(f"max_diff_vs_{ref}")
             diff_text = f"{diff[0]:.2e} / {diff[1]:.2e}" if diff else ("reference" if method == ref else "")
             mfu = s.get("mfu")
-            out.append(f"| {method} | {s['tokens_per_s']:.0f} | {s['pairs_per_s']:.2f} | "
-                       f"{100 * s['ideal_fraction']:.0f}% | {_fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} | "
-                       f"{s['peak_rss_gib']:.2f} | {s['cuda_max_allocated_gib']:.2f} | {diff_text} |")
+            out.append(
+                f"| {method} | {s['tokens_per_s']:.0f} | {s['pairs_per_s']:.2f} | "
+                f"{100 * s['ideal_fraction']:.0f}% | {_fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} | "
+                f"{s['peak_rss_gib']:.2f} | {s['cuda_max_allocated_gib']:.2f} | {diff_text} |"
+            )
         ratios = []
         tps = {m: s["tokens_per_s"] for m, s in summary.items()}
         for a, b in (("engine_packed", "engine_padded"), ("grpc", ref), (ref, "naive_one"), (ref, "lmeval")):
@@ -81,17 +97,38 @@ def bench_tables(path: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out", type=Path)
     parser.add_argument("--require", action="append", default=[], metavar="FILE=METHODS")
     args = parser.parse_args(argv)
     out: Path = args.out
-    lines = ["# pairscore GPU check", "",
-             "Written by bench/gpu_check.sh (bench/gpu_summary.py). Models have random weights of the named "
-             "shape (throughput and memory do not depend on the values); the tokenizer is SmolLM2's.", "",
-             "## Steps", "", *steps_table(out), "", "## Machine", "", "```", *env_lines(out), "```", "",
-             "## Tests (tests/test_cuda.py, tests/test_engine_math.py)", "", "```", *test_lines(out), "```", "",
-             "## Benchmark (bench/throughput.py)", ""]
+    lines = [
+        "# pairscore GPU check",
+        "",
+        "Written by bench/gpu_check.sh (bench/gpu_summary.py). Models have random weights of the named "
+        "shape (throughput and memory do not depend on the values); the tokenizer is SmolLM2's.",
+        "",
+        "## Steps",
+        "",
+        *steps_table(out),
+        "",
+        "## Machine",
+        "",
+        "```",
+        *env_lines(out),
+        "```",
+        "",
+        "## Tests (tests/test_cuda.py, tests/test_engine_math.py)",
+        "",
+        "```",
+        *test_lines(out),
+        "```",
+        "",
+        "## Benchmark (bench/throughput.py)",
+        "",
+    ]
     problems = []
     for name in ("bench-small.json", "bench-large.json"):
         path = out / name

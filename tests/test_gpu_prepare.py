@@ -63,8 +63,9 @@ def test_tiny_preset_builds_on_cpu_seeded_and_scores(throughput):
         logits = a(ids).logits
     assert logits.shape == (2, 17, 300) and torch.isfinite(logits).all()
     # The presets keep their shapes when overridden for a small copy (dims, not values).
-    small = throughput.build_random_llama("smollm2-random", 300, num_hidden_layers=1, hidden_size=72,
-                                          intermediate_size=96)
+    small = throughput.build_random_llama(
+        "smollm2-random", 300, num_hidden_layers=1, hidden_size=72, intermediate_size=96
+    )
     assert small.config.num_attention_heads == 9 and small.config.num_key_value_heads == 3
     assert small.config.rope_parameters["rope_theta"] == 100000.0
 
@@ -82,8 +83,15 @@ def test_smollm2_preset_matches_the_embedded_gguf_config(throughput):
         pytest.skip(str(exc))
     real = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     preset = throughput.llama_config("smollm2-random", real.vocab_size)
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "max_position_embeddings", "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    ):
         assert getattr(preset, key) == getattr(real, key), key
     assert preset.rope_parameters["rope_theta"] == real.rope_parameters["rope_theta"]
     assert preset.rms_norm_eps == pytest.approx(real.rms_norm_eps, rel=1e-6)
@@ -125,7 +133,7 @@ def test_every_step_of_the_gpu_check_has_its_own_timeout():
                 current = None
             else:
                 functions[current].append(line)
-                if (m := re.search(r"<<'?(\w+)'?", line)):
+                if m := re.search(r"<<'?(\w+)'?", line):
                     heredoc = m.group(1)
             continue
         top.append(line)
@@ -195,13 +203,16 @@ def test_carry_check_passes_on_the_pinned_set(gpu_carry, tmp_path, capsys):
     assert "datasets" in out and "rouge-score" not in out
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing", "want gguf==0.19.0, found None"),
-    ("two-versions", "two wheels of gguf"),
-    ("compiled-in-pure", "is not pure python"),
-    ("unpinned", "is not pinned"),
-    ("no-tokenizer", "tokenizer/tokenizer.json missing"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "want gguf==0.19.0, found None"),
+        ("two-versions", "two wheels of gguf"),
+        ("compiled-in-pure", "is not pure python"),
+        ("unpinned", "is not pinned"),
+        ("no-tokenizer", "tokenizer/tokenizer.json missing"),
+    ],
+)
 def test_carry_check_fails_on_a_broken_set(gpu_carry, tmp_path, capsys, damage, message):
     carry = _fake_carry(gpu_carry, tmp_path)
     gguf = next((carry / "wheels").glob("gguf-*.whl"))
@@ -269,13 +280,27 @@ def test_older_installs_only_under_the_floor(gpu_carry, tmp_path, monkeypatch, c
 
 
 def _bench_json(methods):
-    row = {"tokens_per_s": 1000.0, "pairs_per_s": 5.0, "ideal_fraction": 0.5, "peak_rss_gib": 1.0,
-           "cuda_max_allocated_gib": 2.0, "over_weights_gib": 0.5, "mfu": 0.1}
+    row = {
+        "tokens_per_s": 1000.0,
+        "pairs_per_s": 5.0,
+        "ideal_fraction": 0.5,
+        "peak_rss_gib": 1.0,
+        "cuda_max_allocated_gib": 2.0,
+        "over_weights_gib": 0.5,
+        "mfu": 0.1,
+    }
     summary = {m: dict(row) for m in methods}
     if "engine_packed" in summary:
         summary["engine_packed"]["max_diff_vs_engine_padded"] = [1e-6, 2e-6]
-    return {"meta": {"model": "smollm2-random", "device": "cuda", "dtype": "bfloat16", "devices": ["NVIDIA H200"]},
-            "distinct": summary}
+    return {
+        "meta": {
+            "model": "smollm2-random",
+            "device": "cuda",
+            "dtype": "bfloat16",
+            "devices": ["NVIDIA H200"],
+        },
+        "distinct": summary,
+    }
 
 
 def test_summary_writes_markdown_and_checks_methods(tmp_path):
@@ -283,11 +308,22 @@ def test_summary_writes_markdown_and_checks_methods(tmp_path):
     out.mkdir()
     (out / "steps.tsv").write_text("install\t0\t3\t30\ntests\t124\t90\t90\n")
     (out / "env.txt").write_text("python 3.12.3 /opt/torch/.venv/bin/python3\ntorch 2.11.0+cu130\nnoise\n")
-    (out / "tests.log").write_text("GPU-FIGURE x: 1e-6\nFAILED tests/test_cuda.py::t - boom\n1 failed, 3 passed in 9s\n")
-    (out / "bench-small.json").write_text(json.dumps(_bench_json(["naive_one", "engine_packed", "engine_padded"])))
+    (out / "tests.log").write_text(
+        "GPU-FIGURE x: 1e-6\nFAILED tests/test_cuda.py::t - boom\n1 failed, 3 passed in 9s\n"
+    )
+    (out / "bench-small.json").write_text(
+        json.dumps(_bench_json(["naive_one", "engine_packed", "engine_padded"]))
+    )
     summary = _load("gpu_summary")
-    rc = summary.main([str(out), "--require", "bench-small.json=naive_one,lmeval,engine_packed",
-                       "--require", "bench-large.json=engine_padded"])
+    rc = summary.main(
+        [
+            str(out),
+            "--require",
+            "bench-small.json=naive_one,lmeval,engine_packed",
+            "--require",
+            "bench-large.json=engine_padded",
+        ]
+    )
     assert rc == 1
     md = (out / "summary.md").read_text()
     assert "| tests | timed out | 90 | 90 |" in md
@@ -297,5 +333,15 @@ def test_summary_writes_markdown_and_checks_methods(tmp_path):
     assert "engine_packed / engine_padded = 1.00" in md
     assert "lmeval did not run" in md and "bench-large.json: no results" in md
     (out / "bench-large.json").write_text(json.dumps(_bench_json(["engine_padded"])))
-    assert summary.main([str(out), "--require", "bench-small.json=naive_one,engine_packed",
-                         "--require", "bench-large.json=engine_padded"]) == 0
+    assert (
+        summary.main(
+            [
+                str(out),
+                "--require",
+                "bench-small.json=naive_one,engine_packed",
+                "--require",
+                "bench-large.json=engine_padded",
+            ]
+        )
+        == 0
+    )
