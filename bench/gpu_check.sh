@@ -32,6 +32,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 py=${PYTHON:-python3}
+[ -d "$carry" ] && carry=$(cd "$carry" && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 : > "$out/steps.tsv"; : > "$out/bench.log"; : > "$out/env.txt"; : > "$out/tests.log"
@@ -118,23 +119,23 @@ lmeval_ok() {
 }
 
 step install 30 "$out/env.txt" install_carried
-step env 20 "$out/env.txt" probe_env
+step env 15 "$out/env.txt" probe_env
 if ! lmeval_ok; then
     echo "lm-eval does not import from $carry (see env.txt): the lmeval method is skipped" | tee -a "$out/env.txt"
     small_methods=${small_methods/lmeval,/}; large_methods=${large_methods/lmeval,/}
 fi
 # GPU tests (CUDA vs the CPU float32 engine and a float64 reference; skipped without CUDA)
 # and the engine math, which runs on the CPU anywhere.
-PAIRSCORE_GPU_TOKENIZER="$PWD/$carry/tokenizer" \
-    step tests 90 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -o addopts="-rA" \
+export PAIRSCORE_GPU_TOKENIZER="$carry/tokenizer"
+step tests 120 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -o addopts="-rA" \
     tests/test_cuda.py tests/test_engine_math.py
-step bench-small 180 "$out/bench.log" "$py" bench/throughput.py --model "$small" --tokenizer "$carry/tokenizer" \
+step bench-small 170 "$out/bench.log" "$py" bench/throughput.py --model "$small" --tokenizer "$carry/tokenizer" \
     --device "$device" --dtype "$dtype" --methods "$small_methods" --peak-tflops "$peak" \
     "${small_args[@]}" "${bench_args[@]}" --json "$out/bench-small.json"
-step bench-large 110 "$out/bench.log" "$py" bench/throughput.py --model "$large" --tokenizer "$carry/tokenizer" \
+step bench-large 100 "$out/bench.log" "$py" bench/throughput.py --model "$large" --tokenizer "$carry/tokenizer" \
     --device "$device" --dtype "$dtype" --methods "$large_methods" --peak-tflops "$peak" \
     "${large_args[@]}" "${bench_args[@]}" --json "$out/bench-large.json"
-step summary 20 "$out/bench.log" "$py" bench/gpu_summary.py "$out" \
+step summary 15 "$out/bench.log" "$py" bench/gpu_summary.py "$out" \
     --require "bench-small.json=$small_methods" --require "bench-large.json=$large_methods"
 
 cat "$out/summary.md" 2>/dev/null
