@@ -48,9 +48,11 @@ else
     # the GPU does real work (distinct prompts only: the lease is short).
     small=smollm2-random; large=llama-1b-random; dtype=bfloat16; peak=${PEAK_TFLOPS:-989}
     small_args=(--pairs 512 --shared 64x8); large_args=(--pairs 512 --shared off)
-    bench_args=(--gemm-seconds 1 --child-timeout 60)
+    bench_args=(--gemm-seconds 0.5 --child-timeout 60)
 fi
 small_methods=naive_one,lmeval,engine_packed,engine_padded,grpc
+# On shared prompts: the engine's two layouts (what sharing a prompt buys each) and the naive baseline.
+shared_methods=naive_one,engine_packed,engine_padded
 large_methods=naive_one,lmeval,engine_packed,engine_padded
 
 site=$(mktemp -d "${TMPDIR:-/tmp}/pairscore-gpu-site.XXXXXX")
@@ -131,12 +133,13 @@ step tests 120 "$out/tests.log" "$py" -m pytest -q -p no:cacheprovider -o addopt
     tests/test_cuda.py tests/test_engine_math.py
 step bench-small 170 "$out/bench.log" "$py" bench/throughput.py --model "$small" --tokenizer "$carry/tokenizer" \
     --device "$device" --dtype "$dtype" --methods "$small_methods" --peak-tflops "$peak" \
-    "${small_args[@]}" "${bench_args[@]}" --json "$out/bench-small.json"
+    --shared-methods "$shared_methods" "${small_args[@]}" "${bench_args[@]}" --json "$out/bench-small.json"
 step bench-large 100 "$out/bench.log" "$py" bench/throughput.py --model "$large" --tokenizer "$carry/tokenizer" \
     --device "$device" --dtype "$dtype" --methods "$large_methods" --peak-tflops "$peak" \
     "${large_args[@]}" "${bench_args[@]}" --json "$out/bench-large.json"
 step summary 15 "$out/bench.log" "$py" bench/gpu_summary.py "$out" \
-    --require "bench-small.json=$small_methods" --require "bench-large.json=$large_methods"
+    --require "bench-small.json:distinct=$small_methods" --require "bench-small.json:shared=$shared_methods" \
+    --require "bench-large.json:distinct=$large_methods"
 
 cat "$out/summary.md" 2>/dev/null
 if [ ${#failed[@]} -gt 0 ]; then

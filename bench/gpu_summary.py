@@ -2,10 +2,11 @@
 to paste into the docs (steps and their times, the machine, the test results, the
 benchmark tables).
 
-  python bench/gpu_summary.py OUT [--require FILE=METHOD,METHOD ...]
+  python bench/gpu_summary.py OUT [--require FILE[:WORKLOAD]=METHOD,METHOD ...]
 
---require: every workload in OUT/FILE must have each METHOD (the check fails, exit
-status 1, if one was skipped or timed out); the summary is written either way.
+--require: every workload in OUT/FILE (or the one named) must have each METHOD (the
+check fails, exit status 1, if one was skipped or timed out, or the workload is
+missing); the summary is written either way.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("out", type=Path)
-    parser.add_argument("--require", action="append", default=[], metavar="FILE=METHODS")
+    parser.add_argument("--require", action="append", default=[], metavar="FILE[:WORKLOAD]=METHODS")
     args = parser.parse_args(argv)
     out: Path = args.out
     lines = [
@@ -137,13 +138,19 @@ def main(argv: list[str]) -> int:
         else:
             lines += [f"### {name}: missing (the step failed before its first workload; see bench.log)", ""]
     for req in args.require:
-        name, methods = req.split("=", 1)
+        target, methods = req.split("=", 1)
+        name, _, only = target.partition(":")
         path = out / name
         data = json.loads(path.read_text()) if path.is_file() else {}
         data.pop("meta", None)
         if not data:
             problems.append(f"{name}: no results")
+            continue
+        if only and only not in data:
+            problems.append(f"{name}: no {only} workload (see bench.log)")
         for workload, summary in data.items():
+            if only and workload != only:
+                continue
             for method in filter(None, methods.split(",")):
                 if method not in summary:
                     problems.append(f"{name}: {workload}: {method} did not run (see bench.log)")

@@ -489,6 +489,7 @@ def main() -> None:
     parser.add_argument("--shared", help="shared-prompt workload: PROMPTSxRESPONSES, or 'off' "
                         "(default 16x8 on CPU, 64x8 on CUDA)")
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
+    parser.add_argument("--shared-methods", help="methods run on the shared-prompt workload (default: --methods)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per method; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -526,6 +527,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for method in methods:
                 if method in ("naive_two", "engine_bf16") and shared:
+                    continue
+                if shared and args.shared_methods is not None and method not in args.shared_methods.split(","):
                     continue
                 print(f"  {label}: {method} ...", flush=True)
                 result = run_child(method, argparse.Namespace(**{**vars(args), "pairs": n}), shared)

@@ -338,10 +338,13 @@ def test_summary_writes_markdown_and_checks_methods(tmp_path):
             [
                 str(out),
                 "--require",
-                "bench-small.json=naive_one,engine_packed",
+                "bench-small.json:distinct=naive_one,engine_packed",
                 "--require",
                 "bench-large.json=engine_padded",
             ]
         )
         == 0
     )
+    # A workload named but missing fails the check.
+    assert summary.main([str(out), "--require", "bench-small.json:shared=engine_packed"]) == 1
+    assert "bench-small.json: no shared workload" in (out / "summary.md").read_text()
