@@ -154,6 +154,7 @@ def main(argv: list[str]) -> int:
             for method in filter(None, methods.split(",")):
                 if method not in summary:
                     problems.append(f"{name}: {workload}: {method} did not run (see bench.log)")
+    problems = list(dict.fromkeys(problems))  # one line per problem, in order
     if problems:
         lines += ["## Problems", "", *(f"- {p}" for p in problems), ""]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

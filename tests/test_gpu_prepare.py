@@ -137,26 +137,29 @@ def test_every_step_of_the_gpu_check_has_its_own_timeout():
                     heredoc = m.group(1)
             continue
         top.append(line)
-    steps = [re.match(r"^\s*(?:\w+=\S+\s+)*step (\S+) (\d+) ", line) for line in top]
-    steps = [m for m in steps if m]
-    names = [m.group(1) for m in steps]
-    assert names == ["install", "env", "tests", "bench-small", "bench-large", "summary"]
+    steps = [
+        m
+        for line in [*top, *(line for body in functions.values() for line in body)]
+        if (m := re.match(r"^\s*step (\S+) (\d+) ", line))
+    ]
+    names = sorted(m.group(1) for m in steps)
+    assert names == sorted(["install", "env", "tests", "bench-small", "bench-large", "summary"])
     assert sum(int(m.group(2)) for m in steps) <= 8 * 60 - 30, "the limits must fit 8 minutes with a margin"
     assert 'timeout -k 10 "$limit" "$@"' in "\n".join(functions["step"])
 
     runs_something = re.compile(r'"\$py" |nvidia-smi |^\s*python3? |\bpytest\b')
-    called_by_step = {m.group(1) for line in top if (m := re.match(r"^\s*step \S+ \d+ \S+ (\w+)\s*$", line))}
-    for line in top:
-        code = line.split("#", 1)[0]
-        if runs_something.search(code) and not code.lstrip().startswith("echo"):
-            assert re.search(r"(^|\s)step |timeout ", code), f"runs outside a step or timeout: {line!r}"
-    for name, body in functions.items():
+    called_by_step = {
+        m.group(1) for line in top if (m := re.match(r"^\s*step \S+ \d+ \S+ (\w+)\s*(\|\|.*)?$", line))
+    }
+    for name, body in [("", top), *functions.items()]:
         if name == "step" or name in called_by_step:
             continue
         for line in body:
             code = line.split("#", 1)[0]
             if runs_something.search(code) and not code.lstrip().startswith("echo"):
-                assert "timeout " in code, f"{name}() runs outside a step or timeout: {line!r}"
+                assert re.search(r"^\s*step |timeout ", code), (
+                    f"{name or 'top level'}: runs outside a step: {line!r}"
+                )
     # The bench steps bound each method too, so one hung method cannot take the whole step.
     assert "--child-timeout" in text
 
