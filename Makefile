@@ -1,6 +1,6 @@
 # pairscore developer commands. Each target builds .venv on first use.
 #   make serve   install the server and start it on the embedded SmolLM2 model
-#   make check   what CI runs: lint and type check, then the whole test suite
+#   make check   what CI runs: lint and type check, the whole test suite, the GPU check's CPU rehearsal
 #   make lint    ruff check, ruff format --check, mypy (server/ and client/)
 #   make test    install everything (and the tools the tests use) and run the whole test suite
 PYTHON ?= python3
@@ -40,7 +40,7 @@ tools: $(STAMP)
 	chmod +x $(BIN)/promtool.part; mv $(BIN)/promtool.part $(BIN)/promtool; \
 	$(BIN)/promtool --version 2>&1 | head -n 1
 
-check: lint test
+check: lint test gpu-rehearsal
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
