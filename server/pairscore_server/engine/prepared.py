@@ -42,6 +42,16 @@ class PreparedPair:
     boundary_straddled: bool
     return_tokens: bool
     straddle_index: int = -1
+    #: Data-selection options of the pair's request (docs/scores.md): score
+    #: p ⊕ y as well; compute ranks; the k most likely tokens per position.
+    unconditional: bool = False
+    greedy: bool = False
+    top_k: int = 0
+
+    @property
+    def response_ids(self) -> tuple[int, ...]:
+        """y's token ids, the ones conditional_logprob sums over."""
+        return self.input_ids[len(self.input_ids) - self.response_tokens :]
 
     @property
     def num_tokens(self) -> int:
