@@ -30,9 +30,10 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+from collections.abc import Sequence
 from typing import Any
 
-from pairscore.pipeline.columns import score_rows
+from pairscore.pipeline.columns import normalize_scores, score_options, score_rows
 
 __all__ = ["EngineScorer", "ServiceScorer", "main", "score_dataset"]
 
@@ -42,7 +43,8 @@ class ServiceScorer:
 
     ``client_options`` go to :class:`~pairscore.client.ScoringClient`
     (``timeout``, ``tls``, ``token``...); each batch is streamed with
-    ``score_iter`` over ``streams`` streams.
+    ``score_iter`` over ``streams`` streams. ``scores``: extra score groups
+    (``"unconditional"``, ``"greedy"``; docs/scores.md) whose columns to add.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class ServiceScorer:
         response_field: str = "response",
         streams: int = 2,
         tokenization: str = "separate",
+        scores: str | Sequence[str] = (),
         **client_options: Any,
     ) -> None:
         from pairscore.client import ScoringClient
@@ -62,6 +65,7 @@ class ServiceScorer:
         self.response_field = response_field
         self.streams = streams
         self.tokenization = tokenization
+        self.scores = normalize_scores(scores)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Return the batch with the score columns added."""
@@ -69,12 +73,16 @@ class ServiceScorer:
             **batch,
             **score_rows(
                 lambda pairs: self.client.score_iter(
-                    pairs, streams=self.streams, tokenization=self.tokenization
+                    pairs,
+                    streams=self.streams,
+                    tokenization=self.tokenization,
+                    **score_options(self.scores),
                 ),
                 batch[self.prompt_field],
                 batch[self.response_field],
                 prompt_field=self.prompt_field,
                 response_field=self.response_field,
+                scores=self.scores,
             ),
         }
 
@@ -96,12 +104,16 @@ class EngineScorer:
         dtype: str = "auto",
         prompt_field: str = "prompt",
         response_field: str = "response",
+        scores: str | Sequence[str] = (),
     ) -> None:
+        from pairscore.types import ScoreOptions
         from pairscore_server.engine import ModelSpec, score_pairs
         from pairscore_server.engine.loading import load_engine
 
         self.engine = load_engine(ModelSpec(model=model, device=device, dtype=dtype))
-        self._score_pairs = functools.partial(score_pairs, self.engine)
+        self.scores = normalize_scores(scores)
+        options = ScoreOptions(**score_options(self.scores))
+        self._score_pairs = functools.partial(score_pairs, self.engine, options=options)
         self.prompt_field = prompt_field
         self.response_field = response_field
 
@@ -115,6 +127,7 @@ class EngineScorer:
                 batch[self.response_field],
                 prompt_field=self.prompt_field,
                 response_field=self.response_field,
+                scores=self.scores,
             ),
         }
 
@@ -133,6 +146,7 @@ def score_dataset(
     response_field: str = "response",
     streams: int = 2,
     client_options: dict[str, Any] | None = None,
+    scores: str | Sequence[str] = (),
 ) -> Any:
     """``dataset.map_batches`` with a pool of ``actors`` scorer actors (service or engine).
 
@@ -140,7 +154,11 @@ def score_dataset(
     and 1 for the engine variant, 0 with ``device="cpu"``; with GPUs and
     ``device="auto"`` the engine runs on ``cuda``.
     """
-    fields = {"prompt_field": prompt_field, "response_field": response_field}
+    fields: dict[str, Any] = {
+        "prompt_field": prompt_field,
+        "response_field": response_field,
+        "scores": normalize_scores(scores),
+    }
     if use_engine:
         gpus = (0.0 if device == "cpu" else 1.0) if gpus_per_actor is None else gpus_per_actor
         if gpus and device == "auto":
@@ -189,7 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prompt-field", default="prompt")
     parser.add_argument("--response-field", default="response")
+    parser.add_argument(
+        "--scores",
+        default="conditional",
+        help="score groups, comma-separated: conditional (always), unconditional, greedy (docs/scores.md)",
+    )
     args = parser.parse_args(argv)
+    try:
+        scores = normalize_scores(args.scores)
+    except ValueError as exc:
+        parser.error(str(exc))
     if (args.target is None) == (args.engine is None):
         parser.error("give exactly one of --target and --engine")
 
@@ -208,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         prompt_field=args.prompt_field,
         response_field=args.response_field,
+        scores=scores,
     )
     scored.write_parquet(args.output)
     print(f"scored -> {args.output}", file=sys.stderr)

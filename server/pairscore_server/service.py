@@ -219,8 +219,10 @@ class ScoringService:
         if size > limit:
             self._count_rejected(REJECT_RESPONSE_SIZE, len(pairs))
             fix = "send fewer pairs per request"
-            if options.wants_tokens:
-                fix += " or leave out the per-token detail (return_tokens, top_k)"
+            if options.return_tokens:
+                fix += " or leave out the per-token detail (return_tokens)"
+            if options.top_k:
+                fix += f" or ask for fewer top-k alternatives (top_k={options.top_k})"
             raise RequestLimitError(
                 f"the answer to this request could take up to {size} bytes, over this server's "
                 f"{limit}-byte message limit (max_message_bytes); {fix}; nothing was scored"
