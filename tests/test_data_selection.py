@@ -250,3 +250,50 @@ def test_top_k_out_of_range_is_an_item_error_naming_the_limit(engine, k):
     [got] = engine.score_pairs([Pair("a", "b")], ScoreOptions(top_k=k))
     assert isinstance(got, ItemError)
     assert "max_top_k" in got.message and "20" in got.message
+
+
+def test_the_head_stays_chunked_with_ranks_and_top_k(family, monkeypatch):
+    """With ranks and top-20 on, no log-softmax sees more rows than one chunk: the
+    [tokens x vocab] tensor is never built (docs/scores.md, Cost and memory)."""
+    from harness.models import make_engine
+
+    model, tokenizer = family
+    vocab = model.get_output_embeddings().weight.shape[0]
+    eng = make_engine(model, tokenizer, chunk_bytes=4 * vocab * 8)  # 8 rows a chunk
+    assert eng._logprobs.chunk_rows == 8
+    seen: list[int] = []
+    real = torch.log_softmax
+
+    def recording(logits, *args, **kwargs):
+        seen.append(logits.shape[0])
+        return real(logits, *args, **kwargs)
+
+    long_pair = Pair(" ".join(["the capital of France is Paris"] * 6), " hello world 42" * 5)
+    plain = eng.score_pairs([long_pair], ScoreOptions(unconditional=True, return_tokens=True))
+    monkeypatch.setattr(torch, "log_softmax", recording)
+    [got] = eng.score_pairs([long_pair], ScoreOptions(unconditional=True, greedy=True, top_k=20))
+    monkeypatch.undo()
+    assert got.prompt_tokens + got.response_tokens > 40 and seen and max(seen) <= 8
+    assert_same_scores(got, plain[0])
+    assert got.unconditional_logprob == pytest.approx(plain[0].unconditional_logprob, abs=TOL)
+
+
+def test_response_size_bound_covers_top_k(engine):
+    """The bound the server checks before scoring (convert.result_bytes_bound) holds with
+    top-20 alternatives, ranks and the data-selection scores on."""
+    from pairscore.convert import response_to_pb, result_bytes_bound
+
+    pairs = [*mixed_pairs(12, seed=19), Pair("e\u0301 😀 你好", " naïve\n\t", id="x" * 50)]
+    outcomes = engine.score_pairs(pairs, ScoreOptions(top_k=20, greedy=True, unconditional=True))
+    actual = response_to_pb(outcomes).ByteSize()
+    bound = sum(
+        result_bytes_bound(
+            id=p.id,
+            tokens=o.prompt_tokens + o.response_tokens,
+            text_bytes=len(p.prompt.encode()) + len(p.response.encode()),
+            top_k=20,
+            max_token_text_bytes=engine.info.max_token_text_bytes,
+        )
+        for p, o in zip(pairs, outcomes, strict=True)
+    )
+    assert actual <= bound, (actual, bound)

@@ -231,3 +231,26 @@ def test_filter_by_ifd_resumes_after_an_interruption(server: ServerThread, tmp_p
     assert [r["id"] for r in resumed] == [r["id"] for r in whole] and whole
     for a, b in zip(resumed, whole, strict=True):
         assert a["ifd"] == pytest.approx(b["ifd"], rel=1e-5)
+
+
+def test_ray_and_datasets_scorers_add_the_columns(server: ServerThread) -> None:
+    from pairscore.hf import ScoreColumns
+    from pairscore.ray import ServiceScorer
+
+    batch = {"prompt": ["Q: two plus two?", None, "Q:"], "response": [" four", " x", ""]}
+    ray_scorer = ServiceScorer(server.target, scores="unconditional,greedy", timeout=30)
+    hf_scorer = ScoreColumns(server.target, scores=["unconditional"], timeout=30)
+    try:
+        ray_out = ray_scorer(batch)
+        hf_out = hf_scorer(batch)
+    finally:
+        ray_scorer.client.close()
+        hf_scorer.close()
+    assert ray_out["prompt"] == batch["prompt"]  # the batch's columns are kept
+    assert isinstance(ray_out["ifd"][0], float) and isinstance(ray_out["response_is_greedy"][0], bool)
+    assert ray_out["ifd"][1] is None and ray_out["error"][1] == "invalid_row"
+    assert ray_out["ifd"][2] is None and ray_out["pmi"][2] == 0.0  # empty response: IFD undefined
+    assert hf_out["ifd"][0] == pytest.approx(ray_out["ifd"][0], rel=1e-5)
+    assert "response_is_greedy" not in hf_out
+    with pytest.raises(ValueError, match="unknown score 'entropy'"):
+        ServiceScorer(server.target, scores="entropy")

@@ -36,7 +36,6 @@ from pairscore.pipeline.columns import (
     SELECTION_COLUMN_TYPES,
     column_names,
     normalize_scores,
-    score_options,
     score_rows,
 )
 
@@ -124,7 +123,8 @@ class ScoreColumns:
                 batch_size=self.message_size,
                 streams=self.streams,
                 tokenization=self.tokenization,
-                **score_options(self.scores),
+                unconditional="unconditional" in self.scores,
+                greedy="greedy" in self.scores,
             ),
             batch[self.prompt_field],
             batch[self.response_field],

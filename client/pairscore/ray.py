@@ -33,7 +33,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pairscore.pipeline.columns import normalize_scores, score_options, score_rows
+from pairscore.pipeline.columns import normalize_scores, score_rows
 
 __all__ = ["EngineScorer", "ServiceScorer", "main", "score_dataset"]
 
@@ -60,12 +60,12 @@ class ServiceScorer:
     ) -> None:
         from pairscore.client import ScoringClient
 
+        self.scores = normalize_scores(scores)  # an unknown name fails before a channel is opened
         self.client = ScoringClient(target, wait_for_ready=True, **client_options)
         self.prompt_field = prompt_field
         self.response_field = response_field
         self.streams = streams
         self.tokenization = tokenization
-        self.scores = normalize_scores(scores)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Return the batch with the score columns added."""
@@ -76,7 +76,8 @@ class ServiceScorer:
                     pairs,
                     streams=self.streams,
                     tokenization=self.tokenization,
-                    **score_options(self.scores),
+                    unconditional="unconditional" in self.scores,
+                    greedy="greedy" in self.scores,
                 ),
                 batch[self.prompt_field],
                 batch[self.response_field],
@@ -112,7 +113,7 @@ class EngineScorer:
 
         self.engine = load_engine(ModelSpec(model=model, device=device, dtype=dtype))
         self.scores = normalize_scores(scores)
-        options = ScoreOptions(**score_options(self.scores))
+        options = ScoreOptions(unconditional="unconditional" in self.scores, greedy="greedy" in self.scores)
         self._score_pairs = functools.partial(score_pairs, self.engine, options=options)
         self.prompt_field = prompt_field
         self.response_field = response_field

@@ -94,11 +94,6 @@ def normalize_scores(scores: str | Sequence[str]) -> tuple[str, ...]:
     return parse_scores(scores if isinstance(scores, str) else ",".join(scores))
 
 
-def score_options(scores: Sequence[str]) -> dict[str, bool]:
-    """The client keyword arguments that produce the columns of ``scores``."""
-    return {"unconditional": "unconditional" in scores, "greedy": "greedy" in scores}
-
-
 def group_of(column: str) -> str:
     """The score group that writes ``column`` (``conditional`` for the default columns)."""
     for group, columns in SCORE_GROUPS.items():
