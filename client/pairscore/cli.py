@@ -170,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with ScoringClient(target, **client_kwargs(args)) as client:
             if args.command == "info":
-                print(json.dumps(_jsonable(client.model_info()), indent=2))
+                info = _jsonable(client.model_info())
+                info.pop("max_token_text_bytes", None)  # server-side only, never sent
+                print(json.dumps(info, indent=2))
             elif args.command == "health":
                 print(client.health(""))
             else:

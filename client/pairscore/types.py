@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class TokenizationMode(enum.Enum):
@@ -191,9 +191,9 @@ class ModelInfo:
     max_message_bytes: int = 0
     max_queue_tokens: int = 0
     max_top_k: int = 0
-    #: Not on the wire: a bound of one token's decoded text in UTF-8 bytes, which the
-    #: server's response-size bound needs for top-k alternatives (0: unknown).
-    max_token_text_bytes: int = 0
+    #: Server-side only, never on the wire (so not compared): a bound of one token's
+    #: decoded text in UTF-8 bytes, for the response-size bound of top-k alternatives.
+    max_token_text_bytes: int = field(default=0, compare=False, repr=False)
 
 
 def data_selection_scores(conditional: float, unconditional: float) -> tuple[float, float]:
