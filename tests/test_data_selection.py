@@ -297,3 +297,14 @@ def test_response_size_bound_covers_top_k(engine):
         for p, o in zip(pairs, outcomes, strict=True)
     )
     assert actual <= bound, (actual, bound)
+
+
+def test_work_tokens_count_the_unconditional_rows(engine):
+    """The batcher queues and measures throughput in work_tokens: p ⊕ x ⊕ y, plus p ⊕ y
+    when asked (none for an empty response, or an empty prompt: its own p ⊕ y)."""
+    pairs = [Pair("a question", " an answer"), Pair("a question", ""), Pair("", " an answer")]
+    plain = engine.prepare(pairs, ScoreOptions())
+    asking = engine.prepare(pairs, ScoreOptions(unconditional=True))
+    assert [p.work_tokens for p in plain] == [p.num_tokens for p in plain]
+    assert asking[0].work_tokens == asking[0].num_tokens + 1 + asking[0].response_tokens
+    assert [p.work_tokens for p in asking[1:]] == [p.num_tokens for p in asking[1:]]

@@ -49,6 +49,18 @@ class PreparedPair:
     top_k: int = 0
 
     @property
+    def work_tokens(self) -> int:
+        """Token positions this pair costs a ``score`` call: p ⊕ x ⊕ y, plus p ⊕ y when it
+        asked for its unconditional score (an upper bound: identical p ⊕ y run once).
+        The batcher's queue and throughput count these."""
+        extra = (
+            1 + self.response_tokens
+            if self.unconditional and self.response_tokens and self.prompt_tokens
+            else 0
+        )
+        return self.num_tokens + extra
+
+    @property
     def response_ids(self) -> tuple[int, ...]:
         """y's token ids, the ones conditional_logprob sums over."""
         return self.input_ids[len(self.input_ids) - self.response_tokens :]
