@@ -161,6 +161,17 @@ def test_filter_by_ifd_from_the_cli(server: ServerThread, tmp_path: Path) -> Non
     got = [r["id"] for r in _read(kept)]
     assert got == want and got
     assert all(r["ifd"] <= 1 for r in _read(kept))
+    # pairscore report draws any of the new columns
+    from pairscore.pipeline.report import read_metric
+
+    data = read_metric(str(scored), "ifd")
+    assert len(data.values) == sum(r["ifd"] is not None for r in rows)
+    assert data.missing == sum(r["ifd"] is None for r in rows) > 0  # empty responses
+    assert read_metric(str(scored), "greedy").metric.column == "response_is_greedy"
+    pytest.importorskip("matplotlib")
+    figure = tmp_path / "pmi.png"
+    assert cli.main(["report", str(scored), "--metric", "pmi", "-o", str(figure)]) == 0
+    assert figure.stat().st_size > 0
 
 
 def test_unknown_score_name_is_a_cli_error(
