@@ -150,6 +150,7 @@ def test_filter_by_ifd_from_the_cli(server: ServerThread, tmp_path: Path) -> Non
             "0.25",
             "--by",
             "ifd",
+            "--resume",
             *common,
         ]
     )
@@ -265,3 +266,11 @@ def test_ray_and_datasets_scorers_add_the_columns(server: ServerThread) -> None:
     assert "response_is_greedy" not in hf_out
     with pytest.raises(ValueError, match="unknown score 'entropy'"):
         ServiceScorer(server.target, scores="entropy")
+
+
+def test_query_refuses_a_negative_top_k(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["query", "--target", server.target, "--top-k", "-1", "Q:", " A."])
+    assert exited.value.code == 2 and "--top-k must be >= 0" in capsys.readouterr().err
+    assert cli.main(["query", "--target", server.target, "--top-k", "21", "Q:", " A."]) == 1
+    assert "max_top_k" in capsys.readouterr().err
