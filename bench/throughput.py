@@ -16,6 +16,9 @@ Methods:
   engine_packed  the engine with --packing on: packed rows (the CPU default; padded is CUDA's)
   engine_bf16 the engine with bfloat16 weights (float32 log-softmax), opt-in
   grpc        `pairscore serve` in a separate process, N concurrent client streams
+Data-selection methods (docs/scores.md; not in the default --methods):
+  engine_uncond  the engine with unconditional=True (p+y rows beside p+x+y rows)
+  engine_topk    the engine with greedy=True, top_k=20 (ranks and top-20 from the chunked head)
 
 Usage:
   python bench/throughput.py                      # tiny model, about 4 minutes on 2 cores
@@ -56,6 +59,11 @@ from pathlib import Path
 ALL_METHODS = ["naive_one", "naive_two", "lmeval", "engine", "engine_padded", "engine_packed", "engine_bf16",
                "grpc"]
 ENGINE_METHODS = ("engine", "engine_padded", "engine_packed", "engine_bf16")
+#: The engine with the data-selection options on, measured against ``engine`` in the same run.
+SELECTION_METHODS = {
+    "engine_uncond": {"unconditional": True},
+    "engine_topk": {"greedy": True, "top_k": 20},
+}
 PRESETS = {
     "tiny": {"n_embd": 256, "n_layer": 4, "n_head": 4},
     "gpt2-small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
@@ -253,10 +261,10 @@ def run_lmeval(model, tokenizer, pairs, prefix_text, batch_size):
     return [(float("nan"), float(r[0])) for r in results]
 
 
-def run_engine(engine, pairs):
-    from pairscore.types import Pair
+def run_engine(engine, pairs, **options):
+    from pairscore.types import Pair, ScoreOptions
 
-    scored = engine.score_pairs([Pair(x, y) for x, y in pairs])
+    scored = engine.score_pairs([Pair(x, y) for x, y in pairs], ScoreOptions(**options))
     return [(s.joint_logprob, s.conditional_logprob) for s in scored]
 
 
@@ -341,6 +349,8 @@ def child(args) -> None:
     engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"), limits=limits)
     prepared = engine.prepare([Pair(x, y) for x, y in pairs], ScoreOptions())
     tokens = sum(p.num_tokens for p in prepared)
+    # the unconditional rows add 1 + n per pair with a response (p + y): the expected extra work
+    extra = sum(1 + p.response_tokens for p in prepared if p.response_tokens)
     ideal = ideal_tokens_per_s(model, seconds=args.gemm_seconds)
     engine.warmup()  # first-call costs (allocator, kernels) are not throughput
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -354,6 +364,8 @@ def child(args) -> None:
                              "auto" if device.type == "cuda" else 1)
     elif method in ("engine", "engine_padded", "engine_packed"):
         results = run_engine(engine, pairs)
+    elif method in SELECTION_METHODS:
+        results = run_engine(engine, pairs, **SELECTION_METHODS[method])
     elif method == "engine_bf16":
         engine = ScoringEngine(model.to(torch.bfloat16), tokenizer,
                                description=ModelDescription("bench", "bench"), limits=limits)
@@ -383,6 +395,7 @@ def child(args) -> None:
         "flops_per_token": flops_per_token(model),
         "peak_rss": rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before": rss_before, "weights_bytes": weights, "results": results,
+        "unconditional_extra_tokens": extra,
     }))
 
 
@@ -440,6 +453,7 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
             "cuda_max_allocated_gib": max(r["cuda_max_allocated"] for r in reps) / 2**30,
             "over_weights_gib": (max(r["peak_rss"] for r in reps) - best["weights_bytes"]) / 2**30,
             "results": best["results"],
+            "expected_uncond_ratio": reps[0]["tokens"] / (reps[0]["tokens"] + reps[0]["unconditional_extra_tokens"]),
         }
     print(f"{'method':<12} {'tokens/s':>9} {'pairs/s':>8} {'% ideal':>8} {'peak RSS':>9} {'RSS-weights':>11}"
           f" {'CUDA max alloc':>14}")
@@ -460,6 +474,11 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
     if "engine_padded" in summary and "engine" in summary:
         print(f"engine / engine_padded: "
               f"{summary['engine']['tokens_per_s'] / summary['engine_padded']['tokens_per_s']:.2f}")
+    for method in SELECTION_METHODS:
+        if method in summary and "engine" in summary:
+            ratio = summary[method]["tokens_per_s"] / summary["engine"]["tokens_per_s"]
+            expected = f", expected {summary[method]['expected_uncond_ratio']:.2f}" if method == "engine_uncond" else ""
+            print(f"{method} / engine: {ratio:.2f} (same pairs; 1/ratio = relative cost{expected})")
     if "engine_packed" in summary and "engine_padded" in summary:
         print(f"engine_packed / engine_padded: "
               f"{summary['engine_packed']['tokens_per_s'] / summary['engine_padded']['tokens_per_s']:.2f}")

@@ -104,10 +104,26 @@ def to_pair(item: PairLike) -> Pair:
 
 
 def make_options(
-    tokenization: TokenizationMode | str = TokenizationMode.SEPARATE, return_tokens: bool = False
+    tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
+    return_tokens: bool = False,
+    unconditional: bool = False,
+    greedy: bool = False,
+    top_k: int = 0,
 ) -> ScoreOptions:
-    """ScoreOptions from keyword arguments (``tokenization`` may be ``"joint"``/``"separate"``)."""
-    return ScoreOptions(tokenization=TokenizationMode(tokenization), return_tokens=return_tokens)
+    """ScoreOptions from keyword arguments (``tokenization`` may be ``"joint"``/``"separate"``).
+
+    A negative ``top_k`` raises ValueError here; one above the server's
+    ``max_top_k`` is refused by the server (INVALID_ARGUMENT naming the limit).
+    """
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be a whole number >= 0, got {top_k!r}")
+    return ScoreOptions(
+        tokenization=TokenizationMode(tokenization),
+        return_tokens=return_tokens,
+        unconditional=unconditional,
+        greedy=greedy,
+        top_k=top_k,
+    )
 
 
 @dataclass(frozen=True)

@@ -115,11 +115,16 @@ class AsyncScoringClient:
         *,
         tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
         return_tokens: bool = False,
+        unconditional: bool = False,
+        greedy: bool = False,
+        top_k: int = 0,
         timeout: float | None = None,
     ) -> list[ScoreOutcome]:
         """Score pairs in one request; see :meth:`ScoringClient.score <pairscore.client.ScoringClient.score>`."""
         pairs = list(pairs)
-        request = self._core.request(pairs, make_options(tokenization, return_tokens))
+        request = self._core.request(
+            pairs, make_options(tokenization, return_tokens, unconditional, greedy, top_k)
+        )
         try:
             response = await self._stub.Score(request, **self._core.call_kwargs(timeout))
         except grpc.RpcError as exc:
@@ -135,6 +140,9 @@ class AsyncScoringClient:
         streams: int = 1,
         tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
         return_tokens: bool = False,
+        unconditional: bool = False,
+        greedy: bool = False,
+        top_k: int = 0,
         timeout: float | None = None,
         on_retry: Callable[[ScoringError, float], None] | None = None,
     ) -> AsyncIterator[ScoreOutcome]:
@@ -152,7 +160,7 @@ class AsyncScoringClient:
             open_call=self._stub.ScoreStream,
             core=self._core,
             pairs=pairs,
-            options=make_options(tokenization, return_tokens),
+            options=make_options(tokenization, return_tokens, unconditional, greedy, top_k),
             settings=settings,
         )
 

@@ -49,6 +49,16 @@ def _result_record(index: int, result: Any, *, tokens: bool) -> dict[str, Any]:
     record.pop("id", None)
     if not tokens:
         record.pop("tokens", None)
+    for name in ("unconditional_logprob", "pmi", "ifd", "response_is_greedy"):
+        if record.get(name) is None:
+            record.pop(name, None)  # not asked for: the line stays as before
+    if isinstance(record.get("ifd"), float) and record["ifd"] != record["ifd"]:
+        record["ifd"] = None  # NaN is not JSON
+    for token in record.get("tokens", ()):
+        if not token.get("rank"):
+            token.pop("rank", None)
+        if not token.get("top_k"):
+            token.pop("top_k", None)
     return record
 
 
@@ -103,6 +113,22 @@ def _make_parser() -> argparse.ArgumentParser:
         help="tokenize prompt+response as one text (TOKENIZATION_MODE_JOINT) instead of separately",
     )
     query.add_argument("--tokens", action="store_true", help="also print each token with its log-probability")
+    query.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="also score the response alone: unconditional_logprob, pmi, ifd (docs/scores.md)",
+    )
+    query.add_argument(
+        "--greedy", action="store_true", help="add response_is_greedy (and each token's rank with --tokens)"
+    )
+    query.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="print the K most likely tokens at each position (implies --tokens; at most the server's "
+        "max_top_k, see `pairscore info`)",
+    )
     from pairscore.pipeline.commands import add_pipeline_commands
 
     add_pipeline_commands(commands)
@@ -138,11 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "query" and len(args.texts) % 2:
         parser.error("query takes PROMPT RESPONSE pairs: give an even number of texts")
+    if args.command == "query" and args.top_k < 0:
+        parser.error(f"--top-k must be >= 0, got {args.top_k}")
     target = target_of(args)
     try:
         with ScoringClient(target, **client_kwargs(args)) as client:
             if args.command == "info":
-                print(json.dumps(_jsonable(client.model_info()), indent=2))
+                info = _jsonable(client.model_info())
+                info.pop("max_token_text_bytes", None)  # server-side only, never sent
+                print(json.dumps(info, indent=2))
             elif args.command == "health":
                 print(client.health(""))
             else:
@@ -151,9 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for i in range(0, len(args.texts), 2)
                 ]
                 mode = TokenizationMode.JOINT if args.joint else TokenizationMode.SEPARATE
-                results = client.score(pairs, tokenization=mode, return_tokens=args.tokens)
+                results = client.score(
+                    pairs,
+                    tokenization=mode,
+                    return_tokens=args.tokens,
+                    unconditional=args.unconditional,
+                    greedy=args.greedy,
+                    top_k=args.top_k,
+                )
+                tokens = args.tokens or args.top_k > 0
                 for index, result in enumerate(results):
-                    print(json.dumps(_result_record(index, result, tokens=args.tokens), ensure_ascii=False))
+                    print(json.dumps(_result_record(index, result, tokens=tokens), ensure_ascii=False))
     except ConnectionFailedError as exc:
         print(
             f"pairscore: cannot reach {target}: {exc.cause}. {exc.hint[:1].upper()}{exc.hint[1:]}.",

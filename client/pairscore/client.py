@@ -131,17 +131,26 @@ class ScoringClient:
         *,
         tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
         return_tokens: bool = False,
+        unconditional: bool = False,
+        greedy: bool = False,
+        top_k: int = 0,
         timeout: float | None = None,
     ) -> list[ScoreOutcome]:
         """Score pairs in one request; one PairScore or ItemError per pair, in order.
 
         ``tokenization``: ``SEPARATE`` (default) or ``JOINT``;
-        ``return_tokens``: add per-token detail; ``timeout`` overrides the
-        client's default deadline. Raises a
+        ``return_tokens``: add per-token detail; ``unconditional``: add
+        ``unconditional_logprob``, ``pmi`` and ``ifd``; ``greedy``: add
+        ``response_is_greedy`` and each token's ``rank``; ``top_k``: the k
+        most likely tokens at each position (at most the server's
+        ``ModelInfo.max_top_k``; implies per-token detail). See
+        docs/scores.md. ``timeout`` overrides the client's default deadline. Raises a
         :class:`~pairscore.errors.ScoringError` subclass if the RPC fails.
         """
         pairs = list(pairs)
-        request = self._core.request(pairs, make_options(tokenization, return_tokens))
+        request = self._core.request(
+            pairs, make_options(tokenization, return_tokens, unconditional, greedy, top_k)
+        )
         try:
             response = self._stub.Score(request, **self._core.call_kwargs(timeout))
         except grpc.RpcError as exc:
@@ -157,6 +166,9 @@ class ScoringClient:
         streams: int = 1,
         tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
         return_tokens: bool = False,
+        unconditional: bool = False,
+        greedy: bool = False,
+        top_k: int = 0,
         timeout: float | None = None,
         on_retry: Callable[[ScoringError, float], None] | None = None,
     ) -> Iterator[ScoreOutcome]:
@@ -192,7 +204,7 @@ class ScoringClient:
             open_call=self._stub.ScoreStream,
             core=self._core,
             pairs=pairs,
-            options=make_options(tokenization, return_tokens),
+            options=make_options(tokenization, return_tokens, unconditional, greedy, top_k),
             settings=settings,
         )
 
@@ -202,6 +214,9 @@ class ScoringClient:
         *,
         tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
         return_tokens: bool = False,
+        unconditional: bool = False,
+        greedy: bool = False,
+        top_k: int = 0,
         timeout: float | None = None,
     ) -> Iterator[list[ScoreOutcome]]:
         """Send your own batches over one ScoreStream call; yields one result list per batch.
@@ -210,7 +225,7 @@ class ScoringClient:
         ``batches`` is consumed as fast as the server reads it. ``timeout``
         is the deadline of the whole stream (default: the client's).
         """
-        options = make_options(tokenization, return_tokens)
+        options = make_options(tokenization, return_tokens, unconditional, greedy, top_k)
         sizes: list[int] = []
         failed: list[BaseException] = []
 

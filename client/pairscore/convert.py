@@ -18,6 +18,7 @@ from pairscore.types import (
     ScoreOptions,
     ScoreOutcome,
     Side,
+    TokenAlternative,
     TokenizationMode,
     TokenScore,
 )
@@ -71,6 +72,9 @@ def request_to_pb(pairs: Iterable[Pair], options: ScoreOptions) -> pb.ScoreReque
         options=pb.ScoreOptions(
             tokenization=_TOKENIZATION_TO_PB[options.tokenization],
             return_tokens=options.return_tokens,
+            unconditional=options.unconditional,
+            greedy=options.greedy,
+            top_k=options.top_k,
         ),
     )
 
@@ -80,6 +84,9 @@ def request_from_pb(msg: pb.ScoreRequest) -> tuple[list[Pair], ScoreOptions]:
     options = ScoreOptions(
         tokenization=_lookup(_TOKENIZATION_FROM_PB, msg.options.tokenization, "tokenization"),
         return_tokens=msg.options.return_tokens,
+        unconditional=msg.options.unconditional,
+        greedy=msg.options.greedy,
+        top_k=msg.options.top_k,
     )
     pairs = [Pair(prompt=p.prompt, response=p.response, id=p.id) for p in msg.pairs]
     return pairs, options
@@ -97,6 +104,8 @@ def _token_to_pb(t: TokenScore) -> pb.TokenScore:
         char_start=t.char_start,
         char_end=t.char_end,
         straddles_boundary=t.straddles_boundary,
+        rank=t.rank,
+        top_k=[pb.TokenAlternative(token_id=a.token_id, text=a.text, logprob=a.logprob) for a in t.top_k],
     )
 
 
@@ -109,6 +118,8 @@ def _token_from_pb(t: pb.TokenScore) -> TokenScore:
         char_start=t.char_start,
         char_end=t.char_end,
         straddles_boundary=t.straddles_boundary,
+        rank=t.rank,
+        top_k=tuple(TokenAlternative(a.token_id, a.text, a.logprob) for a in t.top_k),
     )
 
 
@@ -120,19 +131,25 @@ def result_to_pb(index: int, outcome: ScoreOutcome) -> pb.ScoreResult:
             index=index,
             error=pb.ItemError(code=_ERROR_TO_PB[outcome.code], message=outcome.message),
         )
-    return pb.ScoreResult(
-        id=outcome.id,
-        index=index,
-        scores=pb.PairScores(
-            joint_logprob=outcome.joint_logprob,
-            prompt_logprob=outcome.prompt_logprob,
-            conditional_logprob=outcome.conditional_logprob,
-            prompt_tokens=outcome.prompt_tokens,
-            response_tokens=outcome.response_tokens,
-            boundary_straddled=outcome.boundary_straddled,
-            tokens=[_token_to_pb(t) for t in outcome.tokens],
-        ),
+    scores = pb.PairScores(
+        joint_logprob=outcome.joint_logprob,
+        prompt_logprob=outcome.prompt_logprob,
+        conditional_logprob=outcome.conditional_logprob,
+        prompt_tokens=outcome.prompt_tokens,
+        response_tokens=outcome.response_tokens,
+        boundary_straddled=outcome.boundary_straddled,
+        tokens=[_token_to_pb(t) for t in outcome.tokens],
     )
+    # Optional fields stay unset (absent on the wire) unless the request asked for them.
+    if outcome.unconditional_logprob is not None:
+        scores.unconditional_logprob = outcome.unconditional_logprob
+    if outcome.pmi is not None:
+        scores.pmi = outcome.pmi
+    if outcome.ifd is not None:
+        scores.ifd = outcome.ifd
+    if outcome.response_is_greedy is not None:
+        scores.response_is_greedy = outcome.response_is_greedy
+    return pb.ScoreResult(id=outcome.id, index=index, scores=scores)
 
 
 def response_to_pb(outcomes: Sequence[ScoreOutcome]) -> pb.ScoreResponse:
@@ -161,6 +178,10 @@ def result_from_pb(msg: pb.ScoreResult) -> ScoreOutcome:
         boundary_straddled=s.boundary_straddled,
         tokens=tuple(_token_from_pb(t) for t in s.tokens),
         id=msg.id,
+        unconditional_logprob=s.unconditional_logprob if s.HasField("unconditional_logprob") else None,
+        pmi=s.pmi if s.HasField("pmi") else None,
+        ifd=s.ifd if s.HasField("ifd") else None,
+        response_is_greedy=s.response_is_greedy if s.HasField("response_is_greedy") else None,
     )
 
 
@@ -194,6 +215,7 @@ def model_info_to_pb(info: ModelInfo) -> pb.GetModelInfoResponse:
         max_item_tokens=info.max_item_tokens,
         max_message_bytes=info.max_message_bytes,
         max_queue_tokens=info.max_queue_tokens,
+        max_top_k=info.max_top_k,
     )
 
 
@@ -212,15 +234,14 @@ def model_info_from_pb(msg: pb.GetModelInfoResponse) -> ModelInfo:
         prefix_token=msg.prefix_token,
         tokenizer_class=msg.tokenizer_class,
         server_version=msg.server_version,
-        default_tokenization=_lookup(
-            _TOKENIZATION_FROM_PB, msg.default_tokenization, "tokenization"
-        ),
+        default_tokenization=_lookup(_TOKENIZATION_FROM_PB, msg.default_tokenization, "tokenization"),
         architecture=msg.architecture,
         max_pairs_per_request=msg.max_pairs_per_request,
         max_text_chars=msg.max_text_chars,
         max_item_tokens=msg.max_item_tokens,
         max_message_bytes=msg.max_message_bytes,
         max_queue_tokens=msg.max_queue_tokens,
+        max_top_k=msg.max_top_k,
     )
 
 
@@ -229,16 +250,31 @@ def model_info_from_pb(msg: pb.GetModelInfoResponse) -> ModelInfo:
 _RESULT_BYTES = 80  # a ScoreResult with its PairScores or ItemError, without id / tokens / message
 _TOKEN_BYTES = 40  # a TokenScore without its text
 _PARTIAL_UTF8_BYTES = 3  # a token cut inside a character decodes to U+FFFD
+_SELECTION_BYTES = 3 * 9 + 2  # unconditional_logprob, pmi, ifd (tag + double), response_is_greedy
+_RANK_BYTES = 6  # TokenScore.rank: tag + int32 varint
+_ALTERNATIVE_BYTES = 2 + 6 + 2 + 9  # one TokenAlternative: length prefix, id, text tag+length, logprob
 
 
-def result_bytes_bound(*, id: str, tokens: int = 0, text_bytes: int = 0, message: str = "") -> int:
+def result_bytes_bound(
+    *,
+    id: str,
+    tokens: int = 0,
+    text_bytes: int = 0,
+    message: str = "",
+    top_k: int = 0,
+    max_token_text_bytes: int = 0,
+) -> int:
     """An upper bound of one result's size in a ScoreResponse.
 
     ``tokens``: the per-token detail it carries (0 without ``return_tokens``);
     ``text_bytes``: the UTF-8 size of the texts those tokens come from.
-    ``message``: an item error's message.
+    ``message``: an item error's message. ``top_k``: alternatives per token;
+    each one's text is at most ``max_token_text_bytes`` (the longest token of
+    the vocabulary, decoded). Rank and the data-selection scores are always
+    counted (a few bytes).
     """
-    size = _RESULT_BYTES + len(id.encode()) + len(message.encode())
+    size = _RESULT_BYTES + _SELECTION_BYTES + len(id.encode()) + len(message.encode())
     if tokens:
-        size += tokens * (_TOKEN_BYTES + _PARTIAL_UTF8_BYTES) + text_bytes
+        size += tokens * (_TOKEN_BYTES + _RANK_BYTES + _PARTIAL_UTF8_BYTES) + text_bytes
+        size += tokens * top_k * (_ALTERNATIVE_BYTES + max_token_text_bytes)
     return size

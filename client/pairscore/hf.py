@@ -28,9 +28,16 @@ base install; ``pip install 'pairscore[datasets]'`` brings datasets.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from pairscore.pipeline.columns import SCORE_COLUMN_TYPES, score_rows
+from pairscore.pipeline.columns import (
+    SCORE_COLUMN_TYPES,
+    SELECTION_COLUMN_TYPES,
+    column_names,
+    normalize_scores,
+    score_rows,
+)
 
 
 class ScoreColumns:
@@ -42,7 +49,8 @@ class ScoreColumns:
     ``message_size`` pairs over ``streams`` streams. ``model_identity`` is
     the served model's description that the datasets cache fingerprint
     covers; it is fetched on first hashing/pickling, or by
-    :meth:`refresh_model_identity`.
+    :meth:`refresh_model_identity`. ``scores``: extra score groups
+    (``"unconditional"``, ``"greedy"``; docs/scores.md) whose columns to add.
     """
 
     def __init__(
@@ -54,9 +62,11 @@ class ScoreColumns:
         tokenization: str = "separate",
         message_size: int = 32,
         streams: int = 1,
+        scores: str | Sequence[str] = (),
         **client_options: Any,
     ) -> None:
         self.target = target
+        self.scores = normalize_scores(scores)
         self.prompt_field = prompt_field
         self.response_field = response_field
         self.tokenization = tokenization
@@ -109,12 +119,18 @@ class ScoreColumns:
         client = self._get_client()
         return score_rows(
             lambda pairs: client.score_iter(
-                pairs, batch_size=self.message_size, streams=self.streams, tokenization=self.tokenization
+                pairs,
+                batch_size=self.message_size,
+                streams=self.streams,
+                tokenization=self.tokenization,
+                unconditional="unconditional" in self.scores,
+                greedy="greedy" in self.scores,
             ),
             batch[self.prompt_field],
             batch[self.response_field],
             prompt_field=self.prompt_field,
             response_field=self.response_field,
+            scores=self.scores,
         )
 
     def close(self) -> None:
@@ -124,8 +140,9 @@ class ScoreColumns:
             self._client = None
 
 
-def score_features(features: Any = None) -> Any:
-    """``datasets.Features``: ``features`` (a Dataset's) plus the typed score columns.
+def score_features(features: Any = None, scores: str | Sequence[str] = ()) -> Any:
+    """``datasets.Features``: ``features`` (a Dataset's) plus the typed score columns
+    (with those of the extra score groups ``scores``).
 
     Pass it as ``features=`` to ``map`` so that a column that is all null in
     the first batch (``error`` when nothing failed yet) keeps its real type.
@@ -133,8 +150,9 @@ def score_features(features: Any = None) -> Any:
     from datasets import Features, Value
 
     out = Features(dict(features or {}))
-    for name, arrow_type in SCORE_COLUMN_TYPES.items():
-        out[name] = Value(arrow_type)
+    types = {**SCORE_COLUMN_TYPES, **SELECTION_COLUMN_TYPES}
+    for name in column_names(normalize_scores(scores)):
+        out[name] = Value(types[name])
     return out
 
 
@@ -146,6 +164,7 @@ def add_scores(
     response_field: str = "response",
     batch_size: int = 256,
     tokenization: str = "separate",
+    scores: str | Sequence[str] = (),
     client_options: dict[str, Any] | None = None,
     **map_kwargs: Any,
 ) -> Any:
@@ -155,15 +174,17 @@ def add_scores(
     ``map_kwargs`` go to ``Dataset.map`` (e.g. ``num_proc``,
     ``load_from_cache_file``, ``desc``). The served model is asked for
     first (GetModelInfo): its identity is part of the cache fingerprint.
+    ``scores``: extra score groups, e.g. ``"unconditional,greedy"``.
     """
     scorer = ScoreColumns(
         target,
         prompt_field=prompt_field,
         response_field=response_field,
         tokenization=tokenization,
+        scores=scores,
         **(client_options or {}),
     )
-    map_kwargs.setdefault("features", score_features(dataset.features))
+    map_kwargs.setdefault("features", score_features(dataset.features, scores))
     scorer.refresh_model_identity()  # part of the cache fingerprint: a changed model scores again
     try:
         return dataset.map(scorer, batched=True, batch_size=batch_size, **map_kwargs)

@@ -41,12 +41,12 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairscore.pipeline.columns import score_rows
+from pairscore.pipeline.columns import normalize_scores, score_rows
 
 __all__ = ["EngineScorer", "FilesOutcome", "ServiceScorer", "main", "score_dataset", "score_files"]
 
@@ -56,7 +56,8 @@ class ServiceScorer:
 
     ``client_options`` go to :class:`~pairscore.client.ScoringClient`
     (``timeout``, ``tls``, ``token``...); each batch is streamed with
-    ``score_iter`` over ``streams`` streams.
+    ``score_iter`` over ``streams`` streams. ``scores``: extra score groups
+    (``"unconditional"``, ``"greedy"``; docs/scores.md) whose columns to add.
     """
 
     def __init__(
@@ -67,10 +68,12 @@ class ServiceScorer:
         response_field: str = "response",
         streams: int = 2,
         tokenization: str = "separate",
+        scores: str | Sequence[str] = (),
         **client_options: Any,
     ) -> None:
         from pairscore.client import ScoringClient
 
+        self.scores = normalize_scores(scores)  # an unknown name fails before a channel is opened
         self.client = ScoringClient(target, wait_for_ready=True, **client_options)
         self.prompt_field = prompt_field
         self.response_field = response_field
@@ -83,12 +86,17 @@ class ServiceScorer:
             **batch,
             **score_rows(
                 lambda pairs: self.client.score_iter(
-                    pairs, streams=self.streams, tokenization=self.tokenization
+                    pairs,
+                    streams=self.streams,
+                    tokenization=self.tokenization,
+                    unconditional="unconditional" in self.scores,
+                    greedy="greedy" in self.scores,
                 ),
                 batch[self.prompt_field],
                 batch[self.response_field],
                 prompt_field=self.prompt_field,
                 response_field=self.response_field,
+                scores=self.scores,
             ),
         }
 
@@ -110,12 +118,16 @@ class EngineScorer:
         dtype: str = "auto",
         prompt_field: str = "prompt",
         response_field: str = "response",
+        scores: str | Sequence[str] = (),
     ) -> None:
+        from pairscore.types import ScoreOptions
         from pairscore_server.engine import ModelSpec, score_pairs
         from pairscore_server.engine.loading import load_engine
 
         self.engine = load_engine(ModelSpec(model=model, device=device, dtype=dtype))
-        self._score_pairs = functools.partial(score_pairs, self.engine)
+        self.scores = normalize_scores(scores)
+        options = ScoreOptions(unconditional="unconditional" in self.scores, greedy="greedy" in self.scores)
+        self._score_pairs = functools.partial(score_pairs, self.engine, options=options)
         self.prompt_field = prompt_field
         self.response_field = response_field
 
@@ -129,6 +141,7 @@ class EngineScorer:
                 batch[self.response_field],
                 prompt_field=self.prompt_field,
                 response_field=self.response_field,
+                scores=self.scores,
             ),
         }
 
@@ -147,6 +160,7 @@ def score_dataset(
     response_field: str = "response",
     streams: int = 2,
     client_options: dict[str, Any] | None = None,
+    scores: str | Sequence[str] = (),
 ) -> Any:
     """``dataset.map_batches`` with a pool of ``actors`` scorer actors (service or engine).
 
@@ -154,7 +168,11 @@ def score_dataset(
     and 1 for the engine variant, 0 with ``device="cpu"``; with GPUs and
     ``device="auto"`` the engine runs on ``cuda``.
     """
-    fields = {"prompt_field": prompt_field, "response_field": response_field}
+    fields: dict[str, Any] = {
+        "prompt_field": prompt_field,
+        "response_field": response_field,
+        "scores": normalize_scores(scores),
+    }
     if use_engine:
         gpus = (0.0 if device == "cpu" else 1.0) if gpus_per_actor is None else gpus_per_actor
         if gpus and device == "auto":
@@ -286,7 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         help="score each Parquet file of INPUT as one shard into OUTPUT/<file name without .parquet>/, "
         "renamed into place when complete; a rerun skips the shards whose output exists",
     )
+    parser.add_argument(
+        "--scores",
+        default="conditional",
+        help="score groups, comma-separated: conditional (always), unconditional, greedy (docs/scores.md)",
+    )
     args = parser.parse_args(argv)
+    try:
+        scores = normalize_scores(args.scores)
+    except ValueError as exc:
+        parser.error(str(exc))
     if (args.target is None) == (args.engine is None):
         parser.error("give exactly one of --target and --engine")
 
@@ -303,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "prompt_field": args.prompt_field,
         "response_field": args.response_field,
+        "scores": scores,
     }
     if args.per_file:
         done = score_files(parquet_files(args.input), args.output, **options)

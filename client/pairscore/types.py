@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class TokenizationMode(enum.Enum):
@@ -66,6 +66,18 @@ class ScoreOptions:
 
     tokenization: TokenizationMode = TokenizationMode.SEPARATE
     return_tokens: bool = False
+    #: Also score the response after the prefix token alone: ``unconditional_logprob``,
+    #: ``pmi`` and ``ifd`` (docs/scores.md).
+    unconditional: bool = False
+    #: ``response_is_greedy`` per pair and each token's ``rank``.
+    greedy: bool = False
+    #: The ``top_k`` most likely tokens at each position (implies per-token detail).
+    top_k: int = 0
+
+    @property
+    def wants_tokens(self) -> bool:
+        """Whether results carry per-token detail (``return_tokens`` or ``top_k``)."""
+        return self.return_tokens or self.top_k > 0
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,19 @@ class TokenScore:
     char_start: int
     char_end: int
     straddles_boundary: bool = False
+    #: 1 + the number of tokens strictly more likely at this position (0: not computed).
+    rank: int = 0
+    #: The most likely tokens at this position, most likely first (with ``top_k``).
+    top_k: tuple[TokenAlternative, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenAlternative:
+    """One of the most likely tokens at a position."""
+
+    token_id: int
+    text: str
+    logprob: float
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,11 @@ class PairScore:
 
     ``joint_logprob`` = log P(x ⊕ y) = ``prompt_logprob`` + ``conditional_logprob``;
     ``prompt_logprob`` = log P(x); ``conditional_logprob`` = log P(y | x).
+    With ``ScoreOptions.unconditional``: ``unconditional_logprob`` = log P(y)
+    over the same response tokens, ``pmi`` = conditional - unconditional and
+    ``ifd`` = conditional / unconditional (NaN when the denominator is 0);
+    with ``ScoreOptions.greedy``: ``response_is_greedy``. ``None`` when not
+    asked for (docs/scores.md).
     """
 
     joint_logprob: float
@@ -102,6 +132,10 @@ class PairScore:
     boundary_straddled: bool = False
     tokens: tuple[TokenScore, ...] = ()
     id: str = ""
+    unconditional_logprob: float | None = None
+    pmi: float | None = None
+    ifd: float | None = None
+    response_is_greedy: bool | None = None
 
     @property
     def mean_conditional_logprob(self) -> float:
@@ -156,6 +190,21 @@ class ModelInfo:
     max_item_tokens: int = 0
     max_message_bytes: int = 0
     max_queue_tokens: int = 0
+    max_top_k: int = 0
+    #: Server-side only, never on the wire (so not compared): a bound of one token's
+    #: decoded text in UTF-8 bytes, for the response-size bound of top-k alternatives.
+    max_token_text_bytes: int = field(default=0, compare=False, repr=False)
+
+
+def data_selection_scores(conditional: float, unconditional: float) -> tuple[float, float]:
+    """(PMI, IFD) from log P(y | x) and log P(y) over the same response tokens.
+
+    PMI = conditional - unconditional. IFD = mean NLL of y given x / mean NLL
+    of y alone = conditional / unconditional (the token count cancels); NaN
+    when the denominator is 0 (an empty response, or all tokens certain).
+    """
+    ifd = conditional / unconditional if unconditional != 0.0 else math.nan
+    return conditional - unconditional, ifd
 
 
 #: The outcome of scoring one pair.

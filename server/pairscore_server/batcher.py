@@ -14,7 +14,8 @@ batches; it completes when its last pair is scored.
 Overload, time and faults:
 
 * **Admission.** The queue holds at most ``max_queue_tokens`` tokens (the
-  sum of ``PreparedPair.num_tokens`` of the waiting pairs). A request that
+  sum of ``PreparedPair.work_tokens`` of the waiting pairs: p ⊕ x ⊕ y, and p ⊕ y
+  for a pair that asked for its unconditional score). A request that
   does not fit now raises :class:`QueueFullError` at once, with a retry hint
   from the measured throughput; one larger than the whole queue raises
   :class:`RequestLimitError`. Memory held by queued work is thus bounded.
@@ -354,7 +355,7 @@ class Batcher:
                 raise BatcherClosedError("the server is shutting down and takes no new work")
             return []
         n = len(prepared)
-        tokens = sum(p.num_tokens for p in prepared)
+        tokens = sum(p.work_tokens for p in prepared)
         self.check_admission(tokens=tokens, pairs=n, deadline=deadline)
         now = time.monotonic()
         if deadline is not None and now >= deadline:
@@ -434,10 +435,10 @@ class Batcher:
         item = self._queue.popleft()
         request = item.request
         request.queued -= 1
-        request.queued_tokens -= item.prepared.num_tokens
+        request.queued_tokens -= item.prepared.work_tokens
         if not request.dropped:
             self._live -= 1
-            self._live_tokens -= item.prepared.num_tokens
+            self._live_tokens -= item.prepared.work_tokens
         return item
 
     def _usable(self, item: _Item, now: float) -> bool:
@@ -527,7 +528,7 @@ class Batcher:
             self._in_flight = []
             return
         prepared = [item.prepared for item in batch]
-        tokens = sum(p.num_tokens for p in prepared)
+        tokens = sum(p.work_tokens for p in prepared)
         loop = asyncio.get_running_loop()
         self._in_flight, self._in_flight_tokens = batch, tokens
         self._forward_started = time.monotonic()

@@ -17,8 +17,10 @@ Which limit gives which error:
   (RESOURCE_EXHAUSTED), checked once before tokenizing (one token per pair
   is a lower bound) and again with the real token count;
 * the answer could be larger than ``max_response_bytes`` (a bound from the
-  token counts, before any scoring): :class:`RequestLimitError`
-  (INVALID_ARGUMENT: retrying it unchanged cannot succeed).
+  token counts and top_k, before any scoring): :class:`RequestLimitError`
+  (INVALID_ARGUMENT: retrying it unchanged cannot succeed);
+* ``ScoreOptions.top_k`` negative or above the engine's ``max_top_k``:
+  :class:`RequestLimitError` (INVALID_ARGUMENT, naming the limit).
 
 With ``errors_as_items=True`` (ScoreStream) the request-level errors above,
 deadline expiry and batch failures become item errors for the request's
@@ -152,6 +154,14 @@ class ScoringService:
                     f"{self.limits.max_pairs_per_request} pairs per request "
                     "(max_pairs_per_request); split it"
                 )
+            max_top_k = self._engine_info.max_top_k
+            if not 0 <= options.top_k <= max_top_k:
+                self._count_rejected(REJECT_REQUEST_LIMIT, n)
+                raise RequestLimitError(
+                    f"top_k must be between 0 and {max_top_k}, this server's max_top_k"
+                    f"{' (top-k alternatives are not available)' if max_top_k == 0 else ''}; "
+                    f"got {options.top_k}"
+                )
             if deadline is not None and time.monotonic() >= deadline:
                 self._count_rejected(DROP_DEADLINE, n)
                 raise DeadlineExceededError("the deadline passed before scoring started")
@@ -197,7 +207,13 @@ class ScoringService:
             elif item.return_tokens:
                 text_bytes = len(pair.prompt.encode()) + len(pair.response.encode())
                 tokens = item.prompt_tokens + item.response_tokens
-                size += result_bytes_bound(id=pair.id, tokens=tokens, text_bytes=text_bytes)
+                size += result_bytes_bound(
+                    id=pair.id,
+                    tokens=tokens,
+                    text_bytes=text_bytes,
+                    top_k=item.top_k,
+                    max_token_text_bytes=self._engine_info.max_token_text_bytes,
+                )
             else:
                 size += result_bytes_bound(id=pair.id)
         limit = self.limits.max_response_bytes
@@ -206,6 +222,8 @@ class ScoringService:
             fix = "send fewer pairs per request"
             if options.return_tokens:
                 fix += " or leave out the per-token detail (return_tokens)"
+            if options.top_k:
+                fix += f" or ask for fewer top-k alternatives (top_k={options.top_k})"
             raise RequestLimitError(
                 f"the answer to this request could take up to {size} bytes, over this server's "
                 f"{limit}-byte answer limit (max_response_bytes, the default receive limit of "
@@ -245,16 +263,12 @@ class ScoringService:
 
     # --- tokenization and per-item limits -------------------------------------------
 
-    async def _prepare(
-        self, pairs: Sequence[Pair], options: ScoreOptions
-    ) -> list[PreparedPair | ItemError]:
+    async def _prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
         chars = sum(len(p.prompt) + len(p.response) for p in pairs)
         if len(pairs) <= self._inline_prepare_pairs and chars <= DEFAULT_INLINE_PREPARE_CHARS:
             return self._prepare_checked(pairs, options)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._prepare_executor, self._prepare_checked, pairs, options
-        )
+        return await loop.run_in_executor(self._prepare_executor, self._prepare_checked, pairs, options)
 
     def _prepare_checked(
         self, pairs: Sequence[Pair], options: ScoreOptions

@@ -14,6 +14,16 @@ overwritten):
 ``error``                     null, or the error code of a row that failed
 ``error_message``             null, or why it failed
 ============================  ==================================================
+
+Asked for with ``--scores`` (docs/scores.md), before ``error``:
+
+============================  ==================================================
+``unconditional_logprob``     ``unconditional``: log P(y), the response alone
+``pmi``                       ``unconditional``: conditional - unconditional
+``ifd``                       ``unconditional``: conditional / unconditional
+                              (null when the response is empty or certain)
+``response_is_greedy``        ``greedy``: every response token is the argmax
+============================  ==================================================
 """
 
 from __future__ import annotations
@@ -50,6 +60,54 @@ SCORE_COLUMN_TYPES = {
     "error_message": "string",
 }
 
+#: Score groups of ``--scores``: name -> the columns it adds (``conditional`` is always on).
+SCORE_GROUPS: dict[str, tuple[str, ...]] = {
+    "conditional": (),
+    "unconditional": ("unconditional_logprob", "pmi", "ifd"),
+    "greedy": ("response_is_greedy",),
+}
+
+#: Types of the columns of the score groups (Parquet schema).
+SELECTION_COLUMN_TYPES = {
+    "unconditional_logprob": "float64",
+    "pmi": "float64",
+    "ifd": "float64",
+    "response_is_greedy": "bool",
+}
+
+#: Every score column a run may write: name -> Arrow type name.
+ALL_COLUMN_TYPES = {**SCORE_COLUMN_TYPES, **SELECTION_COLUMN_TYPES}
+
+
+def parse_scores(text: str) -> tuple[str, ...]:
+    """``"conditional,unconditional,greedy"`` -> the extra groups, in a fixed order
+    (``conditional`` is implied); ValueError naming the choices for an unknown name."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCORE_GROUPS]
+    if unknown:
+        raise ValueError(f"unknown score {unknown[0]!r} in --scores; choose from {', '.join(SCORE_GROUPS)}")
+    return tuple(g for g in SCORE_GROUPS if g in names and g != "conditional")
+
+
+def normalize_scores(scores: str | Sequence[str]) -> tuple[str, ...]:
+    """The extra score groups of an API argument: ``"unconditional,greedy"`` or a sequence."""
+    return parse_scores(scores if isinstance(scores, str) else ",".join(scores))
+
+
+def group_of(column: str) -> str:
+    """The score group that writes ``column`` (``conditional`` for the default columns)."""
+    for group, columns in SCORE_GROUPS.items():
+        if column in columns:
+            return group
+    return "conditional"
+
+
+def column_names(scores: Sequence[str] = ()) -> tuple[str, ...]:
+    """The added columns of a run with the extra score groups ``scores``."""
+    extra = tuple(c for g in SCORE_GROUPS if g in scores for c in SCORE_GROUPS[g])
+    return (*SCORE_COLUMNS[:-2], *extra, *SCORE_COLUMNS[-2:])
+
+
 #: Error code of a row that could not even be sent (a missing or non-text field).
 INVALID_ROW = "invalid_row"
 
@@ -71,6 +129,15 @@ METRICS = {
         Metric("perplexity", False, "exp(-mean conditional log-prob); lower is better"),
         Metric("prompt_logprob", True, "log P(prompt)"),
         Metric("joint_logprob", True, "log P(prompt + response)"),
+        Metric("unconditional_logprob", True, "log P(response) without the prompt (--scores unconditional)"),
+        Metric("pmi", True, "conditional - unconditional log-prob, nats (--scores unconditional)"),
+        Metric(
+            "ifd",
+            True,
+            "Instruction-Following Difficulty, conditional / unconditional mean NLL; typical selection: "
+            "--max ifd=1 --top-fraction Q --by ifd (--scores unconditional)",
+        ),
+        Metric("response_is_greedy", True, "1 when every response token is the argmax (--scores greedy)"),
     )
 }
 
@@ -82,6 +149,8 @@ _ALIASES = {
     "ppl": "perplexity",
     "prompt": "prompt_logprob",
     "joint": "joint_logprob",
+    "unconditional": "unconditional_logprob",
+    "greedy": "response_is_greedy",
 }
 
 
@@ -95,13 +164,21 @@ def metric(name: str) -> Metric:
         raise ValueError(f"unknown metric {name!r}; choose one of {known}") from None
 
 
-def score_columns(outcome: ScoreOutcome) -> dict[str, object]:
-    """The added columns for one outcome (all keys of SCORE_COLUMNS, nulls where unknown)."""
+def score_columns(outcome: ScoreOutcome, scores: Sequence[str] = ()) -> dict[str, object]:
+    """The added columns for one outcome (all of ``column_names(scores)``, nulls where unknown)."""
     if isinstance(outcome, ItemError):
-        return error_columns(outcome.code.value, outcome.message)
+        return error_columns(outcome.code.value, outcome.message, scores)
     assert isinstance(outcome, PairScore)
     mean = outcome.mean_conditional_logprob
     finite = not math.isnan(mean)
+    extra: dict[str, object] = {}
+    if "unconditional" in scores:
+        ifd = outcome.ifd
+        extra["unconditional_logprob"] = outcome.unconditional_logprob
+        extra["pmi"] = outcome.pmi
+        extra["ifd"] = None if ifd is None or math.isnan(ifd) else ifd
+    if "greedy" in scores:
+        extra["response_is_greedy"] = outcome.response_is_greedy
     return {
         "joint_logprob": outcome.joint_logprob,
         "prompt_logprob": outcome.prompt_logprob,
@@ -110,17 +187,18 @@ def score_columns(outcome: ScoreOutcome) -> dict[str, object]:
         "response_tokens": outcome.response_tokens,
         "mean_conditional_logprob": mean if finite else None,
         "perplexity": _perplexity(mean) if finite else None,
+        **extra,
         "error": None,
         "error_message": None,
     }
 
 
-def score_table(outcomes: Sequence[ScoreOutcome]) -> dict[str, list[object]]:
+def score_table(outcomes: Sequence[ScoreOutcome], scores: Sequence[str] = ()) -> dict[str, list[object]]:
     """The added columns for many outcomes, column-wise (what ``Dataset.map(batched=True)`` and
     Ray's ``map_batches`` want)."""
-    table: dict[str, list[object]] = {name: [] for name in SCORE_COLUMNS}
+    table: dict[str, list[object]] = {name: [] for name in column_names(scores)}
     for outcome in outcomes:
-        for name, value in score_columns(outcome).items():
+        for name, value in score_columns(outcome, scores).items():
             table[name].append(value)
     return table
 
@@ -160,12 +238,14 @@ def score_rows(
     *,
     prompt_field: str = "prompt",
     response_field: str = "response",
+    scores: Sequence[str] = (),
 ) -> dict[str, list[object]]:
     """The score columns of a batch of rows, column-wise, under the null rule above.
 
     ``score`` gets the pairs of the rows that can be scored (in order) and
     returns one outcome per pair; rows with a missing prompt or response get
-    error ``invalid_row`` in their place.
+    error ``invalid_row`` in their place. ``scores``: the extra score groups
+    (SCORE_GROUPS) whose columns to add.
     """
     problems: list[str | None] = []
     pairs: list[Pair] = []
@@ -175,9 +255,11 @@ def score_rows(
         if problem is None:
             pairs.append(Pair(prompt=str(prompt), response=str(response)))
     outcomes = iter(score(pairs) if pairs else ())
-    table: dict[str, list[object]] = {name: [] for name in SCORE_COLUMNS}
+    table: dict[str, list[object]] = {name: [] for name in column_names(scores)}
     for problem in problems:
-        columns = error_columns(INVALID_ROW, problem) if problem else score_columns(next(outcomes))
+        columns = (
+            error_columns(INVALID_ROW, problem, scores) if problem else score_columns(next(outcomes), scores)
+        )
         for name, value in columns.items():
             table[name].append(value)
     return table
@@ -190,9 +272,9 @@ def _perplexity(mean: float) -> float | None:
         return math.inf
 
 
-def error_columns(code: str, message: str) -> dict[str, object]:
+def error_columns(code: str, message: str, scores: Sequence[str] = ()) -> dict[str, object]:
     """The added columns of a row that failed."""
-    columns: dict[str, object] = dict.fromkeys(SCORE_COLUMNS)
+    columns: dict[str, object] = dict.fromkeys(column_names(scores))
     columns["error"] = code
     columns["error_message"] = message
     return columns
@@ -203,6 +285,8 @@ def value_of(row: dict[str, object], column: str) -> float:
     value = row.get(column)
     if value is None or value == "":
         return math.nan
+    if isinstance(value, str) and value.lower() in ("true", "false"):  # a bool column read from CSV
+        return float(value.lower() == "true")
     try:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):

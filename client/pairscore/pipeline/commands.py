@@ -72,6 +72,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--joint", action="store_true", help="tokenize prompt+response as one text (JOINT mode)")
     p.add_argument(
+        "--scores",
+        default="conditional",
+        metavar="LIST",
+        help="score groups to write, comma-separated: conditional (the default columns, always on), "
+        "unconditional (adds unconditional_logprob, pmi, ifd: the response also scored alone, about "
+        "n/(m+n) more work), greedy (adds response_is_greedy). A --min/--max/--by metric of a group "
+        "turns it on. See docs/scores.md",
+    )
+    p.add_argument(
         "--batch-size", type=int, default=32, metavar="N", help="pairs per stream message (default: 32)"
     )
     p.add_argument(
@@ -163,6 +172,14 @@ def add_pipeline_commands(commands: Any) -> None:
         "--top-fraction", type=float, metavar="Q", help="keep the best Q (0 < Q <= 1) of the rows by --by"
     )
     flt.add_argument(
+        "--top-among",
+        choices=("all", "passing"),
+        default="all",
+        help="rows --top-fraction ranks: all scored rows, thresholds then applied on top (default), or only "
+        "the rows passing --min/--max. IFD selection (highest IFD below 1): --scores unconditional "
+        "--max ifd=1 --top-among passing --top-fraction 0.1 --by ifd",
+    )
+    flt.add_argument(
         "--by",
         default="mean_conditional_logprob",
         metavar="METRIC",
@@ -190,6 +207,7 @@ def add_pipeline_commands(commands: Any) -> None:
 
 
 def _job(args: argparse.Namespace) -> Any:
+    from pairscore.pipeline.columns import group_of, metric, parse_scores
     from pairscore.pipeline.job import Job
     from pairscore.pipeline.selection import Thresholds, parse_bound
 
@@ -199,6 +217,11 @@ def _job(args: argparse.Namespace) -> Any:
         bounds = [parse_bound(t, upper=False) for t in args.min] + [
             parse_bound(t, upper=True) for t in args.max
         ]
+    by = args.by if filtering else args.summary_metric
+    # the metrics a run filters or summarises on need their score group
+    wanted = {*parse_scores(args.scores), *(group_of(b.metric.column) for b in bounds)}
+    wanted.add(group_of(metric(by).column))
+    scores = parse_scores(",".join(sorted(wanted)))
     return Job(
         command=args.command,
         input=args.input,
@@ -212,7 +235,7 @@ def _job(args: argparse.Namespace) -> Any:
         id_field=args.id_field,
         thresholds=Thresholds(bounds),
         top_fraction=args.top_fraction if filtering else None,
-        by=args.by if filtering else args.summary_metric,
+        by=by,
         tokenization="joint" if args.joint else "separate",
         resume=args.resume,
         batch_size=args.batch_size,
@@ -224,6 +247,8 @@ def _job(args: argparse.Namespace) -> Any:
         shard=args.shard,
         on_bad_row=args.on_bad_row,
         overwrite=args.overwrite,
+        scores=scores,
+        top_among=args.top_among if filtering else "all",
     )
 
 

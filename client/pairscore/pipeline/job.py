@@ -16,6 +16,9 @@ from pairscore.pipeline.selection import Thresholds
 
 #: Suffix of the resume state file, next to the main output.
 STATE_SUFFIX = ".pairscore-state.json"
+#: Choices of Job.top_among / --top-among.
+TOP_AMONG = ("all", "passing")
+
 #: Infix of the intermediate file of --top-fraction, next to the kept output.
 SCORED_INFIX = ".pairscore-scored"
 
@@ -72,8 +75,15 @@ class Job:
     shard: tuple[int, int] | None = None
     on_bad_row: str = "fail"
     overwrite: bool = False
+    #: Extra score groups (columns.SCORE_GROUPS) the output gets: "unconditional", "greedy".
+    scores: tuple[str, ...] = ()
+    #: Which rows --top-fraction ranks: "all" scored rows (then thresholds apply on top),
+    #: or only those "passing" the thresholds (IFD selection: --max ifd=1 among passing).
+    top_among: str = "all"
 
     def __post_init__(self) -> None:
+        if self.top_among not in TOP_AMONG:
+            raise ValueError(f"--top-among must be one of {', '.join(TOP_AMONG)}, got {self.top_among!r}")
         if self.command not in ("score", "filter"):
             raise ValueError(f"command must be score or filter, got {self.command!r}")
         if self.command == "score" and (self.thresholds.bounds or self.top_fraction or self.rejected):
@@ -180,4 +190,7 @@ class Job:
             "tokenization": self.tokenization,
             "shard": list(self.shard) if self.shard is not None else None,
             "on_bad_row": self.on_bad_row,
+            # only when set, so that runs begun before --scores existed still resume
+            **({"scores": list(self.scores)} if self.scores else {}),
+            **({"top_among": self.top_among} if self.top_among != "all" else {}),
         }

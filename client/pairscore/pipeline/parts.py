@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pairscore.pipeline.columns import SCORE_COLUMN_TYPES
+from pairscore.pipeline.columns import ALL_COLUMN_TYPES, SCORE_COLUMN_TYPES
 from pairscore.pipeline.formats import STDIO, FormatError, LineWriter, Row, require_pyarrow
 
 
@@ -199,8 +199,8 @@ class ParquetPart:
         inferred = pa.Table.from_pylist(rows).schema
         fields = []
         for name in inferred.names:
-            if name in SCORE_COLUMN_TYPES:
-                fields.append(pa.field(name, pa.type_for_alias(SCORE_COLUMN_TYPES[name])))
+            if name in ALL_COLUMN_TYPES:
+                fields.append(pa.field(name, pa.type_for_alias(ALL_COLUMN_TYPES[name])))
             elif self._input_schema is not None and name in self._input_schema.names:
                 fields.append(self._input_schema.field(name))
             else:

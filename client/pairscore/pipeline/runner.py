@@ -308,6 +308,8 @@ class Runner:
             max_in_flight=job.max_in_flight,
             streams=job.concurrency,
             tokenization=job.tokenization,
+            unconditional="unconditional" in job.scores,
+            greedy="greedy" in job.scores,
             on_retry=on_retry,
         )
         try:
@@ -364,13 +366,13 @@ class Runner:
     ) -> None:
         self._emitting = True
         if outcome is None:
-            columns = error_columns(INVALID_ROW, problem or "")
+            columns = error_columns(INVALID_ROW, problem or "", self.job.scores)
             code: str | None = INVALID_ROW
         elif isinstance(outcome, ItemError):
-            columns = score_columns(outcome)
+            columns = score_columns(outcome, self.job.scores)
             code = outcome.code.value
         else:
-            columns = score_columns(outcome)
+            columns = score_columns(outcome, self.job.scores)
             code = None
         if self.job.id_field is not None and isinstance(outcome, (PairScore, ItemError)):
             expected = str(row.get(self.job.id_field, ""))
@@ -402,8 +404,11 @@ class Runner:
         assert job.top_fraction is not None
         scored, fmt = job.scored_path, job.out_format
         reader = RowReader(scored, fmt)
+        among_passing = job.top_among == "passing"
         keys = [
-            rank_key(value_of(r, self.metric.column), self.metric) if not r.get("error") else math.nan
+            rank_key(value_of(r, self.metric.column), self.metric)
+            if not r.get("error") and (not among_passing or job.thresholds.passes(r))
+            else math.nan
             for r in reader.rows()
         ]
         reader.close()
@@ -421,12 +426,11 @@ class Runner:
             if failed:
                 dest: str | None = "errors" if "errors" in parts else "rejected"
             else:
-                in_top = selector.keeps(row)
-                dest = (
-                    "kept"
-                    if in_top and job.thresholds.passes(row)
-                    else ("rejected" if "rejected" in parts else None)
-                )
+                if among_passing:  # only rows that pass take part in the ranking (and its ties)
+                    keep = job.thresholds.passes(row) and selector.keeps(row)
+                else:
+                    keep = selector.keeps(row) and job.thresholds.passes(row)
+                dest = "kept" if keep else ("rejected" if "rejected" in parts else None)
             if dest is not None:
                 parts[dest].write(row)
                 stats.routed[dest] += 1

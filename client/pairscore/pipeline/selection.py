@@ -12,7 +12,11 @@ exact, not a streaming estimate: the rows are scored once into an
 intermediate file, then two local passes over that file find the k-th best
 value and write the outputs in input order. Ties at the cut-off are broken
 by input order (earlier rows first). Thresholds, if also given, apply on
-top: a row must be in the top fraction *and* pass them.
+top: a row must be in the top fraction *and* pass them. With
+``--top-among passing`` the top fraction is taken of the rows that pass the
+thresholds instead (n counts those): the usual IFD selection, the highest
+IFD among the pairs with IFD <= 1, is ``--max ifd=1 --top-among passing
+--top-fraction Q --by ifd`` (docs/scores.md).
 """
 
 from __future__ import annotations

@@ -76,6 +76,7 @@ def quantile(values: list[float], q: float) -> float:
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
+
 @dataclass
 class RunStats:
     """What a run did so far; saved with each checkpoint."""

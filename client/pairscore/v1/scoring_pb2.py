@@ -24,41 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apairscore/v1/scoring.proto\x12\x0cpairscore.v1\"4\n\x04Pair\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\"[\n\x0cScoreOptions\x12\x34\n\x0ctokenization\x18\x01 \x01(\x0e\x32\x1e.pairscore.v1.TokenizationMode\x12\x15\n\rreturn_tokens\x18\x02 \x01(\x08\"^\n\x0cScoreRequest\x12!\n\x05pairs\x18\x01 \x03(\x0b\x32\x12.pairscore.v1.Pair\x12+\n\x07options\x18\x02 \x01(\x0b\x32\x1a.pairscore.v1.ScoreOptions\"\xa1\x01\n\nTokenScore\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12 \n\x04side\x18\x04 \x01(\x0e\x32\x12.pairscore.v1.Side\x12\x12\n\nchar_start\x18\x05 \x01(\x05\x12\x10\n\x08\x63har_end\x18\x06 \x01(\x05\x12\x1a\n\x12straddles_boundary\x18\x07 \x01(\x08\"\xce\x01\n\nPairScores\x12\x15\n\rjoint_logprob\x18\x01 \x01(\x01\x12\x16\n\x0eprompt_logprob\x18\x02 \x01(\x01\x12\x1b\n\x13\x63onditional_logprob\x18\x03 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x17\n\x0fresponse_tokens\x18\x05 \x01(\x05\x12\x1a\n\x12\x62oundary_straddled\x18\x06 \x01(\x08\x12(\n\x06tokens\x18\x07 \x03(\x0b\x32\x18.pairscore.v1.TokenScore\"G\n\tItemError\x12)\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1b.pairscore.v1.ItemErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x89\x01\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12*\n\x06scores\x18\x03 \x01(\x0b\x32\x18.pairscore.v1.PairScoresH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.pairscore.v1.ItemErrorH\x00\x42\t\n\x07outcome\";\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.pairscore.v1.ScoreResult\"\x15\n\x13GetModelInfoRequest\"\x8d\x04\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_source\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x31\n\rprefix_policy\x18\x08 \x01(\x0e\x32\x1a.pairscore.v1.PrefixPolicy\x12\x17\n\x0fprefix_token_id\x18\t \x01(\x05\x12\x14\n\x0cprefix_token\x18\n \x01(\t\x12\x17\n\x0ftokenizer_class\x18\x0b \x01(\t\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12<\n\x14\x64\x65\x66\x61ult_tokenization\x18\r \x01(\x0e\x32\x1e.pairscore.v1.TokenizationMode\x12\x14\n\x0c\x61rchitecture\x18\x0e \x01(\t\x12\x1d\n\x15max_pairs_per_request\x18\x0f \x01(\x05\x12\x16\n\x0emax_text_chars\x18\x10 \x01(\x05\x12\x17\n\x0fmax_item_tokens\x18\x11 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x12 \x01(\x03\x12\x18\n\x10max_queue_tokens\x18\x13 \x01(\x03*r\n\x10TokenizationMode\x12!\n\x1dTOKENIZATION_MODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aTOKENIZATION_MODE_SEPARATE\x10\x01\x12\x1b\n\x17TOKENIZATION_MODE_JOINT\x10\x02*\x84\x01\n\x0cPrefixPolicy\x12\x1d\n\x19PREFIX_POLICY_UNSPECIFIED\x10\x00\x12\x15\n\x11PREFIX_POLICY_BOS\x10\x01\x12$\n PREFIX_POLICY_DOCUMENT_SEPARATOR\x10\x02\x12\x18\n\x14PREFIX_POLICY_CUSTOM\x10\x03*@\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSIDE_PROMPT\x10\x01\x12\x11\n\rSIDE_RESPONSE\x10\x02*\xf0\x01\n\rItemErrorCode\x12\x1f\n\x1bITEM_ERROR_CODE_UNSPECIFIED\x10\x00\x12$\n ITEM_ERROR_CODE_INVALID_ARGUMENT\x10\x01\x12+\n\'ITEM_ERROR_CODE_CONTEXT_LENGTH_EXCEEDED\x10\x02\x12&\n\"ITEM_ERROR_CODE_RESOURCE_EXHAUSTED\x10\x03\x12%\n!ITEM_ERROR_CODE_DEADLINE_EXCEEDED\x10\x04\x12\x1c\n\x18ITEM_ERROR_CODE_INTERNAL\x10\x05\x32\xf5\x01\n\x0eScoringService\x12@\n\x05Score\x12\x1a.pairscore.v1.ScoreRequest\x1a\x1b.pairscore.v1.ScoreResponse\x12J\n\x0bScoreStream\x12\x1a.pairscore.v1.ScoreRequest\x1a\x1b.pairscore.v1.ScoreResponse(\x01\x30\x01\x12U\n\x0cGetModelInfo\x12!.pairscore.v1.GetModelInfoRequest\x1a\".pairscore.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apairscore/v1/scoring.proto\x12\x0cpairscore.v1\"4\n\x04Pair\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\"\x91\x01\n\x0cScoreOptions\x12\x34\n\x0ctokenization\x18\x01 \x01(\x0e\x32\x1e.pairscore.v1.TokenizationMode\x12\x15\n\rreturn_tokens\x18\x02 \x01(\x08\x12\x15\n\runconditional\x18\x03 \x01(\x08\x12\x0e\n\x06greedy\x18\x04 \x01(\x08\x12\r\n\x05top_k\x18\x05 \x01(\x05\"^\n\x0cScoreRequest\x12!\n\x05pairs\x18\x01 \x03(\x0b\x32\x12.pairscore.v1.Pair\x12+\n\x07options\x18\x02 \x01(\x0b\x32\x1a.pairscore.v1.ScoreOptions\"\xde\x01\n\nTokenScore\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12 \n\x04side\x18\x04 \x01(\x0e\x32\x12.pairscore.v1.Side\x12\x12\n\nchar_start\x18\x05 \x01(\x05\x12\x10\n\x08\x63har_end\x18\x06 \x01(\x05\x12\x1a\n\x12straddles_boundary\x18\x07 \x01(\x08\x12\x0c\n\x04rank\x18\x08 \x01(\x05\x12-\n\x05top_k\x18\t \x03(\x0b\x32\x1e.pairscore.v1.TokenAlternative\"C\n\x10TokenAlternative\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\xf8\x02\n\nPairScores\x12\x15\n\rjoint_logprob\x18\x01 \x01(\x01\x12\x16\n\x0eprompt_logprob\x18\x02 \x01(\x01\x12\x1b\n\x13\x63onditional_logprob\x18\x03 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x17\n\x0fresponse_tokens\x18\x05 \x01(\x05\x12\x1a\n\x12\x62oundary_straddled\x18\x06 \x01(\x08\x12(\n\x06tokens\x18\x07 \x03(\x0b\x32\x18.pairscore.v1.TokenScore\x12\"\n\x15unconditional_logprob\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03pmi\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x03ifd\x18\n \x01(\x01H\x02\x88\x01\x01\x12\x1f\n\x12response_is_greedy\x18\x0b \x01(\x08H\x03\x88\x01\x01\x42\x18\n\x16_unconditional_logprobB\x06\n\x04_pmiB\x06\n\x04_ifdB\x15\n\x13_response_is_greedy\"G\n\tItemError\x12)\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1b.pairscore.v1.ItemErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x89\x01\n\x0bScoreResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12*\n\x06scores\x18\x03 \x01(\x0b\x32\x18.pairscore.v1.PairScoresH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.pairscore.v1.ItemErrorH\x00\x42\t\n\x07outcome\";\n\rScoreResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.pairscore.v1.ScoreResult\"\x15\n\x13GetModelInfoRequest\"\xa0\x04\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0cmodel_source\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\x05\x12\x12\n\nvocab_size\x18\x07 \x01(\x05\x12\x31\n\rprefix_policy\x18\x08 \x01(\x0e\x32\x1a.pairscore.v1.PrefixPolicy\x12\x17\n\x0fprefix_token_id\x18\t \x01(\x05\x12\x14\n\x0cprefix_token\x18\n \x01(\t\x12\x17\n\x0ftokenizer_class\x18\x0b \x01(\t\x12\x16\n\x0eserver_version\x18\x0c \x01(\t\x12<\n\x14\x64\x65\x66\x61ult_tokenization\x18\r \x01(\x0e\x32\x1e.pairscore.v1.TokenizationMode\x12\x14\n\x0c\x61rchitecture\x18\x0e \x01(\t\x12\x1d\n\x15max_pairs_per_request\x18\x0f \x01(\x05\x12\x16\n\x0emax_text_chars\x18\x10 \x01(\x05\x12\x17\n\x0fmax_item_tokens\x18\x11 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x12 \x01(\x03\x12\x18\n\x10max_queue_tokens\x18\x13 \x01(\x03\x12\x11\n\tmax_top_k\x18\x15 \x01(\x05*r\n\x10TokenizationMode\x12!\n\x1dTOKENIZATION_MODE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aTOKENIZATION_MODE_SEPARATE\x10\x01\x12\x1b\n\x17TOKENIZATION_MODE_JOINT\x10\x02*\x84\x01\n\x0cPrefixPolicy\x12\x1d\n\x19PREFIX_POLICY_UNSPECIFIED\x10\x00\x12\x15\n\x11PREFIX_POLICY_BOS\x10\x01\x12$\n PREFIX_POLICY_DOCUMENT_SEPARATOR\x10\x02\x12\x18\n\x14PREFIX_POLICY_CUSTOM\x10\x03*@\n\x04Side\x12\x14\n\x10SIDE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSIDE_PROMPT\x10\x01\x12\x11\n\rSIDE_RESPONSE\x10\x02*\xf0\x01\n\rItemErrorCode\x12\x1f\n\x1bITEM_ERROR_CODE_UNSPECIFIED\x10\x00\x12$\n ITEM_ERROR_CODE_INVALID_ARGUMENT\x10\x01\x12+\n\'ITEM_ERROR_CODE_CONTEXT_LENGTH_EXCEEDED\x10\x02\x12&\n\"ITEM_ERROR_CODE_RESOURCE_EXHAUSTED\x10\x03\x12%\n!ITEM_ERROR_CODE_DEADLINE_EXCEEDED\x10\x04\x12\x1c\n\x18ITEM_ERROR_CODE_INTERNAL\x10\x05\x32\xf5\x01\n\x0eScoringService\x12@\n\x05Score\x12\x1a.pairscore.v1.ScoreRequest\x1a\x1b.pairscore.v1.ScoreResponse\x12J\n\x0bScoreStream\x12\x1a.pairscore.v1.ScoreRequest\x1a\x1b.pairscore.v1.ScoreResponse(\x01\x30\x01\x12U\n\x0cGetModelInfo\x12!.pairscore.v1.GetModelInfoRequest\x1a\".pairscore.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pairscore.v1.scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIZATIONMODE']._serialized_start=1485
-  _globals['_TOKENIZATIONMODE']._serialized_end=1599
-  _globals['_PREFIXPOLICY']._serialized_start=1602
-  _globals['_PREFIXPOLICY']._serialized_end=1734
-  _globals['_SIDE']._serialized_start=1736
-  _globals['_SIDE']._serialized_end=1800
-  _globals['_ITEMERRORCODE']._serialized_start=1803
-  _globals['_ITEMERRORCODE']._serialized_end=2043
+  _globals['_TOKENIZATIONMODE']._serialized_start=1859
+  _globals['_TOKENIZATIONMODE']._serialized_end=1973
+  _globals['_PREFIXPOLICY']._serialized_start=1976
+  _globals['_PREFIXPOLICY']._serialized_end=2108
+  _globals['_SIDE']._serialized_start=2110
+  _globals['_SIDE']._serialized_end=2174
+  _globals['_ITEMERRORCODE']._serialized_start=2177
+  _globals['_ITEMERRORCODE']._serialized_end=2417
   _globals['_PAIR']._serialized_start=44
   _globals['_PAIR']._serialized_end=96
-  _globals['_SCOREOPTIONS']._serialized_start=98
-  _globals['_SCOREOPTIONS']._serialized_end=189
-  _globals['_SCOREREQUEST']._serialized_start=191
-  _globals['_SCOREREQUEST']._serialized_end=285
-  _globals['_TOKENSCORE']._serialized_start=288
-  _globals['_TOKENSCORE']._serialized_end=449
-  _globals['_PAIRSCORES']._serialized_start=452
-  _globals['_PAIRSCORES']._serialized_end=658
-  _globals['_ITEMERROR']._serialized_start=660
-  _globals['_ITEMERROR']._serialized_end=731
-  _globals['_SCORERESULT']._serialized_start=734
-  _globals['_SCORERESULT']._serialized_end=871
-  _globals['_SCORERESPONSE']._serialized_start=873
-  _globals['_SCORERESPONSE']._serialized_end=932
-  _globals['_GETMODELINFOREQUEST']._serialized_start=934
-  _globals['_GETMODELINFOREQUEST']._serialized_end=955
-  _globals['_GETMODELINFORESPONSE']._serialized_start=958
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1483
-  _globals['_SCORINGSERVICE']._serialized_start=2046
-  _globals['_SCORINGSERVICE']._serialized_end=2291
+  _globals['_SCOREOPTIONS']._serialized_start=99
+  _globals['_SCOREOPTIONS']._serialized_end=244
+  _globals['_SCOREREQUEST']._serialized_start=246
+  _globals['_SCOREREQUEST']._serialized_end=340
+  _globals['_TOKENSCORE']._serialized_start=343
+  _globals['_TOKENSCORE']._serialized_end=565
+  _globals['_TOKENALTERNATIVE']._serialized_start=567
+  _globals['_TOKENALTERNATIVE']._serialized_end=634
+  _globals['_PAIRSCORES']._serialized_start=637
+  _globals['_PAIRSCORES']._serialized_end=1013
+  _globals['_ITEMERROR']._serialized_start=1015
+  _globals['_ITEMERROR']._serialized_end=1086
+  _globals['_SCORERESULT']._serialized_start=1089
+  _globals['_SCORERESULT']._serialized_end=1226
+  _globals['_SCORERESPONSE']._serialized_start=1228
+  _globals['_SCORERESPONSE']._serialized_end=1287
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1289
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1310
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1313
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1857
+  _globals['_SCORINGSERVICE']._serialized_start=2420
+  _globals['_SCORINGSERVICE']._serialized_end=2665
 # @@protoc_insertion_point(module_scope)

@@ -62,12 +62,18 @@ class Pair(_message.Message):
     def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[str] = ...) -> None: ...
 
 class ScoreOptions(_message.Message):
-    __slots__ = ("tokenization", "return_tokens")
+    __slots__ = ("tokenization", "return_tokens", "unconditional", "greedy", "top_k")
     TOKENIZATION_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNCONDITIONAL_FIELD_NUMBER: _ClassVar[int]
+    GREEDY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
     tokenization: TokenizationMode
     return_tokens: bool
-    def __init__(self, tokenization: _Optional[_Union[TokenizationMode, str]] = ..., return_tokens: _Optional[bool] = ...) -> None: ...
+    unconditional: bool
+    greedy: bool
+    top_k: int
+    def __init__(self, tokenization: _Optional[_Union[TokenizationMode, str]] = ..., return_tokens: _Optional[bool] = ..., unconditional: _Optional[bool] = ..., greedy: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("pairs", "options")
@@ -78,7 +84,7 @@ class ScoreRequest(_message.Message):
     def __init__(self, pairs: _Optional[_Iterable[_Union[Pair, _Mapping]]] = ..., options: _Optional[_Union[ScoreOptions, _Mapping]] = ...) -> None: ...
 
 class TokenScore(_message.Message):
-    __slots__ = ("token_id", "text", "logprob", "side", "char_start", "char_end", "straddles_boundary")
+    __slots__ = ("token_id", "text", "logprob", "side", "char_start", "char_end", "straddles_boundary", "rank", "top_k")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +92,8 @@ class TokenScore(_message.Message):
     CHAR_START_FIELD_NUMBER: _ClassVar[int]
     CHAR_END_FIELD_NUMBER: _ClassVar[int]
     STRADDLES_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     text: str
     logprob: float
@@ -93,10 +101,22 @@ class TokenScore(_message.Message):
     char_start: int
     char_end: int
     straddles_boundary: bool
-    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., side: _Optional[_Union[Side, str]] = ..., char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., straddles_boundary: _Optional[bool] = ...) -> None: ...
+    rank: int
+    top_k: _containers.RepeatedCompositeFieldContainer[TokenAlternative]
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., side: _Optional[_Union[Side, str]] = ..., char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., straddles_boundary: _Optional[bool] = ..., rank: _Optional[int] = ..., top_k: _Optional[_Iterable[_Union[TokenAlternative, _Mapping]]] = ...) -> None: ...
+
+class TokenAlternative(_message.Message):
+    __slots__ = ("token_id", "text", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    text: str
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class PairScores(_message.Message):
-    __slots__ = ("joint_logprob", "prompt_logprob", "conditional_logprob", "prompt_tokens", "response_tokens", "boundary_straddled", "tokens")
+    __slots__ = ("joint_logprob", "prompt_logprob", "conditional_logprob", "prompt_tokens", "response_tokens", "boundary_straddled", "tokens", "unconditional_logprob", "pmi", "ifd", "response_is_greedy")
     JOINT_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     CONDITIONAL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +124,10 @@ class PairScores(_message.Message):
     RESPONSE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BOUNDARY_STRADDLED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    UNCONDITIONAL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    PMI_FIELD_NUMBER: _ClassVar[int]
+    IFD_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_IS_GREEDY_FIELD_NUMBER: _ClassVar[int]
     joint_logprob: float
     prompt_logprob: float
     conditional_logprob: float
@@ -111,7 +135,11 @@ class PairScores(_message.Message):
     response_tokens: int
     boundary_straddled: bool
     tokens: _containers.RepeatedCompositeFieldContainer[TokenScore]
-    def __init__(self, joint_logprob: _Optional[float] = ..., prompt_logprob: _Optional[float] = ..., conditional_logprob: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., response_tokens: _Optional[int] = ..., boundary_straddled: _Optional[bool] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ...) -> None: ...
+    unconditional_logprob: float
+    pmi: float
+    ifd: float
+    response_is_greedy: bool
+    def __init__(self, joint_logprob: _Optional[float] = ..., prompt_logprob: _Optional[float] = ..., conditional_logprob: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., response_tokens: _Optional[int] = ..., boundary_straddled: _Optional[bool] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., unconditional_logprob: _Optional[float] = ..., pmi: _Optional[float] = ..., ifd: _Optional[float] = ..., response_is_greedy: _Optional[bool] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message")
@@ -144,7 +172,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_source", "revision", "dtype", "device", "max_context_tokens", "vocab_size", "prefix_policy", "prefix_token_id", "prefix_token", "tokenizer_class", "server_version", "default_tokenization", "architecture", "max_pairs_per_request", "max_text_chars", "max_item_tokens", "max_message_bytes", "max_queue_tokens")
+    __slots__ = ("model_name", "model_source", "revision", "dtype", "device", "max_context_tokens", "vocab_size", "prefix_policy", "prefix_token_id", "prefix_token", "tokenizer_class", "server_version", "default_tokenization", "architecture", "max_pairs_per_request", "max_text_chars", "max_item_tokens", "max_message_bytes", "max_queue_tokens", "max_top_k")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +192,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_ITEM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_source: str
     revision: str
@@ -183,4 +212,5 @@ class GetModelInfoResponse(_message.Message):
     max_item_tokens: int
     max_message_bytes: int
     max_queue_tokens: int
-    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefix_policy: _Optional[_Union[PrefixPolicy, str]] = ..., prefix_token_id: _Optional[int] = ..., prefix_token: _Optional[str] = ..., tokenizer_class: _Optional[str] = ..., server_version: _Optional[str] = ..., default_tokenization: _Optional[_Union[TokenizationMode, str]] = ..., architecture: _Optional[str] = ..., max_pairs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_item_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ...) -> None: ...
+    max_top_k: int
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefix_policy: _Optional[_Union[PrefixPolicy, str]] = ..., prefix_token_id: _Optional[int] = ..., prefix_token: _Optional[str] = ..., tokenizer_class: _Optional[str] = ..., server_version: _Optional[str] = ..., default_tokenization: _Optional[_Union[TokenizationMode, str]] = ..., architecture: _Optional[str] = ..., max_pairs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_item_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ...) -> None: ...

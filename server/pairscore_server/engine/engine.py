@@ -18,13 +18,16 @@ from pairscore.types import (
     PairScore,
     ScoreOptions,
     ScoreOutcome,
+    TokenAlternative,
     TokenizationMode,
     TokenScore,
+    data_selection_scores,
 )
 from pairscore_server.engine.interface import CausalLM, Engine, ForwardStats, ScoredBatch, score_pairs
 from pairscore_server.engine.kernels import fuse_activations
 from pairscore_server.engine.logprobs import (
     DEFAULT_CHUNK_BYTES,
+    HeadDetail,
     LogprobComputer,
     make_batch,
     plan_padded_batches,
@@ -45,6 +48,14 @@ from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.tokenization import PairTokenizer, TokenizedPair
 
 log = logging.getLogger(__name__)
+
+#: Largest ScoreOptions.top_k this engine computes (ModelInfo.max_top_k), as vLLM's
+#: max_logprobs: 20 alternatives per token keep a token's detail under ~1 KiB.
+MAX_TOP_K = 20
+
+#: Where a pair's unconditional log-probs come from (see ScoringEngine.score):
+#: an index into the scored sequences, or EMPTY_RESPONSE (nothing to score).
+EMPTY_RESPONSE = -1
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,9 @@ class ScoringEngine(Engine):
             log.info("model logits are not a plain projection; using the full-logits path")
             self._logprobs.use_full_logits()
         self.packing = limits.packing and self._enable_packing()
+        self.max_top_k = min(MAX_TOP_K, self._logprobs.vocab_size)
+        self._alternative_texts: dict[int, str] = {}
+        self._token_text_bytes = self._max_token_text_bytes()
         if not self.pair_tokenizer.separate_supported:
             log.warning("SEPARATE tokenization unavailable: %s", self.pair_tokenizer.separate_problem)
 
@@ -184,7 +198,15 @@ class ScoringEngine(Engine):
             server_version=self.description.server_version,
             default_tokenization=TokenizationMode.SEPARATE,
             architecture=type(self.model).__name__,
+            max_top_k=self.max_top_k,
+            max_token_text_bytes=self._token_text_bytes,
         )
+
+    def _max_token_text_bytes(self) -> int:
+        """A bound of any one token's decoded text in UTF-8 bytes: a vocabulary
+        string of c characters stands for at most c bytes (byte-level BPE) or
+        one character each, and every byte may decode to U+FFFD (3 bytes)."""
+        return 3 * max((len(t) for t in self.tokenizer.get_vocab()), default=1)
 
     # -- work ----------------------------------------------------------------
 
@@ -193,6 +215,9 @@ class ScoringEngine(Engine):
     ) -> list[PreparedPair | ItemError]:
         """Tokenize pairs (in one batched tokenizer call); a pair that cannot be scored
         becomes an ItemError."""
+        if not 0 <= options.top_k <= self.max_top_k:
+            message = f"top_k must be between 0 and {self.max_top_k} (max_top_k), got {options.top_k}"
+            return [ItemError(ItemErrorCode.INVALID_ARGUMENT, message, p.id) for p in pairs]
         try:
             tokenized = self.pair_tokenizer.encode_many(
                 [(p.prompt, p.response) for p in pairs], options.tokenization
@@ -220,8 +245,11 @@ class ScoringEngine(Engine):
             response_tokens=tok.response_tokens,
             offsets=tok.offsets,
             boundary_straddled=tok.boundary_straddled,
-            return_tokens=options.return_tokens,
+            return_tokens=options.wants_tokens,
             straddle_index=tok.straddle_index,
+            unconditional=options.unconditional,
+            greedy=options.greedy,
+            top_k=options.top_k,
         )
 
     def plan_batches(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
@@ -242,76 +270,156 @@ class ScoringEngine(Engine):
     def plan_packed_rows(self, prepared: Sequence[PreparedPair]) -> tuple[list[Tree], list[list[int]]]:
         """The packed layout of ``prepared``: its trees (shared prompts, see
         packing.py) and the tree indices of each row."""
+        return self._plan_rows([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared])
+
+    def _plan_rows(
+        self, seqs: Sequence[tuple[int, ...]], prompt_lens: Sequence[int]
+    ) -> tuple[list[Tree], list[list[int]]]:
         trees = build_trees(
-            [p.input_ids for p in prepared],
-            [1 + p.prompt_tokens for p in prepared],
-            share_prompts=self.limits.share_prompts,
-            capacity=self.max_batch_tokens,
+            seqs, prompt_lens, share_prompts=self.limits.share_prompts, capacity=self.max_batch_tokens
         )
         return trees, plan_rows([t.size for t in trees], capacity=self.max_batch_tokens)
 
+    @staticmethod
+    def sequences(
+        prepared: Sequence[PreparedPair],
+    ) -> tuple[list[tuple[int, ...]], list[int], list[int | None]]:
+        """What one ``score`` call runs: each pair's p ⊕ x ⊕ y, then the p ⊕ y of the
+        pairs that asked for their unconditional score.
+
+        Returns the sequences, their prompt lengths (p ⊕ x; 1 for p ⊕ y, so all
+        p ⊕ y rows share the prefix as one prompt in the packed layout) and, per
+        pair, the index of the sequence holding its unconditional log-probs
+        (``None``: not asked; ``EMPTY_RESPONSE``: an empty response). Identical
+        p ⊕ y are scored once, and a pair with an empty prompt is its own p ⊕ y.
+        """
+        seqs = [p.input_ids for p in prepared]
+        prompt_lens = [1 + p.prompt_tokens for p in prepared]
+        known = {p.input_ids: i for i, p in reversed(list(enumerate(prepared))) if p.prompt_tokens == 0}
+        sources: list[int | None] = []
+        for i, p in enumerate(prepared):
+            if not p.unconditional:
+                sources.append(None)
+            elif p.response_tokens == 0:
+                sources.append(EMPTY_RESPONSE)
+            elif p.prompt_tokens == 0:
+                sources.append(i)  # exactly its own conditional score: PMI 0, IFD 1
+            else:
+                alone = (p.input_ids[0], *p.response_ids)
+                if alone not in known:
+                    known[alone] = len(seqs)
+                    seqs.append(alone)
+                    prompt_lens.append(1)
+                sources.append(known[alone])
+        return seqs, prompt_lens, sources
+
     def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
         """Run the forward passes for ``prepared``: scores in the same order, the call's
-        token accounting and how long it took."""
+        token accounting and how long it took.
+
+        The unconditional p ⊕ y rows of the pairs that ask for them run in the
+        same forward passes as the pairs (:meth:`sequences`). Ranks and top-k
+        are computed for the whole call when any of its pairs asks.
+        """
         started = time.perf_counter()
-        scores, stats = self._score_packed(prepared) if self.packing else self._score_padded(prepared)
+        seqs, prompt_lens, sources = self.sequences(prepared)
+        detail = HeadDetail(
+            ranks=any(p.greedy for p in prepared), top_k=max((p.top_k for p in prepared), default=0)
+        )
+        run = self._logprobs_packed if self.packing else self._logprobs_padded
+        lps, stats = run(seqs, prompt_lens, detail)
+        scores = [
+            self._result(p, lps[i], None if src is None else lps[src] if src >= 0 else lps[i][:0])
+            for i, (p, src) in enumerate(zip(prepared, sources, strict=True))
+        ]
         return ScoredBatch(scores, stats, (time.perf_counter() - started,))
 
-    def _score_packed(self, prepared: Sequence[PreparedPair]) -> tuple[list[PairScore], ForwardStats]:
-        trees, rows = self.plan_packed_rows(prepared)
-        lps: list[torch.Tensor | None] = [None] * len(prepared)
+    def _logprobs_packed(
+        self, seqs: Sequence[tuple[int, ...]], prompt_lens: Sequence[int], detail: HeadDetail
+    ) -> tuple[list[torch.Tensor], ForwardStats]:
+        trees, rows = self._plan_rows(seqs, prompt_lens)
+        lps: list[torch.Tensor | None] = [None] * len(seqs)
         computed = reused = 0
         for members in rows:
             row = pack_row([trees[j] for j in members], device=self.device)
-            for i, pair_lps in row.split(self._logprobs.packed(row).cpu()):
-                lps[i] = pair_lps
+            for i, seq_lps in row.split(self._logprobs.packed(row, detail).cpu()):
+                lps[i] = seq_lps
             computed += row.tokens
             reused += row.reused_tokens
-        none = torch.empty(0, dtype=torch.float32)  # pairs of the prefix alone score nothing
-        scores = [self._result(p, none if x is None else x) for p, x in zip(prepared, lps, strict=True)]
-        return scores, ForwardStats(computed, computed, reused)
+        # sequences of the prefix alone score nothing
+        none = (
+            torch.empty(0, detail.columns, dtype=torch.float64)
+            if detail.wanted else torch.empty(0, dtype=torch.float32)
+        )
+        return [none if x is None else x for x in lps], ForwardStats(computed, computed, reused)
 
-    def _score_padded(self, prepared: Sequence[PreparedPair]) -> tuple[list[PairScore], ForwardStats]:
-        results: list[PairScore | None] = [None] * len(prepared)
+    def _logprobs_padded(
+        self, seqs: Sequence[tuple[int, ...]], prompt_lens: Sequence[int], detail: HeadDetail
+    ) -> tuple[list[torch.Tensor], ForwardStats]:
+        results: list[torch.Tensor | None] = [None] * len(seqs)
         real = padded = reused = 0
-        for group in self.shared_prompt_groups(prepared):
-            first = prepared[group[0]]
-            prompt_len = 1 + first.prompt_tokens
-            real += prompt_len + sum(prepared[i].num_tokens - prompt_len for i in group)
+        groups: list[list[int]] = []
+        if self.limits.share_prompts and self._logprobs.split_head:
+            groups = [g for g in group_by_prompt(seqs, prompt_lens).values() if len(g) > 1]
+        for group in groups:
+            prompt_len = prompt_lens[group[0]]
+            real += prompt_len + sum(len(seqs[i]) - prompt_len for i in group)
             reused += prompt_len * (len(group) - 1)
             prompt_lps, response_lps, positions = self._logprobs.shared_prompt(
-                first.input_ids[: 1 + first.prompt_tokens],
-                [prepared[i].input_ids[1 + first.prompt_tokens:] for i in group],
+                seqs[group[0]][:prompt_len],
+                [seqs[i][prompt_len:] for i in group],
                 max_batch_tokens=self.max_batch_tokens,
                 min_efficiency=self.limits.min_batch_efficiency,
+                detail=detail,
             )
             padded += positions
             prompt_lps = prompt_lps.cpu()
             for i, lps in zip(group, response_lps, strict=True):
-                results[i] = self._result(prepared[i], torch.cat([prompt_lps, lps.cpu()]))
+                results[i] = torch.cat([prompt_lps, lps.cpu()])
         rest = [i for i, r in enumerate(results) if r is None]
-        for sub in self.plan_batches([prepared[i] for i in rest]):
+        for sub in plan_padded_batches(
+            [len(seqs[i]) for i in rest],
+            max_tokens=self.max_batch_tokens,
+            min_efficiency=self.limits.min_batch_efficiency,
+        ):
             indices = [rest[j] for j in sub]
-            batch = make_batch(
-                [prepared[i].input_ids for i in indices],
-                pad_id=self.prefix.token_id,
-                device=self.device,
-            )
+            batch = make_batch([seqs[i] for i in indices], pad_id=self.prefix.token_id, device=self.device)
             real += sum(batch.lengths)
             padded += batch.padded_tokens
-            for i, lps in zip(indices, self._logprobs(batch), strict=True):
-                results[i] = self._result(prepared[i], lps.cpu())
+            for i, lps in zip(indices, self._logprobs(batch, detail), strict=True):
+                results[i] = lps.cpu()
         return results, ForwardStats(real, padded, reused)  # type: ignore[return-value]
 
-    def _result(self, pair: PreparedPair, lps: torch.Tensor) -> PairScore:
+    def _result(
+        self, pair: PreparedPair, lps: torch.Tensor, alone: torch.Tensor | None = None
+    ) -> PairScore:
+        """A pair's scores from its log-probs (or detail matrix, see logprobs.py) and, with
+        ``unconditional``, the log-probs of its p ⊕ y (``alone``)."""
+        detail = lps if lps.dim() == 2 else None
+        if detail is not None:
+            lps = detail[:, 0]
         m = pair.prompt_tokens
         sums = lps.double()
         prompt_lp = float(sums[:m].sum())
         cond_lp = float(sums[m:].sum())
+        uncond_lp = pmi = ifd = None
+        if alone is not None:
+            alone_lps = alone[:, 0] if alone.dim() == 2 else alone
+            uncond_lp = float(alone_lps.double().sum())
+            pmi, ifd = data_selection_scores(cond_lp, uncond_lp)
+        greedy = None
+        if pair.greedy and detail is not None:
+            greedy = bool((detail[m:, 1] == 1).all())
         tokens: tuple[TokenScore, ...] = ()
         if pair.return_tokens:
             ids = pair.input_ids[1:]
             texts = self.pair_tokenizer.token_texts(self.prefix.token_id, ids)
+            ranks = [0] * len(ids)
+            alternatives: list[tuple[TokenAlternative, ...]] = [()] * len(ids)
+            if detail is not None and pair.greedy:
+                ranks = [int(r) for r in detail[:, 1].tolist()]
+            if detail is not None and pair.top_k:
+                alternatives = self._alternatives(detail, pair.top_k)
             tokens = tuple(
                 TokenScore(
                     token_id=tid,
@@ -321,8 +429,12 @@ class ScoringEngine(Engine):
                     char_start=span.char_start,
                     char_end=span.char_end,
                     straddles_boundary=span.straddles_boundary,
+                    rank=rank,
+                    top_k=alts,
                 )
-                for tid, text, lp, span in zip(ids, texts, lps.tolist(), pair.spans, strict=True)
+                for tid, text, lp, span, rank, alts in zip(
+                    ids, texts, lps.tolist(), pair.spans, ranks, alternatives, strict=True
+                )
             )
         return PairScore(
             joint_logprob=prompt_lp + cond_lp,
@@ -333,7 +445,30 @@ class ScoringEngine(Engine):
             boundary_straddled=pair.boundary_straddled,
             tokens=tokens,
             id=pair.id,
+            unconditional_logprob=uncond_lp,
+            pmi=pmi,
+            ifd=ifd,
+            response_is_greedy=greedy,
         )
+
+    def _alternatives(self, detail: torch.Tensor, k: int) -> list[tuple[TokenAlternative, ...]]:
+        """The top ``k`` of each row of a detail matrix (whose top-k may be wider)."""
+        width = (detail.shape[1] - 2) // 2
+        ids = detail[:, 2 : 2 + k].long().tolist()
+        values = detail[:, 2 + width : 2 + width + k].tolist()
+        texts = self._texts_of({t for row in ids for t in row})
+        return [
+            tuple(TokenAlternative(t, texts[t], v) for t, v in zip(row_ids, row_values, strict=True))
+            for row_ids, row_values in zip(ids, values, strict=True)
+        ]
+
+    def _texts_of(self, ids: set[int]) -> dict[int, str]:
+        """Token texts, as TokenScore.text, decoded once per id and kept."""
+        missing = tuple(sorted(ids - self._alternative_texts.keys()))
+        if missing:
+            texts = self.pair_tokenizer.token_texts(self.prefix.token_id, missing)
+            self._alternative_texts.update(zip(missing, texts, strict=True))
+        return self._alternative_texts
 
     def score_pairs(self, pairs: Sequence[Pair], options: ScoreOptions | None = None) -> list[ScoreOutcome]:
         """prepare + score in one call, for in-process use (see :func:`interface.score_pairs`)."""

@@ -26,6 +26,16 @@ rows that are scored go through the output layer, in chunks whose
 [rows x vocab] float32 logits fit ``chunk_bytes``; each chunk is turned into
 log-probs with a float32 logsumexp and a gather of the target column, so the
 full [tokens x vocab] tensor is never materialised.
+
+Rank and top-k (docs/scores.md): with a :class:`HeadDetail` the same chunks
+also give each scored token's rank (1 + the number of vocabulary entries
+whose float32 log-prob is strictly greater than the target's) and the k
+largest log-probs with their ids, still one chunk at a time. The result is
+then a float64 *detail matrix* [S x (2 + 2k)] instead of the [S] log-probs:
+column 0 the log-prob (the same float32 value as without detail), column 1
+the rank, then k ids and k log-probs (ids and ranks are exact in float64).
+Every splitting and concatenation below works along dim 0, so the packed,
+padded and shared-prompt paths carry either shape unchanged.
 """
 
 from __future__ import annotations
@@ -113,22 +123,73 @@ def plan_padded_batches(
     return batches
 
 
+@dataclass(frozen=True)
+class HeadDetail:
+    """What the log-prob head computes beyond each target's log-prob: ``ranks``
+    and the ``top_k`` most likely tokens (see the module docstring)."""
+
+    ranks: bool = False
+    top_k: int = 0
+
+    @property
+    def wanted(self) -> bool:
+        return self.ranks or self.top_k > 0
+
+    @property
+    def columns(self) -> int:
+        """Width of the detail matrix."""
+        return 2 + 2 * self.top_k
+
+
+#: No detail: the head returns the [S] float32 log-probs alone.
+NO_DETAIL = HeadDetail()
+
+
 def _chunked_target_logprobs(
-    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_rows: int
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    chunk_rows: int,
+    detail: HeadDetail = NO_DETAIL,
 ) -> torch.Tensor:
     """log_softmax(head(hidden))[targets] in float32, ``chunk_rows`` rows at a time.
 
     ``-cross_entropy(logits, target)`` is exactly that log-prob, computed by
-    one fused log-softmax kernel instead of logsumexp's temporaries.
+    one fused log-softmax kernel instead of logsumexp's temporaries. With
+    ``detail`` the chunk's log-softmax also gives ranks and top-k, and the
+    result is the [S x detail.columns] float64 detail matrix.
     """
-    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, targets.shape[0], chunk_rows):
-        stop = min(start + chunk_rows, targets.shape[0])
+    rows = targets.shape[0]
+    out = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    extra = (
+        torch.empty(rows, detail.columns, dtype=torch.float64, device=hidden.device)
+        if detail.wanted else None
+    )
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
         logits = head(hidden[start:stop]).float()
         out[start:stop] = -torch.nn.functional.cross_entropy(
             logits, targets[start:stop], reduction="none"
         )
-    return out
+        if extra is not None:
+            _chunk_detail(logits, targets[start:stop], detail, extra[start:stop])
+    if extra is None:
+        return out
+    extra[:, 0] = out.double()
+    return extra
+
+
+def _chunk_detail(
+    logits: torch.Tensor, targets: torch.Tensor, detail: HeadDetail, into: torch.Tensor
+) -> None:
+    """Fill columns 1.. of the detail matrix for one chunk of [rows x vocab] logits."""
+    lps = torch.log_softmax(logits, dim=-1)
+    target = lps.gather(1, targets[:, None])
+    into[:, 1] = (lps > target).sum(dim=1).double() + 1  # ties share the better rank
+    if detail.top_k:
+        values, ids = lps.topk(detail.top_k, dim=1)
+        into[:, 2 : 2 + detail.top_k] = ids.double()
+        into[:, 2 + detail.top_k :] = values.double()
 
 
 class LogprobComputer:
@@ -170,9 +231,11 @@ class LogprobComputer:
         )
         return out.last_hidden_state
 
-    def _project(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _project(
+        self, hidden: torch.Tensor, targets: torch.Tensor, detail: HeadDetail = NO_DETAIL
+    ) -> torch.Tensor:
         return _chunked_target_logprobs(
-            hidden, targets, self.model.get_output_embeddings(), self.chunk_rows
+            hidden, targets, self.model.get_output_embeddings(), self.chunk_rows, detail
         )
 
     @torch.inference_mode()
@@ -190,8 +253,9 @@ class LogprobComputer:
         return bool(torch.allclose(full, split, rtol=1e-3, atol=1e-3))
 
     @torch.inference_mode()
-    def __call__(self, batch: Batch) -> list[torch.Tensor]:
-        """Float32 log-probs of tokens 1..L-1 of each sequence (see the diagram above)."""
+    def __call__(self, batch: Batch, detail: HeadDetail = NO_DETAIL) -> list[torch.Tensor]:
+        """Float32 log-probs of tokens 1..L-1 of each sequence (see the diagram above);
+        detail matrices with ``detail``."""
         rows = torch.cat(
             [torch.arange(length - 1) + b * batch.input_ids.shape[1]
              for b, length in enumerate(batch.lengths)]
@@ -199,7 +263,7 @@ class LogprobComputer:
         targets = batch.input_ids.reshape(-1)[rows + 1]
         if self.split_head:
             hidden = self._hidden(batch)
-            lps = self._project(hidden.reshape(-1, hidden.shape[-1])[rows], targets)
+            lps = self._project(hidden.reshape(-1, hidden.shape[-1])[rows], targets, detail)
         else:
             logits = self.model(
                 input_ids=batch.input_ids,
@@ -208,11 +272,13 @@ class LogprobComputer:
                 use_cache=False,
             ).logits
             logits = logits.reshape(-1, logits.shape[-1])[rows]
-            lps = _chunked_target_logprobs(logits, targets, torch.nn.Identity(), self.chunk_rows)
+            lps = _chunked_target_logprobs(
+                logits, targets, torch.nn.Identity(), self.chunk_rows, detail
+            )
         return list(lps.split([length - 1 for length in batch.lengths]))
 
     @torch.inference_mode()
-    def packed(self, row: PackedRow) -> torch.Tensor:
+    def packed(self, row: PackedRow, detail: HeadDetail = NO_DETAIL) -> torch.Tensor:
         """Float32 log-probs of a packed row's scored tokens (layout in packing.py).
 
         Needs the model switched to packed attention (packed_attention.py).
@@ -226,7 +292,7 @@ class LogprobComputer:
             use_cache=False,
             **{SEGMENTS_KWARG: row.segments},
         ).last_hidden_state[0]
-        return self._project(hidden[row.score_rows], row.targets)
+        return self._project(hidden[row.score_rows], row.targets, detail)
 
     @torch.inference_mode()
     def packing_agrees(self) -> bool:
@@ -261,6 +327,7 @@ class LogprobComputer:
         *,
         max_batch_tokens: int,
         min_efficiency: float = 0.0,
+        detail: HeadDetail = NO_DETAIL,
     ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         """Score several responses to one prompt, running the prompt once.
 
@@ -283,15 +350,18 @@ class LogprobComputer:
         )
         cache = getattr(out, "cache", None) or out.past_key_values
         hidden = out.last_hidden_state[0]
-        prompt_lps = self._project(hidden[:-1], p_batch.input_ids[0, 1:])
+        prompt_lps = self._project(hidden[:-1], p_batch.input_ids[0, 1:], detail)
         scored = [i for i, r in enumerate(responses) if r]
-        result: list[torch.Tensor] = [
-            torch.empty(0, dtype=torch.float32, device=device) for _ in responses
-        ]
+        empty = (
+            torch.empty(0, detail.columns, dtype=torch.float64, device=device)
+            if detail.wanted else torch.empty(0, dtype=torch.float32, device=device)
+        )
+        result: list[torch.Tensor] = [empty for _ in responses]
         if scored:
             firsts = self._project(
                 hidden[-1:].expand(len(scored), -1),
                 torch.tensor([responses[i][0] for i in scored], dtype=torch.long, device=device),
+                detail,
             )
             for k, i in enumerate(scored):
                 result[i] = firsts[k : k + 1]
@@ -302,14 +372,16 @@ class LogprobComputer:
         for group in plan_padded_batches(
             lengths, max_tokens=max_batch_tokens, min_efficiency=min_efficiency
         ):
-            rows = self._responses_on_cache(cache, p_len, [responses[longer[j]] for j in group])
+            rows = self._responses_on_cache(
+                cache, p_len, [responses[longer[j]] for j in group], detail
+            )
             positions += len(group) * lengths[group[0]]
             for j, lps in zip(group, rows, strict=True):
                 result[longer[j]] = torch.cat([result[longer[j]], lps])
         return prompt_lps, result, positions
 
     def _responses_on_cache(
-        self, cache, p_len: int, responses: Sequence[Sequence[int]]
+        self, cache, p_len: int, responses: Sequence[Sequence[int]], detail: HeadDetail = NO_DETAIL
     ) -> list[torch.Tensor]:
         device = self.device
         batch = make_batch(responses, pad_id=0, device=device)
@@ -336,5 +408,5 @@ class LogprobComputer:
             [torch.arange(length - 1) + b * width for b, length in enumerate(batch.lengths)]
         ).to(device)
         targets = batch.input_ids.reshape(-1)[rows + 1]
-        lps = self._project(hidden.reshape(-1, hidden.shape[-1])[rows], targets)
+        lps = self._project(hidden.reshape(-1, hidden.shape[-1])[rows], targets, detail)
         return list(lps.split([length - 1 for length in batch.lengths]))

@@ -42,6 +42,28 @@ class PreparedPair:
     boundary_straddled: bool
     return_tokens: bool
     straddle_index: int = -1
+    #: Data-selection options of the pair's request (docs/scores.md): score
+    #: p ⊕ y as well; compute ranks; the k most likely tokens per position.
+    unconditional: bool = False
+    greedy: bool = False
+    top_k: int = 0
+
+    @property
+    def work_tokens(self) -> int:
+        """Token positions this pair costs a ``score`` call: p ⊕ x ⊕ y, plus p ⊕ y when it
+        asked for its unconditional score (an upper bound: identical p ⊕ y run once).
+        The batcher's queue and throughput count these."""
+        extra = (
+            1 + self.response_tokens
+            if self.unconditional and self.response_tokens and self.prompt_tokens
+            else 0
+        )
+        return self.num_tokens + extra
+
+    @property
+    def response_ids(self) -> tuple[int, ...]:
+        """y's token ids, the ones conditional_logprob sums over."""
+        return self.input_ids[len(self.input_ids) - self.response_tokens :]
 
     @property
     def num_tokens(self) -> int:
