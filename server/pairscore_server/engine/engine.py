@@ -22,7 +22,7 @@ from pairscore.types import (
     TokenScore,
 )
 from pairscore_server.engine.interface import CausalLM, Engine, ForwardStats, ScoredBatch, score_pairs
-from pairscore_server.engine.kernels import fuse_activations
+from pairscore_server.engine.kernels import fuse_activations, stabilize_gemm_rows
 from pairscore_server.engine.logprobs import (
     DEFAULT_CHUNK_BYTES,
     LogprobComputer,
@@ -122,6 +122,8 @@ class ScoringEngine(Engine):
         fused = fuse_activations(model)
         if fused:
             log.info("using fused kernels for %d activation modules", fused)
+        # Same GEMM kernel for any number of rows: batch-invariant scores on CPU.
+        stabilize_gemm_rows(model)
         self.tokenizer = tokenizer
         self.description = description
         self.limits = limits = limits or EngineLimits()

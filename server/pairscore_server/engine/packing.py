@@ -88,6 +88,10 @@ def build_trees(
 ) -> list[Tree]:
     """One tree per distinct prompt (pairs sharing p ⊕ x exactly), else one per pair.
 
+    With ``share_prompts`` every pair is a member of its prompt's tree, even a
+    pair alone on its prompt: so a pair's attention calls, and its scores bit
+    for bit, do not depend on what else is in the call.
+
     ``prompt_lengths[i]`` counts the prefix and the prompt of sequence i. A
     shared prompt whose responses do not fit ``capacity`` together is split
     into several trees, each with its own copy of the prompt.
@@ -96,9 +100,10 @@ def build_trees(
         return [Tree(tuple(s), ((i, ()),)) for i, s in enumerate(sequences)]
     trees: list[Tree] = []
     for prompt, indices in group_by_prompt(sequences, prompt_lengths).items():
-        if len(indices) == 1:
-            trees.append(Tree(tuple(sequences[indices[0]]), ((indices[0], ()),)))
-            continue
+        # A pair is laid out as prompt segment + response segment even when no
+        # other pair shares its prompt: its numbers then go through the same
+        # attention calls whether it is alone, duplicated or shares its prompt
+        # (one causal segment over p ⊕ x ⊕ y rounds differently).
         members = sorted(
             ((i, tuple(sequences[i][len(prompt):])) for i in indices), key=lambda m: -len(m[1])
         )
