@@ -194,6 +194,7 @@ def model_info_to_pb(info: ModelInfo) -> pb.GetModelInfoResponse:
         max_item_tokens=info.max_item_tokens,
         max_message_bytes=info.max_message_bytes,
         max_queue_tokens=info.max_queue_tokens,
+        tokenizer_normalizes=info.tokenizer_normalizes,
     )
 
 
@@ -221,6 +222,7 @@ def model_info_from_pb(msg: pb.GetModelInfoResponse) -> ModelInfo:
         max_item_tokens=msg.max_item_tokens,
         max_message_bytes=msg.max_message_bytes,
         max_queue_tokens=msg.max_queue_tokens,
+        tokenizer_normalizes=msg.tokenizer_normalizes,
     )
 
 

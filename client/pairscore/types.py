@@ -156,6 +156,9 @@ class ModelInfo:
     max_item_tokens: int = 0
     max_message_bytes: int = 0
     max_queue_tokens: int = 0
+    # The tokenizer normalizes text (NFC, ...): ids decode to the normalized
+    # text, spans index the text sent (docs/contract.md).
+    tokenizer_normalizes: bool = False
 
 
 #: The outcome of scoring one pair.

@@ -186,6 +186,7 @@ class ScoringEngine(Engine):
             server_version=self.description.server_version,
             default_tokenization=TokenizationMode.SEPARATE,
             architecture=type(self.model).__name__,
+            tokenizer_normalizes=self.pair_tokenizer.normalizes,
         )
 
     # -- work ----------------------------------------------------------------
