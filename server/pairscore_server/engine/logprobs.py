@@ -116,15 +116,18 @@ def plan_padded_batches(
 def _chunked_target_logprobs(
     hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk_rows: int
 ) -> torch.Tensor:
-    """log_softmax(head(hidden))[targets] in float32, ``chunk_rows`` rows at a time.
+    """log_softmax(head(hidden))[targets] in float32 (float64 for a float64 model),
+    ``chunk_rows`` rows at a time.
 
     ``-cross_entropy(logits, target)`` is exactly that log-prob, computed by
     one fused log-softmax kernel instead of logsumexp's temporaries.
     """
-    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    # float32, or float64 for a float64 model (reference-grade scores).
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = torch.empty(targets.shape[0], dtype=dtype, device=hidden.device)
     for start in range(0, targets.shape[0], chunk_rows):
         stop = min(start + chunk_rows, targets.shape[0])
-        logits = head(hidden[start:stop]).float()
+        logits = head(hidden[start:stop]).to(dtype)
         out[start:stop] = -torch.nn.functional.cross_entropy(
             logits, targets[start:stop], reduction="none"
         )
@@ -246,7 +249,7 @@ class LogprobComputer:
         packed = dict(row.split(self.packed(row)))
         singles = [lone, prompt + responses[0], prompt + responses[1]]
         dtype = next(self.model.parameters()).dtype
-        atol = 1e-3 if dtype == torch.float32 else 5e-2
+        atol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
         for i, seq in enumerate(singles):
             [alone] = self(make_batch([seq], pad_id=0, device=self.device))
             if not torch.allclose(packed[i].float(), alone.float(), atol=atol, rtol=0):
