@@ -34,6 +34,7 @@ from pairscore_server.engine.packed_attention import (
     enable_packed_attention,
 )
 from pairscore_server.engine.packing import (
+    ROW_ALIGN,
     Tree,
     build_trees,
     group_by_prompt,
@@ -122,8 +123,10 @@ class ScoringEngine(Engine):
         fused = fuse_activations(model)
         if fused:
             log.info("using fused kernels for %d activation modules", fused)
-        # Same GEMM kernel for any number of rows: batch-invariant scores on CPU.
+        # Same GEMM kernel for any number of rows, and packed rows whose
+        # elementwise kernels leave no scalar tail: batch-invariant scores.
         stabilize_gemm_rows(model)
+        self.row_align = ROW_ALIGN
         self.tokenizer = tokenizer
         self.description = description
         self.limits = limits = limits or EngineLimits()
@@ -263,16 +266,17 @@ class ScoringEngine(Engine):
     def _score_packed(self, prepared: Sequence[PreparedPair]) -> tuple[list[PairScore], ForwardStats]:
         trees, rows = self.plan_packed_rows(prepared)
         lps: list[torch.Tensor | None] = [None] * len(prepared)
-        computed = reused = 0
+        computed = positions = reused = 0
         for members in rows:
-            row = pack_row([trees[j] for j in members], device=self.device)
+            row = pack_row([trees[j] for j in members], device=self.device, align=self.row_align)
             for i, pair_lps in row.split(self._logprobs.packed(row).cpu()):
                 lps[i] = pair_lps
-            computed += row.tokens
+            computed += row.tokens - row.filler_tokens
+            positions += row.tokens
             reused += row.reused_tokens
         none = torch.empty(0, dtype=torch.float32)  # pairs of the prefix alone score nothing
         scores = [self._result(p, none if x is None else x) for p, x in zip(prepared, lps, strict=True)]
-        return scores, ForwardStats(computed, computed, reused)
+        return scores, ForwardStats(computed, positions, reused)
 
     def _score_padded(self, prepared: Sequence[PreparedPair]) -> tuple[list[PairScore], ForwardStats]:
         results: list[PairScore | None] = [None] * len(prepared)

@@ -165,6 +165,7 @@ class PackedRow:
     # per pair: (pair index, prompt log-probs slice, response log-probs slice)
     pieces: tuple[tuple[int, int, int, int, int], ...]
     reused_tokens: int
+    filler_tokens: int = 0  # positions of the filler segment (see ROW_ALIGN)
 
     @property
     def tokens(self) -> int:
@@ -178,8 +179,18 @@ class PackedRow:
         ]
 
 
-def pack_row(trees: Sequence[Tree], *, device: torch.device) -> PackedRow:
-    """Lay ``trees`` end to end in one row (see the module docstring)."""
+#: Packed rows are filled up to a multiple of this many positions (a filler
+#: segment, never scored). Elementwise kernels (RoPE's cos/sin, activations)
+#: run vectorized except on the last elements of a tensor, which take a scalar
+#: path that can round differently; with the row a multiple of 16 positions
+#: no element of a [positions x width] tensor is left for it (for widths that
+#: are even), whichever place a pair takes in the row.
+ROW_ALIGN = 16
+
+
+def pack_row(trees: Sequence[Tree], *, device: torch.device, align: int = 1) -> PackedRow:
+    """Lay ``trees`` end to end in one row (see the module docstring), filled up to a
+    multiple of ``align`` positions with a causal filler segment that is not scored."""
     ids: list[int] = []
     positions: list[int] = []
     segments: list[Segment] = []
@@ -214,6 +225,11 @@ def pack_row(trees: Sequence[Tree], *, device: torch.device) -> PackedRow:
                 targets += response[1:]
             done[response] = (first, len(targets))
             pieces.append((pair, *prompt_lps, first, len(targets)))
+    filler = -len(ids) % align
+    if filler and ids:
+        segments.append(Segment(len(ids), len(ids) + filler))
+        ids += [ids[0]] * filler
+        positions += range(filler)
     return PackedRow(
         input_ids=torch.tensor([ids], dtype=torch.long).to(device),
         position_ids=torch.tensor([positions], dtype=torch.long).to(device),
@@ -222,6 +238,7 @@ def pack_row(trees: Sequence[Tree], *, device: torch.device) -> PackedRow:
         targets=torch.tensor(targets, dtype=torch.long).to(device),
         pieces=tuple(pieces),
         reused_tokens=sum(t.reused_tokens for t in trees),
+        filler_tokens=filler if ids else 0,
     )
 
 
