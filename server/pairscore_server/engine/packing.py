@@ -18,8 +18,11 @@ The token shift of :mod:`.logprobs` holds segment by segment: prompt row
 k < P-1 predicts prompt token k+1; the prompt's last row predicts every
 response's y_1; response row k predicts y_{k+2}. A response's last token and
 a lone pair's last token are targets only, never inputs. The scores of a
-pair do not depend on what else is in its row, up to float32 GEMM rounding
-(the same bound as padded batches, see tests/test_engine_math.py).
+pair do not depend on what else is in its row, bit for bit on CPU: a pair
+with a response is always laid out as prompt + response segments (B above
+is a pair without y), the row is filled to a multiple of ROW_ALIGN
+positions, and small GEMMs are padded (kernels.RowStableLinear); see
+tests/test_engine_math.py and tests/test_smollm2.py.
 """
 
 from __future__ import annotations
