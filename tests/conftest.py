@@ -13,6 +13,8 @@ from harness.models import (
     build_bpe_tokenizer,
     build_gpt2_model,
     build_llama_model,
+    build_qwen2_model,
+    build_qwen2_tokenizer,
     build_sentencepiece_tokenizer,
     make_engine,
 )
@@ -35,6 +37,12 @@ def sp_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen2_tokenizer(tmp_path_factory):
+    """Qwen2-style byte-level BPE tokenizer with an NFC normalizer (no BOS)."""
+    return build_qwen2_tokenizer(tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="session")
 def gpt2_family(bpe_tokenizer):
     return build_gpt2_model(len(bpe_tokenizer)), bpe_tokenizer
 
@@ -44,7 +52,12 @@ def llama_family(sp_tokenizer):
     return build_llama_model(len(sp_tokenizer)), sp_tokenizer
 
 
-@pytest.fixture(scope="session", params=["gpt2", "llama"])
+@pytest.fixture(scope="session")
+def qwen2_family(qwen2_tokenizer):
+    return build_qwen2_model(len(qwen2_tokenizer)), qwen2_tokenizer
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama", "qwen2"])
 def family(request):
     """(model, tokenizer) for each tokenizer family of the contract."""
     return request.getfixturevalue(f"{request.param}_family")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pairscore.types import Pair, PairScore, ScoreOptions, TokenizationMode
+from pairscore_server.engine.packing import ROW_ALIGN
 
 from harness.models import make_engine
 from harness.scoring import SUM_REL_TOL, TOKEN_TOL, assert_same_scores, mixed_pairs
@@ -98,6 +99,25 @@ def test_batch_invariance(engine, mode):
     for pair, in_batch in zip(pairs, batched, strict=True):
         [alone] = engine.score_pairs([pair], options)
         assert_same_scores(alone, in_batch)
+
+
+@pytest.mark.parametrize("mode", list(TokenizationMode))
+def test_packed_rows_are_bitwise_batch_invariant(family, mode):
+    """In packed rows (the CPU default) a pair's scores are bit for bit the same
+    alone, duplicated, beside pairs sharing its prompt and in a mixed batch:
+    GEMMs under 16 rows are padded (kernels.RowStableLinear) and a pair is
+    always laid out as prompt + response segments (packing.build_trees)."""
+    eng = make_engine(*family, packing=True)
+    options = ScoreOptions(tokenization=mode, return_tokens=True)
+    pairs = mixed_pairs(16, seed=4) + [Pair("Hello", ""), Pair("", "Hello world."), Pair("a", "b")]
+    shared = [Pair(pairs[0].prompt, " another response"), Pair(pairs[3].prompt, "")]
+    for pair in pairs:
+        [alone] = eng.score_pairs([pair], options)
+        for batch in (pairs, [pair, pair], [pair, *shared], [*shared, pair, *pairs[::-1]]):
+            got = eng.score_pairs(batch, options)[batch.index(pair)]
+            assert (got.prompt_logprob, got.conditional_logprob) == (
+                alone.prompt_logprob, alone.conditional_logprob), pair
+            assert [t.logprob for t in got.tokens] == [t.logprob for t in alone.tokens]
 
 
 def test_invariants(engine):
@@ -198,7 +218,10 @@ def test_packed_rows_share_prompts_and_score_like_separate_pairs(family, capacit
     prepared = packed.prepare(pairs, options)
     scored = packed.score(prepared)
     got, stats = scored.scores, scored.stats
-    assert stats.padded_tokens == stats.real_tokens, "a packed row has no padding"
+    # A packed row has no padding, only a filler segment up to a multiple of
+    # ROW_ALIGN positions (batch invariance, packing.py).
+    rows = len(packed.plan_packed_rows(prepared)[1])
+    assert stats.real_tokens <= stats.padded_tokens < stats.real_tokens + ROW_ALIGN * rows
     n = len(SHARED_RESPONSES)
     prompt_lens = [1 + prepared[n * k].prompt_tokens for k in range(len(SHARED_PROMPTS))]
     if capacity == 4096:

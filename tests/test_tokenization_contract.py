@@ -1,6 +1,9 @@
-"""Tier 1: the tokenization and prefix contract, on both tokenizer families."""
+"""Tier 1: the tokenization and prefix contract, on the three tokenizer families
+(byte-level BPE, SentencePiece, and byte-level BPE with an NFC normalizer)."""
 
 from __future__ import annotations
+
+import unicodedata
 
 import pytest
 
@@ -37,6 +40,34 @@ TEXTS = [
 
 PAIRS = [Pair(x, y) for x in TEXTS for y in TEXTS[:6] + TEXTS[7:]][::3]
 
+# Text that Unicode normalization changes: combining marks that NFC composes
+# (also across the prompt/response boundary), compatibility characters that
+# NFC keeps and NFKC would change, conjoining Hangul jamo that NFC composes
+# into syllables, and a singleton (Angstrom sign -> Å).
+NORMALIZED_TEXTS = [
+    "cafe\u0301",
+    "e\u0301 a\u0308 n\u0303 o\u0302\u0323",
+    "\u0301 starts with a mark",
+    "ﬁ ① ｶ ² ™ ＡＢ",
+    "\u1100\u1161\u11a8 \u1112\u1161\u11ab\u1100\u116e\u11a8",
+    "\u212b and \u2126 signs",
+    "Ame\u0301lie 😀 你好",
+]
+NORMALIZED_PAIRS = [Pair(x, y) for x in NORMALIZED_TEXTS + ["e", ""] for y in NORMALIZED_TEXTS[:4] + [""]]
+
+
+def contract_text(engine, x: str, y: str, mode: TokenizationMode) -> str:
+    """What the scored ids decode to under the contract (docs/contract.md)."""
+    forms = engine.pair_tokenizer.normalizers
+    if not forms:
+        return x + y
+    assert forms == ("NFC",), forms  # the one normalizing family of the matrix
+
+    def norm(text: str) -> str:
+        return unicodedata.normalize("NFC", text)
+
+    return norm(x) + norm(y) if mode is TokenizationMode.SEPARATE else norm(x + y)
+
 
 def scored_ids(engine, pair: Pair, mode: TokenizationMode):
     [prep] = engine.prepare([pair], ScoreOptions(tokenization=mode))
@@ -47,8 +78,57 @@ def scored_ids(engine, pair: Pair, mode: TokenizationMode):
 def test_ids_decode_back_to_prompt_plus_response(engine, mode):
     for pair in PAIRS:
         prep = scored_ids(engine, pair, mode)
-        assert engine.pair_tokenizer.decode(prep.input_ids[1:]) == pair.prompt + pair.response
+        expected = contract_text(engine, pair.prompt, pair.response, mode)
+        assert engine.pair_tokenizer.decode(prep.input_ids[1:]) == expected
         assert prep.prompt_tokens + prep.response_tokens == len(prep.input_ids) - 1
+
+
+@pytest.mark.parametrize("mode", list(TokenizationMode))
+def test_text_that_normalization_changes_round_trips(engine, mode):
+    for pair in NORMALIZED_PAIRS:
+        prep = scored_ids(engine, pair, mode)
+        expected = contract_text(engine, pair.prompt, pair.response, mode)
+        assert engine.pair_tokenizer.decode(prep.input_ids[1:]) == expected, pair
+
+
+def test_normalizing_tokenizer_is_reported(qwen2_family, gpt2_family, llama_family):
+    model, tok = qwen2_family
+    # transformers 5 loads Qwen2 tokenizers through Qwen2Tokenizer, which adds NFC.
+    assert type(tok).__name__ == "Qwen2Tokenizer"
+    qwen = make_engine(model, tok)
+    assert qwen.pair_tokenizer.normalizers == ("NFC",) and qwen.info.tokenizer_normalizes
+    for family in (gpt2_family, llama_family):
+        eng = make_engine(*family)
+        assert not eng.pair_tokenizer.normalizes and not eng.info.tokenizer_normalizes
+
+
+@pytest.mark.parametrize("mode", list(TokenizationMode))
+def test_spans_cover_each_side_exactly(engine, mode):
+    """Every code point of x and of y lies in exactly one token span (or the one span
+    shared by the tokens of one character); no span leaves its side's text."""
+    for pair in NORMALIZED_PAIRS + PAIRS:
+        x, y = pair.prompt, pair.response
+        [res] = engine.score_pairs([pair], ScoreOptions(tokenization=mode, return_tokens=True))
+        for side, text in ((Side.PROMPT, x), (Side.RESPONSE, y)):
+            spans = [(t.char_start, t.char_end) for t in res.tokens if t.side is side]
+            assert all(0 <= s <= e <= len(text) for s, e in spans), (pair, side, spans)
+            distinct = sorted({sp for sp in spans if sp[1] > sp[0]})
+            covered = 0
+            for s, e in distinct:
+                # No gap; an overlap only of the one character whose bytes
+                # several tokens hold (byte-level BPE: " 😀" -> "Ġð", "Ł", "ĺ").
+                assert s == covered or (s == covered - 1 and e >= covered), (pair, side, spans)
+                covered = max(covered, e)
+            # The token that straddles the boundary (JOINT) holds x's last code
+            # points: x is covered up to where it begins.
+            if side is Side.PROMPT and res.boundary_straddled:
+                assert covered < len(text)
+            else:
+                assert covered == len(text), (pair, side, spans)
+        for t in res.tokens:
+            src = x if t.side is Side.PROMPT else y
+            piece = contract_text(engine, src[t.char_start:t.char_end], "", mode)
+            assert t.text.strip() in piece or "\ufffd" in t.text or t.straddles_boundary, (pair, t)
 
 
 @pytest.mark.parametrize("mode", list(TokenizationMode))
@@ -102,7 +182,8 @@ def test_separate_mode_response_independent_of_prompt(engine):
         # No dummy-prefix space at the start of y: after any prompt, y's ids
         # decode to exactly y.
         anchor = scored_ids(engine, Pair("a", ""), TokenizationMode.SEPARATE).input_ids[1:]
-        assert engine.pair_tokenizer.decode(anchor + ids) == "a" + y
+        assert engine.pair_tokenizer.decode(anchor + ids) == contract_text(
+            engine, "a", y, TokenizationMode.SEPARATE)
 
 
 def test_separate_prompt_is_plain_tokenization(engine):
@@ -219,7 +300,7 @@ def test_unicode_character_spans_round_trip(engine, mode):
         for t in res.tokens:
             src = x if t.side is Side.PROMPT else y
             if t.char_end > t.char_start:
-                piece = src[t.char_start:t.char_end]
+                piece = contract_text(engine, src[t.char_start:t.char_end], "", mode)
                 assert piece and (t.text.strip() in piece or "\ufffd" in t.text or not t.text.strip())
 
 

@@ -216,6 +216,7 @@ def model_info_to_pb(info: ModelInfo) -> pb.GetModelInfoResponse:
         max_message_bytes=info.max_message_bytes,
         max_queue_tokens=info.max_queue_tokens,
         max_top_k=info.max_top_k,
+        tokenizer_normalizes=info.tokenizer_normalizes,
     )
 
 
@@ -242,6 +243,7 @@ def model_info_from_pb(msg: pb.GetModelInfoResponse) -> ModelInfo:
         max_message_bytes=msg.max_message_bytes,
         max_queue_tokens=msg.max_queue_tokens,
         max_top_k=msg.max_top_k,
+        tokenizer_normalizes=msg.tokenizer_normalizes,
     )
 
 

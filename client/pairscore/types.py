@@ -191,6 +191,9 @@ class ModelInfo:
     max_message_bytes: int = 0
     max_queue_tokens: int = 0
     max_top_k: int = 0
+    # The tokenizer normalizes text (NFC, ...): ids decode to the normalized
+    # text, spans index the text sent (docs/contract.md).
+    tokenizer_normalizes: bool = False
     #: Server-side only, never on the wire (so not compared): a bound of one token's
     #: decoded text in UTF-8 bytes, for the response-size bound of top-k alternatives.
     max_token_text_bytes: int = field(default=0, compare=False, repr=False)

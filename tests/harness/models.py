@@ -1,11 +1,14 @@
 """Tiny causal LMs and tokenizers built locally, for tests: no network, fixed seeds.
 
-Two families, covering both tokenizer styles of the contract:
+Three families, covering the tokenizer styles of the contract:
 
 * GPT-2 style: byte-level BPE trained here, no BOS added, "<|endoftext|>"
   as document separator.
 * Llama style: a SentencePiece BPE model (byte fallback, dummy prefix)
   trained here, loaded through transformers' LlamaTokenizer, BOS added.
+* Qwen2 style: byte-level BPE with Qwen2's pre-tokenizer regex, loaded
+  through transformers' Qwen2Tokenizer, which (transformers 5) rebuilds the
+  tokenizer with a Unicode NFC normalizer: a *normalizing* tokenizer.
 
 Weights are random but drawn with a large init range, so predictions are far
 from uniform and an off-by-one in the token shift changes scores visibly.
@@ -97,6 +100,46 @@ def build_sentencepiece_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+#: Qwen2's pre-tokenizer split (transformers' tokenization_qwen2.PRETOKENIZE_REGEX).
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def build_qwen2_tokenizer(path: Path):
+    """Qwen2-style tokenizer (byte-level BPE, NFC normalizer, no BOS), saved to and
+    loaded from ``path`` through transformers' Qwen2Tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer",
+        "bos_token": None,
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": CONTEXT,
+    }))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def build_gpt2_model(vocab_size: int, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -118,6 +161,18 @@ def build_llama_model(vocab_size: int, seed: int = 0):
         initializer_range=INIT_RANGE, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def build_qwen2_model(vocab_size: int, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+        initializer_range=INIT_RANGE, bos_token_id=None, eos_token_id=0, tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(config).eval()
 
 
 def make_engine(model, tokenizer, **limits):

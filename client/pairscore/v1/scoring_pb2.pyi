@@ -172,7 +172,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_source", "revision", "dtype", "device", "max_context_tokens", "vocab_size", "prefix_policy", "prefix_token_id", "prefix_token", "tokenizer_class", "server_version", "default_tokenization", "architecture", "max_pairs_per_request", "max_text_chars", "max_item_tokens", "max_message_bytes", "max_queue_tokens", "max_top_k")
+    __slots__ = ("model_name", "model_source", "revision", "dtype", "device", "max_context_tokens", "vocab_size", "prefix_policy", "prefix_token_id", "prefix_token", "tokenizer_class", "server_version", "default_tokenization", "architecture", "max_pairs_per_request", "max_text_chars", "max_item_tokens", "max_message_bytes", "max_queue_tokens", "tokenizer_normalizes", "max_top_k")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_ITEM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_NORMALIZES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_source: str
@@ -212,5 +213,6 @@ class GetModelInfoResponse(_message.Message):
     max_item_tokens: int
     max_message_bytes: int
     max_queue_tokens: int
+    tokenizer_normalizes: bool
     max_top_k: int
-    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefix_policy: _Optional[_Union[PrefixPolicy, str]] = ..., prefix_token_id: _Optional[int] = ..., prefix_token: _Optional[str] = ..., tokenizer_class: _Optional[str] = ..., server_version: _Optional[str] = ..., default_tokenization: _Optional[_Union[TokenizationMode, str]] = ..., architecture: _Optional[str] = ..., max_pairs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_item_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefix_policy: _Optional[_Union[PrefixPolicy, str]] = ..., prefix_token_id: _Optional[int] = ..., prefix_token: _Optional[str] = ..., tokenizer_class: _Optional[str] = ..., server_version: _Optional[str] = ..., default_tokenization: _Optional[_Union[TokenizationMode, str]] = ..., architecture: _Optional[str] = ..., max_pairs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_item_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., tokenizer_normalizes: _Optional[bool] = ..., max_top_k: _Optional[int] = ...) -> None: ...

@@ -24,7 +24,7 @@ from pairscore.types import (
     data_selection_scores,
 )
 from pairscore_server.engine.interface import CausalLM, Engine, ForwardStats, ScoredBatch, score_pairs
-from pairscore_server.engine.kernels import fuse_activations
+from pairscore_server.engine.kernels import fuse_activations, stabilize_gemm_rows
 from pairscore_server.engine.logprobs import (
     DEFAULT_CHUNK_BYTES,
     HeadDetail,
@@ -37,6 +37,7 @@ from pairscore_server.engine.packed_attention import (
     enable_packed_attention,
 )
 from pairscore_server.engine.packing import (
+    ROW_ALIGN,
     Tree,
     build_trees,
     group_by_prompt,
@@ -133,6 +134,10 @@ class ScoringEngine(Engine):
         fused = fuse_activations(model)
         if fused:
             log.info("using fused kernels for %d activation modules", fused)
+        # Same GEMM kernel for any number of rows, and packed rows whose
+        # elementwise kernels leave no scalar tail: batch-invariant scores.
+        stabilize_gemm_rows(model)
+        self.row_align = ROW_ALIGN
         self.tokenizer = tokenizer
         self.description = description
         self.limits = limits = limits or EngineLimits()
@@ -200,6 +205,7 @@ class ScoringEngine(Engine):
             architecture=type(self.model).__name__,
             max_top_k=self.max_top_k,
             max_token_text_bytes=self._token_text_bytes,
+            tokenizer_normalizes=self.pair_tokenizer.normalizes,
         )
 
     def _max_token_text_bytes(self) -> int:
@@ -339,19 +345,20 @@ class ScoringEngine(Engine):
     ) -> tuple[list[torch.Tensor], ForwardStats]:
         trees, rows = self._plan_rows(seqs, prompt_lens)
         lps: list[torch.Tensor | None] = [None] * len(seqs)
-        computed = reused = 0
+        computed = positions = reused = 0
         for members in rows:
-            row = pack_row([trees[j] for j in members], device=self.device)
+            row = pack_row([trees[j] for j in members], device=self.device, align=self.row_align)
             for i, seq_lps in row.split(self._logprobs.packed(row, detail).cpu()):
                 lps[i] = seq_lps
-            computed += row.tokens
+            computed += row.tokens - row.filler_tokens
+            positions += row.tokens
             reused += row.reused_tokens
         # sequences of the prefix alone score nothing
         none = (
             torch.empty(0, detail.columns, dtype=torch.float64)
             if detail.wanted else torch.empty(0, dtype=torch.float32)
         )
-        return [none if x is None else x for x in lps], ForwardStats(computed, computed, reused)
+        return [none if x is None else x for x in lps], ForwardStats(computed, positions, reused)
 
     def _logprobs_padded(
         self, seqs: Sequence[tuple[int, ...]], prompt_lens: Sequence[int], detail: HeadDetail

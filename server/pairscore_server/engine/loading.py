@@ -69,7 +69,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    # Reference-grade numbers on CPU: log-softmax and sums in float64 too.
+    "float64": torch.float64,
+}
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

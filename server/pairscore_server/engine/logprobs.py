@@ -152,7 +152,8 @@ def _chunked_target_logprobs(
     chunk_rows: int,
     detail: HeadDetail = NO_DETAIL,
 ) -> torch.Tensor:
-    """log_softmax(head(hidden))[targets] in float32, ``chunk_rows`` rows at a time.
+    """log_softmax(head(hidden))[targets] in float32 (float64 for a float64 model),
+    ``chunk_rows`` rows at a time.
 
     ``-cross_entropy(logits, target)`` is exactly that log-prob, computed by
     one fused log-softmax kernel instead of logsumexp's temporaries. With
@@ -160,14 +161,16 @@ def _chunked_target_logprobs(
     result is the [S x detail.columns] float64 detail matrix.
     """
     rows = targets.shape[0]
-    out = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    # float32, or float64 for a float64 model (reference-grade scores).
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = torch.empty(rows, dtype=dtype, device=hidden.device)
     extra = (
         torch.empty(rows, detail.columns, dtype=torch.float64, device=hidden.device)
         if detail.wanted else None
     )
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
-        logits = head(hidden[start:stop]).float()
+        logits = head(hidden[start:stop]).to(dtype)
         out[start:stop] = -torch.nn.functional.cross_entropy(
             logits, targets[start:stop], reduction="none"
         )
@@ -312,7 +315,7 @@ class LogprobComputer:
         packed = dict(row.split(self.packed(row)))
         singles = [lone, prompt + responses[0], prompt + responses[1]]
         dtype = next(self.model.parameters()).dtype
-        atol = 1e-3 if dtype == torch.float32 else 5e-2
+        atol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
         for i, seq in enumerate(singles):
             [alone] = self(make_batch([seq], pad_id=0, device=self.device))
             if not torch.allclose(packed[i].float(), alone.float(), atol=atol, rtol=0):

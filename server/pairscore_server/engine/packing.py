@@ -18,8 +18,11 @@ The token shift of :mod:`.logprobs` holds segment by segment: prompt row
 k < P-1 predicts prompt token k+1; the prompt's last row predicts every
 response's y_1; response row k predicts y_{k+2}. A response's last token and
 a lone pair's last token are targets only, never inputs. The scores of a
-pair do not depend on what else is in its row, up to float32 GEMM rounding
-(the same bound as padded batches, see tests/test_engine_math.py).
+pair do not depend on what else is in its row, bit for bit on CPU: a pair
+with a response is always laid out as prompt + response segments (B above
+is a pair without y), the row is filled to a multiple of ROW_ALIGN
+positions, and small GEMMs are padded (kernels.RowStableLinear); see
+tests/test_engine_math.py and tests/test_smollm2.py.
 """
 
 from __future__ import annotations
@@ -88,6 +91,10 @@ def build_trees(
 ) -> list[Tree]:
     """One tree per distinct prompt (pairs sharing p ⊕ x exactly), else one per pair.
 
+    With ``share_prompts`` every pair is a member of its prompt's tree, even a
+    pair alone on its prompt: so a pair's attention calls, and its scores bit
+    for bit, do not depend on what else is in the call.
+
     ``prompt_lengths[i]`` counts the prefix and the prompt of sequence i. A
     shared prompt whose responses do not fit ``capacity`` together is split
     into several trees, each with its own copy of the prompt.
@@ -96,9 +103,10 @@ def build_trees(
         return [Tree(tuple(s), ((i, ()),)) for i, s in enumerate(sequences)]
     trees: list[Tree] = []
     for prompt, indices in group_by_prompt(sequences, prompt_lengths).items():
-        if len(indices) == 1:
-            trees.append(Tree(tuple(sequences[indices[0]]), ((indices[0], ()),)))
-            continue
+        # A pair is laid out as prompt segment + response segment even when no
+        # other pair shares its prompt: its numbers then go through the same
+        # attention calls whether it is alone, duplicated or shares its prompt
+        # (one causal segment over p ⊕ x ⊕ y rounds differently).
         members = sorted(
             ((i, tuple(sequences[i][len(prompt):])) for i in indices), key=lambda m: -len(m[1])
         )
@@ -160,6 +168,7 @@ class PackedRow:
     # per pair: (pair index, prompt log-probs slice, response log-probs slice)
     pieces: tuple[tuple[int, int, int, int, int], ...]
     reused_tokens: int
+    filler_tokens: int = 0  # positions of the filler segment (see ROW_ALIGN)
 
     @property
     def tokens(self) -> int:
@@ -173,8 +182,18 @@ class PackedRow:
         ]
 
 
-def pack_row(trees: Sequence[Tree], *, device: torch.device) -> PackedRow:
-    """Lay ``trees`` end to end in one row (see the module docstring)."""
+#: Packed rows are filled up to a multiple of this many positions (a filler
+#: segment, never scored). Elementwise kernels (RoPE's cos/sin, activations)
+#: run vectorized except on the last elements of a tensor, which take a scalar
+#: path that can round differently; with the row a multiple of 16 positions
+#: no element of a [positions x width] tensor is left for it (for widths that
+#: are even), whichever place a pair takes in the row.
+ROW_ALIGN = 16
+
+
+def pack_row(trees: Sequence[Tree], *, device: torch.device, align: int = 1) -> PackedRow:
+    """Lay ``trees`` end to end in one row (see the module docstring), filled up to a
+    multiple of ``align`` positions with a causal filler segment that is not scored."""
     ids: list[int] = []
     positions: list[int] = []
     segments: list[Segment] = []
@@ -209,6 +228,11 @@ def pack_row(trees: Sequence[Tree], *, device: torch.device) -> PackedRow:
                 targets += response[1:]
             done[response] = (first, len(targets))
             pieces.append((pair, *prompt_lps, first, len(targets)))
+    filler = -len(ids) % align
+    if filler and ids:
+        segments.append(Segment(len(ids), len(ids) + filler))
+        ids += [ids[0]] * filler
+        positions += range(filler)
     return PackedRow(
         input_ids=torch.tensor([ids], dtype=torch.long).to(device),
         position_ids=torch.tensor([positions], dtype=torch.long).to(device),
@@ -217,6 +241,7 @@ def pack_row(trees: Sequence[Tree], *, device: torch.device) -> PackedRow:
         targets=torch.tensor(targets, dtype=torch.long).to(device),
         pieces=tuple(pieces),
         reused_tokens=sum(t.reused_tokens for t in trees),
+        filler_tokens=filler if ids else 0,
     )
 
 

@@ -29,8 +29,9 @@ class PreparedPair:
     ``1 .. prompt_tokens`` are the prompt's and the last ``response_tokens``
     are the response's. ``offsets`` holds each scored token's code-point span
     in its own side's text (not p's); ``straddle_index`` is the position
-    among them of the response token that began in the prompt (JOINT mode),
-    else -1. Spans are kept as plain tuples: a request has one per token and
+    among them of the (first) response token that began in the prompt (JOINT
+    mode), else -1; later tokens with its span are its character's other
+    bytes. Spans are kept as plain tuples: a request has one per token and
     :attr:`spans` builds the richer objects only when asked.
     """
 
@@ -74,7 +75,13 @@ class PreparedPair:
     def spans(self) -> tuple[TokenSpan, ...]:
         """Side and span of each scored token."""
         m = self.prompt_tokens
+        k = self.straddle_index
+        # The tokens of one straddling character (its bytes) share its span.
+        straddling = self.offsets[k] if k >= 0 else None
         return tuple(
-            TokenSpan(Side.PROMPT if i < m else Side.RESPONSE, s, e, i == self.straddle_index)
+            TokenSpan(
+                Side.PROMPT if i < m else Side.RESPONSE, s, e,
+                k >= 0 and (i == k or (i > k and (s, e) == straddling)),
+            )
             for i, (s, e) in enumerate(self.offsets)
         )

@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-#: ``ModelSpec.dtype`` values: auto is bfloat16 on CUDA, float32 on CPU.
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: ``ModelSpec.dtype`` values: auto is bfloat16 on CUDA, float32 on CPU;
+#: float64 gives reference-grade scores on CPU (docs/performance.md: its cost).
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 #: ``ModelSpec.packing`` values: auto picks by device (see ``loading.engine_limits``).
 PACKING_CHOICES = ("auto", "on", "off")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$|^cuda:\d+(,cuda:\d+)+$")

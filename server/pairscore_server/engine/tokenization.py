@@ -17,6 +17,17 @@ In both modes special-token strings in user text (``"<|endoftext|>"``,
 ``"<s>"``) are tokenized as plain text, never turned into special tokens,
 and no special token is added: the only special token in a scored sequence
 is the prefix token that the engine puts in front.
+
+Normalizing tokenizers (a Unicode normalizer such as the NFC that
+transformers 5 gives Qwen2 tokenizers) tokenize the *normalized* text, so
+the ids decode to it: N(x) + N(y) in SEPARATE mode, N(x + y) in JOINT mode.
+Spans still index the original x and y: the tokenizer's offsets map
+normalized characters back to the original text, and where a normalizer
+merged several code points into one (e + U+0301 -> é) the code points the
+offsets leave out are given to the token(s) of the character they were
+merged into (:func:`cover_text`), so every code point of a side lies in
+exactly one token span, or in the one span shared by the tokens of one
+character.
 """
 
 from __future__ import annotations
@@ -68,6 +79,59 @@ def _is_prepend(node: Any) -> bool:
     return isinstance(node, dict) and node.get("type") == "Prepend"
 
 
+#: Normalizer types that only handle SentencePiece's spaces: they change no
+#: character of the text as the ids decode it.
+_SPACE_ONLY_NORMALIZERS = {"Sequence", "Prepend"}
+
+
+def _normalizer_kinds(node: Any) -> list[str]:
+    """The types of the normalizers in a tokenizer.json ``normalizer`` subtree
+    that change text, in order (SentencePiece's space handling left out)."""
+    if isinstance(node, list):
+        return [k for n in node for k in _normalizer_kinds(n)]
+    if not isinstance(node, dict):
+        return []
+    kinds = _normalizer_kinds(node.get("normalizers", []))
+    kind = node.get("type")
+    if kind == "Replace" and node.get("pattern") == {"String": " "} and node.get("content") == "▁":
+        return kinds
+    if isinstance(kind, str) and kind not in _SPACE_ONLY_NORMALIZERS:
+        kinds.insert(0, kind)
+    return kinds
+
+
+def cover_text(offsets: Sequence[tuple[int, int]], length: int) -> list[tuple[int, int]]:
+    """Spans that cover all ``length`` code points of a side, from tokenizer offsets.
+
+    Offsets are clamped into ``[0, length]``. A normalizer that merges code
+    points (NFC: e + U+0301 -> é) maps the merged character back to its
+    first code point only; the code points left out are given to the
+    token(s) that hold the character before them (all tokens with that
+    same span), the text before the first token to the first token's span
+    and the text after the last token to the last. Empty spans stay empty.
+    """
+    spans = [(min(max(s, 0), length), min(max(e, 0), length)) for s, e in offsets]
+    groups: list[list[int]] = []  # runs of tokens with one identical non-empty span
+    for i, (s, e) in enumerate(spans):
+        if e <= s:
+            continue
+        if groups and spans[groups[-1][0]] == (s, e):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if not groups:
+        return spans
+    for k, group in enumerate(groups):
+        s, e = spans[group[0]]
+        if k == 0:
+            s = 0
+        nxt = spans[groups[k + 1][0]][0] if k + 1 < len(groups) else length
+        e = max(e, nxt)
+        for i in group:
+            spans[i] = (s, e)
+    return spans
+
+
 def continuation_tokenizer(backend: Tokenizer) -> Tokenizer:
     """The same tokenizer, tokenizing text as the continuation of a document.
 
@@ -109,6 +173,11 @@ class PairTokenizer:
                 "token offsets, which only tokenizers-backed tokenizers provide"
             )
         self._hf = hf_tokenizer
+        #: The normalizers that change text before it is tokenized (e.g.
+        #: ["NFC"]); empty when the ids decode back to the text itself.
+        self.normalizers: tuple[str, ...] = tuple(
+            _normalizer_kinds(json.loads(backend.to_str()).get("normalizer"))
+        )
         self._first = _plain_text_tokenizer(backend)
         self._cont = _plain_text_tokenizer(continuation_tokenizer(backend))
         # Tokenizers with a document-start dummy prefix (SentencePiece's "▁")
@@ -117,6 +186,12 @@ class PairTokenizer:
         # SentencePiece itself does, keeps every text lossless.
         self.dummy_prefix = self._first.encode("a").ids != self._cont.encode("a").ids
         self.separate_supported, self.separate_problem = self._check_separate()
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether the tokenizer normalizes text, so that ids decode to the
+        normalized text rather than the text given."""
+        return bool(self.normalizers)
 
     # -- contract checks ---------------------------------------------------
 
@@ -142,13 +217,17 @@ class PairTokenizer:
             out[i] = (enc.ids, [(max(s - 1, 0), max(e - 1, 0)) for s, e in enc.offsets])
         return out
 
+    def _normalized(self, text: str) -> str:
+        normalizer = self._first.normalizer
+        return normalizer.normalize_str(text) if self.normalizes and normalizer else text
+
     def _check_separate(self) -> tuple[bool, str]:
         probes = [("Hello", " world"), ("a", "b"), ("The answer is", "42.\n"), (" x", "  y")]
         for x, y in probes:
             ids = self._encode_first([x])[0][0]
             ids += self._cont.encode(y, add_special_tokens=False).ids
             got = self.decode(ids)
-            if got != x + y:
+            if got != self._normalized(x) + self._normalized(y):
                 return False, (
                     "this tokenizer cannot tokenize the response separately and still "
                     f"decode to prompt+response ({x + y!r} came back as {got!r}); "
@@ -170,15 +249,20 @@ class PairTokenizer:
         unsupported here."""
         if mode is TokenizationMode.JOINT:
             whole = self._encode_first([x + y for x, y in pairs])
-            return [self._split_joint(len(x), ids, offsets)
-                    for (x, _), (ids, offsets) in zip(pairs, whole, strict=True)]
+            return [self._split_joint(len(x), ids, cover_text(offsets, len(x) + len(y)))
+                    for (x, y), (ids, offsets) in zip(pairs, whole, strict=True)]
         if not self.separate_supported:
             raise ValueError(self.separate_problem)
         prompts = self._encode_first([x for x, _ in pairs])
         responses = self._cont.encode_batch([y for _, y in pairs], add_special_tokens=False)
         return [
-            TokenizedPair(tuple(x_ids + y.ids), len(x_ids), tuple(x_offsets + y.offsets), False)
-            for (x_ids, x_offsets), y in zip(prompts, responses, strict=True)
+            TokenizedPair(
+                tuple(x_ids + y.ids),
+                len(x_ids),
+                tuple(cover_text(x_offsets, len(x)) + cover_text(y.offsets, len(y_text))),
+                False,
+            )
+            for (x, y_text), (x_ids, x_offsets), y in zip(pairs, prompts, responses, strict=True)
         ]
 
     @staticmethod
@@ -193,8 +277,11 @@ class PairTokenizer:
                 prompt_tokens += 1
                 spans.append((start, end))
             else:
-                if start < cut:
-                    straddle_index = i  # begins in x, ends in y: counts toward y
+                if start < cut and straddle_index < 0:
+                    # Begins in x, ends in y: counts toward y. Several tokens
+                    # can share the straddling character's span (its bytes);
+                    # the first is recorded, PreparedPair.spans flags them all.
+                    straddle_index = i
                 spans.append((max(start - cut, 0), end - cut))
         return TokenizedPair(
             tuple(ids), prompt_tokens, tuple(spans), straddle_index >= 0, straddle_index
