@@ -56,8 +56,16 @@ import threading
 import time
 from pathlib import Path
 
-ALL_METHODS = ["naive_one", "naive_two", "lmeval", "engine", "engine_padded", "engine_packed", "engine_bf16",
-               "grpc"]
+ALL_METHODS = [
+    "naive_one",
+    "naive_two",
+    "lmeval",
+    "engine",
+    "engine_padded",
+    "engine_packed",
+    "engine_bf16",
+    "grpc",
+]
 ENGINE_METHODS = ("engine", "engine_padded", "engine_packed", "engine_bf16")
 #: The engine with the data-selection options on, measured against ``engine`` in the same run.
 SELECTION_METHODS = {
@@ -74,15 +82,39 @@ PRESETS = {
 # no cost) with the 49152-token vocabulary, big enough that the GPU does real work;
 # llama-tiny-random is for CPU rehearsals of the GPU check.
 LLAMA_PRESETS = {
-    "smollm2-random": {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-                       "num_key_value_heads": 3, "intermediate_size": 1536, "max_position_embeddings": 8192,
-                       "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
-    "llama-1b-random": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
-                        "num_key_value_heads": 8, "intermediate_size": 8192, "max_position_embeddings": 8192,
-                        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
-    "llama-tiny-random": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                          "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 2048,
-                          "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "smollm2-random": {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "intermediate_size": 1536,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    "llama-1b-random": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "intermediate_size": 8192,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    "llama-tiny-random": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 2048,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
 }
 MODELS = [*PRESETS, *LLAMA_PRESETS, "smollm2"]
 
@@ -157,8 +189,9 @@ def build_model(name: str, vocab_size: int, device="cpu"):
     if name in LLAMA_PRESETS:
         return build_random_llama(name, vocab_size, device=device)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=vocab_size, n_positions=1024, bos_token_id=0, eos_token_id=0,
-                        **PRESETS[name])
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=1024, bos_token_id=0, eos_token_id=0, **PRESETS[name]
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -166,9 +199,13 @@ def _matmul_weights(model):
     """Every weight matrix a token is multiplied by (embedding lookups excluded, tied head included)."""
     import torch
 
-    weights = [m.weight for m in model.modules()
-               if getattr(m, "weight", None) is not None and m.weight.dim() == 2
-               and not isinstance(m, torch.nn.Embedding)]
+    weights = [
+        m.weight
+        for m in model.modules()
+        if getattr(m, "weight", None) is not None
+        and m.weight.dim() == 2
+        and not isinstance(m, torch.nn.Embedding)
+    ]
     head = model.get_output_embeddings().weight
     if all(w is not head for w in weights):
         weights.append(head)  # a head tied to the input embedding is skipped above
@@ -210,9 +247,12 @@ def ideal_tokens_per_s(model, rows_options=(128, 512, 2048), seconds: float = 2.
     weights = _matmul_weights(model)
     shapes = {tuple(w.shape) for w in weights}
     per_call = seconds / (len(shapes) * len(rows_options))
-    rate = {shape: max(_time_gemm(r, shape[1], shape[0], param.device, param.dtype, per_call)
-                       for r in rows_options)
-            for shape in shapes}
+    rate = {
+        shape: max(
+            _time_gemm(r, shape[1], shape[0], param.device, param.dtype, per_call) for r in rows_options
+        )
+        for shape in shapes
+    }
     seconds_per_token = sum(2.0 * w.numel() / rate[tuple(w.shape)] for w in weights)
     return 1.0 / seconds_per_token
 
@@ -274,8 +314,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_grpc(model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path, device: str, dtype: str,
-             packing: str):
+def run_grpc(
+    model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path, device: str, dtype: str, packing: str
+):
     """Start `pairscore serve` on model_dir, score through N concurrent streams.
 
     Returns (results, seconds, server peak RSS in bytes); server start-up and
@@ -285,10 +326,30 @@ def run_grpc(model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path,
 
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "pairscore_server", "serve", "--model", model_dir, "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", "off", "--device", device, "--dtype", dtype,
-         "--packing", packing, "--log-level", "WARNING"],
-        stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "pairscore_server",
+            "serve",
+            "--model",
+            model_dir,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "off",
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--packing",
+            packing,
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
     )
     try:
         client = ScoringClient(f"127.0.0.1:{port}", timeout=3600)
@@ -360,15 +421,17 @@ def child(args) -> None:
     if method in ("naive_one", "naive_two"):
         results = run_naive(model, prepared, two_passes=method == "naive_two")
     elif method == "lmeval":
-        results = run_lmeval(model, tokenizer, pairs, engine.prefix.token,
-                             "auto" if device.type == "cuda" else 1)
+        results = run_lmeval(
+            model, tokenizer, pairs, engine.prefix.token, "auto" if device.type == "cuda" else 1
+        )
     elif method in ("engine", "engine_padded", "engine_packed"):
         results = run_engine(engine, pairs)
     elif method in SELECTION_METHODS:
         results = run_engine(engine, pairs, **SELECTION_METHODS[method])
     elif method == "engine_bf16":
-        engine = ScoringEngine(model.to(torch.bfloat16), tokenizer,
-                               description=ModelDescription("bench", "bench"), limits=limits)
+        engine = ScoringEngine(
+            model.to(torch.bfloat16), tokenizer, description=ModelDescription("bench", "bench"), limits=limits
+        )
         start = time.perf_counter()
         results = run_engine(engine, pairs)
     elif method == "grpc":
@@ -377,44 +440,84 @@ def child(args) -> None:
             # Saved in the run's dtype (the server loads it with the same --dtype): a 1B
             # model in bfloat16 writes half the bytes of a float32 copy.
             model.save_pretrained(tmp)
-            results, seconds, rss = run_grpc(tmp, pairs, streams=args.streams, chunk=args.chunk,
-                                             log_path=Path(tmp) / "server.log", device=args.device,
-                                             dtype=args.dtype, packing=args.packing)
+            results, seconds, rss = run_grpc(
+                tmp,
+                pairs,
+                streams=args.streams,
+                chunk=args.chunk,
+                log_path=Path(tmp) / "server.log",
+                device=args.device,
+                dtype=args.dtype,
+                packing=args.packing,
+            )
         start = time.perf_counter() - seconds
     else:
         raise SystemExit(f"unknown method {method}")
     seconds = time.perf_counter() - start
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cuda_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "cuda_max_allocated": cuda_peak,
-        "method": method, "seconds": seconds, "tokens": tokens, "pairs": len(pairs),
-        "tokens_per_s": tokens / seconds, "pairs_per_s": len(pairs) / seconds,
-        "ideal_tokens_per_s": ideal, "gemm_gflops": ideal * flops_per_token(model) / 1e9,
-        "flops_per_token": flops_per_token(model),
-        "peak_rss": rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "rss_before": rss_before, "weights_bytes": weights, "results": results,
-        "unconditional_extra_tokens": extra,
-    }))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "cuda_max_allocated": cuda_peak,
+                "method": method,
+                "seconds": seconds,
+                "tokens": tokens,
+                "pairs": len(pairs),
+                "tokens_per_s": tokens / seconds,
+                "pairs_per_s": len(pairs) / seconds,
+                "ideal_tokens_per_s": ideal,
+                "gemm_gflops": ideal * flops_per_token(model) / 1e9,
+                "flops_per_token": flops_per_token(model),
+                "peak_rss": rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "rss_before": rss_before,
+                "weights_bytes": weights,
+                "results": results,
+                "unconditional_extra_tokens": extra,
+            }
+        )
+    )
 
 
 # --- parent ----------------------------------------------------------------------
 
 
 def run_child(method: str, args, shared) -> dict | None:
-    cmd = [sys.executable, __file__, "--run-method", method, "--model", args.model,
-           "--device", args.device, "--dtype", args.dtype,
-           "--pairs", str(args.pairs), "--seed", str(args.seed), "--threads", str(args.threads),
-           "--streams", str(args.streams), "--chunk", str(args.chunk), "--packing", args.packing,
-           "--gemm-seconds", str(args.gemm_seconds)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--run-method",
+        method,
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--pairs",
+        str(args.pairs),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "--streams",
+        str(args.streams),
+        "--chunk",
+        str(args.chunk),
+        "--packing",
+        args.packing,
+        "--gemm-seconds",
+        str(args.gemm_seconds),
+    ]
     cmd += ["--shared", f"{shared[0]}x{shared[1]}" if shared else "off"]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
     # Its own process group, so that a method timed out goes with whatever it started
     # (the grpc method's server).
-    child_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  start_new_session=True)
+    child_proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         stdout, stderr = child_proc.communicate(timeout=args.child_timeout)
     except subprocess.TimeoutExpired:
@@ -434,8 +537,11 @@ def run_child(method: str, args, shared) -> dict | None:
 
 
 def max_diff(a, b, index) -> float:
-    diffs = [abs(x[index] - y[index]) for x, y in zip(a, b, strict=True)
-             if x[index] == x[index] and y[index] == y[index]]
+    diffs = [
+        abs(x[index] - y[index])
+        for x, y in zip(a, b, strict=True)
+        if x[index] == x[index] and y[index] == y[index]
+    ]
     return max(diffs) if diffs else float("nan")
 
 
@@ -453,18 +559,24 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
             "cuda_max_allocated_gib": max(r["cuda_max_allocated"] for r in reps) / 2**30,
             "over_weights_gib": (max(r["peak_rss"] for r in reps) - best["weights_bytes"]) / 2**30,
             "results": best["results"],
-            "expected_uncond_ratio": reps[0]["tokens"] / (reps[0]["tokens"] + reps[0]["unconditional_extra_tokens"]),
+            "expected_uncond_ratio": reps[0]["tokens"]
+            / (reps[0]["tokens"] + reps[0]["unconditional_extra_tokens"]),
         }
-    print(f"{'method':<12} {'tokens/s':>9} {'pairs/s':>8} {'% ideal':>8} {'peak RSS':>9} {'RSS-weights':>11}"
-          f" {'CUDA max alloc':>14}")
+    print(
+        f"{'method':<12} {'tokens/s':>9} {'pairs/s':>8} {'% ideal':>8} {'peak RSS':>9} {'RSS-weights':>11}"
+        f" {'CUDA max alloc':>14}"
+    )
     for method, s in summary.items():
-        print(f"{method:<12} {s['tokens_per_s']:9.0f} {s['pairs_per_s']:8.2f} {100 * s['ideal_fraction']:7.0f}% "
-              f"{s['peak_rss_gib']:8.2f}G {s['over_weights_gib']:10.2f}G {s['cuda_max_allocated_gib']:13.2f}G")
+        print(
+            f"{method:<12} {s['tokens_per_s']:9.0f} {s['pairs_per_s']:8.2f} {100 * s['ideal_fraction']:7.0f}% "
+            f"{s['peak_rss_gib']:8.2f}G {s['over_weights_gib']:10.2f}G {s['cuda_max_allocated_gib']:13.2f}G"
+        )
     base = [m for m in ("naive_one", "naive_two", "lmeval") if m in summary]
     for mine in (*ENGINE_METHODS, "grpc"):
         if mine in summary and base:
-            ratios = ", ".join(f"{summary[mine]['tokens_per_s'] / summary[b]['tokens_per_s']:.2f}x {b}"
-                               for b in base)
+            ratios = ", ".join(
+                f"{summary[mine]['tokens_per_s'] / summary[b]['tokens_per_s']:.2f}x {b}" for b in base
+            )
             print(f"{mine}: {ratios}")
     if peak_tflops:
         for method, reps in runs.items():
@@ -472,55 +584,90 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
             summary[method]["mfu"] = mfu
             print(f"{method}: model FLOP utilisation {100 * mfu:.1f}% of {peak_tflops:g} TFLOP/s")
     if "engine_padded" in summary and "engine" in summary:
-        print(f"engine / engine_padded: "
-              f"{summary['engine']['tokens_per_s'] / summary['engine_padded']['tokens_per_s']:.2f}")
+        print(
+            f"engine / engine_padded: "
+            f"{summary['engine']['tokens_per_s'] / summary['engine_padded']['tokens_per_s']:.2f}"
+        )
     for method in SELECTION_METHODS:
         if method in summary and "engine" in summary:
             ratio = summary[method]["tokens_per_s"] / summary["engine"]["tokens_per_s"]
-            expected = f", expected {summary[method]['expected_uncond_ratio']:.2f}" if method == "engine_uncond" else ""
+            expected = (
+                f", expected {summary[method]['expected_uncond_ratio']:.2f}"
+                if method == "engine_uncond"
+                else ""
+            )
             print(f"{method} / engine: {ratio:.2f} (same pairs; 1/ratio = relative cost{expected})")
     if "engine_packed" in summary and "engine_padded" in summary:
-        print(f"engine_packed / engine_padded: "
-              f"{summary['engine_packed']['tokens_per_s'] / summary['engine_padded']['tokens_per_s']:.2f}")
+        print(
+            f"engine_packed / engine_padded: "
+            f"{summary['engine_packed']['tokens_per_s'] / summary['engine_padded']['tokens_per_s']:.2f}"
+        )
     # The in-process engine that the server's default layout matches is the reference:
     # "engine" where it ran, else the first engine layout that did.
     ref_method = next((m for m in ENGINE_METHODS if m in summary), None)
     if "grpc" in summary and ref_method:
-        print(f"grpc / {ref_method} in-process: "
-              f"{summary['grpc']['tokens_per_s'] / summary[ref_method]['tokens_per_s']:.2f}")
+        print(
+            f"grpc / {ref_method} in-process: "
+            f"{summary['grpc']['tokens_per_s'] / summary[ref_method]['tokens_per_s']:.2f}"
+        )
     if ref_method:
         ref = summary[ref_method]["results"]
         for method, s in summary.items():
             if method != ref_method:
-                s[f"max_diff_vs_{ref_method}"] = [max_diff(s["results"], ref, 0), max_diff(s["results"], ref, 1)]
-                print(f"max |{method} - {ref_method}|: joint {max_diff(s['results'], ref, 0):.2e}, "
-                      f"conditional {max_diff(s['results'], ref, 1):.2e} nats")
+                s[f"max_diff_vs_{ref_method}"] = [
+                    max_diff(s["results"], ref, 0),
+                    max_diff(s["results"], ref, 1),
+                ]
+                print(
+                    f"max |{method} - {ref_method}|: joint {max_diff(s['results'], ref, 0):.2e}, "
+                    f"conditional {max_diff(s['results'], ref, 1):.2e} nats"
+                )
     return summary
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="tiny", choices=MODELS)
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the embedded SmolLM2's)")
-    parser.add_argument("--pairs", type=int, help="distinct-prompt workload size (default 128 on CPU, 512 on CUDA)")
+    parser.add_argument(
+        "--pairs", type=int, help="distinct-prompt workload size (default 128 on CPU, 512 on CUDA)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 (CUDA default) or float16")
-    parser.add_argument("--shared", help="shared-prompt workload: PROMPTSxRESPONSES, or 'off' "
-                        "(default 16x8 on CPU, 64x8 on CUDA)")
+    parser.add_argument(
+        "--shared",
+        help="shared-prompt workload: PROMPTSxRESPONSES, or 'off' (default 16x8 on CPU, 64x8 on CUDA)",
+    )
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
-    parser.add_argument("--shared-methods", help="methods run on the shared-prompt workload (default: --methods)")
+    parser.add_argument(
+        "--shared-methods", help="methods run on the shared-prompt workload (default: --methods)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per method; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--streams", type=int, default=4, help="concurrent client streams (grpc)")
     parser.add_argument("--chunk", type=int, default=16, help="pairs per stream message (grpc)")
-    parser.add_argument("--packing", default="auto", choices=["auto", "on", "off"],
-                        help="the engine's and server's --packing (engine_padded is always off)")
-    parser.add_argument("--peak-tflops", type=float, default=0.0,
-                        help="the card's dense peak (e.g. 989 for H100/H200 bf16): adds model FLOP utilisation")
+    parser.add_argument(
+        "--packing",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the engine's and server's --packing (engine_padded is always off)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="the card's dense peak (e.g. 989 for H100/H200 bf16): adds model FLOP utilisation",
+    )
     parser.add_argument("--json", type=Path, help="also write the summary here (after each workload)")
-    parser.add_argument("--gemm-seconds", type=float, default=2.0,
-                        help="time each method spends measuring the GEMM rate for '%% ideal'")
+    parser.add_argument(
+        "--gemm-seconds",
+        type=float,
+        default=2.0,
+        help="time each method spends measuring the GEMM rate for '%% ideal'",
+    )
     parser.add_argument("--child-timeout", type=float, help="seconds one method may take; past it, skipped")
     parser.add_argument("--run-method", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -535,8 +682,11 @@ def main() -> None:
     # run_child ends the method's process group, which the signal does not reach.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     methods = [m for m in args.methods.split(",") if m]
-    print(f"model {args.model}, device {args.device} {args.dtype}, {args.threads} threads, seed {args.seed}, "
-          f"repeats {args.repeats}", flush=True)
+    print(
+        f"model {args.model}, device {args.device} {args.dtype}, {args.threads} threads, seed {args.seed}, "
+        f"repeats {args.repeats}",
+        flush=True,
+    )
     out = {}
     workloads = [("distinct", None, args.pairs)]
     if args.shared:
@@ -547,7 +697,11 @@ def main() -> None:
             for method in methods:
                 if method in ("naive_two", "engine_bf16") and shared:
                     continue
-                if shared and args.shared_methods is not None and method not in args.shared_methods.split(","):
+                if (
+                    shared
+                    and args.shared_methods is not None
+                    and method not in args.shared_methods.split(",")
+                ):
                     continue
                 print(f"  {label}: {method} ...", flush=True)
                 result = run_child(method, argparse.Namespace(**{**vars(args), "pairs": n}), shared)
@@ -555,11 +709,18 @@ def main() -> None:
                     runs.setdefault(method, []).append(result)
         out[label] = report(f"{label} prompts ({n} pairs)", runs, args.peak_tflops)
         if args.json:  # after each workload, so a run cut short keeps what it measured
-            meta = {"model": args.model, "device": args.device, "dtype": args.dtype, "methods": methods,
-                    "peak_tflops": args.peak_tflops,
-                    "devices": sorted({r["device"] for reps in runs.values() for r in reps})}
-            written = {k: {m: {f: v for f, v in s.items() if f != "results"} for m, s in summary.items()}
-                       for k, summary in out.items()}
+            meta = {
+                "model": args.model,
+                "device": args.device,
+                "dtype": args.dtype,
+                "methods": methods,
+                "peak_tflops": args.peak_tflops,
+                "devices": sorted({r["device"] for reps in runs.values() for r in reps}),
+            }
+            written = {
+                k: {m: {f: v for f, v in s.items() if f != "results"} for m, s in summary.items()}
+                for k, summary in out.items()
+            }
             args.json.write_text(json.dumps({"meta": meta, **written}, indent=2))
 
 

@@ -61,9 +61,7 @@ def _idle(st: ServerThread) -> None:
 
 
 def test_every_pair_ends_in_exactly_one_counter(start_server: Callable[..., ServerThread]) -> None:
-    st = start_server(
-        FakeEngine(max_context=64, forward_delay_s=FORWARD_DELAY_S), max_pairs_per_request=4
-    )
+    st = start_server(FakeEngine(max_context=64, forward_delay_s=FORWARD_DELAY_S), max_pairs_per_request=4)
     sent = 0
     with grpc.insecure_channel(st.target) as channel:
         stub = pb_grpc.ScoringServiceStub(channel)

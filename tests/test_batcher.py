@@ -163,9 +163,7 @@ def test_failed_batch_fails_exactly_its_requests_and_the_loop_keeps_serving() ->
         engine = FakeEngine()
         async with Harness(engine, max_batch_pairs=2, max_wait_s=0.2) as h:
             names = ["ok1", "FAIL", "ok3", "ok4"]
-            results = await asyncio.gather(
-                *(h.score(pair(n)) for n in names), return_exceptions=True
-            )
+            results = await asyncio.gather(*(h.score(pair(n)) for n in names), return_exceptions=True)
             assert engine.batches == [("ok1", "FAIL"), ("ok3", "ok4")]
             assert isinstance(results[0], BatchFailedError)  # shared the failing batch
             assert isinstance(results[1], BatchFailedError)
@@ -360,9 +358,7 @@ def test_a_non_oom_failure_after_a_split_fails_exactly_the_original_batch() -> N
         engine = FakeEngine(oom_above_tokens=12)
         async with Harness(engine, max_batch_pairs=4, max_wait_s=0.1) as h:
             names = ["ok1", "FAIL", "ok3", "ok4", "ok5"]
-            results = await asyncio.gather(
-                *(h.score(pair(n)) for n in names), return_exceptions=True
-            )
+            results = await asyncio.gather(*(h.score(pair(n)) for n in names), return_exceptions=True)
             # The first batch (4 pairs) ran out of memory, was split, and its FAIL half
             # raised: the whole first batch fails; the fifth pair, in its own batch, is fine.
             assert all(isinstance(r, BatchFailedError) for r in results[:4])

@@ -23,9 +23,24 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 def test_benchmark_runs_and_methods_agree(smol_cache_dir, tmp_path):
     env = {**os.environ, "PAIRSCORE_CACHE_DIR": str(smol_cache_dir)}
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--model", "tiny", "--pairs", "6", "--shared", "2x3",
-         "--methods", "naive_one,engine,engine_padded", "--json", str(tmp_path / "out.json")],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            str(BENCH),
+            "--model",
+            "tiny",
+            "--pairs",
+            "6",
+            "--shared",
+            "2x3",
+            "--methods",
+            "naive_one,engine,engine_padded",
+            "--json",
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout

@@ -89,7 +89,9 @@ def test_on_bad_row_skip_sends_unreadable_lines_to_errors_with_their_line_number
     lines[2] = '{"prompt": "x", "response": '  # line 3: cut short
     lines.insert(5, "[1, 2]")  # line 6: JSON, but not an object
     src.write_text("\n".join(lines) + "\n")
-    code = run(inputs_server, "score", str(src), "-o", str(out), "--errors", str(errors), "--on-bad-row", "skip")
+    code = run(
+        inputs_server, "score", str(src), "-o", str(out), "--errors", str(errors), "--on-bad-row", "skip"
+    )
     assert code == 0, capsys.readouterr().err
     assert [r["id"] for r in read_jsonl(out)] == [0, 1, 3, 4, 5]
     bad = read_jsonl(errors)
@@ -149,7 +151,10 @@ def test_filter_refuses_to_overwrite_its_rejected_file_too(
 
 
 def test_a_failed_run_without_resume_leaves_no_part_files(
-    inputs_server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    inputs_server: ServerThread,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, ROWS)
@@ -253,7 +258,10 @@ def test_filter_shards_of_a_csv_concatenate_without_their_headers(
             writer.writerow({**row, "response": row["response"] + "\nline two" * (row["id"] % 2)})
     common = ["--min", "conditional=-1", "--rejected"]
     assert (
-        run(inputs_server, "filter", str(src), "-o", str(tmp_path / "k.csv"), *common, str(tmp_path / "r.csv")) == 0
+        run(
+            inputs_server, "filter", str(src), "-o", str(tmp_path / "k.csv"), *common, str(tmp_path / "r.csv")
+        )
+        == 0
     )
     kept, rejected = [], []
     for i in (1, 2):
@@ -289,7 +297,10 @@ def test_shard_refuses_top_fraction_stdin_and_nonsense(
 
 
 def test_a_shard_resumes_within_its_own_rows(
-    inputs_server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    inputs_server: ServerThread,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     src, out = tmp_path / "in.jsonl", tmp_path / "s2.jsonl"
     write_jsonl(src, ROWS)
@@ -316,7 +327,9 @@ def test_a_csv_row_with_too_many_fields_goes_to_errors_with_its_line(
     src.write_text('prompt,response\nQ,ab\n"multi\nline",x,extra\nQQ,c\n', encoding="utf-8")
     assert run(inputs_server, "score", str(src), "-o", str(out)) == 1
     assert "ending on line 4" in capsys.readouterr().err
-    code = run(inputs_server, "score", str(src), "-o", str(out), "--errors", str(errors), "--on-bad-row", "skip")
+    code = run(
+        inputs_server, "score", str(src), "-o", str(out), "--errors", str(errors), "--on-bad-row", "skip"
+    )
     assert code == 0, capsys.readouterr().err
     with out.open(newline="") as f:
         assert [r["prompt"] for r in csv.DictReader(f)] == ["Q", "QQ"]

@@ -209,14 +209,18 @@ def test_csv_round_trip_keeps_all_columns_and_values(pipeline_server: ServerThre
             assert g["error"] == ""
 
 
-def test_parquet_round_trip_keeps_all_columns_and_their_types(pipeline_server: ServerThread, tmp_path: Path) -> None:
+def test_parquet_round_trip_keeps_all_columns_and_their_types(
+    pipeline_server: ServerThread, tmp_path: Path
+) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     rows = rows_fixture(40)
     rows[9]["response"] = None  # a null in a string column
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, tmp_path / "in.parquet", row_group_size=7)
-    assert run(pipeline_server, "score", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out.parquet")) == 0
+    assert (
+        run(pipeline_server, "score", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out.parquet")) == 0
+    )
     out = pq.read_table(tmp_path / "out.parquet")
     for field in table.schema:
         assert out.schema.field(field.name).type == field.type
@@ -228,7 +232,9 @@ def test_parquet_round_trip_keeps_all_columns_and_their_types(pipeline_server: S
     # and on to JSONL, CSV and back to Parquet: all columns survive
     assert run(pipeline_server, "score", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out.jsonl")) == 0
     assert [r["meta"] for r in read_jsonl(tmp_path / "out.jsonl")] == [r["meta"] for r in rows]
-    assert run(pipeline_server, "score", str(tmp_path / "out.jsonl"), "-o", str(tmp_path / "again.parquet")) == 0
+    assert (
+        run(pipeline_server, "score", str(tmp_path / "out.jsonl"), "-o", str(tmp_path / "again.parquet")) == 0
+    )
     again = pq.read_table(tmp_path / "again.parquet").to_pylist()
     assert [r["tags"] for r in again] == [r["tags"] for r in rows]
 
@@ -259,7 +265,9 @@ def test_stdin_to_stdout_is_jsonl() -> None:
 # --- filter ------------------------------------------------------------------------------------
 
 
-def test_filter_thresholds_keep_exactly_the_rows_that_pass(pipeline_server: ServerThread, tmp_path: Path) -> None:
+def test_filter_thresholds_keep_exactly_the_rows_that_pass(
+    pipeline_server: ServerThread, tmp_path: Path
+) -> None:
     rows = rows_fixture()
     write_jsonl(tmp_path / "in.jsonl", rows)
     args = [
@@ -375,7 +383,9 @@ def test_filter_refuses_bad_arguments(
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as info:
-            run(pipeline_server, "filter", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "k.jsonl"), *extra)
+            run(
+                pipeline_server, "filter", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "k.jsonl"), *extra
+            )
         assert info.value.code == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -400,7 +410,10 @@ def test_filter_refuses_bad_arguments(
 
 
 def test_resume_refuses_a_changed_job_and_a_fresh_run_discards_leftovers(
-    pipeline_server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    pipeline_server: ServerThread,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     rows = rows_fixture()
     write_jsonl(tmp_path / "in.jsonl", rows)
@@ -479,7 +492,9 @@ def test_report_draws_a_png_with_quantiles_and_a_threshold(
 ) -> None:
     pytest.importorskip("matplotlib")
     write_jsonl(tmp_path / "in.jsonl", rows_fixture())
-    assert run(pipeline_server, "score", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "scored.jsonl")) == 0
+    assert (
+        run(pipeline_server, "score", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "scored.jsonl")) == 0
+    )
     png = tmp_path / "report.png"
     assert (
         cli.main(

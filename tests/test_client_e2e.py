@@ -70,7 +70,8 @@ def mixed_pairs(engine: Any, n: int) -> list[Pair]:
 def reference(engine: Any, pairs: list[Pair]) -> list[Any]:
     """What the engine gives for each pair alone, in-process."""
     return [
-        p if isinstance(p, ItemError) else engine.score([p]).scores[0] for p in engine.prepare(pairs, ScoreOptions())
+        p if isinstance(p, ItemError) else engine.score([p]).scores[0]
+        for p in engine.prepare(pairs, ScoreOptions())
     ]
 
 
@@ -102,7 +103,9 @@ def test_score_iter_yields_input_order_with_mixed_lengths_and_item_errors(
     assert all(g.code is ItemErrorCode.CONTEXT_LENGTH_EXCEEDED for g in got if isinstance(g, ItemError))
 
 
-def test_async_client_gives_what_the_sync_client_gives(client_engine: Any, servers: list[ServerThread]) -> None:
+def test_async_client_gives_what_the_sync_client_gives(
+    client_engine: Any, servers: list[ServerThread]
+) -> None:
     st = start(servers, client_engine)
     pairs = mixed_pairs(client_engine, 25)
 

@@ -193,18 +193,30 @@ def test_reliability_and_security_settings_default_and_parse() -> None:
 
     config = build_config(
         [
-            "--max-pairs-per-request", "10",
-            "--max-text-chars", "500",
-            "--max-item-tokens", "256",
-            "--max-queue-tokens", "4096",
-            "--max-concurrent-rpcs", "off",
-            "--forward-timeout", "off",
-            "--max-connection-age", "300",
-            "--max-connection-age-grace", "30",
-            "--tls-cert", "/etc/tls/tls.crt",
-            "--tls-key", "/etc/tls/tls.key",
-            "--tls-client-ca", "/etc/tls/ca.crt",
-            "--auth-token-file", "/etc/pairscore/tokens",
+            "--max-pairs-per-request",
+            "10",
+            "--max-text-chars",
+            "500",
+            "--max-item-tokens",
+            "256",
+            "--max-queue-tokens",
+            "4096",
+            "--max-concurrent-rpcs",
+            "off",
+            "--forward-timeout",
+            "off",
+            "--max-connection-age",
+            "300",
+            "--max-connection-age-grace",
+            "30",
+            "--tls-cert",
+            "/etc/tls/tls.crt",
+            "--tls-key",
+            "/etc/tls/tls.key",
+            "--tls-client-ca",
+            "/etc/tls/ca.crt",
+            "--auth-token-file",
+            "/etc/pairscore/tokens",
         ],
         {},
     )
@@ -215,9 +227,7 @@ def test_reliability_and_security_settings_default_and_parse() -> None:
     assert config.tls and config.tls_client_ca == "/etc/tls/ca.crt"
     assert config.auth_enabled and config.auth_token_file == "/etc/pairscore/tokens"
 
-    from_env = build_config(
-        [], {"PAIRSCORE_MAX_CONNECTION_AGE": "60", "PAIRSCORE_MAX_QUEUE_TOKENS": "0"}
-    )
+    from_env = build_config([], {"PAIRSCORE_MAX_CONNECTION_AGE": "60", "PAIRSCORE_MAX_QUEUE_TOKENS": "0"})
     assert from_env.max_connection_age_s == 60.0
     assert from_env.max_queue_tokens is None  # 0 means the default
 

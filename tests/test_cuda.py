@@ -75,7 +75,9 @@ def test_replicas_on_two_gpus(gpt2_family):
     replicated = ReplicatedEngine(engines)
     pairs = mixed_pairs(32, seed=23)
     want = make_engine(model, tokenizer).score_pairs(pairs)
-    scored = replicated.score([p for p in replicated.prepare(pairs, ScoreOptions()) if isinstance(p, PreparedPair)])
+    scored = replicated.score(
+        [p for p in replicated.prepare(pairs, ScoreOptions()) if isinstance(p, PreparedPair)]
+    )
     got = iter(scored.scores)
     for b in want:
         if isinstance(b, PairScore):
@@ -154,8 +156,11 @@ def test_smollm2_shape_fp32_on_cuda_matches_cpu_and_float64(smollm2_shaped, smol
     worst_cpu = worst_ref = 0.0
     for a, b, (prompt64, cond64, n) in zip(cpu_scores, gpu.score_pairs(pairs), ref, strict=True):
         assert isinstance(b, PairScore), b
-        worst_cpu = max(worst_cpu, abs(a.joint_logprob - b.joint_logprob),
-                        abs(a.conditional_logprob - b.conditional_logprob))
+        worst_cpu = max(
+            worst_cpu,
+            abs(a.joint_logprob - b.joint_logprob),
+            abs(a.conditional_logprob - b.conditional_logprob),
+        )
         worst_ref = max(worst_ref, abs(b.prompt_logprob - prompt64), abs(b.conditional_logprob - cond64))
         # float32 through 30 layers, measured with the CPU in the GPU's place: <= 2.4e-4 nats
         # on sums of up to ~420 nats (< 1e-5 per token); the bound is 1e-4 per token.
@@ -163,8 +168,10 @@ def test_smollm2_shape_fp32_on_cuda_matches_cpu_and_float64(smollm2_shaped, smol
         assert b.prompt_logprob == pytest.approx(prompt64, abs=tol)
         assert b.conditional_logprob == pytest.approx(cond64, abs=tol)
         assert b.joint_logprob == pytest.approx(a.joint_logprob, abs=tol)
-    print(f"GPU-FIGURE smollm2-random fp32 cuda {'packed' if packing else 'padded'}: "
-          f"max |cuda - cpu fp32| = {worst_cpu:.2e}, max |cuda - float64| = {worst_ref:.2e} nats")
+    print(
+        f"GPU-FIGURE smollm2-random fp32 cuda {'packed' if packing else 'padded'}: "
+        f"max |cuda - cpu fp32| = {worst_cpu:.2e}, max |cuda - float64| = {worst_ref:.2e} nats"
+    )
 
 
 # bf16 weights through the layers of a peaked random model, measured with the CPU's bf16
@@ -206,6 +213,8 @@ def test_llama_1b_shape_on_cuda_layouts_agree_and_bf16_tracks_fp32(shape_tokeniz
         worst_fp32 = max(worst_fp32, abs(a.joint_logprob - c.joint_logprob) / scale)
         assert a.joint_logprob == pytest.approx(b.joint_logprob, rel=BF16_REL, abs=1e-3)
         assert a.joint_logprob == pytest.approx(c.joint_logprob, rel=BF16_REL, abs=1e-3)
-    print(f"GPU-FIGURE llama-1b-random bf16 cuda: max |packed - padded| / |fp32| = {worst_layout:.2e}, "
-          f"max |bf16 - fp32| / |fp32| = {worst_fp32:.2e}; "
-          f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print(
+        f"GPU-FIGURE llama-1b-random bf16 cuda: max |packed - padded| / |fp32| = {worst_layout:.2e}, "
+        f"max |bf16 - fp32| / |fp32| = {worst_fp32:.2e}; "
+        f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    )

@@ -116,7 +116,9 @@ def test_packed_rows_are_bitwise_batch_invariant(family, mode):
         for batch in (pairs, [pair, pair], [pair, *shared], [*shared, pair, *pairs[::-1]]):
             got = eng.score_pairs(batch, options)[batch.index(pair)]
             assert (got.prompt_logprob, got.conditional_logprob) == (
-                alone.prompt_logprob, alone.conditional_logprob), pair
+                alone.prompt_logprob,
+                alone.conditional_logprob,
+            ), pair
             assert [t.logprob for t in got.tokens] == [t.logprob for t in alone.tokens]
 
 
@@ -125,7 +127,7 @@ def test_invariants(engine):
     for got in engine.score_pairs(pairs, ScoreOptions(return_tokens=True)):
         assert got.joint_logprob == got.prompt_logprob + got.conditional_logprob
         prompt = [t.logprob for t in got.tokens[: got.prompt_tokens]]
-        response = [t.logprob for t in got.tokens[got.prompt_tokens:]]
+        response = [t.logprob for t in got.tokens[got.prompt_tokens :]]
         assert len(prompt) == got.prompt_tokens and len(response) == got.response_tokens
         assert math.fsum(prompt) == pytest.approx(got.prompt_logprob, abs=1e-9)
         assert math.fsum(response) == pytest.approx(got.conditional_logprob, abs=1e-9)
@@ -227,10 +229,16 @@ def test_packed_rows_share_prompts_and_score_like_separate_pairs(family, capacit
     if capacity == 4096:
         # Each prompt once (with its last token, which predicts every y_1), each
         # response without its last token, the lone pair without its last token.
-        want_inputs = sum(prompt_lens) + sum(
-            max(p.num_tokens - plen - 1, 0)
-            for k, plen in enumerate(prompt_lens) for p in prepared[n * k: n * (k + 1)]
-        ) + prepared[-1].num_tokens - 1
+        want_inputs = (
+            sum(prompt_lens)
+            + sum(
+                max(p.num_tokens - plen - 1, 0)
+                for k, plen in enumerate(prompt_lens)
+                for p in prepared[n * k : n * (k + 1)]
+            )
+            + prepared[-1].num_tokens
+            - 1
+        )
         assert stats.real_tokens == want_inputs
         assert stats.reused_tokens == sum(plen * (n - 1) for plen in prompt_lens)
     else:
@@ -259,5 +267,7 @@ def test_a_call_holds_several_forward_passes(family):
     eng = make_engine(model, tokenizer, max_batch_tokens=100, call_batches=3)
     assert eng.max_call_tokens == 300
     prepared = eng.prepare(mixed_pairs(30, seed=7), ScoreOptions())
-    assert all(len(b) * max(prepared[i].num_tokens for i in b) <= 100 or len(b) == 1
-               for b in eng.plan_batches(prepared))
+    assert all(
+        len(b) * max(prepared[i].num_tokens for i in b) <= 100 or len(b) == 1
+        for b in eng.plan_batches(prepared)
+    )

@@ -94,7 +94,9 @@ def test_the_example_scores_filters_and_saves(datasets_server: ServerThread, tmp
 # --- issue 12: nulls and the cache fingerprint ----------------------------------------------------
 
 
-def test_a_missing_prompt_or_response_is_an_invalid_row_not_an_aborted_map(datasets_server: ServerThread) -> None:
+def test_a_missing_prompt_or_response_is_an_invalid_row_not_an_aborted_map(
+    datasets_server: ServerThread,
+) -> None:
     """The docstring promises nulls for a failing pair; None used to raise TypeError and abort map."""
     rows = [
         {"prompt": "Q", "response": "ab"},

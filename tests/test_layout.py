@@ -51,9 +51,7 @@ def test_no_test_module_imports_another_or_conftest() -> None:
                 names = [node.module]
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
-            offenders += [
-                f"{path.name}: {n}" for n in names if n.startswith("test_") or n == "conftest"
-            ]
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("test_") or n == "conftest"]
     assert offenders == [], "shared helpers belong in tests/harness/"
 
 

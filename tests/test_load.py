@@ -104,9 +104,7 @@ def _check_results(rid: str, response: pb.ScoreResponse, tally: Tally) -> str:
     return "ok" if kinds == {"ok"} else "resource_exhausted" if kinds else "bad"
 
 
-async def _unary_stream(
-    k: int, channel: grpc.aio.Channel, start: float, end: float, tally: Tally
-) -> None:
+async def _unary_stream(k: int, channel: grpc.aio.Channel, start: float, end: float, tally: Tally) -> None:
     stub = pb_grpc.ScoringServiceStub(channel)
     outstanding: set[asyncio.Task[None]] = set()
     all_calls: list[asyncio.Task[None]] = []
@@ -151,9 +149,7 @@ async def _unary_stream(
     await asyncio.gather(*all_calls)
 
 
-async def _score_stream(
-    k: int, channel: grpc.aio.Channel, start: float, end: float, tally: Tally
-) -> None:
+async def _score_stream(k: int, channel: grpc.aio.Channel, start: float, end: float, tally: Tally) -> None:
     stub = pb_grpc.ScoringServiceStub(channel)
     loop = asyncio.get_running_loop()
     order: list[str] = []
@@ -197,9 +193,9 @@ async def _generate(target: str) -> tuple[Tally, float]:
         loop = asyncio.get_running_loop()
         start = loop.time() + 0.05
         end = start + DURATION_S
-        workers = [
-            _unary_stream(k, channels[k % 4], start, end, tally) for k in range(UNARY_STREAMS)
-        ] + [_score_stream(k, channels[k % 4], start, end, tally) for k in range(STREAMS)]
+        workers = [_unary_stream(k, channels[k % 4], start, end, tally) for k in range(UNARY_STREAMS)] + [
+            _score_stream(k, channels[k % 4], start, end, tally) for k in range(STREAMS)
+        ]
         await asyncio.wait_for(asyncio.gather(*workers), DURATION_S + 2 * CALL_TIMEOUT_S)
         return tally, loop.time() - start
     finally:
@@ -221,9 +217,11 @@ def _wait_serving(popen: subprocess.Popen[bytes], target: str, log: Path) -> Non
         assert popen.poll() is None, log.read_text()
         try:
             with grpc.insecure_channel(target) as channel:
-                status = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2
-                ).status
+                status = (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    .status
+                )
             if status == health_pb2.HealthCheckResponse.SERVING:
                 return
         except grpc.RpcError:

@@ -35,8 +35,9 @@ def test_local_directory_loads_and_scores_like_the_original(saved_gpt2, tiny_eng
 
 
 def test_dtype_flag_is_applied(saved_gpt2):
-    engine = load_engine(ModelSpec(model=str(saved_gpt2), device="cpu", dtype="bfloat16",
-                                   max_batch_tokens=77))
+    engine = load_engine(
+        ModelSpec(model=str(saved_gpt2), device="cpu", dtype="bfloat16", max_batch_tokens=77)
+    )
     assert engine.info.dtype == "bfloat16" and engine.max_batch_tokens == 77
     [res] = engine.score_pairs([Pair("a b c", " d e")])
     # bf16 weights, float32 log-softmax: still a valid log-probability.
@@ -72,10 +73,13 @@ def test_device_and_dtype_rules():
             loading.resolve_device("cuda:0")
 
 
-@pytest.mark.parametrize("model, message", [
-    ("/nonexistent/model.gguf", "no such GGUF file"),
-    ("/nonexistent/dir", "not a model directory"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("/nonexistent/model.gguf", "no such GGUF file"),
+        ("/nonexistent/dir", "not a model directory"),
+    ],
+)
 def test_bad_paths_fail_clearly(model, message):
     with pytest.raises(ModelLoadError, match=message):
         load_engine(ModelSpec(model=model, device="cpu"))

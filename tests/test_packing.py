@@ -56,7 +56,10 @@ def test_pack_row_layout_follows_the_token_shift():
     assert row.input_ids.tolist() == [[0, 5, 6, 0, 3, 20, 21]]
     assert row.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3]]
     assert [(s.start, s.stop, s.context_start, s.context_stop) for s in row.segments] == [
-        (0, 3, 0, 0), (3, 5, 0, 0), (5, 7, 3, 5)]
+        (0, 3, 0, 0),
+        (3, 5, 0, 0),
+        (5, 7, 3, 5),
+    ]
     assert row.segments[2].mask.tolist() == [[True, True, True, False], [True, True, True, True]]
     # lone: rows 0,1,2 predict 5,6,7; tree: row 3 predicts 3, row 4 predicts y_1 of
     # both responses, rows 5,6 predict 21, 22.
@@ -119,7 +122,8 @@ def test_probe_catches_a_model_that_drops_the_segments(gpt2_family, monkeypatch)
         assert leaky.config._attn_implementation == "sdpa"
         [got] = eng.score_pairs([Pair("The capital of France is", " Paris.")])
         [want] = make_engine(model, tokenizer, packing=False).score_pairs(
-            [Pair("The capital of France is", " Paris.")])
+            [Pair("The capital of France is", " Paris.")]
+        )
         assert_same_scores(got, want)
     finally:
         AttentionInterface.register(packed_attention.PACKED_ATTENTION, real)

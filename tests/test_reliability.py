@@ -290,9 +290,7 @@ def test_hostile_text_is_scored_as_plain_text(
         assert isinstance(result, PairScore), (pair.id, result)
         assert result.id == pair.id
         assert result.prompt_tokens > 0 and result.response_tokens > 0
-        assert result.joint_logprob == pytest.approx(
-            result.prompt_logprob + result.conditional_logprob
-        )
+        assert result.joint_logprob == pytest.approx(result.prompt_logprob + result.conditional_logprob)
         # Special-token strings in user text are plain text: never a special token.
         assert not {t.token_id for t in result.tokens} & special_ids, pair.id
         for t in result.tokens:  # prompt and response are the same text here
@@ -491,9 +489,7 @@ def test_cancelled_and_expired_queued_work_never_reaches_the_model_and_is_counte
         stub = pb_grpc.ScoringServiceStub(channel)
         busy = stub.Score.future(pb.ScoreRequest(pairs=pairs_pb(("busy", "!"))), timeout=10)
         wait_until(lambda: len(engine.batches) == 1)
-        cancelled = stub.Score.future(
-            pb.ScoreRequest(pairs=pairs_pb(("c1", "!"), ("c2", "!"))), timeout=10
-        )
+        cancelled = stub.Score.future(pb.ScoreRequest(pairs=pairs_pb(("c1", "!"), ("c2", "!"))), timeout=10)
         expiring = stub.Score.future(pb.ScoreRequest(pairs=pairs_pb(("late", "!"))), timeout=0.2)
         batcher = st_.server.batcher
         assert batcher is not None

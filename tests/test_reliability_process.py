@@ -248,9 +248,7 @@ def test_a_model_that_cannot_be_loaded_exits_1_with_one_clear_line(
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "unknown architecture"])
-def test_damaged_model_directories_are_load_errors(
-    gpt2_family: Any, tmp_path: Path, damage: str
-) -> None:
+def test_damaged_model_directories_are_load_errors(gpt2_family: Any, tmp_path: Path, damage: str) -> None:
     """In-process (the CLI path of a ModelLoadError is covered above)."""
     from pairscore_server.engine.loading import load_engine
     from pairscore_server.engine.spec import ModelLoadError, ModelSpec

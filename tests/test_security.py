@@ -295,19 +295,13 @@ def test_bearer_token_is_required_except_for_health_checks(
     assert TOKEN not in st_.metrics_text()
 
 
-def test_tokens_travel_as_call_credentials_over_tls(
-    launch: Callable[..., ServerThread], pki: Pki
-) -> None:
-    st_ = launch(
-        tls_cert=pki.files["server.crt"], tls_key=pki.files["server.key"], auth_tokens=(TOKEN,)
-    )
+def test_tokens_travel_as_call_credentials_over_tls(launch: Callable[..., ServerThread], pki: Pki) -> None:
+    st_ = launch(tls_cert=pki.files["server.crt"], tls_key=pki.files["server.key"], auth_tokens=(TOKEN,))
     target = f"localhost:{st_.server.port}"
     channel_creds = grpc.ssl_channel_credentials(root_certificates=pki.ca.cert)
     with grpc.secure_channel(
         target,
-        grpc.composite_channel_credentials(
-            channel_creds, grpc.access_token_call_credentials(TOKEN)
-        ),
+        grpc.composite_channel_credentials(channel_creds, grpc.access_token_call_credentials(TOKEN)),
     ) as channel:
         assert score(channel).results[0].HasField("scores")
     with grpc.secure_channel(target, channel_creds) as channel:

@@ -29,9 +29,23 @@ def spawn_server(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int, int
     log = tmp_path / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAIRSCORE_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pairscore_server", "serve", "--host", "127.0.0.1",
-         "--port", str(port), "--metrics-port", str(metrics_port), *args],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pairscore_server",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            *args,
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
     )
     return proc, port, metrics_port, log
 
@@ -102,8 +116,9 @@ def test_serve_embedded_default_model(smol_cache_dir, tmp_path):
     proc, port, _, log = spawn_server(tmp_path, "--cache-dir", str(smol_cache_dir))
     try:
         with wait_serving(proc, port, log, timeout=180) as client:
-            paris, banana = client.score([Pair("The capital of France is", " Paris."),
-                                          Pair("The capital of France is", " banana.")])
+            paris, banana = client.score(
+                [Pair("The capital of France is", " Paris."), Pair("The capital of France is", " banana.")]
+            )
             assert paris.conditional_logprob > banana.conditional_logprob + 10.0
             assert client.model_info().model_name == "SmolLM2-135M-Instruct"
     finally:

@@ -149,13 +149,9 @@ def test_score_accepts_tuples_and_returns_tokens(engine_for_e2e: Any, e2e_server
     assert sum(t.logprob for t in result.tokens) == pytest.approx(result.joint_logprob, abs=1e-4)
 
 
-def test_score_joint_tokenization_is_passed_through(
-    engine_for_e2e: Any, e2e_server: ServerThread
-) -> None:
+def test_score_joint_tokenization_is_passed_through(engine_for_e2e: Any, e2e_server: ServerThread) -> None:
     pairs = [Pair("The capital of France is", " Paris.", id="j")]
-    want = reference_scores(
-        engine_for_e2e, pairs, ScoreOptions(tokenization=TokenizationMode.JOINT)
-    )
+    want = reference_scores(engine_for_e2e, pairs, ScoreOptions(tokenization=TokenizationMode.JOINT))
     with e2e_server.client() as client:
         [got] = client.score(pairs, tokenization=TokenizationMode.JOINT)
     assert_same_score(got, want[0])
@@ -224,9 +220,7 @@ def test_score_stream_unknown_enum_fails_only_that_message(e2e_server: ServerThr
         pb.ScoreRequest(pairs=[pb.Pair(id="c", prompt="x", response="y")]),
     ]
     with grpc.insecure_channel(e2e_server.target) as channel:
-        responses = list(
-            pb_grpc.ScoringServiceStub(channel).ScoreStream(iter(requests), timeout=10)
-        )
+        responses = list(pb_grpc.ScoringServiceStub(channel).ScoreStream(iter(requests), timeout=10))
     assert [r.results[0].id for r in responses] == ["a", "b", "c"]
     assert responses[0].results[0].HasField("scores")
     assert responses[1].results[0].error.code == pb.ITEM_ERROR_CODE_INVALID_ARGUMENT
@@ -386,9 +380,7 @@ def test_a_model_that_fails_to_load_keeps_health_not_serving() -> None:
         raise ModelLoadError(f"no model at {spec.model}")
 
     async def body() -> None:
-        running = RunningServer(
-            make_config(model=ModelSpec(model="/nowhere")), engine_loader=broken_loader
-        )
+        running = RunningServer(make_config(model=ModelSpec(model="/nowhere")), engine_loader=broken_loader)
         await running.start()
         try:
             with pytest.raises(ModelLoadError, match="/nowhere"):

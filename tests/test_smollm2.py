@@ -44,7 +44,10 @@ def test_model_info(smol):
     assert info.max_context_tokens == 8192 and info.vocab_size == 49152
     # SmolLM2's tokenizer adds no BOS: the document separator conditions the first token.
     assert (info.prefix_policy, info.prefix_token, info.prefix_token_id) == (
-        PrefixPolicy.DOCUMENT_SEPARATOR, "<|endoftext|>", 0)
+        PrefixPolicy.DOCUMENT_SEPARATOR,
+        "<|endoftext|>",
+        0,
+    )
 
 
 def test_paris_beats_banana_by_a_wide_margin(smol):
@@ -58,9 +61,11 @@ def test_paris_beats_banana_by_a_wide_margin(smol):
 def test_matches_float64_reference_on_the_real_model(smol):
     model64 = smol.model.to(torch.float64)
     try:
-        for pair in [Pair("The capital of France is", " Paris."),
-                     Pair("Question: what is 2+2?\nAnswer:", " 4"),
-                     Pair("", "Hello, world! 😀")]:
+        for pair in [
+            Pair("The capital of France is", " Paris."),
+            Pair("Question: what is 2+2?\nAnswer:", " 4"),
+            Pair("", "Hello, world! 😀"),
+        ]:
             [prep] = smol.prepare([pair], ScoreOptions())
             with torch.no_grad():
                 logits = model64(torch.tensor([prep.input_ids])).logits[0]
@@ -102,8 +107,12 @@ LONG_TOKEN_TOL = 2e-3
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 def test_long_unlikely_text_stays_within_float32_bounds(smol, packing):
-    engine = ScoringEngine(smol.model, smol.tokenizer, description=smol.description,
-                           limits=dataclasses.replace(smol.limits, packing=packing))
+    engine = ScoringEngine(
+        smol.model,
+        smol.tokenizer,
+        description=smol.description,
+        limits=dataclasses.replace(smol.limits, packing=packing),
+    )
     assert engine.packing == packing
     pairs = gibberish_pairs(smol.tokenizer, 6, seed=3)
     options = ScoreOptions(return_tokens=True)
@@ -120,7 +129,8 @@ def test_long_unlikely_text_stays_within_float32_bounds(smol, packing):
         worst_token = max(worst_token, *(abs(t.logprob - r) for t, r in zip(got.tokens, ref, strict=True)))
         assert got.joint_logprob == pytest.approx(math.fsum(ref), rel=LONG_SUM_REL_TOL)
         assert got.conditional_logprob == pytest.approx(
-            math.fsum(ref[prep.prompt_tokens:]), rel=LONG_SUM_REL_TOL)
+            math.fsum(ref[prep.prompt_tokens :]), rel=LONG_SUM_REL_TOL
+        )
     print(f"worst relative sum error {worst_sum:.1e}, worst per-token {worst_token:.1e}")
     assert worst_token < LONG_TOKEN_TOL
 
@@ -146,6 +156,7 @@ def test_cached_copy_loads_fast_and_scores_the_same(smol, cache_dir):
 
 
 # -- precision on natural text, float64, batch invariance (issue 11) ---------
+
 
 def float64_reference(model64, ids) -> list[float]:
     """log P(t_j | t_<j), j = 1..L-1: one plain transformers forward in float64."""
@@ -175,23 +186,32 @@ NATURAL_SUM_REL_TOL = 7e-5
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 def test_natural_text_within_measured_float32_bounds(smol, model64, packing):
-    engine = ScoringEngine(smol.model, smol.tokenizer, description=smol.description,
-                           limits=dataclasses.replace(smol.limits, packing=packing))
+    engine = ScoringEngine(
+        smol.model,
+        smol.tokenizer,
+        description=smol.description,
+        limits=dataclasses.replace(smol.limits, packing=packing),
+    )
     options = ScoreOptions(return_tokens=True)
     worst_token = worst_per_token = worst_rel = 0.0
     for pair, got in zip(NATURAL_PAIRS, engine.score_pairs(NATURAL_PAIRS, options), strict=True):
         [prep] = engine.prepare([pair], options)
         ref = float64_reference(model64, prep.input_ids)
         m = prep.prompt_tokens
-        for value, part in ((got.prompt_logprob, ref[:m]), (got.conditional_logprob, ref[m:]),
-                            (got.joint_logprob, ref)):
+        for value, part in (
+            (got.prompt_logprob, ref[:m]),
+            (got.conditional_logprob, ref[m:]),
+            (got.joint_logprob, ref),
+        ):
             if part:
                 err = abs(value - math.fsum(part))
                 worst_per_token = max(worst_per_token, err / len(part))
                 worst_rel = max(worst_rel, err / -math.fsum(part))
         worst_token = max(worst_token, *(abs(t.logprob - r) for t, r in zip(got.tokens, ref, strict=True)))
-    print(f"worst per token {worst_token:.2e} nats, worst sum {worst_per_token:.2e} nats per token "
-          f"and {worst_rel:.2e} of the sum")
+    print(
+        f"worst per token {worst_token:.2e} nats, worst sum {worst_per_token:.2e} nats per token "
+        f"and {worst_rel:.2e} of the sum"
+    )
     assert worst_token < NATURAL_TOKEN_TOL
     assert worst_per_token < NATURAL_SUM_PER_TOKEN_TOL
     assert worst_rel < NATURAL_SUM_REL_TOL
@@ -228,21 +248,34 @@ PADDED_SUM_REL_TOL = 2e-6
 def test_batch_invariance_on_the_real_model(smol, packing):
     """A pair's scores alone, duplicated, and in mixed batches of very short and long
     pairs: bit for bit in packed rows, within PADDED_SUM_REL_TOL in padded batches."""
-    engine = ScoringEngine(smol.model, smol.tokenizer, description=smol.description,
-                           limits=dataclasses.replace(smol.limits, packing=packing))
+    engine = ScoringEngine(
+        smol.model,
+        smol.tokenizer,
+        description=smol.description,
+        limits=dataclasses.replace(smol.limits, packing=packing),
+    )
     long = gibberish_pairs(smol.tokenizer, 2, seed=5)
     pairs = SHORT + NATURAL_PAIRS[5:12] + long
     alone = {p: engine.score_pairs([p])[0] for p in pairs}
-    batches = [pairs, pairs[::-1], SHORT + SHORT, [SHORT[0], SHORT[1]], [long[0], SHORT[0]],
-               [SHORT[0]] * 3, [Pair(NATURAL_PAIRS[5].prompt, " Rome."), *pairs]]
+    batches = [
+        pairs,
+        pairs[::-1],
+        SHORT + SHORT,
+        [SHORT[0], SHORT[1]],
+        [long[0], SHORT[0]],
+        [SHORT[0]] * 3,
+        [Pair(NATURAL_PAIRS[5].prompt, " Rome."), *pairs],
+    ]
     worst = 0.0
     for batch in batches:
         for pair, got in zip(batch, engine.score_pairs(batch), strict=True):
             if pair not in alone:
                 continue
             ref = alone[pair]
-            for a, b in ((got.prompt_logprob, ref.prompt_logprob),
-                         (got.conditional_logprob, ref.conditional_logprob)):
+            for a, b in (
+                (got.prompt_logprob, ref.prompt_logprob),
+                (got.conditional_logprob, ref.conditional_logprob),
+            ):
                 if packing:
                     assert a == b, (pair, batch.index(pair), a - b)
                 else:

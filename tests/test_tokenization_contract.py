@@ -127,7 +127,7 @@ def test_spans_cover_each_side_exactly(engine, mode):
                 assert covered == len(text), (pair, side, spans)
         for t in res.tokens:
             src = x if t.side is Side.PROMPT else y
-            piece = contract_text(engine, src[t.char_start:t.char_end], "", mode)
+            piece = contract_text(engine, src[t.char_start : t.char_end], "", mode)
             assert t.text.strip() in piece or "\ufffd" in t.text or t.straddles_boundary, (pair, t)
 
 
@@ -176,14 +176,15 @@ def test_separate_mode_response_independent_of_prompt(engine):
         responses = set()
         for x in ("", "a", "Hello there.", "你好", "x "):
             prep = scored_ids(engine, Pair(x, y), TokenizationMode.SEPARATE)
-            responses.add(prep.input_ids[1 + prep.prompt_tokens:])
+            responses.add(prep.input_ids[1 + prep.prompt_tokens :])
         assert len(responses) == 1, y
         (ids,) = responses
         # No dummy-prefix space at the start of y: after any prompt, y's ids
         # decode to exactly y.
         anchor = scored_ids(engine, Pair("a", ""), TokenizationMode.SEPARATE).input_ids[1:]
         assert engine.pair_tokenizer.decode(anchor + ids) == contract_text(
-            engine, "a", y, TokenizationMode.SEPARATE)
+            engine, "a", y, TokenizationMode.SEPARATE
+        )
 
 
 def test_separate_prompt_is_plain_tokenization(engine):
@@ -198,7 +199,7 @@ def test_separate_prompt_is_plain_tokenization(engine):
             continue
         prep = scored_ids(engine, Pair(x, "!"), TokenizationMode.SEPARATE)
         expected = engine.tokenizer(x, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        assert list(prep.input_ids[1:1 + prep.prompt_tokens]) == expected
+        assert list(prep.input_ids[1 : 1 + prep.prompt_tokens]) == expected
 
 
 def test_sentencepiece_response_has_no_dummy_prefix(llama_family):
@@ -214,8 +215,10 @@ def test_sentencepiece_response_has_no_dummy_prefix(llama_family):
 def test_joint_mode_straddling_token_counts_toward_response(gpt2_family):
     model, tok = gpt2_family
     eng = make_engine(model, tok)
-    [res] = eng.score_pairs([Pair("The capital of Fra", "nce is Paris")],
-                            ScoreOptions(tokenization=TokenizationMode.JOINT, return_tokens=True))
+    [res] = eng.score_pairs(
+        [Pair("The capital of Fra", "nce is Paris")],
+        ScoreOptions(tokenization=TokenizationMode.JOINT, return_tokens=True),
+    )
     whole = tok("The capital of France is Paris", add_special_tokens=False)["input_ids"]
     assert [t.token_id for t in res.tokens] == whole
     assert res.boundary_straddled
@@ -281,15 +284,19 @@ def _rebuild(text: str, spans) -> str:
     for start, end in spans:
         assert 0 <= start <= end <= len(text)
         assert start <= pos or start == pos, "spans must be in order without gaps"
-        out.append(text[max(start, pos):end])
+        out.append(text[max(start, pos) : end])
         pos = max(pos, end)
     return "".join(out)
 
 
 @pytest.mark.parametrize("mode", list(TokenizationMode))
 def test_unicode_character_spans_round_trip(engine, mode):
-    for x, y in [("emoji 😀🎉 and CJK 你好", " combining e\u0301 a\u0308"),
-                 ("naïve café", "😀"), ("", "你好世界 😀"), ("שלום", " مرحبا\u200d")]:
+    for x, y in [
+        ("emoji 😀🎉 and CJK 你好", " combining e\u0301 a\u0308"),
+        ("naïve café", "😀"),
+        ("", "你好世界 😀"),
+        ("שלום", " مرحبا\u200d"),
+    ]:
         [res] = engine.score_pairs([Pair(x, y)], ScoreOptions(tokenization=mode, return_tokens=True))
         prompt_spans = [(t.char_start, t.char_end) for t in res.tokens if t.side is Side.PROMPT]
         response_spans = [(t.char_start, t.char_end) for t in res.tokens if t.side is Side.RESPONSE]
@@ -300,7 +307,7 @@ def test_unicode_character_spans_round_trip(engine, mode):
         for t in res.tokens:
             src = x if t.side is Side.PROMPT else y
             if t.char_end > t.char_start:
-                piece = contract_text(engine, src[t.char_start:t.char_end], "", mode)
+                piece = contract_text(engine, src[t.char_start : t.char_end], "", mode)
                 assert piece and (t.text.strip() in piece or "\ufffd" in t.text or not t.text.strip())
 
 

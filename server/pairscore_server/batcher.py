@@ -372,8 +372,7 @@ class Batcher:
             deadline=deadline,
         )
         self._queue.extend(
-            _Item(request=request, index=i, prepared=p, enqueued_at=now)
-            for i, p in enumerate(prepared)
+            _Item(request=request, index=i, prepared=p, enqueued_at=now) for i, p in enumerate(prepared)
         )
         self._live += n
         self._live_tokens += tokens
@@ -557,14 +556,15 @@ class Batcher:
         if seconds > 0:
             rate = tokens / seconds
             old = self._tokens_per_s
-            self._tokens_per_s = (
-                rate if old is None else old + _THROUGHPUT_SMOOTHING * (rate - old)
-            )
+            self._tokens_per_s = rate if old is None else old + _THROUGHPUT_SMOOTHING * (rate - old)
         if self._metrics is not None:
             stats = forward.stats
             self._metrics.observe_batch(
-                pairs=len(prepared), padded_tokens=stats.padded_tokens, seconds=seconds,
-                real_tokens=stats.real_tokens, reused_tokens=stats.reused_tokens,
+                pairs=len(prepared),
+                padded_tokens=stats.padded_tokens,
+                seconds=seconds,
+                real_tokens=stats.real_tokens,
+                reused_tokens=stats.reused_tokens,
                 replica_seconds=forward.replica_seconds,
             )
         for item, outcome in zip(batch, forward.outcomes, strict=True):

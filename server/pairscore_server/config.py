@@ -88,9 +88,7 @@ class ServerConfig:
                 0 <= self.health_port <= 65535,
                 f"health port must be 0..65535 or off, got {self.health_port}",
             )
-        _check(
-            self.max_batch_pairs >= 1, f"max batch pairs must be >= 1, got {self.max_batch_pairs}"
-        )
+        _check(self.max_batch_pairs >= 1, f"max batch pairs must be >= 1, got {self.max_batch_pairs}")
         _check(self.max_wait_ms >= 0, f"max wait must be >= 0 ms, got {self.max_wait_ms}")
         _check(self.grace_period_s >= 0, f"grace period must be >= 0 s, got {self.grace_period_s}")
         _check(
@@ -109,9 +107,7 @@ class ServerConfig:
             self.stream_max_in_flight >= 1,
             f"stream max in flight must be >= 1, got {self.stream_max_in_flight}",
         )
-        _check(
-            self.prepare_workers >= 1, f"prepare workers must be >= 1, got {self.prepare_workers}"
-        )
+        _check(self.prepare_workers >= 1, f"prepare workers must be >= 1, got {self.prepare_workers}")
         _check(
             self.max_pairs_per_request >= 1,
             f"max pairs per request must be >= 1, got {self.max_pairs_per_request}",

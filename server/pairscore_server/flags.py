@@ -20,6 +20,7 @@ from pairscore_server.engine.spec import DTYPES, ModelSpec
 
 _DISABLED = ("off", "none", "disabled", "-1")
 
+
 def _metrics_port(text: str) -> int | None:
     if text.strip().lower() in _DISABLED:
         return None
@@ -112,8 +113,7 @@ _MODEL_SETTINGS = (
         "--dtype",
         "PAIRSCORE_DTYPE",
         str.strip,
-        f"Weight dtype: {', '.join(DTYPES)}. auto: bfloat16 on CUDA, float32 on CPU. "
-        "Default: auto.",
+        f"Weight dtype: {', '.join(DTYPES)}. auto: bfloat16 on CUDA, float32 on CPU. Default: auto.",
         "DTYPE",
     ),
     _Setting(
@@ -262,8 +262,7 @@ _SERVER_SETTINGS = (
         "--max-pairs-per-request",
         "PAIRSCORE_MAX_PAIRS_PER_REQUEST",
         int,
-        "Most pairs in one ScoreRequest (one ScoreStream message); more is "
-        "INVALID_ARGUMENT. Default: 1024.",
+        "Most pairs in one ScoreRequest (one ScoreStream message); more is INVALID_ARGUMENT. Default: 1024.",
         "N",
     ),
     _Setting(
@@ -341,8 +340,7 @@ _SERVER_SETTINGS = (
         "--tls-cert",
         "PAIRSCORE_TLS_CERT",
         _path,
-        "PEM certificate chain of the server: the gRPC port then speaks TLS only. "
-        "Needs --tls-key.",
+        "PEM certificate chain of the server: the gRPC port then speaks TLS only. Needs --tls-key.",
         "FILE",
     ),
     _Setting(
@@ -377,8 +375,7 @@ _SERVER_SETTINGS = (
         "--log-level",
         "PAIRSCORE_LOG_LEVEL",
         _upper,
-        f"Logging level: {', '.join(LOG_LEVELS)}. Default: INFO. Prompts and "
-        "responses are never logged.",
+        f"Logging level: {', '.join(LOG_LEVELS)}. Default: INFO. Prompts and responses are never logged.",
         "LEVEL",
     ),
 )

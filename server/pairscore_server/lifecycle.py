@@ -142,9 +142,7 @@ class RunningServer:
         if cfg.max_connection_age_s is not None:
             options.append(("grpc.max_connection_age_ms", round(cfg.max_connection_age_s * 1000)))
         if cfg.max_connection_age_grace_s is not None:
-            options.append(
-                ("grpc.max_connection_age_grace_ms", round(cfg.max_connection_age_grace_s * 1000))
-            )
+            options.append(("grpc.max_connection_age_grace_ms", round(cfg.max_connection_age_grace_s * 1000)))
         return options
 
     def _security(self) -> tuple[list[grpc.aio.ServerInterceptor], grpc.ServerCredentials | None]:
@@ -184,8 +182,7 @@ class RunningServer:
                 )
             except OSError as exc:
                 raise OSError(
-                    f"cannot serve metrics on {self.config.metrics_host}:"
-                    f"{self.config.metrics_port}: {exc}"
+                    f"cannot serve metrics on {self.config.metrics_host}:{self.config.metrics_port}: {exc}"
                 ) from exc
         try:
             if creds is not None:
@@ -237,9 +234,7 @@ class RunningServer:
     def ready(self) -> bool:
         """Whether the model is loaded, warmed up and being served."""
         task = self._ready_task
-        return (
-            task is not None and task.done() and not task.cancelled() and task.exception() is None
-        )
+        return task is not None and task.done() and not task.cancelled() and task.exception() is None
 
     @property
     def batcher(self) -> Batcher | None:

@@ -166,9 +166,7 @@ class _RpcScope:
             # CancelledError/GeneratorExit: the client cancelled, its deadline passed,
             # or the server is shutting down.
             expired = counts_as_deadline(self._context.time_remaining(), self._budget)
-            self._record(
-                grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            )
+            self._record(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
             return
         code, message, trailers = _status_for(exc)
         self._record(code)
@@ -203,9 +201,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
 
     def _require_service(self) -> ScoringService:
         if self._service is None:
-            raise _RpcFailureError(
-                grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry later"
-            )
+            raise _RpcFailureError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry later")
         return self._service
 
     def _scope(self, method: str, context: grpc.aio.ServicerContext) -> _RpcScope:
@@ -320,9 +316,7 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                 )
             )
         try:
-            outcomes = await service.score(
-                pairs, options, deadline=deadline, errors_as_items=True
-            )
+            outcomes = await service.score(pairs, options, deadline=deadline, errors_as_items=True)
         except BatcherClosedError:
             raise
         except Exception as exc:

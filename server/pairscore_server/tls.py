@@ -17,9 +17,7 @@ def _read_pem(path: str, what: str, marker: str) -> bytes:
     return data
 
 
-def server_credentials(
-    cert: str, key: str, client_ca: str | None = None
-) -> grpc.ServerCredentials:
+def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grpc.ServerCredentials:
     """Server credentials from a PEM certificate chain and key.
 
     With ``client_ca``, clients must present a certificate that this CA

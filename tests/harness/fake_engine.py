@@ -137,9 +137,7 @@ class FakeEngine(Engine):
             architecture="FakeForCausalLM",
         )
 
-    def prepare(
-        self, pairs: Sequence[Pair], options: ScoreOptions
-    ) -> list[PreparedPair | ItemError]:
+    def prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
         """One token per character; pairs over ``max_context`` become ItemErrors."""
         out: list[PreparedPair | ItemError] = []
         for pair in pairs:
@@ -153,9 +151,7 @@ class FakeEngine(Engine):
                     )
                 )
                 continue
-            offsets = tuple((i, i + 1) for i in range(m)) + tuple(
-                (j, j + 1) for j in range(n)
-            )
+            offsets = tuple((i, i + 1) for i in range(m)) + tuple((j, j + 1) for j in range(n))
             out.append(
                 PreparedPair(
                     id=pair.id,
@@ -208,9 +204,7 @@ class FakeEngine(Engine):
                 TokenScore(
                     token_id=tid,
                     text=chr(tid),
-                    logprob=PROMPT_TOKEN_LOGPROB
-                    if span.side is Side.PROMPT
-                    else RESPONSE_TOKEN_LOGPROB,
+                    logprob=PROMPT_TOKEN_LOGPROB if span.side is Side.PROMPT else RESPONSE_TOKEN_LOGPROB,
                     side=span.side,
                     char_start=span.char_start,
                     char_end=span.char_end,

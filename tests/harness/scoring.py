@@ -21,8 +21,11 @@ SUM_REL_TOL = 1e-6
 
 def assert_same_scores(a: PairScore, b: PairScore) -> None:
     """a and b agree up to float32 GEMM-shape noise (see the bounds above)."""
-    for x, y in ((a.joint_logprob, b.joint_logprob), (a.prompt_logprob, b.prompt_logprob),
-                 (a.conditional_logprob, b.conditional_logprob)):
+    for x, y in (
+        (a.joint_logprob, b.joint_logprob),
+        (a.prompt_logprob, b.prompt_logprob),
+        (a.conditional_logprob, b.conditional_logprob),
+    ):
         assert x == pytest.approx(y, rel=SUM_REL_TOL, abs=TOKEN_TOL)
     assert (a.prompt_tokens, a.response_tokens) == (b.prompt_tokens, b.response_tokens)
     assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]

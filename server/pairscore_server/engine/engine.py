@@ -216,9 +216,7 @@ class ScoringEngine(Engine):
 
     # -- work ----------------------------------------------------------------
 
-    def prepare(
-        self, pairs: Sequence[Pair], options: ScoreOptions
-    ) -> list[PreparedPair | ItemError]:
+    def prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
         """Tokenize pairs (in one batched tokenizer call); a pair that cannot be scored
         becomes an ItemError."""
         if not 0 <= options.top_k <= self.max_top_k:
@@ -232,9 +230,7 @@ class ScoringEngine(Engine):
             return [ItemError(ItemErrorCode.INVALID_ARGUMENT, str(exc), p.id) for p in pairs]
         return [self._prepared(pair, tok, options) for pair, tok in zip(pairs, tokenized, strict=True)]
 
-    def _prepared(
-        self, pair: Pair, tok: TokenizedPair, options: ScoreOptions
-    ) -> PreparedPair | ItemError:
+    def _prepared(self, pair: Pair, tok: TokenizedPair, options: ScoreOptions) -> PreparedPair | ItemError:
         total = 1 + len(tok.ids)
         if total > self.max_context:
             return ItemError(
@@ -356,7 +352,8 @@ class ScoringEngine(Engine):
         # sequences of the prefix alone score nothing
         none = (
             torch.empty(0, detail.columns, dtype=torch.float64)
-            if detail.wanted else torch.empty(0, dtype=torch.float32)
+            if detail.wanted
+            else torch.empty(0, dtype=torch.float32)
         )
         return [none if x is None else x for x in lps], ForwardStats(computed, positions, reused)
 
@@ -397,9 +394,7 @@ class ScoringEngine(Engine):
                 results[i] = lps.cpu()
         return results, ForwardStats(real, padded, reused)  # type: ignore[return-value]
 
-    def _result(
-        self, pair: PreparedPair, lps: torch.Tensor, alone: torch.Tensor | None = None
-    ) -> PairScore:
+    def _result(self, pair: PreparedPair, lps: torch.Tensor, alone: torch.Tensor | None = None) -> PairScore:
         """A pair's scores from its log-probs (or detail matrix, see logprobs.py) and, with
         ``unconditional``, the log-probs of its p ⊕ y (``alone``)."""
         detail = lps if lps.dim() == 2 else None

@@ -85,9 +85,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
-        raise ModelLoadError(
-            f"unknown dtype {name!r}; choose auto, {', '.join(_DTYPES)}"
-        ) from None
+        raise ModelLoadError(f"unknown dtype {name!r}; choose auto, {', '.join(_DTYPES)}") from None
 
 
 def default_max_batch_tokens(device: torch.device) -> int:
@@ -196,11 +194,11 @@ def _source(spec: ModelSpec, cache_dir: Path) -> tuple[str, ModelDescription]:
             name=path.resolve().name, source=str(path.resolve()), server_version=__version__
         )
     if path.exists() or spec.model.startswith((".", "/", "~")):
-        raise ModelLoadError(
-            f"--model {spec.model}: not a model directory or .gguf file"
-        )
+        raise ModelLoadError(f"--model {spec.model}: not a model directory or .gguf file")
     return spec.model, ModelDescription(
-        name=spec.model, source=f"hf:{spec.model}", revision=spec.revision or "",
+        name=spec.model,
+        source=f"hf:{spec.model}",
+        revision=spec.revision or "",
         server_version=__version__,
     )
 
@@ -237,14 +235,22 @@ def _load_one(spec: ModelSpec, device: torch.device) -> ScoringEngine:
     model.to(device)
     try:
         engine = ScoringEngine(
-            model, tokenizer, description=description, prefix_token=spec.prefix_token,
+            model,
+            tokenizer,
+            description=description,
+            prefix_token=spec.prefix_token,
             limits=engine_limits(spec, device),
         )
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc
     log.info(
         "loaded %s (%s) as %s on %s in %.1f s; prefix token %r (%s)",
-        description.name, description.source, str(dtype).removeprefix("torch."), device,
-        time.monotonic() - start, engine.prefix.token, engine.prefix.policy.value,
+        description.name,
+        description.source,
+        str(dtype).removeprefix("torch."),
+        device,
+        time.monotonic() - start,
+        engine.prefix.token,
+        engine.prefix.policy.value,
     )
     return engine

@@ -166,14 +166,13 @@ def _chunked_target_logprobs(
     out = torch.empty(rows, dtype=dtype, device=hidden.device)
     extra = (
         torch.empty(rows, detail.columns, dtype=torch.float64, device=hidden.device)
-        if detail.wanted else None
+        if detail.wanted
+        else None
     )
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
         logits = head(hidden[start:stop]).to(dtype)
-        out[start:stop] = -torch.nn.functional.cross_entropy(
-            logits, targets[start:stop], reduction="none"
-        )
+        out[start:stop] = -torch.nn.functional.cross_entropy(logits, targets[start:stop], reduction="none")
         if extra is not None:
             _chunk_detail(logits, targets[start:stop], detail, extra[start:stop])
     if extra is None:
@@ -207,8 +206,9 @@ class LogprobComputer:
     switches to the full-logits path.
     """
 
-    def __init__(self, model: CausalLM, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 split_head: bool = True) -> None:
+    def __init__(
+        self, model: CausalLM, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES, split_head: bool = True
+    ) -> None:
         self.model = model
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.chunk_rows = max(1, chunk_bytes // (4 * self.vocab_size))
@@ -260,8 +260,10 @@ class LogprobComputer:
         """Float32 log-probs of tokens 1..L-1 of each sequence (see the diagram above);
         detail matrices with ``detail``."""
         rows = torch.cat(
-            [torch.arange(length - 1) + b * batch.input_ids.shape[1]
-             for b, length in enumerate(batch.lengths)]
+            [
+                torch.arange(length - 1) + b * batch.input_ids.shape[1]
+                for b, length in enumerate(batch.lengths)
+            ]
         ).to(self.device)
         targets = batch.input_ids.reshape(-1)[rows + 1]
         if self.split_head:
@@ -275,9 +277,7 @@ class LogprobComputer:
                 use_cache=False,
             ).logits
             logits = logits.reshape(-1, logits.shape[-1])[rows]
-            lps = _chunked_target_logprobs(
-                logits, targets, torch.nn.Identity(), self.chunk_rows, detail
-            )
+            lps = _chunked_target_logprobs(logits, targets, torch.nn.Identity(), self.chunk_rows, detail)
         return list(lps.split([length - 1 for length in batch.lengths]))
 
     @torch.inference_mode()
@@ -308,8 +308,10 @@ class LogprobComputer:
         prompt = [(5 * k + 1) % vocab for k in range(6)]
         responses = [[(11 * k + 2) % vocab for k in range(5)], [(13 * k + 4) % vocab for k in range(3)]]
         row = pack_row(
-            [Tree(tuple(lone), ((0, ()),)),
-             Tree(tuple(prompt), tuple((1 + j, tuple(r)) for j, r in enumerate(responses)))],
+            [
+                Tree(tuple(lone), ((0, ()),)),
+                Tree(tuple(prompt), tuple((1 + j, tuple(r)) for j, r in enumerate(responses))),
+            ],
             device=self.device,
         )
         packed = dict(row.split(self.packed(row)))
@@ -357,7 +359,8 @@ class LogprobComputer:
         scored = [i for i, r in enumerate(responses) if r]
         empty = (
             torch.empty(0, detail.columns, dtype=torch.float64, device=device)
-            if detail.wanted else torch.empty(0, dtype=torch.float32, device=device)
+            if detail.wanted
+            else torch.empty(0, dtype=torch.float32, device=device)
         )
         result: list[torch.Tensor] = [empty for _ in responses]
         if scored:
@@ -372,12 +375,8 @@ class LogprobComputer:
         longer = [i for i in scored if len(responses[i]) > 1]
         lengths = [len(responses[i]) for i in longer]
         positions = p_len
-        for group in plan_padded_batches(
-            lengths, max_tokens=max_batch_tokens, min_efficiency=min_efficiency
-        ):
-            rows = self._responses_on_cache(
-                cache, p_len, [responses[longer[j]] for j in group], detail
-            )
+        for group in plan_padded_batches(lengths, max_tokens=max_batch_tokens, min_efficiency=min_efficiency):
+            rows = self._responses_on_cache(cache, p_len, [responses[longer[j]] for j in group], detail)
             positions += len(group) * lengths[group[0]]
             for j, lps in zip(group, rows, strict=True):
                 result[longer[j]] = torch.cat([result[longer[j]], lps])
@@ -407,9 +406,9 @@ class LogprobComputer:
         ).last_hidden_state
         if group_cache is cache:
             cache.crop(-width)  # drop the response tokens: back to the prompt alone
-        rows = torch.cat(
-            [torch.arange(length - 1) + b * width for b, length in enumerate(batch.lengths)]
-        ).to(device)
+        rows = torch.cat([torch.arange(length - 1) + b * width for b, length in enumerate(batch.lengths)]).to(
+            device
+        )
         targets = batch.input_ids.reshape(-1)[rows + 1]
         lps = self._project(hidden.reshape(-1, hidden.shape[-1])[rows], targets, detail)
         return list(lps.split([length - 1 for length in batch.lengths]))

@@ -42,16 +42,29 @@ def packed_sdpa_attention(
 
     segments = kwargs.pop(SEGMENTS_KWARG, None)
     if segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
     gqa = getattr(module, "num_key_value_groups", 1) > 1
     out = query.new_empty(*query.shape[:3], value.shape[-1])
     for seg in segments:
-        q = query[:, :, seg.start:seg.stop]
+        q = query[:, :, seg.start : seg.stop]
         if seg.mask is None:
-            out[:, :, seg.start:seg.stop] = scaled_dot_product_attention(
-                q, key[:, :, seg.start:seg.stop], value[:, :, seg.start:seg.stop],
-                is_causal=True, scale=scaling, enable_gqa=gqa,
+            out[:, :, seg.start : seg.stop] = scaled_dot_product_attention(
+                q,
+                key[:, :, seg.start : seg.stop],
+                value[:, :, seg.start : seg.stop],
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
             )
         else:
             ctx = slice(seg.context_start, seg.context_stop)
@@ -60,7 +73,9 @@ def packed_sdpa_attention(
                 q,
                 torch.cat([key[:, :, ctx], key[:, :, own]], dim=2),
                 torch.cat([value[:, :, ctx], value[:, :, own]], dim=2),
-                attn_mask=seg.mask, scale=scaling, enable_gqa=gqa,
+                attn_mask=seg.mask,
+                scale=scaling,
+                enable_gqa=gqa,
             )
     return out.transpose(1, 2).contiguous(), None
 

@@ -107,9 +107,7 @@ def build_trees(
         # other pair shares its prompt: its numbers then go through the same
         # attention calls whether it is alone, duplicated or shares its prompt
         # (one causal segment over p ⊕ x ⊕ y rounds differently).
-        members = sorted(
-            ((i, tuple(sequences[i][len(prompt):])) for i in indices), key=lambda m: -len(m[1])
-        )
+        members = sorted(((i, tuple(sequences[i][len(prompt) :])) for i in indices), key=lambda m: -len(m[1]))
         chunk: list[tuple[int, tuple[int, ...]]] = []
         used = len(prompt)
         for member in members:
@@ -245,8 +243,7 @@ def pack_row(trees: Sequence[Tree], *, device: torch.device, align: int = 1) -> 
     )
 
 
-def _response_segment(start: int, stop: int, ctx_start: int, ctx_stop: int,
-                      device: torch.device) -> Segment:
+def _response_segment(start: int, stop: int, ctx_start: int, ctx_stop: int, device: torch.device) -> Segment:
     n, ctx = stop - start, ctx_stop - ctx_start
     mask = torch.ones(n, ctx + n, dtype=torch.bool, device=device)
     mask[:, ctx:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()

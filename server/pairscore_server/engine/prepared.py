@@ -80,7 +80,9 @@ class PreparedPair:
         straddling = self.offsets[k] if k >= 0 else None
         return tuple(
             TokenSpan(
-                Side.PROMPT if i < m else Side.RESPONSE, s, e,
+                Side.PROMPT if i < m else Side.RESPONSE,
+                s,
+                e,
                 k >= 0 and (i == k or (i > k and (s, e) == straddling)),
             )
             for i, (s, e) in enumerate(self.offsets)

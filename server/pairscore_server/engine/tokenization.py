@@ -197,9 +197,7 @@ class PairTokenizer:
 
     def decode(self, ids: list[int] | tuple[int, ...]) -> str:
         """Decode ids exactly: special tokens kept, no clean-up of spaces."""
-        return self._hf.decode(
-            list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
-        )
+        return self._hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _encode_first(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """Ids and code-point offsets of each text at the start of a document (empty: none)."""
@@ -241,16 +239,16 @@ class PairTokenizer:
         """Tokenize one pair; raises ValueError when ``mode`` is unsupported here."""
         return self.encode_many([(prompt, response)], mode)[0]
 
-    def encode_many(
-        self, pairs: Sequence[tuple[str, str]], mode: TokenizationMode
-    ) -> list[TokenizedPair]:
+    def encode_many(self, pairs: Sequence[tuple[str, str]], mode: TokenizationMode) -> list[TokenizedPair]:
         """Tokenize many pairs at once (the tokenizers library batches them in
         parallel and outside the GIL); raises ValueError when ``mode`` is
         unsupported here."""
         if mode is TokenizationMode.JOINT:
             whole = self._encode_first([x + y for x, y in pairs])
-            return [self._split_joint(len(x), ids, cover_text(offsets, len(x) + len(y)))
-                    for (x, y), (ids, offsets) in zip(pairs, whole, strict=True)]
+            return [
+                self._split_joint(len(x), ids, cover_text(offsets, len(x) + len(y)))
+                for (x, y), (ids, offsets) in zip(pairs, whole, strict=True)
+            ]
         if not self.separate_supported:
             raise ValueError(self.separate_problem)
         prompts = self._encode_first([x for x, _ in pairs])
@@ -283,9 +281,7 @@ class PairTokenizer:
                     # the first is recorded, PreparedPair.spans flags them all.
                     straddle_index = i
                 spans.append((max(start - cut, 0), end - cut))
-        return TokenizedPair(
-            tuple(ids), prompt_tokens, tuple(spans), straddle_index >= 0, straddle_index
-        )
+        return TokenizedPair(tuple(ids), prompt_tokens, tuple(spans), straddle_index >= 0, straddle_index)
 
     def token_texts(self, prefix_id: int, ids: tuple[int, ...]) -> list[str]:
         """Each token decoded on its own, leading space kept.
@@ -298,5 +294,5 @@ class PairTokenizer:
         texts = []
         for tid in ids:
             both = self.decode([prefix_id, tid])
-            texts.append(both[len(head):] if both.startswith(head) else self.decode([tid]))
+            texts.append(both[len(head) :] if both.startswith(head) else self.decode([tid]))
         return texts
