@@ -86,6 +86,33 @@ def smol_cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("pairscore-cache")
 
 
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance (two CPUs, no dashboard) for the whole session, whose
+    workers import this checkout and examples/. Ray does not come back reliably from
+    a shutdown in the same process (a second init hung the next module's tests), so
+    the modules that need Ray share this one."""
+    import os
+
+    from harness.servers import ROOT
+
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    path = os.pathsep.join([str(ROOT / "examples"), str(ROOT / "client"), str(ROOT / "server")])
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture
 def start_server():
     """Factory: start_server(engine, wait_ready=True, **config) -> a running in-process

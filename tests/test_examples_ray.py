@@ -10,7 +10,6 @@ GPU actor with ``num_gpus=1``.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,23 +31,14 @@ ROWS = [{"prompt": "Q" * (i % 5), "response": "y" * (1 + i % 6), "k": i} for i i
 
 
 @pytest.fixture(scope="module")
-def ray_local() -> Iterator[Any]:
+def ray_local(ray_session: Any) -> Iterator[Any]:
+    """The examples' Ray script, on the session's local Ray instance."""
     sys.path.insert(0, str(EXAMPLES))
-    path = os.pathsep.join([str(EXAMPLES), str(ROOT / "client"), str(ROOT / "server")])
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
     import ray_scoring
 
     try:
         yield ray_scoring
     finally:
-        ray.shutdown()
         sys.path.remove(str(EXAMPLES))
 
 
