@@ -36,6 +36,7 @@ from pairscore.pipeline.columns import (
     SELECTION_COLUMN_TYPES,
     column_names,
     normalize_scores,
+    score_options,
     score_rows,
 )
 
@@ -123,8 +124,7 @@ class ScoreColumns:
                 batch_size=self.message_size,
                 streams=self.streams,
                 tokenization=self.tokenization,
-                unconditional="unconditional" in self.scores,
-                greedy="greedy" in self.scores,
+                **score_options(self.scores),
             ),
             batch[self.prompt_field],
             batch[self.response_field],

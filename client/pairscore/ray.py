@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairscore.pipeline.columns import normalize_scores, score_rows
+from pairscore.pipeline.columns import normalize_scores, score_options, score_rows
 
 __all__ = ["EngineScorer", "FilesOutcome", "ServiceScorer", "main", "score_dataset", "score_files"]
 
@@ -89,8 +89,7 @@ class ServiceScorer:
                     pairs,
                     streams=self.streams,
                     tokenization=self.tokenization,
-                    unconditional="unconditional" in self.scores,
-                    greedy="greedy" in self.scores,
+                    **score_options(self.scores),
                 ),
                 batch[self.prompt_field],
                 batch[self.response_field],
@@ -126,7 +125,7 @@ class EngineScorer:
 
         self.engine = load_engine(ModelSpec(model=model, device=device, dtype=dtype))
         self.scores = normalize_scores(scores)
-        options = ScoreOptions(unconditional="unconditional" in self.scores, greedy="greedy" in self.scores)
+        options = ScoreOptions(**score_options(self.scores))
         self._score_pairs = functools.partial(score_pairs, self.engine, options=options)
         self.prompt_field = prompt_field
         self.response_field = response_field

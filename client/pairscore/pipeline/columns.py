@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from pairscore.types import ItemError, Pair, PairScore, ScoreOutcome
 
@@ -92,6 +92,18 @@ def parse_scores(text: str) -> tuple[str, ...]:
 def normalize_scores(scores: str | Sequence[str]) -> tuple[str, ...]:
     """The extra score groups of an API argument: ``"unconditional,greedy"`` or a sequence."""
     return parse_scores(scores if isinstance(scores, str) else ",".join(scores))
+
+
+class ScoreGroupOptions(TypedDict):
+    """Keyword arguments of ``score_iter`` / ``ScoreOptions`` that score groups turn on."""
+
+    unconditional: bool
+    greedy: bool
+
+
+def score_options(scores: Sequence[str]) -> ScoreGroupOptions:
+    """The request options (``unconditional``, ``greedy``) that the score groups ``scores`` need."""
+    return {"unconditional": "unconditional" in scores, "greedy": "greedy" in scores}
 
 
 def group_of(column: str) -> str:

@@ -44,6 +44,7 @@ from pairscore.pipeline.columns import (
     metric,
     pair_problem,
     score_columns,
+    score_options,
     value_of,
 )
 from pairscore.pipeline.formats import STDIO, BadRow, FormatError, Row, RowReader, count_rows
@@ -308,8 +309,7 @@ class Runner:
             max_in_flight=job.max_in_flight,
             streams=job.concurrency,
             tokenization=job.tokenization,
-            unconditional="unconditional" in job.scores,
-            greedy="greedy" in job.scores,
+            **score_options(job.scores),
             on_retry=on_retry,
         )
         try:
