@@ -15,16 +15,23 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from pairscore.types import (
+    Candidate,
+    CandidateSet,
+    CandidateSetResult,
+    ChatMessage,
+    EndOfTurn,
     ItemError,
     ItemErrorCode,
     ModelInfo,
     Pair,
     PairScore,
+    PrefixMode,
     PrefixPolicy,
     ScoreOptions,
     Side,
     TokenizationMode,
     TokenScore,
+    Truncation,
 )
 
 try:
@@ -65,6 +72,13 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Candidate",
+    "CandidateSet",
+    "CandidateSetResult",
+    "ChatMessage",
+    "EndOfTurn",
+    "PrefixMode",
+    "Truncation",
     "AsyncScoringClient",
     "CallCancelledError",
     "ChannelSettings",

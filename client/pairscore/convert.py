@@ -9,11 +9,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from pairscore.types import (
+    Candidate,
+    CandidateSet,
+    CandidateSetResult,
+    ChatMessage,
+    EndOfTurn,
     ItemError,
     ItemErrorCode,
     ModelInfo,
     Pair,
     PairScore,
+    PrefixMode,
     PrefixPolicy,
     ScoreOptions,
     ScoreOutcome,
@@ -21,6 +27,7 @@ from pairscore.types import (
     TokenAlternative,
     TokenizationMode,
     TokenScore,
+    Truncation,
 )
 from pairscore.v1 import scoring_pb2 as pb
 
@@ -37,6 +44,21 @@ _PREFIX_TO_PB = {
     PrefixPolicy.CUSTOM: pb.PREFIX_POLICY_CUSTOM,
 }
 _PREFIX_FROM_PB = {v: k for k, v in _PREFIX_TO_PB.items()}
+
+_END_OF_TURN_TO_PB = {
+    EndOfTurn.INCLUDED: pb.END_OF_TURN_INCLUDED,
+    EndOfTurn.EXCLUDED: pb.END_OF_TURN_EXCLUDED,
+}
+_END_OF_TURN_FROM_PB = {v: k for k, v in _END_OF_TURN_TO_PB.items()}
+_END_OF_TURN_FROM_PB[pb.END_OF_TURN_UNSPECIFIED] = EndOfTurn.INCLUDED
+
+_TRUNCATION_TO_PB = {Truncation.NONE: pb.TRUNCATION_NONE, Truncation.LEFT: pb.TRUNCATION_LEFT}
+_TRUNCATION_FROM_PB = {v: k for k, v in _TRUNCATION_TO_PB.items()}
+_TRUNCATION_FROM_PB[pb.TRUNCATION_UNSPECIFIED] = Truncation.NONE
+
+_PREFIX_MODE_TO_PB = {PrefixMode.SERVER: pb.PREFIX_MODE_SERVER, PrefixMode.NONE: pb.PREFIX_MODE_NONE}
+_PREFIX_MODE_FROM_PB = {v: k for k, v in _PREFIX_MODE_TO_PB.items()}
+_PREFIX_MODE_FROM_PB[pb.PREFIX_MODE_UNSPECIFIED] = PrefixMode.SERVER
 
 _SIDE_TO_PB = {Side.PROMPT: pb.SIDE_PROMPT, Side.RESPONSE: pb.SIDE_RESPONSE}
 _SIDE_FROM_PB = {v: k for k, v in _SIDE_TO_PB.items()}
@@ -65,31 +87,127 @@ def _lookup(table: dict, value, what: str):
 # --- requests -----------------------------------------------------------------
 
 
+def _ids_to_pb(ids: Sequence[int] | None) -> pb.TokenIds | None:
+    return None if ids is None else pb.TokenIds(ids=ids)
+
+
+def _ids_from_pb(msg, field: str) -> tuple[int, ...] | None:
+    return tuple(getattr(msg, field).ids) if msg.HasField(field) else None
+
+
+def _messages_to_pb(messages: Sequence[ChatMessage] | None) -> pb.Conversation | None:
+    if messages is None:
+        return None
+    return pb.Conversation(messages=[pb.ChatMessage(role=m.role, content=m.content) for m in messages])
+
+
+def _messages_from_pb(msg) -> tuple[ChatMessage, ...] | None:
+    if not msg.HasField("prompt_messages"):
+        return None
+    return tuple(ChatMessage(m.role, m.content) for m in msg.prompt_messages.messages)
+
+
+def pair_to_pb(p: Pair) -> pb.Pair:
+    """Build one Pair message (the forms that are ``None`` stay unset)."""
+    return pb.Pair(
+        id=p.id,
+        prompt=p.prompt,
+        response=p.response,
+        prompt_messages=_messages_to_pb(p.prompt_messages),
+        prompt_ids=_ids_to_pb(p.prompt_ids),
+        response_ids=_ids_to_pb(p.response_ids),
+    )
+
+
+def pair_from_pb(p: pb.Pair) -> Pair:
+    """Read one Pair message."""
+    return Pair(
+        prompt=p.prompt,
+        response=p.response,
+        id=p.id,
+        prompt_messages=_messages_from_pb(p),
+        prompt_ids=_ids_from_pb(p, "prompt_ids"),
+        response_ids=_ids_from_pb(p, "response_ids"),
+    )
+
+
+def options_to_pb(options: ScoreOptions) -> pb.ScoreOptions:
+    """Build a ScoreOptions message."""
+    return pb.ScoreOptions(
+        tokenization=_TOKENIZATION_TO_PB[options.tokenization],
+        return_tokens=options.return_tokens,
+        unconditional=options.unconditional,
+        greedy=options.greedy,
+        top_k=options.top_k,
+        end_of_turn=_END_OF_TURN_TO_PB[options.end_of_turn],
+        truncation=_TRUNCATION_TO_PB[options.truncation],
+        prefix=_PREFIX_MODE_TO_PB[options.prefix],
+    )
+
+
+def options_from_pb(msg: pb.ScoreOptions) -> ScoreOptions:
+    """Read a ScoreOptions message; raises ConversionError on unknown enums."""
+    return ScoreOptions(
+        tokenization=_lookup(_TOKENIZATION_FROM_PB, msg.tokenization, "tokenization"),
+        return_tokens=msg.return_tokens,
+        unconditional=msg.unconditional,
+        greedy=msg.greedy,
+        top_k=msg.top_k,
+        end_of_turn=_lookup(_END_OF_TURN_FROM_PB, msg.end_of_turn, "end_of_turn"),
+        truncation=_lookup(_TRUNCATION_FROM_PB, msg.truncation, "truncation"),
+        prefix=_lookup(_PREFIX_MODE_FROM_PB, msg.prefix, "prefix"),
+    )
+
+
 def request_to_pb(pairs: Iterable[Pair], options: ScoreOptions) -> pb.ScoreRequest:
     """Build a ScoreRequest message from pairs and options."""
-    return pb.ScoreRequest(
-        pairs=[pb.Pair(id=p.id, prompt=p.prompt, response=p.response) for p in pairs],
-        options=pb.ScoreOptions(
-            tokenization=_TOKENIZATION_TO_PB[options.tokenization],
-            return_tokens=options.return_tokens,
-            unconditional=options.unconditional,
-            greedy=options.greedy,
-            top_k=options.top_k,
-        ),
-    )
+    return pb.ScoreRequest(pairs=[pair_to_pb(p) for p in pairs], options=options_to_pb(options))
 
 
 def request_from_pb(msg: pb.ScoreRequest) -> tuple[list[Pair], ScoreOptions]:
     """Read pairs and options from a ScoreRequest; raises ConversionError on unknown enums."""
-    options = ScoreOptions(
-        tokenization=_lookup(_TOKENIZATION_FROM_PB, msg.options.tokenization, "tokenization"),
-        return_tokens=msg.options.return_tokens,
-        unconditional=msg.options.unconditional,
-        greedy=msg.options.greedy,
-        top_k=msg.options.top_k,
+    return [pair_from_pb(p) for p in msg.pairs], options_from_pb(msg.options)
+
+
+def candidates_request_to_pb(
+    sets: Iterable[CandidateSet], options: ScoreOptions
+) -> pb.ScoreCandidatesRequest:
+    """Build a ScoreCandidatesRequest message from candidate sets and options."""
+    return pb.ScoreCandidatesRequest(
+        sets=[
+            pb.CandidateSet(
+                id=s.id,
+                prompt=s.prompt,
+                prompt_messages=_messages_to_pb(s.prompt_messages),
+                prompt_ids=_ids_to_pb(s.prompt_ids),
+                candidates=[
+                    pb.Candidate(id=c.id, response=c.response, response_ids=_ids_to_pb(c.response_ids))
+                    for c in s.candidates
+                ],
+            )
+            for s in sets
+        ],
+        options=options_to_pb(options),
     )
-    pairs = [Pair(prompt=p.prompt, response=p.response, id=p.id) for p in msg.pairs]
-    return pairs, options
+
+
+def candidates_request_from_pb(msg: pb.ScoreCandidatesRequest) -> tuple[list[CandidateSet], ScoreOptions]:
+    """Read candidate sets and options from a ScoreCandidatesRequest; raises ConversionError
+    on unknown enums."""
+    sets = [
+        CandidateSet(
+            candidates=tuple(
+                Candidate(response=c.response, id=c.id, response_ids=_ids_from_pb(c, "response_ids"))
+                for c in s.candidates
+            ),
+            prompt=s.prompt,
+            id=s.id,
+            prompt_messages=_messages_from_pb(s),
+            prompt_ids=_ids_from_pb(s, "prompt_ids"),
+        )
+        for s in msg.sets
+    ]
+    return sets, options_from_pb(msg.options)
 
 
 # --- responses ----------------------------------------------------------------
@@ -149,6 +267,9 @@ def result_to_pb(index: int, outcome: ScoreOutcome) -> pb.ScoreResult:
         scores.ifd = outcome.ifd
     if outcome.response_is_greedy is not None:
         scores.response_is_greedy = outcome.response_is_greedy
+    scores.prompt_tokens_dropped = outcome.prompt_tokens_dropped
+    scores.rendered_prompt = outcome.rendered_prompt
+    scores.rendered_response = outcome.rendered_response
     return pb.ScoreResult(id=outcome.id, index=index, scores=scores)
 
 
@@ -182,12 +303,49 @@ def result_from_pb(msg: pb.ScoreResult) -> ScoreOutcome:
         pmi=s.pmi if s.HasField("pmi") else None,
         ifd=s.ifd if s.HasField("ifd") else None,
         response_is_greedy=s.response_is_greedy if s.HasField("response_is_greedy") else None,
+        prompt_tokens_dropped=s.prompt_tokens_dropped,
+        rendered_prompt=s.rendered_prompt,
+        rendered_response=s.rendered_response,
     )
 
 
 def response_from_pb(msg: pb.ScoreResponse) -> list[ScoreOutcome]:
     """Read a ScoreResponse message into outcomes in request order."""
     return [result_from_pb(r) for r in msg.results]
+
+
+def candidates_response_to_pb(results: Sequence[CandidateSetResult]) -> pb.ScoreCandidatesResponse:
+    """Build a ScoreCandidatesResponse message from per-set results in request order."""
+    return pb.ScoreCandidatesResponse(
+        sets=[
+            pb.CandidateSetResult(
+                id=r.id, index=i, results=[result_to_pb(j, o) for j, o in enumerate(r.results)]
+            )
+            for i, r in enumerate(results)
+        ]
+    )
+
+
+def candidates_response_from_pb(msg: pb.ScoreCandidatesResponse) -> list[CandidateSetResult]:
+    """Read a ScoreCandidatesResponse message into per-set results in request order."""
+    return [
+        CandidateSetResult(results=tuple(result_from_pb(r) for r in s.results), id=s.id) for s in msg.sets
+    ]
+
+
+def tokenize_request_to_pb(texts: Iterable[str], *, parse_special_tokens: bool = False) -> pb.TokenizeRequest:
+    """Build a TokenizeRequest message."""
+    return pb.TokenizeRequest(texts=list(texts), parse_special_tokens=parse_special_tokens)
+
+
+def tokenize_response_to_pb(ids: Iterable[Sequence[int]]) -> pb.TokenizeResponse:
+    """Build a TokenizeResponse message from each text's ids."""
+    return pb.TokenizeResponse(tokens=[pb.TokenIds(ids=i) for i in ids])
+
+
+def tokenize_response_from_pb(msg: pb.TokenizeResponse) -> list[tuple[int, ...]]:
+    """Read each text's ids from a TokenizeResponse message."""
+    return [tuple(t.ids) for t in msg.tokens]
 
 
 # --- model info ---------------------------------------------------------------
@@ -217,6 +375,7 @@ def model_info_to_pb(info: ModelInfo) -> pb.GetModelInfoResponse:
         max_queue_tokens=info.max_queue_tokens,
         max_top_k=info.max_top_k,
         tokenizer_normalizes=info.tokenizer_normalizes,
+        chat_template=info.chat_template,
     )
 
 
@@ -244,6 +403,7 @@ def model_info_from_pb(msg: pb.GetModelInfoResponse) -> ModelInfo:
         max_queue_tokens=msg.max_queue_tokens,
         max_top_k=msg.max_top_k,
         tokenizer_normalizes=msg.tokenizer_normalizes,
+        chat_template=msg.chat_template,
     )
 
 
@@ -252,7 +412,8 @@ def model_info_from_pb(msg: pb.GetModelInfoResponse) -> ModelInfo:
 _RESULT_BYTES = 80  # a ScoreResult with its PairScores or ItemError, without id / tokens / message
 _TOKEN_BYTES = 40  # a TokenScore without its text
 _PARTIAL_UTF8_BYTES = 3  # a token cut inside a character decodes to U+FFFD
-_SELECTION_BYTES = 3 * 9 + 2  # unconditional_logprob, pmi, ifd (tag + double), response_is_greedy
+_SELECTION_BYTES = 3 * 9 + 2 + 6  # unconditional_logprob, pmi, ifd (tag + double), response_is_greedy,
+# prompt_tokens_dropped (tag + int32 varint)
 _RANK_BYTES = 6  # TokenScore.rank: tag + int32 varint
 _ALTERNATIVE_BYTES = 2 + 6 + 2 + 9  # one TokenAlternative: length prefix, id, text tag+length, logprob
 

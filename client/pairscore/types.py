@@ -41,6 +41,42 @@ class Side(enum.Enum):
     RESPONSE = "response"
 
 
+class EndOfTurn(enum.Enum):
+    """Chat items: whether the template's end of the assistant turn is scored with y.
+
+    ``INCLUDED`` (the default) scores everything the template renders after
+    the generation prompt (content and, e.g., ``<|im_end|>`` and a newline),
+    what supervised fine-tuning trains on; ``EXCLUDED`` only the content.
+    """
+
+    INCLUDED = "included"
+    EXCLUDED = "excluded"
+
+
+class Truncation(enum.Enum):
+    """What happens to a pair longer than the limit.
+
+    ``NONE`` (the default): the item fails. ``LEFT``: tokens are dropped from
+    the start of the prompt until the pair fits (``PairScore.prompt_tokens_dropped``).
+    """
+
+    NONE = "none"
+    LEFT = "left"
+
+
+class PrefixMode(enum.Enum):
+    """What the first scored token is conditioned on.
+
+    ``SERVER`` (the default): the server's prefix token p is put in front of
+    x and every prompt token is scored. ``NONE``: no prefix token; the first
+    prompt token is given context only (not scored, not counted), as in
+    lm-evaluation-harness and vLLM; an empty prompt still gets p.
+    """
+
+    SERVER = "server"
+    NONE = "none"
+
+
 class ItemErrorCode(enum.Enum):
     """Why a single pair could not be scored."""
 
@@ -51,13 +87,89 @@ class ItemErrorCode(enum.Enum):
     INTERNAL = "internal"
 
 
+#: The roles a chat message may have.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a conversation: ``role`` is one of :data:`CHAT_ROLES`."""
+
+    role: str
+    content: str
+
+
 @dataclass(frozen=True)
 class Pair:
-    """A (prompt, response) pair to score; ``id`` is echoed back unchanged."""
+    """A (prompt, response) pair to score; ``id`` is echoed back unchanged.
 
-    prompt: str
-    response: str
+    The prompt is text (``prompt``), a conversation rendered with the model's
+    chat template (``prompt_messages``; ``response`` is then the assistant's
+    reply) or token ids (``prompt_ids``); the response is text or
+    ``response_ids``. At most one form per side: a pair that sets two fails
+    with an item error. ``None`` means "not given"; an empty tuple of ids is
+    an empty side given as ids.
+    """
+
+    prompt: str = ""
+    response: str = ""
     id: str = ""
+    prompt_messages: tuple[ChatMessage, ...] | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    response_ids: tuple[int, ...] | None = None
+
+    @property
+    def form_problem(self) -> str:
+        """Why this pair's forms conflict ("" when they do not)."""
+        given = [
+            name
+            for name, value in (
+                ("prompt", self.prompt or None),
+                ("prompt_messages", self.prompt_messages),
+                ("prompt_ids", self.prompt_ids),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            return f"the prompt is given twice ({' and '.join(given)}); send exactly one form"
+        if self.response and self.response_ids is not None:
+            return "the response is given twice (response and response_ids); send exactly one form"
+        return ""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One response of a :class:`CandidateSet` (text or ``response_ids``)."""
+
+    response: str = ""
+    id: str = ""
+    response_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """One prompt (text, messages or ids, as in :class:`Pair`) and responses to score
+    against it; the prompt is sent and computed once."""
+
+    candidates: tuple[Candidate, ...]
+    prompt: str = ""
+    id: str = ""
+    prompt_messages: tuple[ChatMessage, ...] | None = None
+    prompt_ids: tuple[int, ...] | None = None
+
+    def pairs(self) -> list[Pair]:
+        """The pairs this set stands for: (prompt, candidate), in order."""
+        return [
+            Pair(
+                prompt=self.prompt,
+                response=c.response,
+                id=c.id,
+                prompt_messages=self.prompt_messages,
+                prompt_ids=self.prompt_ids,
+                response_ids=c.response_ids,
+            )
+            for c in self.candidates
+        ]
 
 
 @dataclass(frozen=True)
@@ -73,6 +185,12 @@ class ScoreOptions:
     greedy: bool = False
     #: The ``top_k`` most likely tokens at each position (implies per-token detail).
     top_k: int = 0
+    #: Chat items: whether the template's end of the assistant turn is scored with y.
+    end_of_turn: EndOfTurn = EndOfTurn.INCLUDED
+    #: What happens to a pair longer than the limit.
+    truncation: Truncation = Truncation.NONE
+    #: What the first scored token is conditioned on.
+    prefix: PrefixMode = PrefixMode.SERVER
 
     @property
     def wants_tokens(self) -> bool:
@@ -136,6 +254,12 @@ class PairScore:
     pmi: float | None = None
     ifd: float | None = None
     response_is_greedy: bool | None = None
+    #: With ``Truncation.LEFT``: tokens dropped from the start of the prompt.
+    prompt_tokens_dropped: int = 0
+    #: Chat items with per-token detail: x and y as the template rendered them
+    #: (the texts the token spans index).
+    rendered_prompt: str = ""
+    rendered_response: str = ""
 
     @property
     def mean_conditional_logprob(self) -> float:
@@ -194,6 +318,8 @@ class ModelInfo:
     # The tokenizer normalizes text (NFC, ...): ids decode to the normalized
     # text, spans index the text sent (docs/contract.md).
     tokenizer_normalizes: bool = False
+    #: The tokenizer has a chat template (pairs may carry ``prompt_messages``).
+    chat_template: bool = False
     #: Server-side only, never on the wire (so not compared): a bound of one token's
     #: decoded text in UTF-8 bytes, for the response-size bound of top-k alternatives.
     max_token_text_bytes: int = field(default=0, compare=False, repr=False)
@@ -212,3 +338,11 @@ def data_selection_scores(conditional: float, unconditional: float) -> tuple[flo
 
 #: The outcome of scoring one pair.
 ScoreOutcome = PairScore | ItemError
+
+
+@dataclass(frozen=True)
+class CandidateSetResult:
+    """The outcomes of one CandidateSet: one per candidate, in order."""
+
+    results: tuple[ScoreOutcome, ...]
+    id: str = ""

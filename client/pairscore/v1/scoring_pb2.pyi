@@ -26,6 +26,24 @@ class Side(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SIDE_PROMPT: _ClassVar[Side]
     SIDE_RESPONSE: _ClassVar[Side]
 
+class EndOfTurn(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    END_OF_TURN_UNSPECIFIED: _ClassVar[EndOfTurn]
+    END_OF_TURN_INCLUDED: _ClassVar[EndOfTurn]
+    END_OF_TURN_EXCLUDED: _ClassVar[EndOfTurn]
+
+class Truncation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRUNCATION_UNSPECIFIED: _ClassVar[Truncation]
+    TRUNCATION_NONE: _ClassVar[Truncation]
+    TRUNCATION_LEFT: _ClassVar[Truncation]
+
+class PrefixMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PREFIX_MODE_UNSPECIFIED: _ClassVar[PrefixMode]
+    PREFIX_MODE_SERVER: _ClassVar[PrefixMode]
+    PREFIX_MODE_NONE: _ClassVar[PrefixMode]
+
 class ItemErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ITEM_ERROR_CODE_UNSPECIFIED: _ClassVar[ItemErrorCode]
@@ -44,6 +62,15 @@ PREFIX_POLICY_CUSTOM: PrefixPolicy
 SIDE_UNSPECIFIED: Side
 SIDE_PROMPT: Side
 SIDE_RESPONSE: Side
+END_OF_TURN_UNSPECIFIED: EndOfTurn
+END_OF_TURN_INCLUDED: EndOfTurn
+END_OF_TURN_EXCLUDED: EndOfTurn
+TRUNCATION_UNSPECIFIED: Truncation
+TRUNCATION_NONE: Truncation
+TRUNCATION_LEFT: Truncation
+PREFIX_MODE_UNSPECIFIED: PrefixMode
+PREFIX_MODE_SERVER: PrefixMode
+PREFIX_MODE_NONE: PrefixMode
 ITEM_ERROR_CODE_UNSPECIFIED: ItemErrorCode
 ITEM_ERROR_CODE_INVALID_ARGUMENT: ItemErrorCode
 ITEM_ERROR_CODE_CONTEXT_LENGTH_EXCEEDED: ItemErrorCode
@@ -51,29 +78,61 @@ ITEM_ERROR_CODE_RESOURCE_EXHAUSTED: ItemErrorCode
 ITEM_ERROR_CODE_DEADLINE_EXCEEDED: ItemErrorCode
 ITEM_ERROR_CODE_INTERNAL: ItemErrorCode
 
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class Conversation(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
 class Pair(_message.Message):
-    __slots__ = ("id", "prompt", "response")
+    __slots__ = ("id", "prompt", "response", "prompt_messages", "prompt_ids", "response_ids")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     prompt: str
     response: str
-    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[str] = ...) -> None: ...
+    prompt_messages: Conversation
+    prompt_ids: TokenIds
+    response_ids: TokenIds
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[str] = ..., prompt_messages: _Optional[_Union[Conversation, _Mapping]] = ..., prompt_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., response_ids: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class ScoreOptions(_message.Message):
-    __slots__ = ("tokenization", "return_tokens", "unconditional", "greedy", "top_k")
+    __slots__ = ("tokenization", "return_tokens", "unconditional", "greedy", "top_k", "end_of_turn", "truncation", "prefix")
     TOKENIZATION_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     UNCONDITIONAL_FIELD_NUMBER: _ClassVar[int]
     GREEDY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    END_OF_TURN_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
     tokenization: TokenizationMode
     return_tokens: bool
     unconditional: bool
     greedy: bool
     top_k: int
-    def __init__(self, tokenization: _Optional[_Union[TokenizationMode, str]] = ..., return_tokens: _Optional[bool] = ..., unconditional: _Optional[bool] = ..., greedy: _Optional[bool] = ..., top_k: _Optional[int] = ...) -> None: ...
+    end_of_turn: EndOfTurn
+    truncation: Truncation
+    prefix: PrefixMode
+    def __init__(self, tokenization: _Optional[_Union[TokenizationMode, str]] = ..., return_tokens: _Optional[bool] = ..., unconditional: _Optional[bool] = ..., greedy: _Optional[bool] = ..., top_k: _Optional[int] = ..., end_of_turn: _Optional[_Union[EndOfTurn, str]] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., prefix: _Optional[_Union[PrefixMode, str]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("pairs", "options")
@@ -116,7 +175,7 @@ class TokenAlternative(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class PairScores(_message.Message):
-    __slots__ = ("joint_logprob", "prompt_logprob", "conditional_logprob", "prompt_tokens", "response_tokens", "boundary_straddled", "tokens", "unconditional_logprob", "pmi", "ifd", "response_is_greedy")
+    __slots__ = ("joint_logprob", "prompt_logprob", "conditional_logprob", "prompt_tokens", "response_tokens", "boundary_straddled", "tokens", "unconditional_logprob", "pmi", "ifd", "response_is_greedy", "prompt_tokens_dropped", "rendered_prompt", "rendered_response")
     JOINT_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     CONDITIONAL_LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +187,9 @@ class PairScores(_message.Message):
     PMI_FIELD_NUMBER: _ClassVar[int]
     IFD_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_IS_GREEDY_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    RENDERED_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RENDERED_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     joint_logprob: float
     prompt_logprob: float
     conditional_logprob: float
@@ -139,7 +201,10 @@ class PairScores(_message.Message):
     pmi: float
     ifd: float
     response_is_greedy: bool
-    def __init__(self, joint_logprob: _Optional[float] = ..., prompt_logprob: _Optional[float] = ..., conditional_logprob: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., response_tokens: _Optional[int] = ..., boundary_straddled: _Optional[bool] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., unconditional_logprob: _Optional[float] = ..., pmi: _Optional[float] = ..., ifd: _Optional[float] = ..., response_is_greedy: _Optional[bool] = ...) -> None: ...
+    prompt_tokens_dropped: int
+    rendered_prompt: str
+    rendered_response: str
+    def __init__(self, joint_logprob: _Optional[float] = ..., prompt_logprob: _Optional[float] = ..., conditional_logprob: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., response_tokens: _Optional[int] = ..., boundary_straddled: _Optional[bool] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., unconditional_logprob: _Optional[float] = ..., pmi: _Optional[float] = ..., ifd: _Optional[float] = ..., response_is_greedy: _Optional[bool] = ..., prompt_tokens_dropped: _Optional[int] = ..., rendered_prompt: _Optional[str] = ..., rendered_response: _Optional[str] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message")
@@ -172,7 +237,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_source", "revision", "dtype", "device", "max_context_tokens", "vocab_size", "prefix_policy", "prefix_token_id", "prefix_token", "tokenizer_class", "server_version", "default_tokenization", "architecture", "max_pairs_per_request", "max_text_chars", "max_item_tokens", "max_message_bytes", "max_queue_tokens", "tokenizer_normalizes", "max_top_k")
+    __slots__ = ("model_name", "model_source", "revision", "dtype", "device", "max_context_tokens", "vocab_size", "prefix_policy", "prefix_token_id", "prefix_token", "tokenizer_class", "server_version", "default_tokenization", "architecture", "max_pairs_per_request", "max_text_chars", "max_item_tokens", "max_message_bytes", "max_queue_tokens", "tokenizer_normalizes", "max_top_k", "chat_template")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +259,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_QUEUE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_NORMALIZES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_source: str
     revision: str
@@ -215,4 +281,67 @@ class GetModelInfoResponse(_message.Message):
     max_queue_tokens: int
     tokenizer_normalizes: bool
     max_top_k: int
-    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefix_policy: _Optional[_Union[PrefixPolicy, str]] = ..., prefix_token_id: _Optional[int] = ..., prefix_token: _Optional[str] = ..., tokenizer_class: _Optional[str] = ..., server_version: _Optional[str] = ..., default_tokenization: _Optional[_Union[TokenizationMode, str]] = ..., architecture: _Optional[str] = ..., max_pairs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_item_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., tokenizer_normalizes: _Optional[bool] = ..., max_top_k: _Optional[int] = ...) -> None: ...
+    chat_template: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefix_policy: _Optional[_Union[PrefixPolicy, str]] = ..., prefix_token_id: _Optional[int] = ..., prefix_token: _Optional[str] = ..., tokenizer_class: _Optional[str] = ..., server_version: _Optional[str] = ..., default_tokenization: _Optional[_Union[TokenizationMode, str]] = ..., architecture: _Optional[str] = ..., max_pairs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_item_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., tokenizer_normalizes: _Optional[bool] = ..., max_top_k: _Optional[int] = ..., chat_template: _Optional[bool] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("id", "response", "response_ids")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_IDS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    response: str
+    response_ids: TokenIds
+    def __init__(self, id: _Optional[str] = ..., response: _Optional[str] = ..., response_ids: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+
+class CandidateSet(_message.Message):
+    __slots__ = ("id", "prompt", "prompt_messages", "prompt_ids", "candidates")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    prompt: str
+    prompt_messages: Conversation
+    prompt_ids: TokenIds
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_messages: _Optional[_Union[Conversation, _Mapping]] = ..., prompt_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+
+class ScoreCandidatesRequest(_message.Message):
+    __slots__ = ("sets", "options")
+    SETS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    sets: _containers.RepeatedCompositeFieldContainer[CandidateSet]
+    options: ScoreOptions
+    def __init__(self, sets: _Optional[_Iterable[_Union[CandidateSet, _Mapping]]] = ..., options: _Optional[_Union[ScoreOptions, _Mapping]] = ...) -> None: ...
+
+class CandidateSetResult(_message.Message):
+    __slots__ = ("id", "index", "results")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    index: int
+    results: _containers.RepeatedCompositeFieldContainer[ScoreResult]
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ...) -> None: ...
+
+class ScoreCandidatesResponse(_message.Message):
+    __slots__ = ("sets",)
+    SETS_FIELD_NUMBER: _ClassVar[int]
+    sets: _containers.RepeatedCompositeFieldContainer[CandidateSetResult]
+    def __init__(self, sets: _Optional[_Iterable[_Union[CandidateSetResult, _Mapping]]] = ...) -> None: ...
+
+class TokenizeRequest(_message.Message):
+    __slots__ = ("texts", "parse_special_tokens")
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    PARSE_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    parse_special_tokens: bool
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., parse_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...

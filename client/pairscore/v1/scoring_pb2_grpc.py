@@ -50,6 +50,16 @@ class ScoringServiceStub:
                 request_serializer=pairscore_dot_v1_dot_scoring__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=pairscore_dot_v1_dot_scoring__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ScoreCandidates = channel.unary_unary(
+                '/pairscore.v1.ScoringService/ScoreCandidates',
+                request_serializer=pairscore_dot_v1_dot_scoring__pb2.ScoreCandidatesRequest.SerializeToString,
+                response_deserializer=pairscore_dot_v1_dot_scoring__pb2.ScoreCandidatesResponse.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/pairscore.v1.ScoringService/Tokenize',
+                request_serializer=pairscore_dot_v1_dot_scoring__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=pairscore_dot_v1_dot_scoring__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class ScoringServiceServicer:
@@ -83,6 +93,32 @@ class ScoringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreCandidates(self, request, context):
+        """Scores several responses to one prompt (best-of-N reranking, multiple
+        choice, preference pairs): each CandidateSet's prompt is sent once and
+        computed once. Every candidate is scored exactly as the Pair (prompt,
+        candidate) would be by Score, with the same options. A set whose prompt
+        cannot be used (bad messages, out-of-range ids) gives every one of its
+        candidates that ItemError; other sets are unaffected and the RPC still
+        returns OK. GetModelInfoResponse.max_pairs_per_request bounds the number
+        of candidates of one request, all sets together.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Tokenizes texts with the server's tokenizer, as the start of a document
+        and without adding special tokens: the ids a Pair.prompt of that text is
+        scored with (before the prefix token and any truncation). For callers
+        that must reproduce a tokenization exactly (evaluation harnesses) and
+        then send TokenIds. Texts longer than max_text_chars, or more of them
+        than max_pairs_per_request, fail the call with INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScoringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +136,16 @@ def add_ScoringServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=pairscore_dot_v1_dot_scoring__pb2.GetModelInfoRequest.FromString,
                     response_serializer=pairscore_dot_v1_dot_scoring__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'ScoreCandidates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreCandidates,
+                    request_deserializer=pairscore_dot_v1_dot_scoring__pb2.ScoreCandidatesRequest.FromString,
+                    response_serializer=pairscore_dot_v1_dot_scoring__pb2.ScoreCandidatesResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=pairscore_dot_v1_dot_scoring__pb2.TokenizeRequest.FromString,
+                    response_serializer=pairscore_dot_v1_dot_scoring__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +230,60 @@ class ScoringService:
             '/pairscore.v1.ScoringService/GetModelInfo',
             pairscore_dot_v1_dot_scoring__pb2.GetModelInfoRequest.SerializeToString,
             pairscore_dot_v1_dot_scoring__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreCandidates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pairscore.v1.ScoringService/ScoreCandidates',
+            pairscore_dot_v1_dot_scoring__pb2.ScoreCandidatesRequest.SerializeToString,
+            pairscore_dot_v1_dot_scoring__pb2.ScoreCandidatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pairscore.v1.ScoringService/Tokenize',
+            pairscore_dot_v1_dot_scoring__pb2.TokenizeRequest.SerializeToString,
+            pairscore_dot_v1_dot_scoring__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
