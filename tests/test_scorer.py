@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,10 @@ from pairscore.types import (
     ItemErrorCode,
     Pair,
     PairScore,
+    PrefixMode,
     ScoreOptions,
     TokenizationMode,
+    Truncation,
 )
 
 from harness.lmeval import save_model_dir
@@ -175,3 +178,32 @@ def test_an_unloadable_model_says_why(tmp_path: Path) -> None:
         Scorer(str(tmp_path / "nothing-here"), device="cpu")
     with pytest.raises(ValueError, match="dtype"):
         Scorer(str(tmp_path), dtype="float8")
+
+
+def test_token_ids_prefix_none_and_truncation_equal_a_real_servers(scorer: Any, server: Any) -> None:
+    texts = ["The capital of France is", " Paris.", "<|endoftext|>x"]
+    ids = scorer.tokenize(texts)
+    long = Pair("Hello world! " * 100, " still scored", id="long")
+    pairs = [
+        Pair(prompt_ids=ids[0], response_ids=ids[1], id="ids"),
+        Pair("The capital of France is", " Paris.", id="text"),
+        Pair(prompt_ids=ids[0], response=" Paris.", id="mixed"),
+        Pair(prompt_ids=(10**6,), response_ids=ids[1], id="out-of-vocabulary"),
+        long,
+    ]
+    options = ScoreOptions(prefix=PrefixMode.NONE, greedy=True, truncation=Truncation.LEFT)
+    got = scorer.score(pairs, options)
+    with server.client() as client:
+        assert client.tokenize(texts) == ids
+        assert client.tokenize(texts, parse_special_tokens=True) == scorer.tokenize(
+            texts, parse_special_tokens=True
+        )
+        served = client.score(pairs, greedy=True, prefix="none", truncation="left")
+    assert got == served
+    assert replace(got[0], id="") == replace(got[1], id="") == replace(got[2], id="")  # the text's ids
+    # The first prompt token is context only: one prompt token fewer than with the prefix token.
+    assert got[0].prompt_tokens == len(ids[0]) - 1
+    assert scorer.score(pairs[:1], greedy=True)[0].prompt_tokens == len(ids[0])
+    assert isinstance(got[3], ItemError) and "vocabulary" in got[3].message
+    assert isinstance(got[4], PairScore) and got[4].prompt_tokens_dropped > 0
+    assert scorer.tokenize(["<|endoftext|>"], parse_special_tokens=True) != scorer.tokenize(["<|endoftext|>"])

@@ -21,7 +21,7 @@ No gRPC, no batcher, no request limits beyond the model's context.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from pairscore.types import (
@@ -174,6 +174,13 @@ class Scorer:
         flat = iter(self.score(pairs, options, **keywords))  # type: ignore[arg-type]
         return [CandidateSetResult(results=tuple(next(flat) for _ in s.candidates), id=s.id) for s in sets]
 
+    def tokenize(self, texts: Iterable[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:
+        """Each text's token ids, as the ``Tokenize`` RPC gives them: by default the ids a
+        ``Pair.prompt`` of that text is scored with; ``parse_special_tokens=True``:
+        transformers' ``tokenizer(text, add_special_tokens=False)`` (special-token
+        strings become special tokens, as in lm-evaluation-harness)."""
+        return self._engine.tokenize(list(texts), parse_special_tokens=parse_special_tokens)
+
     def _score_chunk(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[ScoreOutcome]:
         """Tokenize, then run the ready pairs in engine calls of at most ``max_call_tokens``
         padded tokens (longest pair x pairs), the size a server's batcher builds."""
@@ -211,11 +218,15 @@ def _options(
     once is an error. An unknown enum value or a negative ``top_k`` raises ValueError."""
     from pairscore._base import make_options
 
-    built = replace(
-        make_options(tokenization, return_tokens, unconditional, greedy, top_k),
-        end_of_turn=EndOfTurn(end_of_turn),
-        truncation=Truncation(truncation),
-        prefix=PrefixMode(prefix),
+    built = make_options(
+        tokenization,
+        return_tokens,
+        unconditional,
+        greedy,
+        top_k,
+        end_of_turn=end_of_turn,
+        truncation=truncation,
+        prefix=prefix,
     )
     if options is None:
         return built
