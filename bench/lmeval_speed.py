@@ -11,6 +11,7 @@ median times and their ratio, with the load average (the machine is shared)::
 
     python bench/lmeval_speed.py                       # the embedded SmolLM2, 40 docs, 5-shot
     python bench/lmeval_speed.py --docs 12 --repeats 1 --json out.json
+    python bench/lmeval_speed.py --sentences           # several-token choices
     python bench/lmeval_speed.py --model /models/my-model --hf-batch-size 32
 
 For SmolLM2-Instruct, lm-eval's hf backend conditions an empty context on
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, default=40, help="test documents (4 requests each)")
     parser.add_argument("--fewshot", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs; medians reported")
+    parser.add_argument(
+        "--sentences", action="store_true", help="choices are short sentences (several tokens), not one word"
+    )
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--prefix-token", default=None, help="default: <|im_start|> for smollm2")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     prefix = args.prefix_token or ("<|im_start|>" if args.model == "smollm2" else None)
     tasks = [MC_TASK, ROLLING_TASK]
     with tempfile.TemporaryDirectory() as tmp:
-        task_dir = write_tasks(Path(tmp) / "tasks", n_test=args.docs, num_fewshot=args.fewshot)
+        task_dir = write_tasks(
+            Path(tmp) / "tasks", n_test=args.docs, num_fewshot=args.fewshot, sentences=args.sentences
+        )
         proc, target = start_server(model_dir, Path(tmp) / "server.log")
         try:
             ps_lm = PairscoreLM(target, prefix_token=prefix)
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "docs": args.docs,
         "fewshot": args.fewshot,
+        "sentences": args.sentences,
         "requests": len(ps.requests),
         "accuracy_hf": hf.accuracy(),
         "accuracy_pairscore": ps.accuracy(),
