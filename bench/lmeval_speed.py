@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from pairscore.lmeval import PairscoreLM
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a killed run stops its server too
     model_dir = smollm2_dir() if args.model == "smollm2" else args.model
     prefix = args.prefix_token or ("<|im_start|>" if args.model == "smollm2" else None)
     tasks = [MC_TASK, ROLLING_TASK]
