@@ -39,6 +39,9 @@ OTHER_TOOLS_FLAGS = {
     "--tmpfs",  # docker
     "--from-literal",  # kubectl create secret
     "--no-deps",  # pip
+    "--tasks",
+    "--num",  # --num_fewshot
+    "--batch",  # --batch_size: lm-eval's (docs/ecosystem.md)
     "--help",
 }
 #: Where the project's own flags and variables are defined.
