@@ -309,6 +309,7 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     target = target_of(args)
     restore = _sigterm_as_interrupt()
     try:
+        job.check_storage()  # a missing extra, an empty glob: said before any server is asked
         # No wait_for_ready: a server that cannot be reached must say why, not stall.
         with ScoringClient(target, **client_kwargs(args)) as client:
             reach_server(

@@ -24,6 +24,7 @@ from pairscore.pipeline.selection import Thresholds
 from pairscore.pipeline.storage import (
     COMPRESSION_SUFFIX,
     compression_of,
+    filesystem,
     is_directory_path,
     is_remote,
     local_path,
@@ -175,6 +176,14 @@ class Job:
         Listed once, on first use: a missing filesystem package, an empty
         glob or a directory without data files raise FormatError here."""
         return self._input[0]
+
+    def check_storage(self) -> None:
+        """List the input and reach every output's filesystem: raises FormatError (naming the extra
+        to install, or the glob that matched nothing) or OSError before any row is read."""
+        self.in_format  # noqa: B018 - lists the input's files
+        for path, _ in self.outputs().values():
+            if is_remote(path):
+                filesystem(path)
 
     @property
     def in_format(self) -> str:

@@ -268,6 +268,7 @@ class Runner:
             mode=job.progress,
             log_every=job.log_every,
             start_rows=stats.rows,
+            target=getattr(self.client, "target", None),
         )
         waiting: deque[tuple[Row, str | None, int]] = deque()
         first = [True]
