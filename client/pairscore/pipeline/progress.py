@@ -85,7 +85,7 @@ class Progress:
         self._stream = stream if stream is not None else sys.stderr
         if mode == "auto":
             tty = getattr(self._stream, "isatty", lambda: False)()
-            mode = "bar" if tty or (stream is None and _in_notebook()) else "log"
+            mode = "bar" if tty or (self._stream is sys.stderr and _in_notebook()) else "log"
         self.mode = mode
         self._label = label
         self._fraction = fraction

@@ -292,7 +292,7 @@ def expand_input(path: str, *, is_data_name: Any) -> list[SourceFile]:
     if is_remote(path):
         with contextlib.suppress(Exception):
             fs.invalidate_cache()  # a listing cached earlier in this process may be stale
-    if _GLOB.search(fs_path):
+    if _GLOB.search(fs_path) and not fs.exists(fs_path):  # a name with [ or * that exists is a name
         found = sorted(p for p in fs.glob(fs_path) if not fs.isdir(p))
         if not found:
             raise FormatError(f"no file matches {path!r}")
@@ -319,11 +319,12 @@ def expand_input(path: str, *, is_data_name: Any) -> list[SourceFile]:
 
 
 def exists(path: str) -> bool:
-    """Whether a file (or a non-empty directory) is at ``path``."""
+    """Whether a file (or a non-empty directory) is at ``path``: an output there would replace it."""
     if path == STDIO:
         return False
     if not is_remote(path):
-        return os.path.exists(local_path(path))
+        p = local_path(path)
+        return bool(os.listdir(p)) if os.path.isdir(p) else os.path.exists(p)  # an empty directory is free
     fs, fs_path = filesystem(path)
     with contextlib.suppress(Exception):
         fs.invalidate_cache(fs_path)
