@@ -194,9 +194,10 @@ class RowReader:
         self._stdin = path == STDIO
         self.files = [] if self._stdin else (files if files is not None else input_files(path, fmt)[0])
         self._done_bytes = 0  # stored bytes of the files read to the end
-        self._line_bytes = 0  # uncompressed JSONL: bytes of the lines read in the current file
+        self._line_bytes = 0  # JSONL: (decompressed) bytes of the lines read in the current file
         self._counter: _CountingReader | None = None
         self._current_compressed = False
+        self._plain: _CountingReader | None = None  # a compressed file's decompressed bytes so far
         self._name = path
         self._open: list[Any] = []
         self._parquet: list[Any] = []
@@ -232,6 +233,10 @@ class RowReader:
         inside = self._counter.count
         if self.format == "jsonl" and not self._current_compressed:
             inside = self._line_bytes
+        elif self.format == "jsonl" and self._plain is not None and self._plain.count:
+            # The stored bytes of the lines read: their decompressed bytes at the ratio so far, so
+            # that the decompressor's read-ahead (a whole small file at once) does not count as done.
+            inside = min(inside, round(self._line_bytes * self._counter.count / self._plain.count))
         return self._done_bytes + inside
 
     def fraction_at(self, position: int) -> float | None:
@@ -269,6 +274,10 @@ class RowReader:
             self._current_compressed = compression is not None
             self._line_bytes = 0
             stream = open_decompressed(io.BufferedReader(self._counter, buffer_size=1 << 16), compression)
+            self._plain = None
+            if compression is not None:
+                self._plain = _CountingReader(stream)
+                stream = io.BufferedReader(self._plain, buffer_size=1 << 16)
             try:
                 for row in source(stream, skip):
                     if skip:
