@@ -216,7 +216,7 @@ def cli_command(target: str, src: str, out: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", [*COMPRESSIONS, "directory"])
+@pytest.mark.parametrize("kind", [*COMPRESSIONS, "directory", "parquet-directory"])
 def test_resume_after_sigkill_of_a_compressed_or_sharded_run_is_byte_identical(
     slow_server: ServerThread, tmp_path: Path, kind: str
 ) -> None:
@@ -227,6 +227,20 @@ def test_resume_after_sigkill_of_a_compressed_or_sharded_run_is_byte_identical(
     if kind == "directory":
         src, out = tmp_path / "in", tmp_path / "out"
         write_shards(src, rows, 5)
+        src_arg, out_arg = f"{src}/", f"{out}/"
+        state = tmp_path / "out.pairscore-state.json"
+    elif kind == "parquet-directory":  # Parquet shards in, Parquet shards out
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        src, out = tmp_path / "in", tmp_path / "out"
+        src.mkdir()
+        for k in range(3):
+            pq.write_table(
+                pa.Table.from_pylist(rows[k * 500 : (k + 1) * 500]),
+                src / f"part-{k}.parquet",
+                row_group_size=100,
+            )
         src_arg, out_arg = f"{src}/", f"{out}/"
         state = tmp_path / "out.pairscore-state.json"
     else:
@@ -243,8 +257,17 @@ def test_resume_after_sigkill_of_a_compressed_or_sharded_run_is_byte_identical(
     second = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert f"resumed after row {done:,}" in second.stderr
-    got = local_output_bytes(out) if kind == "directory" else decompress(out.read_bytes(), kind)
-    assert got == want
+    if kind.endswith("directory"):
+        got = local_output_bytes(out)
+        if kind == "parquet-directory":  # Parquet keeps the input's int64 ids: compare rows, not bytes
+            assert [json.loads(line) for line in got.splitlines()] == [
+                json.loads(line) for line in want.splitlines()
+            ]
+            assert len(list(out.glob("part-*.parquet"))) > 1
+        else:
+            assert got == want
+    else:
+        assert decompress(out.read_bytes(), kind) == want
     assert not state.exists() and not list(tmp_path.glob("out*.part*"))
 
 
@@ -448,3 +471,89 @@ def test_unknown_compression_empty_glob_and_a_directory_without_data(
     (tmp_path / "in.parquet.gz").write_bytes(b"x")
     assert run(io_server, "score", str(tmp_path / "in.parquet.gz"), "-o", str(tmp_path / "o.jsonl")) == 1
     assert "Parquet compresses its own pages" in capsys.readouterr().err
+
+
+def test_stdout_can_be_compressed(
+    io_server: ServerThread, tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    rows = rows_fixture(8)
+    want = reference(io_server, tmp_path, rows)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl_bytes(rows))
+    capfdbinary.readouterr()
+    assert run(io_server, "score", str(src), "-o", "-", "--output-compression", "gzip") == 0
+    assert decompress(capfdbinary.readouterr().out, "gzip") == want
+
+
+def test_resume_refuses_when_an_input_object_was_rewritten(
+    io_server: ServerThread, memfs: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fs, root = memfs
+    rows = rows_fixture(30)
+    fs.pipe_file(f"{root}/in.jsonl", jsonl_bytes(rows))
+    from pairscore.pipeline import runner as runner_module
+
+    original, emitted = runner_module.Runner._emit, [0]
+
+    def stop_after_10(self: Any, *args: Any, **kwargs: Any) -> None:
+        if emitted[0] == 10:
+            raise KeyboardInterrupt
+        emitted[0] += 1
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module.Runner, "_emit", stop_after_10)
+    args = [
+        "score",
+        f"memory://{root}/in.jsonl",
+        "-o",
+        f"memory://{root}/out.jsonl",
+        "--resume",
+        "--checkpoint-every",
+        "0",
+    ]
+    assert run(io_server, *args) == 130
+    monkeypatch.undo()
+    import time
+
+    time.sleep(0.01)
+    fs.pipe_file(f"{root}/in.jsonl", jsonl_bytes(rows[::-1]))  # same size, other rows
+    capsys.readouterr()
+    assert run(io_server, *args) == 1
+    assert "cannot resume: files differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "module", "extra"),
+    [
+        ("gs://b/in.jsonl", "gcsfs", "gcs"),
+        ("az://c/in.jsonl", "adlfs", "azure"),
+        ("hf://datasets/u/d/x.jsonl", "huggingface_hub", "hf"),
+    ],
+)
+def test_every_scheme_with_an_extra_names_it_when_its_package_is_missing(
+    url: str, module: str, extra: str
+) -> None:
+    code = (
+        "import sys\n"
+        f"sys.modules[{module!r}] = None\n"
+        "from pairscore.pipeline.storage import FormatError, filesystem\n"
+        "try:\n"
+        f"    filesystem({url!r})\n"
+        "except FormatError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"pip install 'pairscore[{extra}]'" in result.stdout, result.stdout
+
+
+def test_report_reads_a_compressed_directory_output(io_server: ServerThread, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    src = tmp_path / "in"
+    write_shards(src, rows_fixture(20), 2)
+    assert run(io_server, "score", f"{src}/", "-o", f"{tmp_path / 'scored'}/") == 0
+    png = tmp_path / "r.png"
+    assert cli.main(["report", f"{tmp_path / 'scored'}/", "-o", str(png), "--metric", "conditional"]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"

@@ -254,6 +254,7 @@ def _version(info: dict[str, Any]) -> str:
         "mtime",
         "updated",
         "generation",
+        "created",  # fsspec's memory filesystem
     ):
         if info.get(key) is not None:
             return f"{key}={info[key]}"
