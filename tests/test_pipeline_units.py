@@ -297,13 +297,15 @@ def test_parquet_is_read_by_row_groups_and_a_resume_skips_whole_groups_unread(
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"i": list(range(100))}), path, row_group_size=10)
     read: list[int] = []
-    original = pq.ParquetFile.read_row_group
+    original = pq.ParquetFile.iter_batches
 
-    def recording(self: Any, i: int, *args: Any, **kwargs: Any) -> Any:
-        read.append(i)
-        return original(self, i, *args, **kwargs)
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        read.extend(kwargs["row_groups"])
+        for batch in original(self, *args, **kwargs):
+            assert batch.num_rows <= 4  # streamed in batches, never a whole group
+            yield batch
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", recording)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
     reader = RowReader(str(path), "parquet", batch_rows=4)
     assert [r["i"] for r in reader.rows(skip=35)] == list(range(35, 100))
     assert read == list(range(3, 10))  # groups 0-2 (rows 0-29) were skipped by their metadata alone

@@ -255,6 +255,7 @@ def _version(info: dict[str, Any]) -> str:
         "updated",
         "generation",
         "created",  # fsspec's memory filesystem
+        "blob_id",  # the Hugging Face Hub
     ):
         if info.get(key) is not None:
             return f"{key}={info[key]}"
