@@ -159,6 +159,8 @@ def test_a_directory_of_shards_is_one_input_in_sorted_order_and_a_directory_outp
     assert run(io_server, "score", f"{src}/", "-o", f"{out}/") == 0
     names = sorted(p.name for p in out.iterdir())
     assert names[0] == "_SUCCESS" and names[1:] and all(n.endswith(".jsonl.gz") for n in names[1:])
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    assert manifest == {"format": "jsonl", "compression": "gzip", "shards": names[1:], "rows": len(rows)}
     assert local_output_bytes(out) == want
     # the directory output reads back as one input; a glob picks shards
     again = tmp_path / "again.jsonl"
@@ -557,3 +559,81 @@ def test_report_reads_a_compressed_directory_output(io_server: ServerThread, tmp
     png = tmp_path / "r.png"
     assert cli.main(["report", f"{tmp_path / 'scored'}/", "-o", str(png), "--metric", "conditional"]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("layout", ["file", "directory"])
+def test_a_kill_while_committing_a_remote_output_is_completed_by_resume(
+    io_server: ServerThread, tmp_path: Path, memfs: Any, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """Killed between the merge and the rename (one file), or half-way through moving shards."""
+    fs, root = memfs
+    rows = rows_fixture(30)
+    want = reference(io_server, tmp_path, rows)
+    fs.pipe_file(f"{root}/in.jsonl", jsonl_bytes(rows))
+    out = f"memory://{root}/out.jsonl" if layout == "file" else f"memory://{root}/out/"
+    from pairscore.pipeline import parts
+
+    moves = [0]
+    original = parts.ChunkedPart._move
+
+    def die_on_second_move(self: Any, src: str, dst: str) -> None:
+        moves[0] += 1
+        if moves[0] == (1 if layout == "file" else 2):
+            raise KeyboardInterrupt  # killed: one file merged but not renamed / one shard moved
+        original(self, src, dst)
+
+    monkeypatch.setattr(parts.ChunkedPart, "_move", die_on_second_move)
+    args = [
+        "score",
+        f"memory://{root}/in.jsonl",
+        "-o",
+        out,
+        "--resume",
+        "--checkpoint-every",
+        "0",
+        "--batch-size",
+        "8",
+    ]
+    assert run(io_server, *args) == 130
+    monkeypatch.undo()
+    if layout == "file":
+        assert not fs.exists(f"{root}/out.jsonl") and fs.exists(f"{root}/out.jsonl.pairscore-tmp")
+    else:
+        assert not fs.exists(f"{root}/out/_SUCCESS") and fs.exists(f"{root}/out/part-00000.jsonl")
+    assert run(io_server, *args) == 0
+    assert remote_output_bytes(fs, f"{root}/out.jsonl" if layout == "file" else f"{root}/out") == want
+    left = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+    assert left == ["in.jsonl", "out.jsonl" if layout == "file" else "out"]
+
+
+def test_top_fraction_on_urls_ranks_through_a_remote_intermediate(
+    io_server: ServerThread, tmp_path: Path, memfs: Any
+) -> None:
+    fs, root = memfs
+    rows = rows_fixture(40)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(jsonl_bytes(rows))
+    local = tmp_path / "kept.jsonl"
+    args = ["--top-fraction", "0.25", "--by", "joint"]
+    assert run(io_server, "filter", str(src), "-o", str(local), *args) == 0
+    fs.pipe_file(f"{root}/in.jsonl.gz", compress(jsonl_bytes(rows), "gzip"))
+    out = f"memory://{root}/kept.jsonl.zst"
+    assert run(io_server, "filter", f"memory://{root}/in.jsonl.gz", "-o", out, *args, "--resume") == 0
+    assert remote_output_bytes(fs, f"{root}/kept.jsonl.zst") == local.read_bytes()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == [
+        "in.jsonl.gz",
+        "kept.jsonl.zst",
+    ]
+
+
+def test_stdin_can_be_compressed(
+    io_server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    rows = rows_fixture(9)
+    want = reference(io_server, tmp_path, rows)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(compress(jsonl_bytes(rows), "bz2"))))
+    out = tmp_path / "out.jsonl"
+    assert run(io_server, "score", "-", "-o", str(out), "--compression", "bz2") == 0
+    assert out.read_bytes() == want

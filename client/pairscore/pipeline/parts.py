@@ -346,6 +346,7 @@ class ChunkedPart:
 
     def _new_local(self) -> str:
         if not self.remote:
+            self.path.mkdir(parents=True, exist_ok=True)
             return str(self.path / f"chunk-{self._chunks:06d}.tmp")
         fd, name = tempfile.mkstemp(prefix="pairscore-chunk-", suffix=self.suffix)
         os.close(fd)
@@ -445,7 +446,7 @@ class ChunkedPart:
         self.checkpoint()
         if self.directory:
             self._rm(self.final)
-        self._commit(list(range(self._chunks)))
+        self._commit(list(range(self._chunks)), rows=self.rows)
 
     def complete(self) -> None:
         """Finish a run that was killed while finishing (idempotent): commit the chunks still staged."""
@@ -464,9 +465,9 @@ class ChunkedPart:
             self.fs.invalidate_cache()
         return bool(self.fs.exists(self._fs_path(url)))
 
-    def _commit(self, indices: list[int]) -> None:
+    def _commit(self, indices: list[int], rows: int | None = None) -> None:
         if self.directory:
-            self._commit_directory(indices)
+            self._commit_directory(indices, rows)
         else:
             self._commit_file(indices)
         self._rm(self.staging)
@@ -508,7 +509,7 @@ class ChunkedPart:
                 os.fsync(out.fileno())
         self._move(tmp, self.final)
 
-    def _commit_directory(self, indices: list[int]) -> None:
+    def _commit_directory(self, indices: list[int], rows: int | None) -> None:
         if not self.remote:
             Path(local_path(self.final)).mkdir(parents=True, exist_ok=True)
         if self._pq is not None and not indices and not self._exists(self.shard(0)):
@@ -517,7 +518,19 @@ class ChunkedPart:
             self._publish(local, self.shard(0))
         for index in indices:
             self._move(self.chunk(index), self.shard(index))
-        manifest = json.dumps({"rows": self.rows, "format": self.format, "compression": self.compression})
+        if not self.remote:
+            names = os.listdir(local_path(self.final))
+        else:
+            with contextlib.suppress(Exception):
+                self.fs.invalidate_cache()
+            names = [
+                p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._fs_path(self.final), detail=False)
+            ]
+        shards = sorted(n for n in names if n.startswith("part-") and n.endswith(self.suffix))
+        record: dict[str, Any] = {"format": self.format, "compression": self.compression, "shards": shards}
+        if rows is not None:  # known unless a killed finish is being completed
+            record["rows"] = rows
+        manifest = json.dumps(record)
         if not self.remote:
             atomic_write_bytes(Path(local_path(self.final)) / SUCCESS, manifest.encode())
         else:
