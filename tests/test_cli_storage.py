@@ -637,3 +637,13 @@ def test_stdin_can_be_compressed(
     out = tmp_path / "out.jsonl"
     assert run(io_server, "score", "-", "-o", str(out), "--compression", "bz2") == 0
     assert out.read_bytes() == want
+
+
+def test_an_output_at_the_root_of_a_bucket_is_refused_before_anything_runs(
+    io_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "in.jsonl").write_bytes(jsonl_bytes(rows_fixture(2)))
+    with pytest.raises(SystemExit) as info:
+        run(io_server, "score", str(tmp_path / "in.jsonl"), "-o", "memory://bucket/")
+    assert info.value.code == 2
+    assert "is the root of a bucket: name an object or a prefix inside it" in capsys.readouterr().err

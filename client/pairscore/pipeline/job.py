@@ -152,6 +152,13 @@ class Job:
             raise ValueError(f"--on-bad-row must be one of {', '.join(BAD_ROW_POLICIES)}")
         if self.on_bad_row == "skip" and self.errors is None:
             raise ValueError("--on-bad-row skip needs --errors FILE: unreadable rows go there")
+        for path in (self.output, self.rejected, self.errors):
+            if path is not None and is_remote(path) and "/" not in path.split("://", 1)[-1].strip("/"):
+                raise ValueError(
+                    f"{path!r} is the root of a bucket: name an object or a prefix inside it "
+                    f"({path.rstrip('/')}/scored.jsonl, {path.rstrip('/')}/scored/); the run keeps its "
+                    "parts and resume state beside the output"
+                )
         for name in (self.compression, self.output_compression):
             compression_of("", name)  # an unknown name: FormatError, a ValueError
         named = [p for p in (self.output, self.rejected, self.errors) if p not in (None, STDIO)]
