@@ -647,3 +647,16 @@ def test_an_output_at_the_root_of_a_bucket_is_refused_before_anything_runs(
         run(io_server, "score", str(tmp_path / "in.jsonl"), "-o", "memory://bucket/")
     assert info.value.code == 2
     assert "is the root of a bucket: name an object or a prefix inside it" in capsys.readouterr().err
+
+
+def test_a_directory_mixing_formats_is_refused_and_a_glob_picks_one(
+    io_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "mixed"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(jsonl_bytes(rows_fixture(3)))
+    (src / "b.csv").write_text("prompt,response\nq,r\n")
+    assert run(io_server, "score", str(src), "-o", str(tmp_path / "o.jsonl")) == 1
+    assert "holds files of different formats (csv, jsonl)" in capsys.readouterr().err
+    assert run(io_server, "score", str(src / "*.jsonl"), "-o", str(tmp_path / "o.jsonl")) == 0
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3

@@ -10,8 +10,8 @@ line), ``.csv``, ``.tsv``/``.tab``, ``.parquet``/``.pq``, each optionally
 compressed (``.gz``, ``.zst``, ``.bz2``, ``.xz``: :mod:`pairscore.pipeline.storage`);
 ``-`` is JSONL on stdin or stdout. An input may be a glob or a directory of
 such files, local or at any fsspec URL, read as one input in sorted order.
-Parquet needs pyarrow (``pip install 'pairscore[parquet]'``) and is read one
-row group at a time.
+Parquet needs pyarrow (``pip install 'pairscore[parquet]'``) and is streamed
+in small batches within its row groups (never a whole file or row group).
 """
 
 from __future__ import annotations
