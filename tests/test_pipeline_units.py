@@ -311,3 +311,23 @@ def test_parquet_is_read_by_row_groups_and_a_resume_skips_whole_groups_unread(
     assert read == list(range(3, 10))  # groups 0-2 (rows 0-29) were skipped by their metadata alone
     assert reader.fraction_at(reader.position()) == 1.0
     reader.close()
+
+
+def test_the_cli_loads_no_filesystem_or_compression_package_until_a_run_needs_one() -> None:
+    import subprocess
+    import sys
+
+    from harness.servers import cli_env
+
+    code = (
+        "import sys\n"
+        "import pairscore.cli, pairscore.pipeline.runner, pairscore.pipeline.commands\n"
+        "pairscore.cli._make_parser()\n"
+        "lazy = ('fsspec', 's3fs', 'gcsfs', 'adlfs', 'huggingface_hub', 'zstandard', 'tqdm', 'botocore')\n"
+        "print(','.join(m for m in lazy if m in sys.modules) or 'clean')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "clean"
