@@ -660,3 +660,22 @@ def test_a_directory_mixing_formats_is_refused_and_a_glob_picks_one(
     assert "holds files of different formats (csv, jsonl)" in capsys.readouterr().err
     assert run(io_server, "score", str(src / "*.jsonl"), "-o", str(tmp_path / "o.jsonl")) == 0
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
+
+
+def test_overwrite_of_a_directory_output_leaves_no_shard_of_the_earlier_run(
+    io_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = rows_fixture(30)
+    want = reference(io_server, tmp_path, rows)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out"
+    src.write_bytes(jsonl_bytes(rows))
+    assert (
+        run(io_server, "score", str(src), "-o", f"{out}/", "--checkpoint-every", "0", "--batch-size", "4")
+        == 0
+    )
+    assert len(list(out.glob("part-*"))) > 1
+    assert run(io_server, "score", str(src), "-o", f"{out}/") == 1
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert run(io_server, "score", str(src), "-o", f"{out}/", "--overwrite") == 0
+    assert [p.name for p in sorted(out.glob("part-*"))] == ["part-00000.jsonl"]
+    assert local_output_bytes(out) == want
