@@ -679,3 +679,30 @@ def test_overwrite_of_a_directory_output_leaves_no_shard_of_the_earlier_run(
     assert run(io_server, "score", str(src), "-o", f"{out}/", "--overwrite") == 0
     assert [p.name for p in sorted(out.glob("part-*"))] == ["part-00000.jsonl"]
     assert local_output_bytes(out) == want
+
+
+def test_file_urls_are_local_files(io_server: ServerThread, tmp_path: Path) -> None:
+    rows = rows_fixture(6)
+    want = reference(io_server, tmp_path, rows)
+    (tmp_path / "in.jsonl.xz").write_bytes(compress(jsonl_bytes(rows), "xz"))
+    out = tmp_path / "out.jsonl"
+    assert run(io_server, "score", f"file://{tmp_path}/in.jsonl.xz", "-o", f"file://{out}") == 0
+    assert out.read_bytes() == want and not list(tmp_path.glob("out.jsonl.*"))
+
+
+def test_max_in_flight_below_the_batch_size_is_a_usage_error(
+    io_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "in.jsonl").write_bytes(jsonl_bytes(rows_fixture(2)))
+    with pytest.raises(SystemExit) as info:  # was a ValueError traceback from the client
+        run(
+            io_server,
+            "score",
+            str(tmp_path / "in.jsonl"),
+            "-o",
+            str(tmp_path / "o.jsonl"),
+            "--max-in-flight",
+            "16",
+        )
+    assert info.value.code == 2
+    assert "--max-in-flight (16) must be at least --batch-size (32)" in capsys.readouterr().err

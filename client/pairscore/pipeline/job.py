@@ -152,6 +152,11 @@ class Job:
             raise ValueError(f"--on-bad-row must be one of {', '.join(BAD_ROW_POLICIES)}")
         if self.on_bad_row == "skip" and self.errors is None:
             raise ValueError("--on-bad-row skip needs --errors FILE: unreadable rows go there")
+        if self.max_in_flight is not None and self.max_in_flight < self.batch_size:
+            raise ValueError(
+                f"--max-in-flight ({self.max_in_flight}) must be at least --batch-size ({self.batch_size}): "
+                "a batch is sent whole"
+            )
         for path in (self.output, self.rejected, self.errors):
             if path is not None and is_remote(path) and "/" not in path.split("://", 1)[-1].strip("/"):
                 raise ValueError(
