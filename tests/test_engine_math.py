@@ -175,6 +175,23 @@ def test_shared_runs_move_scores_by_attention_rounding_only(family, mode):
     assert batched[0] == dataclasses.replace(batched[-1], id=batched[0].id)
 
 
+def test_packed_trie_counts_what_it_saves(family):
+    """Packed rows: each trie node is computed once, and reused_tokens (the
+    pairscore_forward_tokens_total{kind="reused"} counter) is every sequence's tokens
+    less the nodes' tokens; real_tokens is the positions fed (a leaf's last token is a
+    target only)."""
+    eng = make_engine(*family)
+    prepared = eng.prepare(prefix_pairs(), ScoreOptions())
+    items, rows = eng.plan_packed_rows(prepared)
+    assert len(rows) == 1
+    [trie] = {id(item.trie): item.trie for item in items if item.size}.values()
+    node_tokens = sum(len(n.tokens) for n in trie.nodes)
+    stats = eng.score(prepared).stats
+    assert stats.reused_tokens == sum(p.num_tokens for p in prepared) - node_tokens
+    assert stats.real_tokens == trie.size == node_tokens - sum(1 for n in trie.nodes if not n.children)
+    assert stats.reused_tokens > 4 * 16  # the preamble, for 5 more pairs at least
+
+
 def test_invariants(engine):
     pairs = mixed_pairs(24, seed=3)
     for got in engine.score_pairs(pairs, ScoreOptions(return_tokens=True)):
