@@ -310,8 +310,9 @@ class ScoringEngine(Engine):
         pairs that asked for their unconditional score.
 
         Returns the sequences, their prompt lengths (p ⊕ x; 1 for p ⊕ y, so all
-        p ⊕ y rows share the prefix as one prompt, and any longer run of token ids
-        with the other sequences, in both layouts) and, per
+        p ⊕ y rows share the prefix as one prompt in both layouts, and among
+        themselves and the pairs without a prompt any run of ``min_shared_tokens``
+        ids or more) and, per
         pair, the index of the sequence holding its unconditional log-probs
         (``None``: not asked; ``EMPTY_RESPONSE``: an empty response). Identical
         p ⊕ y are scored once, and a pair with an empty prompt is its own p ⊕ y.
