@@ -339,3 +339,27 @@ def test_rendered_texts_count_toward_the_answer_size_bound(gpt2_chat_engine, sta
                     client.score([pair], return_tokens=True)
             else:
                 assert isinstance(client.score([pair], return_tokens=True)[0], PairScore)
+
+
+def test_a_template_that_writes_the_prefix_token_does_not_get_it_twice(chat_engine):
+    """Templates of BOS models often start with {{ bos_token }}: that token is p, not
+    scored, and the pair scores as with a template that leaves it out."""
+    tokenizer = chat_engine.tokenizer
+    if tokenizer.bos_token_id != chat_engine.prefix.token_id:
+        pytest.skip("this tokenizer's prefix token is not its BOS")
+    with_bos = copy.deepcopy(tokenizer)
+    with_bos.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    engine = make_engine(chat_engine.model, with_bos)
+    pair = Pair(prompt_messages=SHAPES["with-system"][0], response="Paris.")
+    options = ScoreOptions(return_tokens=True)
+    [plain] = chat_engine.score_pairs([pair], options)
+    [got] = engine.score_pairs([pair], options)
+    assert isinstance(got, PairScore) and isinstance(plain, PairScore)
+    assert got.rendered_prompt == tokenizer.bos_token + plain.rendered_prompt
+    assert [t.token_id for t in got.tokens] == [t.token_id for t in plain.tokens]
+    assert (got.prompt_logprob, got.conditional_logprob) == pytest.approx(
+        (plain.prompt_logprob, plain.conditional_logprob), abs=1e-5
+    )
+    # the spans index the rendered prompt, which holds the BOS text
+    first = got.tokens[0]
+    assert got.rendered_prompt[first.char_start : first.char_end] == "<|im_start|>"
