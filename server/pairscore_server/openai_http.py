@@ -27,12 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from pairscore.types import ScoreOptions
 from pairscore_server.auth import TokenSet, bearer_token
 from pairscore_server.errors import QueueFullError, failure_for
 from pairscore_server.openai_protocol import (
     GRPC_TO_HTTP,
     OpenAIError,
     completion_response,
+    first_token_pairs,
+    first_token_texts,
     models_response,
     parse_completion_request,
     parse_prompts,
@@ -278,11 +281,21 @@ class OpenAIEndpoint:
             self._count_invalid(body)
             raise
         pairs, options = to_pairs(parsed)
+        first = first_token_pairs(parsed)
         try:
             outcomes = await service.score(pairs, options)
+            texts = (
+                first_token_texts(await service.score(first, ScoreOptions(return_tokens=True)))
+                if first
+                else {}
+            )
+        except OpenAIError:
+            raise
         except Exception as exc:
             raise _from_exception(exc) from exc
-        return web.json_response(completion_response(parsed, outcomes, model=info.model_name))
+        return web.json_response(
+            completion_response(parsed, outcomes, model=info.model_name, first_texts=texts)
+        )
 
     def _count_invalid(self, body: Any) -> None:
         """Count the prompts of a refused body as rejected, when there are any to count."""

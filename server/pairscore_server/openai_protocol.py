@@ -31,6 +31,7 @@ from pairscore.types import (
     ModelInfo,
     Pair,
     PairScore,
+    PrefixMode,
     ScoreOptions,
     ScoreOutcome,
     Side,
@@ -135,6 +136,11 @@ class CompletionRequest:
     logprobs: int | None
     model: str | None = None
 
+    @property
+    def token_ids(self) -> bool:
+        """Whether the prompts are token ids (scored as given: the first id is context only)."""
+        return isinstance(self.prompts[0], tuple)
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -158,6 +164,14 @@ def parse_prompts(value: Any) -> tuple[Prompt, ...]:
     if all(_is_int(v) for v in value):
         return (_ids(value, "prompt"),)
     prompts: list[Prompt] = []
+    kinds = {isinstance(item, str) for item in value}
+    if len(kinds) > 1:
+        raise _invalid(
+            "'prompt' mixes strings and token-id lists: send one kind per request "
+            "(text and ids are scored with different first tokens, docs/openai.md)",
+            "prompt",
+            "invalid_type",
+        )
     for i, item in enumerate(value):
         if isinstance(item, str):
             prompts.append(item)
@@ -278,6 +292,8 @@ def to_pairs(request: CompletionRequest) -> tuple[list[Pair], ScoreOptions]:
     Each prompt is a pair's prompt (text or ``prompt_ids``); with
     ``max_tokens`` 1 its response is :data:`PROBE_RESPONSE` and top-k is at
     least 1, so that the greedy next token is the probe position's top-1.
+    Text is scored after the server's prefix token; ids as given, the first
+    one context only (``PrefixMode.NONE``, as vLLM and lm-eval do).
     """
     probe = PROBE_RESPONSE if request.max_tokens > 0 else ""
     pairs = [
@@ -289,7 +305,28 @@ def to_pairs(request: CompletionRequest) -> tuple[list[Pair], ScoreOptions]:
     top_k = request.logprobs or 0
     if request.max_tokens > 0:
         top_k = max(top_k, 1)
-    return pairs, ScoreOptions(return_tokens=True, top_k=top_k)
+    prefix = PrefixMode.NONE if request.token_ids else PrefixMode.SERVER
+    return pairs, ScoreOptions(return_tokens=True, top_k=top_k, prefix=prefix)
+
+
+def first_token_pairs(request: CompletionRequest) -> list[Pair]:
+    """For an echo of id prompts: one pair per distinct first id, scored after the prefix
+    token with per-token detail, only to learn each first token's text (the first id is
+    context only in the main call, so its detail does not come back)."""
+    if not (request.echo and request.token_ids):
+        return []
+    firsts = sorted({p[0] for p in request.prompts if isinstance(p, tuple)})
+    return [Pair(prompt_ids=(t,), id=str(t)) for t in firsts]
+
+
+def first_token_texts(outcomes: Sequence[ScoreOutcome]) -> dict[int, str]:
+    """The texts :func:`first_token_pairs` asked for: {token id: text}."""
+    texts = {}
+    for outcome in outcomes:
+        if isinstance(outcome, ItemError):
+            raise OpenAIError(400, f"prompt token {outcome.id}: {outcome.message}", param="prompt")
+        texts[int(outcome.id)] = outcome.tokens[0].text if outcome.tokens else ""
+    return texts
 
 
 def item_error(index: int, error: ItemError) -> OpenAIError:
@@ -306,25 +343,32 @@ def _top_logprobs(token: TokenScore | None, alternatives: Sequence[Any], k: int)
     return top
 
 
-def _choice(index: int, request: CompletionRequest, prompt: Prompt, score: PairScore) -> dict[str, Any]:
+def _choice(
+    index: int, request: CompletionRequest, prompt: Prompt, score: PairScore, first_texts: dict[int, str]
+) -> dict[str, Any]:
     prompt_tokens = [t for t in score.tokens if t.side is Side.PROMPT]
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
     offsets: list[int] = []
     text = ""
     k = request.logprobs or 0
     if request.echo:
-        if isinstance(prompt, str):
-            text = prompt
-            offsets = [t.char_start for t in prompt_tokens]
-        else:  # token ids: the text is the tokens' texts end to end
-            for t in prompt_tokens:
-                offsets.append(len(text))
-                text += t.text
         tokens = [t.text for t in prompt_tokens]
         token_logprobs = [t.logprob for t in prompt_tokens]
         top_logprobs = [_top_logprobs(t, t.top_k, k) for t in prompt_tokens]
+        if isinstance(prompt, str):
+            text = prompt
+            offsets = [t.char_start for t in prompt_tokens]
+        else:
+            # token ids: the first is context only (null, as vLLM); the text is the
+            # tokens' texts end to end
+            tokens.insert(0, first_texts[prompt[0]])
+            token_logprobs.insert(0, None)
+            top_logprobs.insert(0, None)
+            for token in tokens:
+                offsets.append(len(text))
+                text += token
     if request.max_tokens > 0:
         probe = next(t for t in score.tokens if t.side is Side.RESPONSE)
         greedy = probe.top_k[0]
@@ -352,15 +396,21 @@ def completion_response(
     *,
     model: str,
     created: int | None = None,
+    first_texts: dict[int, str] | None = None,
 ) -> dict[str, Any]:
-    """The ``text_completion`` body for ``outcomes`` (one per prompt, all scored)."""
+    """The ``text_completion`` body for ``outcomes`` (one per prompt, all scored).
+
+    ``first_texts``: the first tokens' texts of an echo of id prompts (see
+    :func:`first_token_pairs`). ``usage.prompt_tokens`` counts the prompts' tokens
+    (for ids, all of them, the first included; for text, the scored ones).
+    """
     choices = []
     prompt_tokens = 0
     for i, (prompt, outcome) in enumerate(zip(request.prompts, outcomes, strict=True)):
         if isinstance(outcome, ItemError):
             raise item_error(i, outcome)
-        choices.append(_choice(i, request, prompt, outcome))
-        prompt_tokens += outcome.prompt_tokens
+        choices.append(_choice(i, request, prompt, outcome, first_texts or {}))
+        prompt_tokens += len(prompt) if isinstance(prompt, tuple) else outcome.prompt_tokens
     completion_tokens = request.max_tokens * len(choices)
     return {
         "id": f"cmpl-{uuid.uuid4().hex}",
