@@ -229,3 +229,70 @@ def test_invalid_bodies_count_their_prompts_as_rejected(start_server: Any) -> No
     assert samples[("pairscore_pairs_total", (("outcome", "ok"),))] == 1
     bad = ("pairscore_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "OpenAICompletions")))
     assert samples[bad] == 1
+
+
+def test_the_port_is_off_by_default_and_set_by_flag_or_variable() -> None:
+    from pairscore_server.flags import build_config
+
+    assert build_config([], {}).openai_port is None
+    assert build_config([], {"PAIRSCORE_OPENAI_PORT": "8000"}).openai_port == 8000
+    assert build_config(["--openai-port", "8001"], {"PAIRSCORE_OPENAI_PORT": "8000"}).openai_port == 8001
+    assert build_config(["--openai-port", "off"], {}).openai_port is None
+    with pytest.raises(SystemExit):
+        build_config(["--openai-port", "70000"], {})
+
+
+def test_with_tls_files_the_port_speaks_https_with_the_same_certificate(
+    start_server: Any, tmp_path: Any
+) -> None:
+    import datetime
+    import ipaddress
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    st = start_server(
+        FakeEngine(),
+        openai_port=0,
+        tls_cert=str(tmp_path / "server.crt"),
+        tls_key=str(tmp_path / "server.key"),
+        auth_tokens=(TOKEN,),
+    )
+    url = f"https://127.0.0.1:{st.server.openai_port}/v1/models"
+    trusting = ssl.create_default_context(cafile=str(tmp_path / "server.crt"))
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, context=trusting, timeout=10) as response:
+        assert json.loads(response.read())["data"][0]["id"] == "fake-model"
+    with pytest.raises(urllib.error.URLError):  # a client that does not trust the certificate
+        urllib.request.urlopen(request, context=ssl.create_default_context(), timeout=10)
+    with pytest.raises(OSError):  # plaintext HTTP is not served
+        http_call(f"http://127.0.0.1:{st.server.openai_port}/v1/models", token=TOKEN, timeout=5)
