@@ -159,3 +159,35 @@ def test_the_openai_python_client_scores_through_the_endpoint(server, tiny_engin
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="tiny", prompt="x", echo=True, max_tokens=5)
     assert "max_tokens" in str(info.value) and "at most 1" in str(info.value)
+
+
+def test_token_id_prompts_are_scored_as_given_with_the_first_id_as_context(server, reference):
+    model64, tokenizer = reference
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS[:2]]
+    prompts.append([0, *prompts[0]])  # an explicit document separator first, as lm-eval's rolling windows
+    body = http_call(
+        f"{openai_base(server)}/completions",
+        body={"prompt": prompts, "echo": True, "max_tokens": 1, "logprobs": 1},
+    ).body
+    for ids, choice in zip(prompts, body["choices"], strict=True):
+        logp = reference_logprobs(model64, ids)  # no prefix token: the ids alone
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + 1
+        assert lp["tokens"][:-1] == [tokenizer.decode([t]) for t in ids]
+        # as vLLM: the first id is context, its entries null
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for j in range(1, len(ids)):
+            assert lp["token_logprobs"][j] == pytest.approx(float(logp[j - 1, ids[j]]), abs=TOL)
+        greedy = int(torch.argmax(logp[-1]))
+        assert lp["tokens"][-1] == tokenizer.decode([greedy])
+        assert lp["token_logprobs"][-1] == pytest.approx(float(logp[-1, greedy]), abs=TOL)
+        assert choice["text"] == "".join(lp["tokens"])
+        assert lp["text_offset"] == [len("".join(lp["tokens"][:j])) for j in range(len(lp["tokens"]))]
+    assert body["usage"]["prompt_tokens"] == sum(len(ids) for ids in prompts)
+
+    # a single list of ids is one prompt; one id scores nothing but still yields the next token
+    [choice] = http_call(
+        f"{openai_base(server)}/completions",
+        body={"prompt": prompts[0][:1], "echo": True, "max_tokens": 1, "logprobs": 0},
+    ).body["choices"]
+    assert choice["logprobs"]["token_logprobs"][0] is None and len(choice["logprobs"]["tokens"]) == 2

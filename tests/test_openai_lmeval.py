@@ -25,9 +25,11 @@ pytest.importorskip("tenacity", reason="lm-eval's local-completions needs tenaci
 
 TOL = 1e-3  # nats per request, the issue's bound
 TASKS = [MC_TASK, ROLLING_TASK]
-#: local-completions keeps one token of room for the generated token (windows of
-#: max_length - 1); the hf backend is given the same window length.
-WINDOW = 127
+#: Rolling windows of this many predicted tokens in both backends: lm-eval's API models
+#: make them max_length - 2 long (one token kept for the generated token, one for the
+#: context), its hf backend max_length long. Each window then goes to the endpoint as
+#: WINDOW + 1 ids, and with the probe for max_tokens 1 fills the tiny model's 128 positions.
+WINDOW = 126
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +59,11 @@ def test_local_completions_against_the_endpoint_matches_the_hf_backend(
         "tokenizer_backend": "huggingface",
         "tokenizer": str(model_dir),
         "tokenized_requests": True,
-        "max_length": WINDOW + 1,
+        "max_length": WINDOW + 2,
         "max_retries": 1,
     }
     run = run_lmeval("local-completions", args, task_dir, TASKS, batch_size=8)
-    assert len(run.requests) == len(hf_run.requests) > 100
+    assert len(run.requests) == len(hf_run.requests) == 100  # 24 x 4 choices + 4 texts
     worst = 0.0
     for ours, theirs in zip(run.requests, hf_run.requests, strict=True):
         assert (ours.task, ours.doc_id, ours.index, ours.arguments) == (
