@@ -33,6 +33,7 @@ from pairscore_server.errors import QueueFullError, failure_for
 from pairscore_server.openai_protocol import (
     GRPC_TO_HTTP,
     OpenAIError,
+    check_outcomes,
     completion_response,
     first_token_pairs,
     first_token_texts,
@@ -284,6 +285,7 @@ class OpenAIEndpoint:
         first = first_token_pairs(parsed)
         try:
             outcomes = await service.score(pairs, options)
+            check_outcomes(outcomes)
             texts = (
                 first_token_texts(await service.score(first, ScoreOptions(return_tokens=True)))
                 if first

@@ -335,6 +335,13 @@ def item_error(index: int, error: ItemError) -> OpenAIError:
     return OpenAIError(status, f"prompt {index}: {error.message}", param="prompt", code=error.code.value)
 
 
+def check_outcomes(outcomes: Sequence[ScoreOutcome]) -> None:
+    """Raise the first failed prompt's error (one failed prompt fails the request)."""
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, ItemError):
+            raise item_error(i, outcome)
+
+
 def _top_logprobs(token: TokenScore | None, alternatives: Sequence[Any], k: int) -> dict[str, float]:
     """vLLM's top_logprobs entry: the k most likely tokens and the scored token itself."""
     top = {alt.text: alt.logprob for alt in alternatives[:k]}
