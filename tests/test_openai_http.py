@@ -191,3 +191,24 @@ def test_token_id_prompts_are_scored_as_given_with_the_first_id_as_context(serve
         body={"prompt": prompts[0][:1], "echo": True, "max_tokens": 1, "logprobs": 0},
     ).body["choices"]
     assert choice["logprobs"]["token_logprobs"][0] is None and len(choice["logprobs"]["tokens"]) == 2
+
+
+def test_an_id_outside_the_vocabulary_fails_the_request_naming_prompt_and_id(server, tiny_engine):
+    vocab = tiny_engine.info.vocab_size
+    answer = http_call(
+        f"{openai_base(server)}/completions",
+        body={"prompt": [[5, 6], [7, vocab + 3]], "echo": True, "max_tokens": 1, "logprobs": 1},
+    )
+    assert answer.status == 400
+    error = answer.body["error"]
+    assert error["param"] == "prompt" and error["code"] == "invalid_argument"
+    assert (
+        error["message"].startswith("prompt 1: prompt_ids[1] is")
+        and "outside the model's vocabulary" in error["message"]
+    )
+    assert (
+        http_call(
+            f"{openai_base(server)}/completions", body={"prompt": [[5, 6]], "echo": True, "max_tokens": 0}
+        ).status
+        == 200
+    )
