@@ -296,3 +296,29 @@ def test_with_tls_files_the_port_speaks_https_with_the_same_certificate(
         urllib.request.urlopen(request, context=ssl.create_default_context(), timeout=10)
     with pytest.raises(OSError):  # plaintext HTTP is not served
         http_call(f"http://127.0.0.1:{st.server.openai_port}/v1/models", token=TOKEN, timeout=5)
+
+
+def test_a_taken_port_stops_the_start_with_a_clear_error() -> None:
+    import asyncio
+    import socket
+
+    from pairscore_server.lifecycle import RunningServer
+
+    from harness.servers import make_config
+
+    async def start_on(port: int) -> str:
+        server = RunningServer(make_config(openai_port=port, metrics_port=None), engine=FakeEngine())
+        try:
+            await server.start()
+        except OSError as exc:
+            return str(exc)
+        finally:
+            await server.stop(grace=0)
+        return "started"
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = asyncio.run(start_on(port))
+    assert message.startswith(f"cannot listen for the OpenAI port on 127.0.0.1:{port}")

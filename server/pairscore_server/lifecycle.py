@@ -207,8 +207,6 @@ class RunningServer:
         self._server = server
         if self.config.health_port is not None:
             await self._start_health_server()
-        if self.config.openai_port is not None:
-            await self._start_openai()
         if creds is None:
             transport = "plaintext"
         else:
@@ -220,6 +218,8 @@ class RunningServer:
             transport,
             ", bearer-token auth" if interceptors else "",
         )
+        if self.config.openai_port is not None:
+            await self._start_openai()
         self._ready_task = asyncio.get_running_loop().create_task(
             self._become_ready(), name="pairscore-load-model"
         )
