@@ -322,3 +322,23 @@ def test_a_taken_port_stops_the_start_with_a_clear_error() -> None:
         port = taken.getsockname()[1]
         message = asyncio.run(start_on(port))
     assert message.startswith(f"cannot listen for the OpenAI port on 127.0.0.1:{port}")
+
+
+def test_a_client_that_hangs_up_cancels_its_queued_prompts(start_server: Any) -> None:
+    engine = FakeEngine(forward_delay_s=1.0)
+    st = start_server(engine, openai_port=0, max_batch_pairs=1, max_wait_ms=0)
+    busy = threading.Thread(target=lambda: st.client().score([("b", "!")]))
+    busy.start()
+    wait_until(lambda: len(engine.batches) == 1)
+    with pytest.raises(OSError):  # gives up while its prompt waits behind the busy model
+        completions(st, {**GOOD, "prompt": "queued"}, timeout=0.3)
+    busy.join(timeout=10)
+
+    def cancelled() -> float:
+        samples = metric_samples(st.metrics_text())
+        return samples.get(("pairscore_dropped_pairs_total", (("reason", "cancelled"),)), 0.0)
+
+    wait_until(lambda: cancelled() == 1)
+    assert all("queued" not in batch for batch in engine.batches)  # never reached the model
+    key = ("pairscore_requests_total", (("code", "CANCELLED"), ("method", "OpenAICompletions")))
+    assert metric_samples(st.metrics_text())[key] == 1
