@@ -10,6 +10,8 @@ Two tasks:
   context. ``trailing_space=True`` writes the variant whose context ends in a
   space (``"Answer: "`` with an empty target delimiter), which exercises
   lm-eval's move of trailing context spaces onto the continuation.
+  ``sentences=True`` makes each choice a short sentence (several tokens)
+  instead of one word.
 * ``pairscore_rolling``: ``loglikelihood_rolling`` (perplexity) over a few
   texts, one of them longer than ``long_chars`` characters so that a
   128-token model needs several windows.
@@ -47,7 +49,7 @@ ROLLING_TEXTS = [
 ]
 
 
-def _mc_docs(rng: random.Random, n: int) -> list[dict[str, Any]]:
+def _mc_docs(rng: random.Random, n: int, sentences: bool = False) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
     while len(docs) < n:
         op = rng.choice(sorted(OPERATIONS))
@@ -58,11 +60,15 @@ def _mc_docs(rng: random.Random, n: int) -> list[dict[str, Any]]:
         wrong = rng.sample([i for i in range(10) if i != value], 3)
         choices = [NUMBERS[i] for i in [value, *wrong]]
         rng.shuffle(choices)
+        answer = NUMBERS[value]
+        if sentences:  # several tokens per choice: lm-eval's hf backend then runs the context per choice
+            choices = [f"{c}, because {NUMBERS[a]} {op} {NUMBERS[b]} is {c}" for c in choices]
+            answer = f"{answer}, because {NUMBERS[a]} {op} {NUMBERS[b]} is {answer}"
         docs.append(
             {
                 "question": f"what is {NUMBERS[a]} {op} {NUMBERS[b]}?",
                 "choices": choices,
-                "label": choices.index(NUMBERS[value]),
+                "label": choices.index(answer),
             }
         )
     return docs
@@ -81,6 +87,7 @@ def write_tasks(
     num_fewshot: int = 3,
     trailing_space: bool = False,
     long_chars: int = 1500,
+    sentences: bool = False,
 ) -> Path:
     """Write the two tasks (:data:`MC_TASK`, :data:`ROLLING_TASK`) and their data
     into ``directory``; returns it, for ``TaskManager(include_path=...)``.
@@ -91,7 +98,7 @@ def write_tasks(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    train, test = _mc_docs(rng, n_train), _mc_docs(rng, n_test)
+    train, test = _mc_docs(rng, n_train, sentences), _mc_docs(rng, n_test, sentences)
     _write_jsonl(directory / "mc_train.jsonl", train)
     _write_jsonl(directory / "mc_test.jsonl", test)
     if trailing_space:
