@@ -8,7 +8,8 @@ save_pretrained, once with ``local-completions`` over real HTTP to a real
 server scoring the same weights. lm-eval tokenizes and sends token ids
 (``tokenized_requests=True``, its default) and reads
 ``token_logprobs[ctxlen:-1]``; every request's log-likelihood must agree
-within 1e-3 nats, and its is_greedy flag exactly.
+within 1e-3 nats, and its is_greedy flag exactly. The same run is then compared
+with pairscore's own lm-eval model type (pairscore.lmeval) on the same server.
 """
 
 from __future__ import annotations
@@ -80,3 +81,16 @@ def test_local_completions_against_the_endpoint_matches_the_hf_backend(
     assert run.accuracy(MC_TASK) == hf_run.accuracy(MC_TASK)
     # the rolling task's long text took several windows, each one request to the endpoint
     assert len(run.for_task(ROLLING_TASK)) == len(hf_run.for_task(ROLLING_TASK))
+
+    # and directly against pairscore's own lm-eval model type, over the same server's gRPC port
+    from pairscore.lmeval import PairscoreLM
+
+    native = run_lmeval(PairscoreLM(server.target, max_length=WINDOW), None, task_dir, TASKS)
+    for ours, theirs in zip(run.requests, native.requests, strict=True):
+        assert ours.arguments == theirs.arguments
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=TOL), ours
+        assert ours.is_greedy == theirs.is_greedy, ours
+    print(
+        "worst |local-completions - pairscore model type|: "
+        f"{max(abs(a.logprob - b.logprob) for a, b in zip(run.requests, native.requests, strict=True)):.2e} nats"
+    )
