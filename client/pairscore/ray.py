@@ -101,7 +101,8 @@ class ServiceScorer:
 
 
 class EngineScorer:
-    """A Ray Data callable class that runs the scoring engine inside the actor.
+    """A Ray Data callable class that scores inside the actor with a
+    :class:`pairscore_server.Scorer` (the engine a server runs, loaded in-process).
 
     ``model`` is what ``pairscore serve --model`` takes (a local directory,
     a .gguf file or a Hub id; ``None``: the embedded SmolLM2); ``device``
@@ -120,13 +121,12 @@ class EngineScorer:
         scores: str | Sequence[str] = (),
     ) -> None:
         from pairscore.types import ScoreOptions
-        from pairscore_server.engine import ModelSpec, score_pairs
-        from pairscore_server.engine.loading import load_engine
+        from pairscore_server import Scorer
 
-        self.engine = load_engine(ModelSpec(model=model, device=device, dtype=dtype))
+        self.scorer = Scorer(model, device=device, dtype=dtype)
         self.scores = normalize_scores(scores)
         options = ScoreOptions(**score_options(self.scores))
-        self._score_pairs = functools.partial(score_pairs, self.engine, options=options)
+        self._score_pairs = functools.partial(self.scorer.score, options=options)
         self.prompt_field = prompt_field
         self.response_field = response_field
 

@@ -1,0 +1,242 @@
+"""Score pairs in-process, without a server: :class:`Scorer`.
+
+The stable way to use pairscore's scoring engine from Python (a notebook, a
+Ray or Spark worker, a training loop)::
+
+    from pairscore import Pair
+    from pairscore_server import Scorer
+
+    scorer = Scorer()                      # the embedded SmolLM2; or Scorer("/models/m", device="cuda")
+    [s] = scorer.score([Pair("The capital of France is", " Paris.")])
+    print(s.conditional_logprob)
+
+A Scorer loads the model once, as ``pairscore serve`` does (same
+:class:`~pairscore_server.engine.spec.ModelSpec`, same engine), and returns
+the same :class:`~pairscore.types.PairScore` and
+:class:`~pairscore.types.ItemError` objects as :class:`~pairscore.client.ScoringClient`
+with the same options: a server on the same model gives the same numbers.
+No gRPC, no batcher, no request limits beyond the model's context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+from pairscore.types import (
+    CandidateSet,
+    CandidateSetResult,
+    EndOfTurn,
+    ModelInfo,
+    Pair,
+    PrefixMode,
+    ScoreOptions,
+    ScoreOutcome,
+    TokenizationMode,
+    Truncation,
+)
+from pairscore_server.engine.interface import Engine
+from pairscore_server.engine.prepared import PreparedPair
+from pairscore_server.engine.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from pairscore._base import PairLike
+
+__all__ = ["Scorer"]
+
+#: Pairs tokenized at once: bounds the memory of prepared-but-unscored pairs.
+PREPARE_CHUNK = 1024
+
+
+class Scorer:
+    """A causal LM loaded in this process, scoring (prompt, response) pairs.
+
+    ``model``: a local transformers directory, a ``.gguf`` file, a Hub id, or
+    None for the embedded SmolLM2-135M-Instruct (what ``pairscore serve
+    --model`` takes). ``device``: ``auto`` (the first GPU, else CPU), ``cpu``,
+    ``cuda``, ``cuda:N``. ``dtype``: ``auto`` (bfloat16 on GPU, float32 on
+    CPU), ``float32``, ``bfloat16``, ``float16``, ``float64``.
+    ``prefix_token``: the token the first prompt token is conditioned on
+    (default: the model's BOS if its tokenizer adds one, else its document
+    separator; docs/contract.md). ``cache_dir``: where a GGUF model's
+    dequantised copy is kept. ``revision``: of a Hub model.
+    ``max_batch_tokens``: tokens per forward pass (default by device).
+    ``packing``: ``auto``, ``on``, ``off`` (packed rows vs padded batches).
+    Invalid values raise ValueError; a model that cannot be loaded raises
+    :class:`~pairscore_server.engine.spec.ModelLoadError` saying why.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        prefix_token: str | None = None,
+        cache_dir: str | None = None,
+        revision: str | None = None,
+        max_batch_tokens: int | None = None,
+        packing: str = "auto",
+    ) -> None:
+        from pairscore_server.engine.loading import load_engine
+
+        spec = ModelSpec(
+            model=model,
+            device=device,
+            dtype=dtype,
+            prefix_token=prefix_token,
+            cache_dir=cache_dir,
+            revision=revision,
+            max_batch_tokens=max_batch_tokens,
+            packing=packing,
+        )
+        self._engine: Engine = load_engine(spec)
+        self.spec = spec
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> Scorer:
+        """A Scorer on an engine built elsewhere (e.g. a ``ScoringEngine`` on a model
+        object already in memory)."""
+        scorer = cls.__new__(cls)
+        scorer._engine = engine
+        scorer.spec = ModelSpec()
+        return scorer
+
+    @property
+    def engine(self) -> Engine:
+        """The engine underneath (the :class:`~pairscore_server.engine.interface.Engine` protocol)."""
+        return self._engine
+
+    @property
+    def info(self) -> ModelInfo:
+        """The loaded model and its scoring contract, as a server's GetModelInfo reports it
+        (without a server's request limits)."""
+        return self._engine.info
+
+    def score(
+        self,
+        pairs: Iterable[PairLike],
+        options: ScoreOptions | None = None,
+        *,
+        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
+        return_tokens: bool = False,
+        unconditional: bool = False,
+        greedy: bool = False,
+        top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
+    ) -> list[ScoreOutcome]:
+        """Score pairs: one :class:`~pairscore.types.PairScore` or
+        :class:`~pairscore.types.ItemError` per pair, in order.
+
+        A pair is a :class:`~pairscore.types.Pair` (text, ``prompt_messages``
+        or token ids) or a ``(prompt, response)`` tuple. The options are
+        those of the ``Score`` RPC (docs/api.md, docs/scores.md): give a
+        :class:`~pairscore.types.ScoreOptions` as ``options``, or the same
+        fields as keywords (not both). Any number of pairs: they are
+        tokenized in chunks and run in forward passes of the engine's size.
+        """
+        resolved = _options(
+            options,
+            tokenization=tokenization,
+            return_tokens=return_tokens,
+            unconditional=unconditional,
+            greedy=greedy,
+            top_k=top_k,
+            end_of_turn=end_of_turn,
+            truncation=truncation,
+            prefix=prefix,
+        )
+        from pairscore._base import to_pair
+
+        items = [to_pair(p) for p in pairs]
+        out: list[ScoreOutcome] = []
+        for start in range(0, len(items), PREPARE_CHUNK):
+            out += self._score_chunk(items[start : start + PREPARE_CHUNK], resolved)
+        return out
+
+    def score_candidates(
+        self,
+        sets: Iterable[CandidateSet],
+        options: ScoreOptions | None = None,
+        **keywords: object,
+    ) -> list[CandidateSetResult]:
+        """Score each :class:`~pairscore.types.CandidateSet`'s responses against its prompt:
+        one :class:`~pairscore.types.CandidateSetResult` per set, in order, as the
+        ``ScoreCandidates`` RPC answers. Options as in :meth:`score`."""
+        sets = list(sets)
+        for s in sets:
+            if not isinstance(s, CandidateSet):
+                raise TypeError(f"a candidate set must be a pairscore.CandidateSet, got {type(s).__name__}")
+        pairs = [p for s in sets for p in s.pairs()]
+        flat = iter(self.score(pairs, options, **keywords))  # type: ignore[arg-type]
+        return [CandidateSetResult(results=tuple(next(flat) for _ in s.candidates), id=s.id) for s in sets]
+
+    def tokenize(self, texts: Iterable[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:
+        """Each text's token ids, as the ``Tokenize`` RPC gives them: by default the ids a
+        ``Pair.prompt`` of that text is scored with; ``parse_special_tokens=True``:
+        transformers' ``tokenizer(text, add_special_tokens=False)`` (special-token
+        strings become special tokens, as in lm-evaluation-harness)."""
+        return self._engine.tokenize(list(texts), parse_special_tokens=parse_special_tokens)
+
+    def _score_chunk(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[ScoreOutcome]:
+        """Tokenize, then run the ready pairs in engine calls of at most ``max_call_tokens``
+        padded tokens (longest pair x pairs), the size a server's batcher builds."""
+        prepared = self._engine.prepare(pairs, options)
+        ready = [p for p in prepared if isinstance(p, PreparedPair)]
+        scores = []
+        budget = self._engine.max_call_tokens
+        call: list[PreparedPair] = []
+        longest = 0
+        for p in ready:
+            if call and max(longest, p.num_tokens) * (len(call) + 1) > budget:
+                scores += self._engine.score(call).scores
+                call, longest = [], 0
+            call.append(p)
+            longest = max(longest, p.num_tokens)
+        if call:
+            scores += self._engine.score(call).scores
+        it = iter(scores)
+        return [next(it) if isinstance(p, PreparedPair) else p for p in prepared]
+
+
+def _options(
+    options: ScoreOptions | None,
+    *,
+    tokenization: TokenizationMode | str,
+    return_tokens: bool,
+    unconditional: bool,
+    greedy: bool,
+    top_k: int,
+    end_of_turn: EndOfTurn | str,
+    truncation: Truncation | str,
+    prefix: PrefixMode | str,
+) -> ScoreOptions:
+    """``options``, or ScoreOptions from the keywords (as the client builds them); both at
+    once is an error. An unknown enum value or a negative ``top_k`` raises ValueError."""
+    from pairscore._base import make_options
+
+    built = make_options(
+        tokenization,
+        return_tokens,
+        unconditional,
+        greedy,
+        top_k,
+        end_of_turn=end_of_turn,
+        truncation=truncation,
+        prefix=prefix,
+    )
+    if options is None:
+        return built
+    if not isinstance(options, ScoreOptions):
+        raise TypeError(f"options must be a pairscore.ScoreOptions, got {type(options).__name__}")
+    defaults = ScoreOptions()
+    changed = [f.name for f in fields(ScoreOptions) if getattr(built, f.name) != getattr(defaults, f.name)]
+    if changed:
+        raise ValueError(
+            "give the options either as options=ScoreOptions(...) or as keywords, not both "
+            f"(got options and {', '.join(changed)})"
+        )
+    return options
