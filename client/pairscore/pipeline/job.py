@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pairscore.pipeline.columns import RowFields, input_options
 from pairscore.pipeline.formats import BAD_ROW_POLICIES, STDIO, detect_format
 from pairscore.pipeline.selection import Thresholds
 
@@ -80,8 +81,20 @@ class Job:
     #: Which rows --top-fraction ranks: "all" scored rows (then thresholds apply on top),
     #: or only those "passing" the thresholds (IFD selection: --max ifd=1 among passing).
     top_among: str = "all"
+    #: Other input forms (columns.RowFields): a conversation or token ids as the prompt,
+    #: token ids or a list of candidate responses as the response.
+    messages_field: str | None = None
+    prompt_ids_field: str | None = None
+    response_ids_field: str | None = None
+    responses_field: str | None = None
+    #: Request options of the new input forms (ScoreOptions; defaults: the server's).
+    truncation: str = "none"
+    end_of_turn: str = "included"
+    prefix: str = "server"
 
     def __post_init__(self) -> None:
+        self.row_fields  # noqa: B018 - two forms of one side: ValueError naming the flags
+        input_options(self.truncation, self.end_of_turn, self.prefix)  # an unknown value: ValueError
         if self.top_among not in TOP_AMONG:
             raise ValueError(f"--top-among must be one of {', '.join(TOP_AMONG)}, got {self.top_among!r}")
         if self.command not in ("score", "filter"):
@@ -193,4 +206,19 @@ class Job:
             # only when set, so that runs begun before --scores existed still resume
             **({"scores": list(self.scores)} if self.scores else {}),
             **({"top_among": self.top_among} if self.top_among != "all" else {}),
+            **self.row_fields.describe(),
+            **input_options(self.truncation, self.end_of_turn, self.prefix),
         }
+
+    @property
+    def row_fields(self) -> RowFields:
+        """Which columns hold each row's prompt and response."""
+        return RowFields(
+            prompt_field=self.prompt_field,
+            response_field=self.response_field,
+            id_field=self.id_field,
+            messages_field=self.messages_field,
+            prompt_ids_field=self.prompt_ids_field,
+            response_ids_field=self.response_ids_field,
+            responses_field=self.responses_field,
+        )
