@@ -262,3 +262,22 @@ def test_truncation_that_cannot_fit_fails_its_candidate_only(start_server, tiny_
         pytest.skip(f"the engine does not truncate yet (branch inputs): {short.message}")
     assert short.prompt_tokens_dropped > 0
     assert isinstance(long, ItemError) and long.code is ItemErrorCode.INVALID_ARGUMENT
+
+
+def test_cli_query_candidates(server, capsys) -> None:
+    import json
+
+    from pairscore import cli
+
+    code = cli.main(
+        ["query", "--candidates", PROMPT, *RESPONSES[:3], "--target", server.target, "--timeout", "20"]
+    )
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    with server.client() as client:
+        want = _scores([client.score([Pair(PROMPT, r)])[0] for r in RESPONSES[:3]])
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    for line, w in zip(lines, want, strict=True):
+        assert line["conditional_logprob"] == pytest.approx(w.conditional_logprob, abs=TOL)
+    with pytest.raises(SystemExit):
+        cli.main(["query", "--candidates", PROMPT, "--target", server.target])
