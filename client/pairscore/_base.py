@@ -21,6 +21,8 @@ from pairscore.convert import (
     model_info_from_pb,
     request_to_pb,
     response_from_pb,
+    tokenize_request_to_pb,
+    tokenize_response_from_pb,
 )
 from pairscore.errors import ScoringError, error_from_rpc
 from pairscore.types import (
@@ -28,11 +30,14 @@ from pairscore.types import (
     CandidateSet,
     CandidateSetResult,
     ChatMessage,
+    EndOfTurn,
     ModelInfo,
     Pair,
+    PrefixMode,
     ScoreOptions,
     ScoreOutcome,
     TokenizationMode,
+    Truncation,
 )
 from pairscore.v1 import scoring_pb2 as pb
 
@@ -131,8 +136,14 @@ def make_options(
     unconditional: bool = False,
     greedy: bool = False,
     top_k: int = 0,
+    *,
+    end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+    truncation: Truncation | str = Truncation.NONE,
+    prefix: PrefixMode | str = PrefixMode.SERVER,
 ) -> ScoreOptions:
-    """ScoreOptions from keyword arguments (``tokenization`` may be ``"joint"``/``"separate"``).
+    """ScoreOptions from keyword arguments; the enums may be given by value
+    (``tokenization="joint"``, ``truncation="left"``, ``prefix="none"``,
+    ``end_of_turn="excluded"``).
 
     A negative ``top_k`` raises ValueError here; one above the server's
     ``max_top_k`` is refused by the server (INVALID_ARGUMENT naming the limit).
@@ -145,6 +156,9 @@ def make_options(
         unconditional=unconditional,
         greedy=greedy,
         top_k=top_k,
+        end_of_turn=EndOfTurn(end_of_turn),
+        truncation=Truncation(truncation),
+        prefix=PrefixMode(prefix),
     )
 
 
@@ -317,6 +331,24 @@ class ClientCore:
             return model_info_from_pb(response)
         except ConversionError as exc:
             raise ScoringError(_UNKNOWN, f"cannot read the server's model info: {exc}") from exc
+
+    @staticmethod
+    def tokenize_request(texts: Iterable[str], parse_special_tokens: bool) -> tuple[pb.TokenizeRequest, int]:
+        """The TokenizeRequest for ``texts`` and how many texts it holds; TypeError for a
+        text that is not a str."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+        return tokenize_request_to_pb(texts, parse_special_tokens=parse_special_tokens), len(texts)
+
+    @staticmethod
+    def token_ids(response: pb.TokenizeResponse, expected: int) -> list[tuple[int, ...]]:
+        """Each text's ids from a TokenizeResponse; checks that it answers ``expected`` texts."""
+        ids = tokenize_response_from_pb(response)
+        if len(ids) != expected:
+            raise ScoringError(_UNKNOWN, f"the server answered {len(ids)} token lists for {expected} texts")
+        return ids
 
     @staticmethod
     def health_request(service: str) -> health_pb2.HealthCheckRequest:

@@ -43,10 +43,13 @@ from pairscore.errors import ScoringError, error_from_rpc
 from pairscore.types import (
     CandidateSet,
     CandidateSetResult,
+    EndOfTurn,
     ModelInfo,
+    PrefixMode,
     ScoreOptions,
     ScoreOutcome,
     TokenizationMode,
+    Truncation,
 )
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
@@ -129,12 +132,25 @@ class AsyncScoringClient:
         unconditional: bool = False,
         greedy: bool = False,
         top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
     ) -> list[ScoreOutcome]:
         """Score pairs in one request; see :meth:`ScoringClient.score <pairscore.client.ScoringClient.score>`."""
         pairs = list(pairs)
         request = self._core.request(
-            pairs, make_options(tokenization, return_tokens, unconditional, greedy, top_k)
+            pairs,
+            make_options(
+                tokenization,
+                return_tokens,
+                unconditional,
+                greedy,
+                top_k,
+                end_of_turn=end_of_turn,
+                truncation=truncation,
+                prefix=prefix,
+            ),
         )
         try:
             response = await self._stub.Score(request, **self._core.call_kwargs(timeout))
@@ -154,6 +170,9 @@ class AsyncScoringClient:
         unconditional: bool = False,
         greedy: bool = False,
         top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
         on_retry: Callable[[ScoringError, float], None] | None = None,
     ) -> AsyncIterator[ScoreOutcome]:
@@ -171,7 +190,16 @@ class AsyncScoringClient:
             open_call=self._stub.ScoreStream,
             core=self._core,
             pairs=pairs,
-            options=make_options(tokenization, return_tokens, unconditional, greedy, top_k),
+            options=make_options(
+                tokenization,
+                return_tokens,
+                unconditional,
+                greedy,
+                top_k,
+                end_of_turn=end_of_turn,
+                truncation=truncation,
+                prefix=prefix,
+            ),
             settings=settings,
         )
 
@@ -185,6 +213,9 @@ class AsyncScoringClient:
         unconditional: bool = False,
         greedy: bool = False,
         top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
     ) -> list[CandidateSetResult]:
         """Score candidate sets in one request; see :meth:`ScoringClient.score_candidates
@@ -197,6 +228,9 @@ class AsyncScoringClient:
             unconditional=unconditional,
             greedy=greedy,
             top_k=top_k,
+            end_of_turn=end_of_turn,
+            truncation=truncation,
+            prefix=prefix,
         )
         request = self._core.candidates_request(sets, resolved)
         try:
@@ -216,6 +250,9 @@ class AsyncScoringClient:
         unconditional: bool = False,
         greedy: bool = False,
         top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
     ) -> list[ScoreOutcome]:
         """Score several responses to one prompt; see :meth:`ScoringClient.score_responses
@@ -228,9 +265,23 @@ class AsyncScoringClient:
             unconditional=unconditional,
             greedy=greedy,
             top_k=top_k,
+            end_of_turn=end_of_turn,
+            truncation=truncation,
+            prefix=prefix,
             timeout=timeout,
         )
         return list(result.results)
+
+    async def tokenize(
+        self, texts: Iterable[str], *, parse_special_tokens: bool = False, timeout: float | None = None
+    ) -> list[tuple[int, ...]]:
+        """Each text's token ids; see :meth:`ScoringClient.tokenize <pairscore.client.ScoringClient.tokenize>`."""
+        request, n = self._core.tokenize_request(texts, parse_special_tokens)
+        try:
+            response = await self._stub.Tokenize(request, **self._core.call_kwargs(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
+        return self._core.token_ids(response, n)
 
     async def model_info(
         self, *, timeout: float | None = None, wait_for_ready: bool | None = None

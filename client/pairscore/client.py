@@ -46,10 +46,13 @@ from pairscore.errors import ScoringError, error_from_rpc
 from pairscore.types import (
     CandidateSet,
     CandidateSetResult,
+    EndOfTurn,
     ModelInfo,
+    PrefixMode,
     ScoreOptions,
     ScoreOutcome,
     TokenizationMode,
+    Truncation,
 )
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
@@ -145,6 +148,9 @@ class ScoringClient:
         unconditional: bool = False,
         greedy: bool = False,
         top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
     ) -> list[ScoreOutcome]:
         """Score pairs in one request; one PairScore or ItemError per pair, in order.
@@ -155,12 +161,28 @@ class ScoringClient:
         ``response_is_greedy`` and each token's ``rank``; ``top_k``: the k
         most likely tokens at each position (at most the server's
         ``ModelInfo.max_top_k``; implies per-token detail). See
-        docs/scores.md. ``timeout`` overrides the client's default deadline. Raises a
+        docs/scores.md. ``end_of_turn`` (chat prompts), ``truncation``
+        (``"left"``: drop prompt tokens from the start until the pair fits)
+        and ``prefix`` (``"none"``: the first prompt token is context only, as
+        lm-evaluation-harness) are described in docs/contract.md. A
+        :class:`~pairscore.types.Pair` may give its prompt as
+        ``prompt_messages`` or ``prompt_ids`` and its response as
+        ``response_ids``. ``timeout`` overrides the client's default deadline. Raises a
         :class:`~pairscore.errors.ScoringError` subclass if the RPC fails.
         """
         pairs = list(pairs)
         request = self._core.request(
-            pairs, make_options(tokenization, return_tokens, unconditional, greedy, top_k)
+            pairs,
+            make_options(
+                tokenization,
+                return_tokens,
+                unconditional,
+                greedy,
+                top_k,
+                end_of_turn=end_of_turn,
+                truncation=truncation,
+                prefix=prefix,
+            ),
         )
         try:
             response = self._stub.Score(request, **self._core.call_kwargs(timeout))
@@ -180,6 +202,9 @@ class ScoringClient:
         unconditional: bool = False,
         greedy: bool = False,
         top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
         on_retry: Callable[[ScoringError, float], None] | None = None,
     ) -> Iterator[ScoreOutcome]:
@@ -215,7 +240,16 @@ class ScoringClient:
             open_call=self._stub.ScoreStream,
             core=self._core,
             pairs=pairs,
-            options=make_options(tokenization, return_tokens, unconditional, greedy, top_k),
+            options=make_options(
+                tokenization,
+                return_tokens,
+                unconditional,
+                greedy,
+                top_k,
+                end_of_turn=end_of_turn,
+                truncation=truncation,
+                prefix=prefix,
+            ),
             settings=settings,
         )
 
@@ -228,6 +262,9 @@ class ScoringClient:
         unconditional: bool = False,
         greedy: bool = False,
         top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
     ) -> Iterator[list[ScoreOutcome]]:
         """Send your own batches over one ScoreStream call; yields one result list per batch.
@@ -236,7 +273,16 @@ class ScoringClient:
         ``batches`` is consumed as fast as the server reads it. ``timeout``
         is the deadline of the whole stream (default: the client's).
         """
-        options = make_options(tokenization, return_tokens, unconditional, greedy, top_k)
+        options = make_options(
+            tokenization,
+            return_tokens,
+            unconditional,
+            greedy,
+            top_k,
+            end_of_turn=end_of_turn,
+            truncation=truncation,
+            prefix=prefix,
+        )
         sizes: list[int] = []
         failed: list[BaseException] = []
 
@@ -273,6 +319,9 @@ class ScoringClient:
         unconditional: bool = False,
         greedy: bool = False,
         top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
     ) -> list[CandidateSetResult]:
         """Score candidate sets in one ScoreCandidates request: one CandidateSetResult per set,
@@ -300,6 +349,9 @@ class ScoringClient:
             unconditional=unconditional,
             greedy=greedy,
             top_k=top_k,
+            end_of_turn=end_of_turn,
+            truncation=truncation,
+            prefix=prefix,
         )
         request = self._core.candidates_request(sets, resolved)
         try:
@@ -319,6 +371,9 @@ class ScoringClient:
         unconditional: bool = False,
         greedy: bool = False,
         top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
     ) -> list[ScoreOutcome]:
         """Score several responses to one prompt (one CandidateSet); one PairScore or ItemError
@@ -337,9 +392,32 @@ class ScoringClient:
             unconditional=unconditional,
             greedy=greedy,
             top_k=top_k,
+            end_of_turn=end_of_turn,
+            truncation=truncation,
+            prefix=prefix,
             timeout=timeout,
         )
         return list(result.results)
+
+    def tokenize(
+        self, texts: Iterable[str], *, parse_special_tokens: bool = False, timeout: float | None = None
+    ) -> list[tuple[int, ...]]:
+        """Each text's token ids, with the server's tokenizer (the Tokenize RPC).
+
+        ``parse_special_tokens=False``: exactly the ids a ``Pair.prompt`` of
+        that text is scored with (start of a document, special-token strings
+        as plain text), ready to send back as ``prompt_ids``. ``True``:
+        special-token strings become special tokens, as transformers'
+        ``tokenizer(text, add_special_tokens=False)`` (what lm-evaluation-harness
+        uses). More texts than the server's ``max_pairs_per_request``, or a
+        text over ``max_text_chars``, fail the call (INVALID_ARGUMENT).
+        """
+        request, n = self._core.tokenize_request(texts, parse_special_tokens)
+        try:
+            response = self._stub.Tokenize(request, **self._core.call_kwargs(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
+        return self._core.token_ids(response, n)
 
     def model_info(self, *, timeout: float | None = None, wait_for_ready: bool | None = None) -> ModelInfo:
         """Describe the served model and its scoring contract.

@@ -338,6 +338,11 @@ def tokenize_request_to_pb(texts: Iterable[str], *, parse_special_tokens: bool =
     return pb.TokenizeRequest(texts=list(texts), parse_special_tokens=parse_special_tokens)
 
 
+def tokenize_request_from_pb(msg: pb.TokenizeRequest) -> tuple[list[str], bool]:
+    """Read the texts and ``parse_special_tokens`` of a TokenizeRequest message."""
+    return list(msg.texts), msg.parse_special_tokens
+
+
 def tokenize_response_to_pb(ids: Iterable[Sequence[int]]) -> pb.TokenizeResponse:
     """Build a TokenizeResponse message from each text's ids."""
     return pb.TokenizeResponse(tokens=[pb.TokenIds(ids=i) for i in ids])

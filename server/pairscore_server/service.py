@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -65,6 +66,11 @@ log = logging.getLogger(__name__)
 #: ``reason`` of pairscore_rejected_pairs_total for a request whose answer would be too large.
 REJECT_RESPONSE_SIZE = "response_too_large"
 
+#: Bounds of a TokenizeResponse's parts, in bytes: one id (a varint of up to 5 bytes)
+#: and one TokenIds entry (its tag, length prefix and the ids' packed-field header).
+_TOKEN_ID_BYTES = 5
+_TOKEN_IDS_BYTES = 12
+
 #: Requests with more pairs, or more characters in all, than these are
 #: tokenized on a worker thread instead of on the event loop.
 DEFAULT_INLINE_PREPARE_PAIRS = 16
@@ -72,6 +78,13 @@ DEFAULT_INLINE_PREPARE_PAIRS = 16
 #: length prefix in the response, the id's tag and length, the index's tag and varint.
 _SET_RESULT_BYTES = 1 + 5 + 1 + 5 + 1 + 5
 DEFAULT_INLINE_PREPARE_CHARS = 16_384
+
+
+def _pair_size(pair: Pair) -> int:
+    """How much tokenizing ``pair`` costs, in characters (an id counts as one)."""
+    size = len(pair.prompt) + len(pair.response)
+    size += len(pair.prompt_ids or ()) + len(pair.response_ids or ())
+    return size + sum(len(m.content) for m in pair.prompt_messages or ())
 
 
 def _as_item_error(exc: Exception) -> ItemError | None:
@@ -252,7 +265,7 @@ class ScoringService:
             if isinstance(item, ItemError):
                 size += result_bytes_bound(id=pair.id, message=item.message)
             elif item.return_tokens:
-                text_bytes = len(pair.prompt.encode()) + len(pair.response.encode())
+                text_bytes = self._detail_text_bytes(pair, item)
                 tokens = item.prompt_tokens + item.response_tokens
                 size += result_bytes_bound(
                     id=pair.id,
@@ -276,6 +289,29 @@ class ScoringService:
                 f"{limit}-byte answer limit (max_response_bytes, the default receive limit of "
                 f"gRPC clients); {fix}; nothing was scored"
             )
+
+    def _detail_text_bytes(self, pair: Pair, item: PreparedPair) -> int:
+        """A bound of the UTF-8 bytes of a result's per-token texts and rendered texts.
+
+        Tokens of a text side decode to at most that text (plus U+FFFD,
+        counted per token by ``result_bytes_bound``); tokens of a side given
+        as ids are bounded by the longest token of the vocabulary each; a
+        chat item's tokens decode to its rendered texts, which it also
+        carries (``rendered_prompt`` / ``rendered_response``).
+        """
+        per_token = self._engine_info.max_token_text_bytes
+        if item.rendered_prompt or item.rendered_response:
+            rendered = len(item.rendered_prompt.encode()) + len(item.rendered_response.encode())
+            return 2 * rendered
+        prompt = (
+            len(pair.prompt_ids) * per_token if pair.prompt_ids is not None else len(pair.prompt.encode())
+        )
+        response = (
+            len(pair.response_ids) * per_token
+            if pair.response_ids is not None
+            else len(pair.response.encode())
+        )
+        return prompt + response
 
     def _count_rejected(self, reason: str, pairs: int) -> None:
         if self._metrics is not None:
@@ -311,7 +347,7 @@ class ScoringService:
     # --- tokenization and per-item limits -------------------------------------------
 
     async def _prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
-        chars = sum(len(p.prompt) + len(p.response) for p in pairs)
+        chars = sum(_pair_size(p) for p in pairs)
         if len(pairs) <= self._inline_prepare_pairs and chars <= DEFAULT_INLINE_PREPARE_CHARS:
             return self._prepare_checked(pairs, options)
         loop = asyncio.get_running_loop()
@@ -323,17 +359,18 @@ class ScoringService:
         """Character limits, then the engine's tokenization, then the token limit."""
         out: list[PreparedPair | ItemError | None] = [self._check_chars(p) for p in pairs]
         todo = [i for i, item in enumerate(out) if item is None]
-        prepared = self._engine.prepare([pairs[i] for i in todo], options) if todo else []
+        limit = self.limits.max_item_tokens
+        prepared = self._engine.prepare([pairs[i] for i in todo], options, max_tokens=limit) if todo else []
         if len(prepared) != len(todo):
             raise RuntimeError(f"engine prepared {len(prepared)} items for {len(todo)} pairs")
-        limit = self.limits.max_item_tokens
         for i, item in zip(todo, prepared, strict=True):
             if not isinstance(item, ItemError) and item.num_tokens > limit:
                 item = ItemError(
                     ItemErrorCode.INVALID_ARGUMENT,
-                    f"pair needs {item.num_tokens} tokens (1 prefix + {item.prompt_tokens} "
+                    f"pair needs {item.num_tokens} tokens (1 prefix or context + {item.prompt_tokens} "
                     f"prompt + {item.response_tokens} response); this server takes at most "
-                    f"{limit} tokens per pair (max_item_tokens); nothing is truncated",
+                    f"{limit} tokens per pair (max_item_tokens); nothing is truncated "
+                    "(truncation LEFT would drop prompt tokens)",
                     pairs[i].id,
                 )
             out[i] = item
@@ -341,12 +378,58 @@ class ScoringService:
 
     def _check_chars(self, pair: Pair) -> ItemError | None:
         limit = self.limits.max_text_chars
-        for side, text in (("prompt", pair.prompt), ("response", pair.response)):
+        texts = [("prompt", pair.prompt), ("response", pair.response)]
+        texts += [
+            (f"prompt_messages[{i}].content", m.content) for i, m in enumerate(pair.prompt_messages or ())
+        ]
+        for side, text in texts:
             if len(text) > limit:
                 return ItemError(
                     ItemErrorCode.INVALID_ARGUMENT,
                     f"{side} has {len(text)} characters; this server takes at most {limit} "
-                    "characters per prompt or response (max_text_chars)",
+                    "characters per prompt, response or chat message (max_text_chars)",
                     pair.id,
                 )
         return None
+
+    # --- Tokenize -------------------------------------------------------------------
+
+    async def tokenize(
+        self, texts: Sequence[str], *, parse_special_tokens: bool = False
+    ) -> list[tuple[int, ...]]:
+        """Each text's ids with the served tokenizer (the Tokenize RPC).
+
+        The request limits apply as to Score: more than ``max_pairs_per_request``
+        texts, a text over ``max_text_chars``, or an answer that could be over
+        ``max_response_bytes`` raise RequestLimitError (INVALID_ARGUMENT) for
+        the whole call. Large requests are tokenized off the event loop.
+        """
+        lim = self.limits
+        if len(texts) > lim.max_pairs_per_request:
+            raise RequestLimitError(
+                f"request has {len(texts)} texts; this server takes at most {lim.max_pairs_per_request} "
+                "texts per Tokenize request (max_pairs_per_request); split it"
+            )
+        for i, text in enumerate(texts):
+            if len(text) > lim.max_text_chars:
+                raise RequestLimitError(
+                    f"texts[{i}] has {len(text)} characters; this server takes at most "
+                    f"{lim.max_text_chars} characters per text (max_text_chars)"
+                )
+        chars = sum(len(t) for t in texts)
+        if len(texts) <= self._inline_prepare_pairs and chars <= DEFAULT_INLINE_PREPARE_CHARS:
+            ids = self._engine.tokenize(texts, parse_special_tokens=parse_special_tokens)
+        else:
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(
+                self._prepare_executor,
+                functools.partial(self._engine.tokenize, texts, parse_special_tokens=parse_special_tokens),
+            )
+        size = sum(_TOKEN_IDS_BYTES + _TOKEN_ID_BYTES * len(i) for i in ids)
+        if size > lim.max_response_bytes:
+            raise RequestLimitError(
+                f"the answer to this request could take up to {size} bytes, over this server's "
+                f"{lim.max_response_bytes}-byte answer limit (max_response_bytes); send fewer "
+                "or shorter texts per request"
+            )
+        return ids

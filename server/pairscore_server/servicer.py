@@ -41,6 +41,8 @@ from pairscore.convert import (
     model_info_to_pb,
     request_from_pb,
     response_to_pb,
+    tokenize_request_from_pb,
+    tokenize_response_to_pb,
 )
 from pairscore.types import CandidateSet, ItemError, ItemErrorCode, Pair, ScoreOptions, ScoreOutcome
 from pairscore.v1 import scoring_pb2 as pb
@@ -289,6 +291,19 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                 self._metrics.rejected_pairs.labels(reason=REJECT_INVALID).inc(n)
             raise
 
+    async def Tokenize(  # noqa: N802 - gRPC method name
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        """Tokenize texts with the served tokenizer; limits as Score's (INVALID_ARGUMENT)."""
+        async with self._scope("Tokenize", context):
+            if isinstance(request, MalformedMessage):
+                raise request.error()
+            service = self._require_service()
+            texts, parse_special_tokens = tokenize_request_from_pb(request)
+            return tokenize_response_to_pb(
+                await service.tokenize(texts, parse_special_tokens=parse_special_tokens)
+            )
+
     def _convert(self, message: pb.ScoreRequest) -> tuple[list[Pair], ScoreOptions]:
         """request_from_pb; a message that cannot be converted counts its pairs as rejected."""
         try:
@@ -384,6 +399,11 @@ def add_to_server(servicer: ScoringServicer, server: grpc.aio.Server) -> None:
             servicer.ScoreCandidates,
             request_deserializer=_safe_parser(pb.ScoreCandidatesRequest),
             response_serializer=pb.ScoreCandidatesResponse.SerializeToString,
+        ),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            servicer.Tokenize,
+            request_deserializer=_safe_parser(pb.TokenizeRequest),
+            response_serializer=pb.TokenizeResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

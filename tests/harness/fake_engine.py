@@ -137,10 +137,26 @@ class FakeEngine(Engine):
             architecture="FakeForCausalLM",
         )
 
-    def prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
-        """One token per character; pairs over ``max_context`` become ItemErrors."""
+    def prepare(
+        self, pairs: Sequence[Pair], options: ScoreOptions, *, max_tokens: int | None = None
+    ) -> list[PreparedPair | ItemError]:
+        """One token per character; pairs over ``max_context`` become ItemErrors (the
+        fake takes text pairs only, and neither truncates nor drops the prefix)."""
         out: list[PreparedPair | ItemError] = []
         for pair in pairs:
+            if pair.form_problem or (pair.prompt_messages, pair.prompt_ids, pair.response_ids) != (
+                None,
+                None,
+                None,
+            ):
+                out.append(
+                    ItemError(
+                        code=ItemErrorCode.INVALID_ARGUMENT,
+                        message=pair.form_problem or "the fake engine scores text pairs only",
+                        id=pair.id,
+                    )
+                )
+                continue
             m, n = len(pair.prompt), len(pair.response)
             if 1 + m + n > self.max_context:
                 out.append(
@@ -164,6 +180,10 @@ class FakeEngine(Engine):
                 )
             )
         return out
+
+    def tokenize(self, texts: Sequence[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:
+        """One token per character (its code point), special strings or not."""
+        return [tuple(map(ord, t)) for t in texts]
 
     @staticmethod
     def prompt_of(prepared: PreparedPair) -> str:

@@ -88,9 +88,20 @@ class Engine(Protocol):
         several forward passes' worth, so the engine can group by length and shared prompt."""
         ...
 
-    def prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
+    def prepare(
+        self, pairs: Sequence[Pair], options: ScoreOptions, *, max_tokens: int | None = None
+    ) -> list[PreparedPair | ItemError]:
         """Tokenize ``pairs``; one PreparedPair, or an ItemError for a pair that cannot be
-        scored, per pair, in order."""
+        scored, per pair, in order. ``max_tokens``: the most tokens a pair may take (at most
+        the model's context; ``None``: the context), which ``Truncation.LEFT`` cuts prompts
+        to fit."""
+        ...
+
+    def tokenize(self, texts: Sequence[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:
+        """Each text's ids, tokenized on its own with no special token added: with
+        ``parse_special_tokens=False`` exactly the ids a prompt of that text is scored
+        with; with ``True`` special-token strings become their special tokens (as
+        transformers' ``tokenizer(text, add_special_tokens=False)``)."""
         ...
 
     def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:

@@ -25,9 +25,12 @@ class TokenSpan(NamedTuple):
 class PreparedPair:
     """A tokenized pair, ready to be batched.
 
-    ``input_ids`` is p ⊕ x ⊕ y (the prefix token first). Tokens
-    ``1 .. prompt_tokens`` are the prompt's and the last ``response_tokens``
-    are the response's. ``offsets`` holds each scored token's code-point span
+    ``input_ids`` is c ⊕ x ⊕ y: c is the one token everything is conditioned
+    on and is never scored; it is the prefix token p, or with
+    ``PrefixMode.NONE`` the prompt's first token (then ``prompt_tokens`` is
+    the prompt's length minus one). Tokens ``1 .. prompt_tokens`` are the
+    prompt's scored tokens and the last ``response_tokens`` are the
+    response's. ``offsets`` holds each scored token's code-point span
     in its own side's text (not p's); ``straddle_index`` is the position
     among them of the (first) response token that began in the prompt (JOINT
     mode), else -1; later tokens with its span are its character's other
@@ -48,6 +51,26 @@ class PreparedPair:
     unconditional: bool = False
     greedy: bool = False
     top_k: int = 0
+    #: The server's prefix token p, which the unconditional row p ⊕ y starts with
+    #: (-1: ``input_ids[0]``, which is p unless the prefix mode is NONE).
+    prefix_id: int = -1
+    #: Tokens dropped from the start of the prompt (``Truncation.LEFT``).
+    prompt_tokens_dropped: int = 0
+    #: Chat items with per-token detail: x and y as the chat template rendered them.
+    rendered_prompt: str = ""
+    rendered_response: str = ""
+
+    @property
+    def alone_ids(self) -> tuple[int, ...]:
+        """p ⊕ y: what the unconditional score of y runs over."""
+        p = self.input_ids[0] if self.prefix_id < 0 else self.prefix_id
+        return (p, *self.response_ids)
+
+    @property
+    def is_own_alone(self) -> bool:
+        """Whether ``input_ids`` already is p ⊕ y (an empty prompt after p): the pair's
+        conditional score is its unconditional one."""
+        return self.prompt_tokens == 0 and self.input_ids[0] == self.alone_ids[0]
 
     @property
     def work_tokens(self) -> int:
@@ -56,7 +79,7 @@ class PreparedPair:
         The batcher's queue and throughput count these."""
         extra = (
             1 + self.response_tokens
-            if self.unconditional and self.response_tokens and self.prompt_tokens
+            if self.unconditional and self.response_tokens and not self.is_own_alone
             else 0
         )
         return self.num_tokens + extra

@@ -56,9 +56,15 @@ class ReplicatedEngine(Engine):
     def pair_tokenizer(self) -> PairTokenizer:
         return self.engines[0].pair_tokenizer
 
-    def prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
+    def prepare(
+        self, pairs: Sequence[Pair], options: ScoreOptions, *, max_tokens: int | None = None
+    ) -> list[PreparedPair | ItemError]:
         """Tokenization is the same on every replica: done once."""
-        return self.engines[0].prepare(pairs, options)
+        return self.engines[0].prepare(pairs, options, max_tokens=max_tokens)
+
+    def tokenize(self, texts: Sequence[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:
+        """The first replica's tokenizer (every replica has the same)."""
+        return self.engines[0].tokenize(texts, parse_special_tokens=parse_special_tokens)
 
     def split(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
         """Pair indices per replica: shared-prompt groups kept whole, tokens balanced."""

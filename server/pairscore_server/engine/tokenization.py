@@ -52,6 +52,9 @@ class TokenizedPair:
     offsets: tuple[tuple[int, int], ...]
     boundary_straddled: bool
     straddle_index: int = -1
+    #: Chat prompts: x and y as the chat template rendered them (the texts the spans index).
+    rendered_prompt: str = ""
+    rendered_response: str = ""
 
     @property
     def response_tokens(self) -> int:
@@ -262,6 +265,39 @@ class PairTokenizer:
             )
             for (x, y_text), (x_ids, x_offsets), y in zip(pairs, prompts, responses, strict=True)
         ]
+
+    def encode_prompts(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Each text as a prompt alone (the start of a document): ids and spans covering it.
+
+        The same ids as the prompt side of a SEPARATE pair."""
+        return [
+            (ids, cover_text(offsets, len(text)))
+            for text, (ids, offsets) in zip(texts, self._encode_first(texts), strict=True)
+        ]
+
+    def encode_responses(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Each text as a response alone (a continuation): ids and spans covering it.
+
+        The same ids as the response side of a SEPARATE pair."""
+        if not texts:
+            return []
+        encs = self._cont.encode_batch(list(texts), add_special_tokens=False)
+        return [(enc.ids, cover_text(enc.offsets, len(text))) for text, enc in zip(texts, encs, strict=True)]
+
+    def tokenize(self, texts: Sequence[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:
+        """The ids of each text, tokenized on its own, with no special token added.
+
+        ``parse_special_tokens=False``: special-token strings are plain text
+        and the text is the start of a document, exactly the ids a prompt of
+        that text is scored with. ``True``: special-token strings become
+        their special tokens, as ``tokenizer(text, add_special_tokens=False)``.
+        """
+        if not texts:
+            return []
+        if not parse_special_tokens:
+            return [tuple(ids) for ids, _ in self._encode_first(texts)]
+        encoded = self._hf(list(texts), add_special_tokens=False)["input_ids"]
+        return [tuple(ids) for ids in encoded]
 
     @staticmethod
     def _split_joint(cut: int, ids: list[int], offsets: list[tuple[int, int]]) -> TokenizedPair:
