@@ -41,22 +41,24 @@ def _input_forms(p: argparse.ArgumentParser) -> None:
         help="column with a list of candidate responses to the row's prompt: one output row per "
         "candidate, with its text in the response column and candidate_index",
     )
-    for name, (choices, default) in INPUT_OPTIONS.items():
-        forms.add_argument(
-            f"--{name.replace('_', '-')}",
-            choices=choices,
-            default=default,
-            help=_INPUT_OPTION_HELP[name] + f" (default: {default})",
-        )
-
-
-_INPUT_OPTION_HELP = {
-    "truncation": "a pair longer than the server's limit: 'none' fails the row, 'left' drops prompt "
-    "tokens from the start (prompt_tokens_dropped)",
-    "end_of_turn": "chat rows: whether the template's end of the assistant turn is scored with the response",
-    "prefix": "'server': the server's prefix token before the prompt; 'none': the first prompt token is "
-    "context only (as lm-evaluation-harness)",
-}
+    for flag, help_text in (
+        (
+            "--truncation",
+            "a pair longer than the server's limit: 'none' fails the row, 'left' drops prompt tokens "
+            "from the start (prompt_tokens_dropped)",
+        ),
+        (
+            "--end-of-turn",
+            "chat rows: whether the template's end of the assistant turn is scored with the response",
+        ),
+        (
+            "--prefix",
+            "'server': the server's prefix token before the prompt; 'none': the first prompt token is "
+            "context only (as lm-evaluation-harness)",
+        ),
+    ):
+        choices, default = INPUT_OPTIONS[flag[2:].replace("-", "_")]
+        forms.add_argument(flag, choices=choices, default=default, help=f"{help_text} (default: {default})")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
