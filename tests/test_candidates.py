@@ -17,7 +17,7 @@ import pytest
 from pairscore import Candidate, CandidateSet, ItemError, ItemErrorCode, Pair, PairScore, ScoreOptions
 from pairscore.aio import AsyncScoringClient
 from pairscore.errors import InvalidArgumentError, UnauthenticatedError
-from pairscore.types import Truncation
+from pairscore.types import ChatMessage, Truncation
 
 from harness.servers import metric_samples
 
@@ -281,3 +281,47 @@ def test_cli_query_candidates(server, capsys) -> None:
         assert line["conditional_logprob"] == pytest.approx(w.conditional_logprob, abs=TOL)
     with pytest.raises(SystemExit):
         cli.main(["query", "--candidates", PROMPT, "--target", server.target])
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+def test_messages_prompt_candidates_equal_separate_pairs_and_bad_conversations_fail_alone(
+    start_server, gpt2_family
+) -> None:
+    import copy
+
+    from harness.models import make_engine
+
+    model, tokenizer = gpt2_family
+    chat_tokenizer = copy.deepcopy(tokenizer)
+    chat_tokenizer.chat_template = CHATML
+    st = start_server(make_engine(model, chat_tokenizer))
+    chat = (ChatMessage("system", "Be brief."), ChatMessage("user", "Capital of France?"))
+    with st.client() as client:
+        if not client.model_info().chat_template:
+            pytest.skip("the engine does not render chat templates yet (branch inputs: chat support)")
+        alone = _scores(
+            [client.score([Pair(prompt_messages=chat, response=r)])[0] for r in (" Paris.", " Rome.")]
+        )
+        results = client.score_candidates(
+            [
+                CandidateSet(prompt_messages=chat, candidates=(Candidate(" Paris."), Candidate(" Rome."))),
+                CandidateSet(
+                    prompt_messages=(ChatMessage("robot", "beep"),), candidates=(Candidate(" a"),) * 2
+                ),
+                CandidateSet(prompt_messages=(), candidates=(Candidate(" a"),)),
+                CandidateSet(prompt="plain text", candidates=(Candidate(" b"),)),
+            ]
+        )
+    for got, want in zip(_scores(results[0].results), alone, strict=True):
+        _same(got, want)
+    for e in results[1].results:
+        assert isinstance(e, ItemError) and e.code is ItemErrorCode.INVALID_ARGUMENT and "robot" in e.message
+    [empty] = results[2].results
+    assert isinstance(empty, ItemError) and empty.code is ItemErrorCode.INVALID_ARGUMENT
+    _scores(results[3].results)
