@@ -316,9 +316,15 @@ def test_truncation_left_and_prefix_none_are_passed_on(forms_server: ServerThrea
     [want] = expected(forms_server, [Pair(long_prompt, " ok")], truncation="left")
     assert_row_scores(got[0], want)
     assert got[1]["error"] in ("context_length_exceeded", "invalid_argument")  # cannot fit: fails alone
+    write_jsonl(src, [{"prompt": "x", "response": " word" * 5}, {"prompt": "a b c", "response": " d"}])
     assert run(forms_server, "score", str(src), "-o", str(out), "--prefix", "none", "--overwrite") == 0
-    [none] = expected(forms_server, [Pair("x", " word" * 5)], prefix="none")
-    assert none.prompt_tokens == 0  # the one prompt token is context only
+    got = read_jsonl(out)
+    want = expected(forms_server, [Pair("x", " word" * 5), Pair("a b c", " d")], prefix="none")
+    server_prefix = expected(forms_server, [Pair("a b c", " d")])
+    assert want[0].prompt_tokens == 0  # the one prompt token is context only
+    assert want[1].prompt_tokens == server_prefix[0].prompt_tokens - 1
+    for row, w in zip(got, want, strict=True):
+        assert_row_scores(row, w)
 
 
 # --- flags that do not fit ------------------------------------------------------------------
