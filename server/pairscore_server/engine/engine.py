@@ -25,6 +25,7 @@ from pairscore.types import (
     Truncation,
     data_selection_scores,
 )
+from pairscore_server.engine.chat import ChatError, ChatRenderer
 from pairscore_server.engine.interface import CausalLM, Engine, ForwardStats, ScoredBatch, score_pairs
 from pairscore_server.engine.kernels import fuse_activations, stabilize_gemm_rows
 from pairscore_server.engine.logprobs import (
@@ -148,6 +149,7 @@ class ScoringEngine(Engine):
         self.limits = limits = limits or EngineLimits()
         self.prefix: Prefix = resolve_prefix(tokenizer, prefix_token)
         self.pair_tokenizer = PairTokenizer(tokenizer)
+        self.chat = ChatRenderer(tokenizer, self.pair_tokenizer)
         self.max_context = model_context_length(model, tokenizer)
         self._logprobs = LogprobComputer(model, chunk_bytes=limits.chunk_bytes)
         if not self._logprobs.head_is_plain():
@@ -211,6 +213,7 @@ class ScoringEngine(Engine):
             max_top_k=self.max_top_k,
             max_token_text_bytes=self._token_text_bytes,
             tokenizer_normalizes=self.pair_tokenizer.normalizes,
+            chat_template=self.chat.available,
         )
 
     def _max_token_text_bytes(self) -> int:
@@ -345,10 +348,16 @@ class ScoringEngine(Engine):
                 "template renders), not response_ids",
                 pair.id,
             )
-        return ItemError(
-            ItemErrorCode.INVALID_ARGUMENT,
-            "prompt_messages are not supported by this server yet; send the prompt as text or ids",
-            pair.id,
+        try:
+            chat = self.chat.render(pair.prompt_messages, pair.response, options.end_of_turn)
+        except ChatError as exc:
+            return ItemError(ItemErrorCode.INVALID_ARGUMENT, str(exc), pair.id)
+        ids, offsets, m = chat.ids, chat.offsets, chat.prompt_tokens
+        if m and ids[0] == self.prefix.token_id:
+            # The template writes the prefix token itself (BOS): it is p, not scored twice.
+            ids, offsets, m = ids[1:], offsets[1:], m - 1
+        return TokenizedPair(
+            ids, m, offsets, False, rendered_prompt=chat.prompt, rendered_response=chat.response
         )
 
     def _prepared(
