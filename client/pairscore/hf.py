@@ -56,6 +56,11 @@ class ScoreColumns:
     covers; it is fetched on first hashing/pickling, or by
     :meth:`refresh_model_identity`. ``scores``: extra score groups
     (``"unconditional"``, ``"greedy"``; docs/scores.md) whose columns to add.
+    ``messages_field`` (a column of conversations, lists of {role, content}, as
+    the prompt), ``prompt_ids_field`` / ``response_ids_field`` (token ids) and
+    ``truncation``, ``end_of_turn``, ``prefix``: as in ``pairscore score``
+    (docs/pipeline.md, "Input forms"); a malformed value gives its row
+    ``invalid_row``.
     """
 
     def __init__(

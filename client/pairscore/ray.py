@@ -65,6 +65,11 @@ class ServiceScorer:
     (``timeout``, ``tls``, ``token``...); each batch is streamed with
     ``score_iter`` over ``streams`` streams. ``scores``: extra score groups
     (``"unconditional"``, ``"greedy"``; docs/scores.md) whose columns to add.
+    ``messages_field`` (a column of conversations, lists of {role, content}, as
+    the prompt), ``prompt_ids_field`` / ``response_ids_field`` (token ids) and
+    ``truncation``, ``end_of_turn``, ``prefix``: as in ``pairscore score``
+    (docs/pipeline.md, "Input forms"); a malformed value gives its row
+    ``invalid_row``.
     """
 
     def __init__(
@@ -137,6 +142,11 @@ class EngineScorer:
     a .gguf file or a Hub id; ``None``: the embedded SmolLM2); ``device``
     ``"cuda"`` uses the GPU Ray gave the actor (``num_gpus=1`` in
     ``map_batches``, which :func:`score_dataset` asks for by default).
+    ``messages_field`` (a column of conversations, lists of {role, content}, as
+    the prompt), ``prompt_ids_field`` / ``response_ids_field`` (token ids) and
+    ``truncation``, ``end_of_turn``, ``prefix``: as in ``pairscore score``
+    (docs/pipeline.md, "Input forms"); a malformed value gives its row
+    ``invalid_row``.
     """
 
     def __init__(
