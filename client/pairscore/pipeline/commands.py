@@ -12,11 +12,15 @@ from pairscore.connect_args import add_connection_args, client_kwargs, target_of
 from pairscore.pipeline.columns import INPUT_OPTIONS, METRICS
 from pairscore.pipeline.formats import BAD_ROW_POLICIES, FORMATS
 from pairscore.pipeline.progress import MODES
+from pairscore.pipeline.storage import COMPRESSIONS
 
 _METRIC_HELP = ", ".join(METRICS)
 _FORMATS_HELP = (
-    "Formats follow the extension: .jsonl/.ndjson/.json, .csv, .tsv, .parquet (needs pyarrow); "
-    "'-' is JSON Lines on stdin/stdout."
+    "Formats follow the extension: .jsonl/.ndjson/.json, .csv, .tsv, .parquet (needs pyarrow), "
+    "optionally compressed (.gz, .zst, .bz2, .xz); '-' is JSON Lines on stdin/stdout. INPUT may be a "
+    "glob or a directory of such files (read in sorted order as one input), OUTPUT a directory "
+    "ending in '/' (one shard per checkpoint, then _SUCCESS); both may be URLs of any fsspec "
+    "filesystem (s3://, gs://, az://, hf://: pip install 'pairscore[s3]', [gcs], [azure], [hf])."
 )
 
 
@@ -62,12 +66,27 @@ def _input_forms(p: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="INPUT", help="rows to score ('-': JSONL on stdin)")
+    p.add_argument(
+        "input",
+        metavar="INPUT",
+        help="rows to score: a file, a glob, a directory or a URL (s3://bucket/in/); '-': JSONL on stdin",
+    )
     p.add_argument(
         "-o", "--output", required=True, metavar="OUTPUT", help="where to write ('-': JSONL on stdout)"
     )
     p.add_argument("--input-format", choices=FORMATS, help="override the input's format")
     p.add_argument("--output-format", choices=FORMATS, help="override the outputs' format")
+    p.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        help="the input's compression, when its extension does not say it (none: not compressed)",
+    )
+    p.add_argument(
+        "--output-compression",
+        choices=COMPRESSIONS,
+        help="the outputs' compression, when their extensions do not say it (default for a directory "
+        "output: the input's)",
+    )
     p.add_argument(
         "--prompt-field", default="prompt", metavar="COLUMN", help="column with the prompt (default: prompt)"
     )
@@ -298,6 +317,8 @@ def _job(args: argparse.Namespace) -> Any:
         truncation=args.truncation,
         end_of_turn=args.end_of_turn,
         prefix=args.prefix,
+        compression=args.compression,
+        output_compression=args.output_compression,
     )
 
 
@@ -337,6 +358,7 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     target = target_of(args)
     restore = _sigterm_as_interrupt()
     try:
+        job.check_storage()  # a missing extra, an empty glob: said before any server is asked
         # No wait_for_ready: a server that cannot be reached must say why, not stall.
         with ScoringClient(target, **client_kwargs(args)) as client:
             reach_server(

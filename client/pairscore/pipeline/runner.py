@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import sys
 import time
 from collections import deque
@@ -50,10 +49,11 @@ from pairscore.pipeline.columns import (
 )
 from pairscore.pipeline.formats import STDIO, BadRow, FormatError, Row, RowReader, count_rows
 from pairscore.pipeline.job import Job
-from pairscore.pipeline.parts import LinePart, ParquetPart, StateFile, open_part
+from pairscore.pipeline.parts import ChunkedPart, LinePart, StateFile, open_part
 from pairscore.pipeline.progress import Progress
 from pairscore.pipeline.selection import Cutoff, TopSelector, rank_key
 from pairscore.pipeline.stats import RunStats
+from pairscore.pipeline.storage import exists, remove
 from pairscore.types import ItemError, Pair, PairScore, ScoreOutcome
 
 STATE_VERSION = 1
@@ -123,7 +123,7 @@ class Runner:
     def _refuse_to_overwrite(self) -> None:
         if self.job.overwrite:
             return
-        existing = [p for p, _ in self.job.outputs().values() if p != STDIO and os.path.exists(p)]
+        existing = [p for p, _ in self.job.outputs().values() if p != STDIO and exists(p)]
         if existing:
             raise OutputExistsError(
                 f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
@@ -187,17 +187,17 @@ class Runner:
         """Without --resume an earlier unfinished run is thrown away (final files are kept)."""
         del state
         for path, fmt in [*self._phase1_outputs().values(), *self.job.outputs().values()]:
-            open_part(path, fmt).discard()
-        if self.job.top_fraction is not None and os.path.exists(self.job.scored_path):
-            os.remove(self.job.scored_path)
+            open_part(path, fmt, compression=self.job.compression_for(path)).discard()
+        if self.job.top_fraction is not None:
+            remove(self.job.scored_path)
         self._remove_state()
 
     def _drop_empty_default_errors(self, stats: RunStats) -> None:
         """The errors file filter names by itself only stays when a row failed."""
         if self.job.errors is None and stats.routed.get("errors", 0) == 0:
             default = self.job.errors_path()
-            if default is not None and os.path.exists(default):
-                os.remove(default)
+            if default is not None:
+                remove(default)
 
     def _remove_state(self) -> None:
         if self.state_file is not None:
@@ -268,12 +268,18 @@ class Runner:
         first_row, end_row = 0, None
         if job.shard is not None:
             index, count = job.shard
-            total = count_rows(job.input, job.in_format)
+            total = count_rows(job.input, job.in_format, compression=job.compression, files=job.input_files)
             first_row, end_row = (index - 1) * total // count, index * total // count
-        reader = RowReader(job.input, job.in_format, on_bad_row=job.on_bad_row)
-        self._parts: dict[str, LinePart | ParquetPart] = {}
+        reader = RowReader(
+            job.input,
+            job.in_format,
+            on_bad_row=job.on_bad_row,
+            compression=job.compression,
+            files=job.input_files if job.input != STDIO else None,
+        )
+        self._parts: dict[str, LinePart | ChunkedPart] = {}
         for role, (path, fmt) in self._phase1_outputs().items():
-            part = open_part(path, fmt, reader.parquet_schema())
+            part = open_part(path, fmt, reader.parquet_schema(), job.compression_for(path))
             part.open(state["parts"][role] if state else None)
             self._parts[role] = part
         done = [reader.position()]  # where the last row written ends in the input
@@ -290,6 +296,7 @@ class Runner:
             mode=job.progress,
             log_every=job.log_every,
             start_rows=stats.rows,
+            target=getattr(self.client, "target", None),
         )
         # (output row, its problem, where it ends in the input, whether it ends its input row)
         waiting: deque[tuple[Row, str | None, int, bool]] = deque()
@@ -386,7 +393,7 @@ class Runner:
         if time.monotonic() - self._last_checkpoint >= self.job.checkpoint_seconds:
             return True
         return any(
-            isinstance(p, ParquetPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in self._parts.values()
+            isinstance(p, ChunkedPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in self._parts.values()
         )
 
     def _emit(
@@ -440,7 +447,7 @@ class Runner:
         job = self.job
         assert job.top_fraction is not None
         scored, fmt = job.scored_path, job.out_format
-        reader = RowReader(scored, fmt)
+        reader = RowReader(scored, fmt, compression=job.output_compression)
         among_passing = job.top_among == "passing"
         keys = [
             rank_key(value_of(r, self.metric.column), self.metric)
@@ -452,10 +459,10 @@ class Runner:
         cutoff = Cutoff.find(keys, job.top_fraction)
         del keys
         selector = TopSelector(self.metric, cutoff)
-        reader = RowReader(scored, fmt)
-        parts: dict[str, LinePart | ParquetPart] = {}
+        reader = RowReader(scored, fmt, compression=job.output_compression)
+        parts: dict[str, LinePart | ChunkedPart] = {}
         for role, (path, out_fmt) in job.outputs().items():
-            parts[role] = open_part(path, out_fmt, reader.parquet_schema())
+            parts[role] = open_part(path, out_fmt, reader.parquet_schema(), job.compression_for(path))
             parts[role].open(None)
         stats.routed.clear()
         for row in reader.rows():
@@ -471,7 +478,7 @@ class Runner:
             if dest is not None:
                 parts[dest].write(row)
                 stats.routed[dest] += 1
-            if any(isinstance(p, ParquetPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in parts.values()):
+            if any(isinstance(p, ChunkedPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in parts.values()):
                 for p in parts.values():
                     p.checkpoint()
         reader.close()
@@ -486,7 +493,7 @@ class Runner:
         )
         for part in parts.values():
             part.finish()
-        os.remove(scored)
+        remove(scored)
 
     # --- finishing after an interruption ------------------------------------------
 
@@ -495,17 +502,6 @@ class Runner:
         outputs = {**self._phase1_outputs(), **self.job.outputs()}
         for role in roles:
             path, fmt = outputs[role]
-            if fmt == "parquet":
-                part = ParquetPart(path)
-                if part.path.exists():
-                    state = {"chunks": len(list(part.path.glob("chunk-*.parquet"))), "rows": 0}
-                    part.open(state)
-                    part.finish()
-            elif os.path.exists(path + ".part"):
-                os.replace(path + ".part", path)
-        if (
-            self.job.top_fraction is not None
-            and os.path.exists(self.job.scored_path)
-            and "scored" not in roles
-        ):
-            os.remove(self.job.scored_path)
+            open_part(path, fmt, compression=self.job.compression_for(path)).complete()
+        if self.job.top_fraction is not None and "scored" not in roles:
+            remove(self.job.scored_path)
