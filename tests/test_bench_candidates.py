@@ -68,10 +68,10 @@ def test_candidates_benchmark_runs_and_agrees(bpe_tokenizer, tmp_path):
             "grpc_pairs",
             "grpc_separate",
         }
-        # the prompt (1 prefix + 60 tokens) is computed once per set instead of N times
+        # the prompt (1 prefix + 60 tokens) is computed once per set instead of N times,
         saved = (
             rows["engine_separate"]["forward_tokens_per_set"]
             - rows["engine_candidates"]["forward_tokens_per_set"]
         )
-        assert saved == 61 * (int(n) - 1)
+        assert saved >= 61 * (int(n) - 1)  # more where responses share leading tokens (prefix trie)
         assert rows["grpc_candidates"]["request_bytes_per_set"] < rows["grpc_pairs"]["request_bytes_per_set"]

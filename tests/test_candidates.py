@@ -66,7 +66,14 @@ def test_candidates_equal_separate_pairs_and_the_prompt_is_computed_once(server)
     # 1 prefix + m prompt tokens are computed for the first candidate and reused for the others
     reused = ("pairscore_forward_tokens_total", (("kind", "reused"),))
     prompt_len = 1 + alone[0].prompt_tokens
-    assert after[reused] - before.get(reused, 0.0) == prompt_len * (len(RESPONSES) - 1)
+    saved = after[reused] - before.get(reused, 0.0)
+    # at least the prompt for every candidate but the first; the engine's prefix trie may
+    # also share the first tokens two responses have in common
+    assert (
+        prompt_len * (len(RESPONSES) - 1)
+        <= saved
+        <= prompt_len * (len(RESPONSES) - 1) + sum(s.response_tokens for s in alone)
+    )
     pairs = ("pairscore_pairs_total", (("outcome", "ok"),))
     assert after[pairs] - before.get(pairs, 0.0) == len(RESPONSES)
     ok = ("pairscore_requests_total", (("code", "OK"), ("method", "ScoreCandidates")))
