@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from pairscore.pipeline.columns import RowFields, input_options
 from pairscore.pipeline.formats import (
     BAD_ROW_POLICIES,
     STDIO,
@@ -108,12 +109,24 @@ class Job:
     #: Which rows --top-fraction ranks: "all" scored rows (then thresholds apply on top),
     #: or only those "passing" the thresholds (IFD selection: --max ifd=1 among passing).
     top_among: str = "all"
+    #: Other input forms (columns.RowFields): a conversation or token ids as the prompt,
+    #: token ids or a list of candidate responses as the response.
+    messages_field: str | None = None
+    prompt_ids_field: str | None = None
+    response_ids_field: str | None = None
+    responses_field: str | None = None
+    #: Request options of the new input forms (ScoreOptions; defaults: the server's).
+    truncation: str = "none"
+    end_of_turn: str = "included"
+    prefix: str = "server"
     #: The input's compression when not the extension's (storage.COMPRESSIONS; "none": not compressed).
     compression: str | None = None
     #: The outputs' compression when not their extensions' (a directory output: the input's).
     output_compression: str | None = None
 
     def __post_init__(self) -> None:
+        self.row_fields  # noqa: B018 - two forms of one side: ValueError naming the flags
+        input_options(self.truncation, self.end_of_turn, self.prefix)  # an unknown value: ValueError
         if self.top_among not in TOP_AMONG:
             raise ValueError(f"--top-among must be one of {', '.join(TOP_AMONG)}, got {self.top_among!r}")
         if self.command not in ("score", "filter"):
@@ -286,6 +299,21 @@ class Job:
             # only when set, so that runs begun before --scores existed still resume
             **({"scores": list(self.scores)} if self.scores else {}),
             **({"top_among": self.top_among} if self.top_among != "all" else {}),
+            **self.row_fields.describe(),
+            **input_options(self.truncation, self.end_of_turn, self.prefix),
             **({"compression": self.compression} if self.compression else {}),
             **({"output_compression": self.output_compression} if self.output_compression else {}),
         }
+
+    @property
+    def row_fields(self) -> RowFields:
+        """Which columns hold each row's prompt and response."""
+        return RowFields(
+            prompt_field=self.prompt_field,
+            response_field=self.response_field,
+            id_field=self.id_field,
+            messages_field=self.messages_field,
+            prompt_ids_field=self.prompt_ids_field,
+            response_ids_field=self.response_ids_field,
+            responses_field=self.responses_field,
+        )

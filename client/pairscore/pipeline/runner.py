@@ -38,10 +38,11 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from pairscore.pipeline.columns import (
+    CANDIDATE_INDEX,
     INVALID_ROW,
     error_columns,
+    input_options,
     metric,
-    pair_problem,
     score_columns,
     score_options,
     value_of,
@@ -97,6 +98,9 @@ class Runner:
         self.state_file = StateFile(job.state_path) if job.output != STDIO else None
         self.metric = metric(job.by)
         self._emitting = False
+        #: Some but not all output rows of an input row's candidates are written.
+        self._mid_row = False
+        self._ends_row = True
         self._last_checkpoint = 0.0
 
     # --- entry point ----------------------------------------------------------------
@@ -223,14 +227,38 @@ class Runner:
             return "kept"
         return "rejected" if "rejected" in outs else None
 
-    def _pair(self, row: Row) -> tuple[Pair | None, str | None]:
-        job = self.job
-        prompt, response = row.get(job.prompt_field), row.get(job.response_field)
-        problem = pair_problem(prompt, response, job.prompt_field, job.response_field)
-        if problem is not None:
-            return None, problem
-        pair_id = "" if job.id_field is None else str(row.get(job.id_field, ""))
-        return Pair(prompt=prompt, response=response, id=pair_id), None  # type: ignore[arg-type]
+    def _pairs(self, row: Row) -> tuple[list[tuple[Row, Pair]], str | None]:
+        """The pairs of an input row, each with the output row it becomes (one per
+        candidate of a ``--responses-field`` list), or why the row cannot be scored."""
+        fields = self.job.row_fields
+        pairs, problem = fields.pairs(row)
+        if problem is not None or fields.responses_field is None:
+            return [(row, p) for p in pairs], problem
+        base = {k: v for k, v in row.items() if k != fields.responses_field}
+        return [
+            ({**base, fields.response_field: p.response, CANDIDATE_INDEX: i}, p) for i, p in enumerate(pairs)
+        ], None
+
+    def _missing_columns_error(self, row: Row) -> FormatError:
+        fields = self.job.row_fields
+        missing = fields.missing_columns(row)
+        hints = {
+            "messages": "--messages-field messages",
+            "prompt_ids": "--prompt-ids-field prompt_ids",
+            "response_ids": "--response-ids-field response_ids",
+            "responses": "--responses-field responses",
+        }
+        present = [flag for column, flag in hints.items() if column in row and column not in missing]
+        hint = (
+            f"; it has {', '.join(sorted(set(hints) & row.keys()))}: pass {' '.join(present)}"
+            if present
+            else ""
+        )
+        return FormatError(
+            f"the input has no column {' or '.join(repr(c) for c in missing)} (its first row has "
+            f"{sorted(row)}){hint}; name the columns with --prompt-field/--response-field, "
+            "--messages-field, --prompt-ids-field, --response-ids-field or --responses-field"
+        )
 
     def _phase1(
         self, state: dict[str, Any] | None, fingerprint: dict[str, object], model: dict[str, str]
@@ -270,7 +298,8 @@ class Runner:
             start_rows=stats.rows,
             target=getattr(self.client, "target", None),
         )
-        waiting: deque[tuple[Row, str | None, int]] = deque()
+        # (output row, its problem, where it ends in the input, whether it ends its input row)
+        waiting: deque[tuple[Row, str | None, int, bool]] = deque()
         first = [True]
 
         def pairs() -> Iterator[Pair]:
@@ -279,17 +308,16 @@ class Runner:
                 rows = itertools.islice(rows, max(0, end_row - first_row - stats.rows))
             for row in rows:
                 if isinstance(row, BadRow):
-                    waiting.append((row, row.reason, reader.position()))
+                    waiting.append((row, row.reason, reader.position(), True))
                     continue
-                pair, problem = self._pair(row)
-                if first[0] and not {job.prompt_field, job.response_field} <= row.keys():
-                    raise FormatError(
-                        f"the input has no column {job.prompt_field!r} or no {job.response_field!r} "
-                        f"(its first row has {sorted(row)}); name them with --prompt-field/--response-field"
-                    )
+                if first[0] and job.row_fields.missing_columns(row):
+                    raise self._missing_columns_error(row)
                 first[0] = False
-                waiting.append((row, problem, reader.position()))
-                if pair is not None:
+                pairs, problem = self._pairs(row)
+                if problem is not None:
+                    waiting.append((row, problem, reader.position(), True))
+                for i, (out_row, pair) in enumerate(pairs):
+                    waiting.append((out_row, None, reader.position(), i == len(pairs) - 1))
                     yield pair
 
         def checkpoint() -> None:
@@ -317,23 +345,28 @@ class Runner:
             streams=job.concurrency,
             tokenization=job.tokenization,
             **score_options(job.scores),
+            **input_options(job.truncation, job.end_of_turn, job.prefix),
             on_retry=on_retry,
         )
         try:
             for outcome in results:
                 while waiting[0][1] is not None:
-                    row, problem, done[0] = waiting.popleft()
+                    row, problem, done[0], _ = waiting.popleft()
                     self._emit(row, None, problem, stats, progress)
-                row, _, done[0] = waiting.popleft()
+                row, _, position, ends_row = waiting.popleft()
+                if ends_row:  # a candidate list's input row is done with its last candidate
+                    done[0] = position
+                self._ends_row = ends_row
                 self._emit(row, outcome, None, stats, progress)
-                if self._checkpoint_due():
+                self._ends_row = True
+                if ends_row and self._checkpoint_due():  # never inside a candidate list
                     checkpoint()
             while waiting:
-                row, problem, done[0] = waiting.popleft()
+                row, problem, done[0], _ = waiting.popleft()
                 self._emit(row, None, problem, stats, progress)
         except BaseException:
             results.close()  # cancels the streams
-            if job.resume and not self._emitting and self.state_file is not None:
+            if job.resume and not self._emitting and not self._mid_row and self.state_file is not None:
                 checkpoint()  # keep what is done for --resume
             for part in self._parts.values():
                 part.close()
@@ -371,6 +404,9 @@ class Runner:
         stats: RunStats,
         progress: Progress,
     ) -> None:
+        """Write one output row. An input row with a list of candidate responses gives one
+        output row per candidate; ``self._ends_row`` is False for all but its last."""
+        ends_row = self._ends_row
         self._emitting = True
         if outcome is None:
             columns = error_columns(INVALID_ROW, problem or "", self.job.scores)
@@ -391,7 +427,8 @@ class Runner:
         if role is not None:
             self._parts[role].write(out)
             stats.routed[role] += 1
-        stats.rows += 1
+        stats.rows += int(ends_row)  # input rows: what --resume skips
+        self._mid_row = not ends_row
         tokens = 0
         if code is None:
             assert isinstance(outcome, PairScore)
@@ -401,7 +438,7 @@ class Runner:
             stats.metric.add(value_of(out, self.metric.column))
         else:
             stats.errors[code] += 1
-        progress.update(rows=1, tokens=tokens, errors=int(code is not None))
+        progress.update(rows=int(ends_row), tokens=tokens, errors=int(code is not None))
         self._emitting = False
 
     # --- phase 2: exact top fraction ------------------------------------------------
