@@ -15,6 +15,7 @@ Methods:
   engine_padded  the engine with --packing off: padded batches, a key/value cache per shared prompt
   engine_packed  the engine with --packing on: packed rows (the CPU default; padded is CUDA's)
   engine_bf16 the engine with bfloat16 weights (float32 log-softmax), opt-in
+  engine_prompts the engine sharing whole prompts only (no prefix trie): the engine before issue 15
   grpc        `pairscore serve` in a separate process, N concurrent client streams
 Data-selection methods (docs/scores.md; not in the default --methods):
   engine_uncond  the engine with unconditional=True (p+y rows beside p+x+y rows)
@@ -26,6 +27,14 @@ Usage:
   python bench/throughput.py --model smollm2 --methods engine,grpc,lmeval
   python bench/throughput.py --model smollm2 --device cuda --pairs 512 --shared 64x8
   python bench/throughput.py --model llama-1b-random --tokenizer .gpu-carry/tokenizer --device cuda
+
+Workloads (--workloads, default distinct,shared):
+  distinct  --pairs pairs, prompts 20-200 tokens, responses 10-200
+  shared    --shared PROMPTSxRESPONSES, whole prompts shared
+  fewshot   --fewshot ITEMSxCHOICES (default 64x4): 5 exemplars (~400 tokens) before
+            every item (~30 tokens), each item with its candidate answers
+  chat      --chat N (default 128): a ~150-token system prompt, then N distinct user
+            turns and responses in a chat template
 
 Models: the GPT-2 shapes (tiny, gpt2-small) and the Llama shapes (*-random) get
 random weights, so only the tokenizer has to exist: SmolLM2's, from the
@@ -42,6 +51,7 @@ the largest score difference between methods (nats).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -66,7 +76,11 @@ ALL_METHODS = [
     "engine_bf16",
     "grpc",
 ]
-ENGINE_METHODS = ("engine", "engine_padded", "engine_packed", "engine_bf16")
+ENGINE_METHODS = ("engine", "engine_padded", "engine_packed", "engine_bf16", "engine_prompts")
+#: Workloads (--workloads): distinct prompts, whole prompts shared by several responses,
+#: few-shot multiple choice (exemplars shared by every item, candidates sharing the
+#: item) and chat (one system prompt shared by every conversation).
+WORKLOADS = ("distinct", "shared", "fewshot", "chat")
 #: The engine with the data-selection options on, measured against ``engine`` in the same run.
 SELECTION_METHODS = {
     "engine_uncond": {"unconditional": True},
@@ -152,6 +166,44 @@ def make_workload(tokenizer, *, pairs: int, shared: tuple[int, int] | None, seed
         prompt = text(20, 200)
         out += [(prompt, " " + text(10, 200)) for _ in range(per_prompt)]
     return out
+
+
+def make_fewshot(tokenizer, *, items: int, choices: int, seed: int, exemplars: int = 5):
+    """Seeded few-shot multiple choice: ``exemplars`` question/answer blocks (~80 tokens
+    each) before every item's question (~30 tokens); each item is scored with
+    ``choices`` candidate answers (2-12 tokens) as responses."""
+    rng = random.Random(seed)
+    text = _random_text(tokenizer, rng)
+    shots = "".join(f"Question: {text(55, 65)}\nAnswer: {text(8, 14)}\n\n" for _ in range(exemplars))
+    out = []
+    for _ in range(items):
+        prompt = f"{shots}Question: {text(21, 25)}\nAnswer:"
+        out += [(prompt, " " + text(2, 12)) for _ in range(choices)]
+    return out
+
+
+def make_chat(tokenizer, *, conversations: int, seed: int):
+    """Seeded chat: one ~150-token system prompt, then per conversation a distinct user
+    turn (20-80 tokens) and response (20-150 tokens), in SmolLM2's chat template.
+    Responses start with a space, as in make_workload, so that every method splits
+    x and y at the same token boundary."""
+    rng = random.Random(seed)
+    text = _random_text(tokenizer, rng)
+    system = f"<|im_start|>system\n{text(130, 136)}<|im_end|>\n"
+    return [
+        (f"{system}<|im_start|>user\n{text(20, 80)}<|im_end|>\n<|im_start|>assistant\n", " " + text(20, 150))
+        for _ in range(conversations)
+    ]
+
+
+def _random_text(tokenizer, rng: random.Random):
+    low, high = 1000, min(40000, len(tokenizer) - 1)
+
+    def text(n_min: int, n_max: int) -> str:
+        ids = [rng.randrange(low, high) for _ in range(rng.randint(n_min, n_max))]
+        return " ".join(tokenizer.decode(ids).split())
+
+    return text
 
 
 def llama_config(name: str, vocab_size: int, **overrides):
@@ -401,12 +453,19 @@ def child(args) -> None:
     from pairscore_server.engine.loading import ModelSpec, engine_limits, resolve_device, resolve_dtype
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or smollm2_dir())
-    pairs = make_workload(tokenizer, pairs=args.pairs, shared=args.shared, seed=args.seed)
+    if args.run_workload == "fewshot":
+        pairs = make_fewshot(tokenizer, items=args.fewshot[0], choices=args.fewshot[1], seed=args.seed)
+    elif args.run_workload == "chat":
+        pairs = make_chat(tokenizer, conversations=args.chat, seed=args.seed)
+    else:
+        pairs = make_workload(tokenizer, pairs=args.pairs, shared=args.shared, seed=args.seed)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model = build_model(args.model, len(tokenizer), device).to(device=device, dtype=dtype)
     packing = {"engine_padded": "off", "engine_packed": "on"}.get(args.run_method, args.packing)
     limits = engine_limits(ModelSpec(packing=packing), device)
+    if args.run_method == "engine_prompts":
+        limits = dataclasses.replace(limits, share_prefixes=False)
     engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"), limits=limits)
     prepared = engine.prepare([Pair(x, y) for x, y in pairs], ScoreOptions())
     tokens = sum(p.num_tokens for p in prepared)
@@ -424,7 +483,7 @@ def child(args) -> None:
         results = run_lmeval(
             model, tokenizer, pairs, engine.prefix.token, "auto" if device.type == "cuda" else 1
         )
-    elif method in ("engine", "engine_padded", "engine_packed"):
+    elif method in ("engine", "engine_padded", "engine_packed", "engine_prompts"):
         results = run_engine(engine, pairs)
     elif method in SELECTION_METHODS:
         results = run_engine(engine, pairs, **SELECTION_METHODS[method])
@@ -483,7 +542,7 @@ def child(args) -> None:
 # --- parent ----------------------------------------------------------------------
 
 
-def run_child(method: str, args, shared) -> dict | None:
+def run_child(method: str, args, shared, workload: str = "distinct") -> dict | None:
     cmd = [
         sys.executable,
         __file__,
@@ -511,6 +570,14 @@ def run_child(method: str, args, shared) -> dict | None:
         str(args.gemm_seconds),
     ]
     cmd += ["--shared", f"{shared[0]}x{shared[1]}" if shared else "off"]
+    cmd += [
+        "--run-workload",
+        workload,
+        "--fewshot",
+        "x".join(map(str, args.fewshot)),
+        "--chat",
+        str(args.chat),
+    ]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
     # Its own process group, so that a method timed out goes with whatever it started
@@ -597,6 +664,12 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
                 else ""
             )
             print(f"{method} / engine: {ratio:.2f} (same pairs; 1/ratio = relative cost{expected})")
+    if "engine_prompts" in summary and "engine" in summary:
+        print(
+            f"engine / engine_prompts: "
+            f"{summary['engine']['tokens_per_s'] / summary['engine_prompts']['tokens_per_s']:.2f}"
+            " (prefix trie against whole prompts shared only)"
+        )
     if "engine_packed" in summary and "engine_padded" in summary:
         print(
             f"engine_packed / engine_padded: "
@@ -669,12 +742,19 @@ def main() -> None:
         help="time each method spends measuring the GEMM rate for '%% ideal'",
     )
     parser.add_argument("--child-timeout", type=float, help="seconds one method may take; past it, skipped")
+    parser.add_argument(
+        "--workloads", default="distinct,shared", help=f"comma-separated, of {', '.join(WORKLOADS)}"
+    )
+    parser.add_argument("--fewshot", default="64x4", help="few-shot workload: ITEMSxCHOICES")
+    parser.add_argument("--chat", type=int, default=128, help="chat workload: conversations")
     parser.add_argument("--run-method", help=argparse.SUPPRESS)
+    parser.add_argument("--run-workload", default="distinct", help=argparse.SUPPRESS)
     args = parser.parse_args()
     on_cuda = args.device.startswith("cuda")
     args.pairs = args.pairs or (512 if on_cuda else 128)
     args.shared = args.shared or ("64x8" if on_cuda else "16x8")
     args.shared = None if args.shared in (None, "off") else tuple(int(v) for v in args.shared.split("x"))
+    args.fewshot = tuple(int(v) for v in args.fewshot.split("x"))
     if args.run_method:
         child(args)
         return
@@ -688,26 +768,36 @@ def main() -> None:
         flush=True,
     )
     out = {}
-    workloads = [("distinct", None, args.pairs)]
-    if args.shared:
-        workloads.append(("shared", args.shared, args.shared[0] * args.shared[1]))
-    for label, shared, n in workloads:
+    chosen = [w for w in args.workloads.split(",") if w]
+    if unknown := set(chosen) - set(WORKLOADS):
+        raise SystemExit(f"unknown workloads {sorted(unknown)}")
+    workloads = []
+    if "distinct" in chosen:
+        workloads.append(("distinct", None, args.pairs, "distinct prompts"))
+    if "shared" in chosen and args.shared:
+        workloads.append(("shared", args.shared, args.shared[0] * args.shared[1], "shared prompts"))
+    if "fewshot" in chosen:
+        items, choices = args.fewshot
+        workloads.append(("fewshot", None, items * choices, f"few-shot {items} items x {choices} choices"))
+    if "chat" in chosen:
+        workloads.append(("chat", None, args.chat, "chat, one system prompt"))
+    for label, shared, n, title in workloads:
         runs: dict[str, list[dict]] = {}
         for _ in range(args.repeats):
             for method in methods:
-                if method in ("naive_two", "engine_bf16") and shared:
+                if method in ("naive_two", "engine_bf16") and label != "distinct":
                     continue
                 if (
-                    shared
+                    label == "shared"
                     and args.shared_methods is not None
                     and method not in args.shared_methods.split(",")
                 ):
                     continue
                 print(f"  {label}: {method} ...", flush=True)
-                result = run_child(method, argparse.Namespace(**{**vars(args), "pairs": n}), shared)
+                result = run_child(method, argparse.Namespace(**{**vars(args), "pairs": n}), shared, label)
                 if result:
                     runs.setdefault(method, []).append(result)
-        out[label] = report(f"{label} prompts ({n} pairs)", runs, args.peak_tflops)
+        out[label] = report(f"{title} ({n} pairs)", runs, args.peak_tflops)
         if args.json:  # after each workload, so a run cut short keeps what it measured
             meta = {
                 "model": args.model,

@@ -127,3 +127,16 @@ def start_server():
     yield start
     for st in reversed(started):
         st.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1 for the session (harness.storage.S3Server): a real
+    S3 HTTP API on loopback; ``s3.env`` points s3fs at it."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from harness.storage import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()

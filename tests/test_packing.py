@@ -10,35 +10,97 @@ import torch
 
 from pairscore.types import Pair, ScoreOptions
 from pairscore_server.engine import packed_attention
-from pairscore_server.engine.packing import Tree, build_trees, pack_row, plan_rows
+from pairscore_server.engine.packing import build_tries, pack_row, plan_rows, row_items
 
 from harness.models import make_engine
 from harness.scoring import assert_same_scores, mixed_pairs
 
 
-def test_lone_pairs_are_trees_of_their_own():
+def shape(trie):
+    """(tokens, depth, parent) of each node, preorder."""
+    return [(n.tokens, n.depth, n.parent) for n in trie.nodes]
+
+
+def test_lone_pairs_are_tries_of_their_own():
     seqs = [(0, 5, 6, 7), (0, 5, 6, 8), (0, 9)]
-    trees = build_trees(seqs, [2, 2, 1], share_prompts=False, capacity=100)
-    assert [t.members for t in trees] == [((0, ()),), ((1, ()),), ((2, ()),)]
-    assert [t.size for t in trees] == [3, 3, 1]  # the last token is a target only
+    tries = build_tries(seqs, [2, 2, 1], share_prompts=False)
+    assert [shape(t) for t in tries] == [[(s, 0, -1)] for s in seqs]
+    assert [t.size for t in tries] == [3, 3, 1]  # the last token is a target only
 
 
-def test_shared_prompt_is_one_tree_split_at_capacity():
+def test_shared_prompt_is_one_trie_split_at_capacity():
     prompt = (0, 5, 6)
     seqs = [prompt + (1, 2, 3, 4), prompt + (7,), prompt + (8, 9), prompt, (0, 5, 11)]
-    trees = build_trees(seqs, [3, 3, 3, 3, 2], share_prompts=True, capacity=100)
-    assert len(trees) == 2
-    shared = trees[0]
-    assert shared.prompt == prompt
-    assert [i for i, _ in shared.members] == [0, 2, 1, 3]  # longest response first
+    tries = build_tries(seqs, [3, 3, 3, 3, 2], min_shared=None)
+    assert len(tries) == 2
+    shared, lone = tries
+    assert shape(shared) == [(prompt, 0, -1), ((1, 2, 3, 4), 3, 0), ((7,), 3, 0), ((8, 9), 3, 0)]
+    assert [(m.indices, m.path) for m in shared.members] == [
+        ((0,), (0, 1)),
+        ((1,), (0, 2)),
+        ((2,), (0, 3)),
+        ((3,), (0,)),
+    ]
     # The prompt's last token is an input (it predicts each y_1); responses drop theirs.
-    assert shared.size == 3 + 3 + 1 + 0 + 0
-    assert shared.reused_tokens == 3 * 3
+    assert shared.size == 3 + 3 + 0 + 1
+    [item] = row_items(shared, 100)
+    assert item.reused_tokens == 3 * 3
     # A pair alone on its prompt is still prompt + response (batch invariance:
     # the same attention calls whatever shares the call).
-    assert trees[1] == Tree((0, 5), ((4, (11,)),))
-    split = build_trees(seqs, [3, 3, 3, 3, 2], share_prompts=True, capacity=6)
-    assert [[i for i, _ in t.members] for t in split[:-1]] == [[0], [2, 1, 3]]
+    assert shape(lone) == [((0, 5), 0, -1), ((11,), 2, 0)]
+    split = row_items(shared, 6)
+    # first fit, largest first, each part with its own copy of the prompt
+    assert [item.nodes for item in split] == [(0, 1, 2), (0, 3)]
+    assert [item.size for item in split] == [3 + 3 + 0, 3 + 1]
+    assert [item.members for item in split] == [(0, 1, 3), (2,)]
+    assert [item.reused_tokens for item in split] == [3 * 2, 0]
+
+
+def test_prefix_shared_below_the_prompt_and_inside_the_response():
+    """Runs of at least ``min_shared`` tokens are shared wherever they end: mid-prompt
+    (A, B), inside a response (C, D: same prompt, responses share 3 tokens); shorter
+    runs are not (E); a pair whose whole sequence is a shared run (F) ends inside the
+    trie; identical pairs (G) are one member; every prompt end is a node boundary."""
+    a = (0, 1, 2, 3, 4, 5, 6)  # prompt (0, 1, 2, 3, 4)
+    b = (0, 1, 2, 3, 9, 8)  # prompt (0, 1, 2, 3, 9): shares 4 tokens with a, mid-prompt
+    c = (0, 1, 2, 3, 9, 20, 21, 22, 23)  # b's prompt, response shares 3 tokens with d
+    d = (0, 1, 2, 3, 9, 20, 21, 22, 30, 31)
+    e = (0, 1, 7, 7, 7)  # shares 2 < 3 tokens with the others
+    f = (0, 1, 2, 3, 9, 20, 21)  # a prefix of c and d, prompt (0, 1, 2, 3, 9)
+    seqs = [a, b, c, d, e, f, a]
+    plens = [5, 5, 5, 5, 3, 5, 5]
+    tries = build_tries(seqs, plens, min_shared=3)
+    assert len(tries) == 2
+    big, lone = tries
+    assert shape(lone) == [((0, 1, 7), 0, -1), ((7, 7), 3, 0)]
+    assert shape(big) == [
+        ((0, 1, 2, 3), 0, -1),
+        ((4,), 4, 0),
+        ((5, 6), 5, 1),
+        ((9,), 4, 0),
+        ((8,), 5, 3),
+        ((20, 21), 5, 3),
+        ((22,), 7, 5),
+        ((23,), 8, 6),
+        ((30, 31), 8, 6),
+    ]
+    paths = {m.indices: m.path for m in big.members}
+    assert paths == {
+        (0, 6): (0, 1, 2),
+        (1,): (0, 3, 4),
+        (2,): (0, 3, 5, 6, 7),
+        (3,): (0, 3, 5, 6, 8),
+        (5,): (0, 3, 5),
+    }
+    for m in big.members:  # a member's path spells its sequence
+        assert sum((big.nodes[i].tokens for i in m.path), ()) == seqs[m.indices[0]]
+    assert big.size == 4 + 1 + 1 + 1 + 0 + 2 + 1 + 0 + 1
+    [item] = row_items(big, 100)
+    assert item.reused_tokens == sum(len(s) for s in seqs) - len(e) - sum(len(n.tokens) for n in big.nodes)
+    assert sum(len(n.tokens) for n in big.nodes) == 15
+    # Below the threshold only identical prompts are shared: b, c, d, f share theirs.
+    prompts_only = build_tries(seqs, plens, min_shared=None)
+    assert sorted(len(t.nodes) for t in prompts_only) == [2, 2, 5]  # prompt + 4 responses
 
 
 def test_plan_rows_first_fit_decreasing():
@@ -50,15 +112,16 @@ def test_plan_rows_first_fit_decreasing():
 
 
 def test_pack_row_layout_follows_the_token_shift():
-    lone = Tree((0, 5, 6, 7), ((9, ()),))
-    tree = Tree((0, 3), ((1, (20, 21, 22)), (2, (30,)), (3, ())))
-    row = pack_row([lone, tree], device=torch.device("cpu"))
+    lone, shared = build_tries(
+        [(0, 5, 6, 7), (0, 3, 20, 21, 22), (0, 3, 30), (0, 3)], [4, 2, 2, 2], min_shared=None
+    )
+    row = pack_row(row_items(lone, 100) + row_items(shared, 100), device=torch.device("cpu"))
     assert row.input_ids.tolist() == [[0, 5, 6, 0, 3, 20, 21]]
     assert row.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3]]
-    assert [(s.start, s.stop, s.context_start, s.context_stop) for s in row.segments] == [
-        (0, 3, 0, 0),
-        (3, 5, 0, 0),
-        (5, 7, 3, 5),
+    assert [(s.start, s.stop, s.context) for s in row.segments] == [
+        (0, 3, ()),
+        (3, 5, ()),
+        (5, 7, ((3, 5),)),
     ]
     assert row.segments[2].mask.tolist() == [[True, True, True, False], [True, True, True, True]]
     # lone: rows 0,1,2 predict 5,6,7; tree: row 3 predicts 3, row 4 predicts y_1 of
@@ -67,11 +130,30 @@ def test_pack_row_layout_follows_the_token_shift():
     assert row.targets.tolist() == [5, 6, 7, 3, 20, 21, 22, 30]
     lps = torch.arange(8, dtype=torch.float32)
     split = dict(row.split(lps))
-    assert split[9].tolist() == [0, 1, 2]
+    assert split[0].tolist() == [0, 1, 2]
     assert split[1].tolist() == [3, 4, 5, 6]
     assert split[2].tolist() == [3, 7]
     assert split[3].tolist() == [3]
     assert row.reused_tokens == 2 * 2
+
+
+def test_pack_row_context_is_every_ancestor():
+    """A node attends to all its ancestors' rows, which need not be contiguous: the
+    second child of a node sits after its first sibling's subtree."""
+    [trie] = build_tries([(0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 6), (0, 1, 2, 7, 8)], [3, 3, 3], min_shared=2)
+    assert shape(trie) == [((0, 1, 2), 0, -1), ((3, 4), 3, 0), ((5,), 5, 1), ((6,), 5, 1), ((7, 8), 3, 0)]
+    row = pack_row(row_items(trie, 100), device=torch.device("cpu"))
+    assert row.input_ids.tolist() == [[0, 1, 2, 3, 4, 7]]
+    assert row.position_ids.tolist() == [[0, 1, 2, 3, 4, 3]]
+    assert [(s.start, s.stop, s.context) for s in row.segments] == [
+        (0, 3, ()),
+        (3, 5, ((0, 3),)),
+        (5, 6, ((0, 3),)),
+    ]
+    split = dict(row.split(torch.arange(len(row.targets), dtype=torch.float32)))
+    targets = row.targets.tolist()
+    for i, seq in enumerate([(0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 6), (0, 1, 2, 7, 8)]):
+        assert [targets[int(k)] for k in split[i]] == list(seq[1:])
 
 
 def test_packed_attention_is_plain_sdpa_without_segments(gpt2_family):

@@ -7,6 +7,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -153,10 +154,43 @@ def test_progress_bar_on_a_terminal_shows_rate_eta_and_errors() -> None:
         done["f"] += 0.05
         progress.update(rows=100, tokens=2000, errors=1)
     progress.close()
-    last = stream.getvalue().split("\r")[-1]
-    assert "50.0% |" in last and "1,000 rows" in last
+    drawn = stream.getvalue()
+    last = drawn.split("\r")[-1]
+    assert " 50.0%|█████" in last and "1,000 rows scored" in last  # tqdm's bar, redrawn in place
     assert "100 pairs/s" in last and "2,000 tok/s" in last
     assert "ETA 10.0s" in last and "errors 10" in last
+    assert drawn.count("\r") >= 10 and drawn.endswith("\n")
+
+
+def test_progress_bar_shows_waiting_for_the_server_until_a_row_comes_back() -> None:
+    stream, clock = FakeTty(), Clock()
+    progress = Progress(label="score", fraction=lambda: 0.25, stream=stream, clock=clock, target="h:5")
+    progress.update(rows=10)
+    clock.now += 7
+    progress.waiting("connection refused; retrying")
+    clock.now += 6
+    progress.waiting("connection refused; retrying")  # redrawn: the wait is 6 s old now
+    assert "waiting for the server at h:5 for 6s: connection refused" in stream.getvalue().split("\r")[-1]
+    clock.now += 1
+    progress.update(rows=1)
+    assert "waiting" not in stream.getvalue().split("\r")[-1]
+    progress.close()
+
+
+def test_progress_log_lines_say_waiting_at_most_every_five_seconds() -> None:
+    stream, clock = io.StringIO(), Clock()
+    progress = Progress(
+        label="score", fraction=lambda: None, stream=stream, log_every=60, clock=clock, target="h:5"
+    )
+    for _ in range(12):
+        clock.now += 1.0
+        progress.waiting("connection refused")
+    lines = stream.getvalue().splitlines()
+    assert lines == [
+        "pairscore score: waiting for the server at h:5 for 0s: connection refused",
+        "pairscore score: waiting for the server at h:5 for 5s: connection refused",
+        "pairscore score: waiting for the server at h:5 for 10s: connection refused",
+    ]
 
 
 def test_progress_writes_plain_lines_when_not_a_terminal() -> None:
@@ -168,7 +202,8 @@ def test_progress_writes_plain_lines_when_not_a_terminal() -> None:
         progress.update(rows=10)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("pairscore filter: 50 rows") and "ETA" not in lines[0]
+    assert lines[0].startswith("pairscore filter: 50 rows scored") and "ETA" not in lines[0]
+    assert "pairs/s" in lines[0] and "tok/s" in lines[0] and "errors 0" in lines[0]
     assert "\r" not in stream.getvalue()
 
 
@@ -177,3 +212,122 @@ def test_human_readable_numbers() -> None:
     assert (
         human_duration(4.2) == "4.2s" and human_duration(73) == "1m13s" and human_duration(3725) == "1h02m05s"
     )
+
+
+# --- storage: compression, names, chunked parts ------------------------------------------------
+
+
+def test_formats_look_through_compression_and_infixes_go_before_every_suffix() -> None:
+    from pairscore.pipeline.job import with_infix
+    from pairscore.pipeline.storage import compression_of, split_compression
+
+    assert [detect_format(p) for p in ("a.jsonl.gz", "b.csv.zst", "s3://b/c.parquet", "d.tsv.xz")] == [
+        "jsonl", "csv", "parquet", "tsv",
+    ]  # fmt: skip
+    assert split_compression("s3://b/k.jsonl.bz2") == ("s3://b/k.jsonl", "bz2")
+    assert compression_of("x.jsonl", "gzip") == "gzip" and compression_of("x.jsonl.gz", "none") is None
+    assert with_infix("kept.jsonl.gz", ".errors") == "kept.errors.jsonl.gz"
+    assert with_infix("s3://b/dir/kept.parquet", ".errors") == "s3://b/dir/kept.errors.parquet"
+    assert with_infix("/abs/kept.csv", ".errors") == "/abs/kept.errors.csv"
+    assert with_infix("gs://b/kept/", ".errors") == "gs://b/kept.errors/"
+    with pytest.raises(FormatError, match="unknown compression"):
+        compression_of("x", "lz4")
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "xz", "zstd"])
+def test_a_compressed_line_part_ends_a_member_per_checkpoint_so_resume_can_cut_it(
+    tmp_path: Path, compression: str
+) -> None:
+    if compression == "zstd":
+        pytest.importorskip("zstandard")
+    from harness.storage import decompress
+
+    final = str(tmp_path / "out.jsonl.x")
+    part = LinePart(final, "jsonl", compression)
+    part.open(None)
+    part.write({"i": 0})
+    saved = part.checkpoint()
+    part.write({"i": 1})  # after the checkpoint: gone after a crash
+    part.checkpoint()
+    part.close()
+    again = LinePart(final, "jsonl", compression)
+    again.open(saved)
+    again.write({"i": 2})
+    again.finish()
+    data = Path(final).read_bytes()
+    assert decompress(data, compression) == b'{"i": 0}\n{"i": 2}\n'
+    assert decompress(data[: saved["bytes"]], compression) == b'{"i": 0}\n'  # a complete file on its own
+
+
+def test_chunked_part_on_a_url_resumes_from_its_checkpoint_and_commits_by_rename() -> None:
+    import fsspec
+
+    from pairscore.pipeline.parts import ChunkedPart, open_part
+
+    fs = fsspec.filesystem("memory")
+    final = "memory://units/chunked/out.csv.gz"
+    part = open_part(final, "csv", compression="gzip")
+    assert isinstance(part, ChunkedPart)
+    part.open(None)
+    part.write({"a": 1, "b": "x"})
+    saved = part.checkpoint()
+    part.write({"a": 2, "b": "y"})
+    part.checkpoint()  # chunk 1: past the saved checkpoint, so the resume deletes it
+    part.close()
+    again = ChunkedPart(final, "csv", compression="gzip")
+    again.open(saved)
+    assert fs.ls("/units/chunked/out.csv.gz.parts", detail=False) == [
+        "/units/chunked/out.csv.gz.parts/chunk-000000.csv.gz"
+    ]
+    again.write({"a": 3, "b": "z"})
+    again.finish()
+    from harness.storage import decompress
+
+    assert decompress(fs.cat_file("/units/chunked/out.csv.gz"), "gzip") == b"a,b\n1,x\n3,z\n"  # one header
+    assert sorted(fs.ls("/units/chunked", detail=False)) == ["/units/chunked/out.csv.gz"]
+    fs.rm("/units", recursive=True)
+
+
+def test_parquet_is_read_by_row_groups_and_a_resume_skips_whole_groups_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"i": list(range(100))}), path, row_group_size=10)
+    read: list[int] = []
+    original = pq.ParquetFile.iter_batches
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        read.extend(kwargs["row_groups"])
+        for batch in original(self, *args, **kwargs):
+            assert batch.num_rows <= 4  # streamed in batches, never a whole group
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
+    reader = RowReader(str(path), "parquet", batch_rows=4)
+    assert [r["i"] for r in reader.rows(skip=35)] == list(range(35, 100))
+    assert read == list(range(3, 10))  # groups 0-2 (rows 0-29) were skipped by their metadata alone
+    assert reader.fraction_at(reader.position()) == 1.0
+    reader.close()
+
+
+def test_the_cli_loads_no_filesystem_or_compression_package_until_a_run_needs_one() -> None:
+    import subprocess
+    import sys
+
+    from harness.servers import cli_env
+
+    code = (
+        "import sys\n"
+        "import pairscore.cli, pairscore.pipeline.runner, pairscore.pipeline.commands\n"
+        "pairscore.cli._make_parser()\n"
+        "lazy = ('fsspec', 's3fs', 'gcsfs', 'adlfs', 'huggingface_hub', 'zstandard', 'tqdm', 'botocore')\n"
+        "print(','.join(m for m in lazy if m in sys.modules) or 'clean')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "clean"

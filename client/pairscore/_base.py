@@ -16,6 +16,8 @@ from grpc_health.v1 import health_pb2
 from pairscore.channel import SCORING_SERVICE, ChannelSettings, RetryPolicy, TlsConfig
 from pairscore.convert import (
     ConversionError,
+    candidates_request_to_pb,
+    candidates_response_from_pb,
     model_info_from_pb,
     request_to_pb,
     response_from_pb,
@@ -24,6 +26,10 @@ from pairscore.convert import (
 )
 from pairscore.errors import ScoringError, error_from_rpc
 from pairscore.types import (
+    Candidate,
+    CandidateSet,
+    CandidateSetResult,
+    ChatMessage,
     EndOfTurn,
     ModelInfo,
     Pair,
@@ -37,6 +43,11 @@ from pairscore.v1 import scoring_pb2 as pb
 
 #: A pair as the client accepts it: a Pair, or a (prompt, response) tuple.
 PairLike = Union[Pair, tuple[str, str]]  # noqa: UP007 - a runtime alias on Python 3.10+
+
+#: A prompt as score_responses accepts it: text, a conversation, or token ids.
+PromptLike = Union[str, Sequence[ChatMessage], Sequence[int]]  # noqa: UP007
+#: A response as score_responses accepts it: text, a Candidate, or token ids.
+ResponseLike = Union[str, Candidate, Sequence[int]]  # noqa: UP007
 
 #: Default pairs per ScoreStream message in score_iter.
 DEFAULT_BATCH_SIZE = 32
@@ -151,6 +162,55 @@ def make_options(
     )
 
 
+def resolve_options(options: ScoreOptions | None, **keywords: object) -> ScoreOptions:
+    """``options`` when given (the keyword options must then be left at their defaults),
+    else ScoreOptions from the keywords (:func:`make_options`)."""
+    if options is None:
+        return make_options(**keywords)  # type: ignore[arg-type]
+    if not isinstance(options, ScoreOptions):
+        raise TypeError(f"options must be a pairscore.ScoreOptions, got {type(options).__name__}")
+    defaults = make_options()
+    changed = [k for k, v in keywords.items() if make_options(**{k: v}) != defaults]  # type: ignore[arg-type]
+    if changed:
+        raise ValueError(
+            f"give the options either as options=ScoreOptions(...) or as keywords, not both "
+            f"(got options and {', '.join(changed)})"
+        )
+    return options
+
+
+def _ids(value: Sequence[object], what: str) -> tuple[int, ...]:
+    ids = tuple(value)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"{what} given as a sequence must hold token ids (int) only, got {value!r}")
+    return ids  # type: ignore[return-value]
+
+
+def candidate_set(prompt: PromptLike, responses: Iterable[ResponseLike], *, id: str = "") -> CandidateSet:
+    """A CandidateSet from a prompt (text, a sequence of ChatMessage, or token ids) and
+    responses (text, Candidate, or token ids); TypeError for anything else."""
+    candidates: list[Candidate] = []
+    for r in responses:
+        if isinstance(r, Candidate):
+            candidates.append(r)
+        elif isinstance(r, str):
+            candidates.append(Candidate(response=r))
+        elif isinstance(r, Sequence):
+            candidates.append(Candidate(response_ids=_ids(r, "a response")))
+        else:
+            raise TypeError(f"a response must be str, a pairscore.Candidate or token ids, got {r!r}")
+    if isinstance(prompt, str):
+        return CandidateSet(candidates=tuple(candidates), prompt=prompt, id=id)
+    if isinstance(prompt, Sequence):
+        items = tuple(prompt)
+        if items and all(isinstance(m, ChatMessage) for m in items):
+            return CandidateSet(candidates=tuple(candidates), prompt_messages=items, id=id)  # type: ignore[arg-type]
+        return CandidateSet(candidates=tuple(candidates), prompt_ids=_ids(items, "a prompt"), id=id)
+    raise TypeError(
+        f"a prompt must be str, a sequence of pairscore.ChatMessage or token ids, got {type(prompt).__name__}"
+    )
+
+
 @dataclass(frozen=True)
 class IterSettings:
     """How :meth:`score_iter` streams: batch size, pairs in flight, streams, progress deadline."""
@@ -232,6 +292,37 @@ class ClientCore:
         if expected is not None and len(outcomes) != expected:
             raise ScoringError(_UNKNOWN, f"the server answered {len(outcomes)} results for {expected} pairs")
         return outcomes
+
+    @staticmethod
+    def candidates_request(sets: Sequence[CandidateSet], options: ScoreOptions) -> pb.ScoreCandidatesRequest:
+        """The ScoreCandidatesRequest for ``sets``; TypeError for anything but CandidateSets."""
+        for s in sets:
+            if not isinstance(s, CandidateSet):
+                raise TypeError(
+                    f"a candidate set must be a pairscore.CandidateSet, got {type(s).__name__} "
+                    "(score_responses(prompt, responses) builds one)"
+                )
+        return candidates_request_to_pb(sets, options)
+
+    @staticmethod
+    def candidate_results(
+        response: pb.ScoreCandidatesResponse, sets: Sequence[CandidateSet]
+    ) -> list[CandidateSetResult]:
+        """The per-set results of a ScoreCandidatesResponse; checks they answer ``sets``."""
+        try:
+            results = candidates_response_from_pb(response)
+        except ConversionError as exc:
+            raise ScoringError(_UNKNOWN, f"cannot read the server's answer: {exc}") from exc
+        if len(results) != len(sets):
+            raise ScoringError(_UNKNOWN, f"the server answered {len(results)} sets for {len(sets)}")
+        for i, (result, s) in enumerate(zip(results, sets, strict=True)):
+            if len(result.results) != len(s.candidates):
+                raise ScoringError(
+                    _UNKNOWN,
+                    f"the server answered {len(result.results)} results for set {i}'s "
+                    f"{len(s.candidates)} candidates",
+                )
+        return results
 
     @staticmethod
     def model_info(response: pb.GetModelInfoResponse) -> ModelInfo:

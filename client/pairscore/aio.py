@@ -31,12 +31,26 @@ from pairscore._base import (
     ClientCore,
     IterSettings,
     PairLike,
+    PromptLike,
+    ResponseLike,
     build_settings,
+    candidate_set,
     make_options,
+    resolve_options,
 )
 from pairscore.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelSettings, RetryPolicy, TlsConfig
 from pairscore.errors import ScoringError, error_from_rpc
-from pairscore.types import EndOfTurn, ModelInfo, PrefixMode, ScoreOutcome, TokenizationMode, Truncation
+from pairscore.types import (
+    CandidateSet,
+    CandidateSetResult,
+    EndOfTurn,
+    ModelInfo,
+    PrefixMode,
+    ScoreOptions,
+    ScoreOutcome,
+    TokenizationMode,
+    Truncation,
+)
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -188,6 +202,75 @@ class AsyncScoringClient:
             ),
             settings=settings,
         )
+
+    async def score_candidates(
+        self,
+        sets: Iterable[CandidateSet],
+        *,
+        options: ScoreOptions | None = None,
+        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
+        return_tokens: bool = False,
+        unconditional: bool = False,
+        greedy: bool = False,
+        top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
+        timeout: float | None = None,
+    ) -> list[CandidateSetResult]:
+        """Score candidate sets in one request; see :meth:`ScoringClient.score_candidates
+        <pairscore.client.ScoringClient.score_candidates>`."""
+        sets = list(sets)
+        resolved = resolve_options(
+            options,
+            tokenization=tokenization,
+            return_tokens=return_tokens,
+            unconditional=unconditional,
+            greedy=greedy,
+            top_k=top_k,
+            end_of_turn=end_of_turn,
+            truncation=truncation,
+            prefix=prefix,
+        )
+        request = self._core.candidates_request(sets, resolved)
+        try:
+            response = await self._stub.ScoreCandidates(request, **self._core.call_kwargs(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
+        return self._core.candidate_results(response, sets)
+
+    async def score_responses(
+        self,
+        prompt: PromptLike,
+        responses: Iterable[ResponseLike],
+        *,
+        options: ScoreOptions | None = None,
+        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
+        return_tokens: bool = False,
+        unconditional: bool = False,
+        greedy: bool = False,
+        top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
+        timeout: float | None = None,
+    ) -> list[ScoreOutcome]:
+        """Score several responses to one prompt; see :meth:`ScoringClient.score_responses
+        <pairscore.client.ScoringClient.score_responses>`."""
+        [result] = await self.score_candidates(
+            [candidate_set(prompt, responses)],
+            options=options,
+            tokenization=tokenization,
+            return_tokens=return_tokens,
+            unconditional=unconditional,
+            greedy=greedy,
+            top_k=top_k,
+            end_of_turn=end_of_turn,
+            truncation=truncation,
+            prefix=prefix,
+            timeout=timeout,
+        )
+        return list(result.results)
 
     async def tokenize(
         self, texts: Iterable[str], *, parse_special_tokens: bool = False, timeout: float | None = None

@@ -112,6 +112,12 @@ def _make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="tokenize prompt+response as one text (TOKENIZATION_MODE_JOINT) instead of separately",
     )
+    query.add_argument(
+        "--candidates",
+        action="store_true",
+        help="the texts are one PROMPT and its candidate RESPONSES: the prompt is sent and computed once "
+        "(ScoreCandidates); one line per response, in order",
+    )
     query.add_argument("--tokens", action="store_true", help="also print each token with its log-probability")
     query.add_argument(
         "--unconditional",
@@ -162,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pairscore.errors import ConnectionFailedError, ScoringError
     from pairscore.types import Pair, TokenizationMode
 
-    if args.command == "query" and len(args.texts) % 2:
+    if args.command == "query" and args.candidates and len(args.texts) < 2:
+        parser.error("query --candidates takes PROMPT RESPONSE [RESPONSE ...]: give at least two texts")
+    if args.command == "query" and not args.candidates and len(args.texts) % 2:
         parser.error("query takes PROMPT RESPONSE pairs: give an even number of texts")
     if args.command == "query" and args.top_k < 0:
         parser.error(f"--top-k must be >= 0, got {args.top_k}")
@@ -176,19 +184,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.command == "health":
                 print(client.health(""))
             else:
-                pairs = [
-                    Pair(prompt=args.texts[i], response=args.texts[i + 1])
-                    for i in range(0, len(args.texts), 2)
-                ]
                 mode = TokenizationMode.JOINT if args.joint else TokenizationMode.SEPARATE
-                results = client.score(
-                    pairs,
-                    tokenization=mode,
-                    return_tokens=args.tokens,
-                    unconditional=args.unconditional,
-                    greedy=args.greedy,
-                    top_k=args.top_k,
-                )
+                options = {
+                    "tokenization": mode,
+                    "return_tokens": args.tokens,
+                    "unconditional": args.unconditional,
+                    "greedy": args.greedy,
+                    "top_k": args.top_k,
+                }
+                if args.candidates:
+                    results = client.score_responses(args.texts[0], args.texts[1:], **options)
+                else:
+                    pairs = [
+                        Pair(prompt=args.texts[i], response=args.texts[i + 1])
+                        for i in range(0, len(args.texts), 2)
+                    ]
+                    results = client.score(pairs, **options)
                 tokens = args.tokens or args.top_k > 0
                 for index, result in enumerate(results):
                     print(json.dumps(_result_record(index, result, tokens=tokens), ensure_ascii=False))

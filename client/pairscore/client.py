@@ -34,12 +34,26 @@ from pairscore._base import (
     ClientCore,
     IterSettings,
     PairLike,
+    PromptLike,
+    ResponseLike,
     build_settings,
+    candidate_set,
     make_options,
+    resolve_options,
 )
 from pairscore.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelSettings, RetryPolicy, TlsConfig
 from pairscore.errors import ScoringError, error_from_rpc
-from pairscore.types import EndOfTurn, ModelInfo, PrefixMode, ScoreOutcome, TokenizationMode, Truncation
+from pairscore.types import (
+    CandidateSet,
+    CandidateSetResult,
+    EndOfTurn,
+    ModelInfo,
+    PrefixMode,
+    ScoreOptions,
+    ScoreOutcome,
+    TokenizationMode,
+    Truncation,
+)
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -294,6 +308,96 @@ class ScoringClient:
             call.cancel()  # no-op when the stream already ended
         if failed:
             raise failed[0]
+
+    def score_candidates(
+        self,
+        sets: Iterable[CandidateSet],
+        *,
+        options: ScoreOptions | None = None,
+        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
+        return_tokens: bool = False,
+        unconditional: bool = False,
+        greedy: bool = False,
+        top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
+        timeout: float | None = None,
+    ) -> list[CandidateSetResult]:
+        """Score candidate sets in one ScoreCandidates request: one CandidateSetResult per set,
+        in order, each with one PairScore or ItemError per candidate, in order.
+
+        Each set's prompt (text, ``prompt_messages`` or ``prompt_ids``) is sent
+        once and computed once by the server, however many candidates it has;
+        every candidate is scored exactly as the Pair (prompt, candidate) would
+        be by :meth:`score` (best-of-N reranking, multiple choice, preference
+        pairs). The server's ``max_pairs_per_request`` bounds the candidates
+        of all sets together. ``options``: a full
+        :class:`~pairscore.types.ScoreOptions` (truncation, prefix, end of
+        turn...); the keyword options are as in :meth:`score` and must stay at
+        their defaults when ``options`` is given. ``timeout`` overrides the
+        client's default deadline. Raises a
+        :class:`~pairscore.errors.ScoringError` subclass if the RPC fails (a
+        request over gRPC's message size limit:
+        :class:`~pairscore.errors.MessageTooLargeError`).
+        """
+        sets = list(sets)
+        resolved = resolve_options(
+            options,
+            tokenization=tokenization,
+            return_tokens=return_tokens,
+            unconditional=unconditional,
+            greedy=greedy,
+            top_k=top_k,
+            end_of_turn=end_of_turn,
+            truncation=truncation,
+            prefix=prefix,
+        )
+        request = self._core.candidates_request(sets, resolved)
+        try:
+            response = self._stub.ScoreCandidates(request, **self._core.call_kwargs(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
+        return self._core.candidate_results(response, sets)
+
+    def score_responses(
+        self,
+        prompt: PromptLike,
+        responses: Iterable[ResponseLike],
+        *,
+        options: ScoreOptions | None = None,
+        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
+        return_tokens: bool = False,
+        unconditional: bool = False,
+        greedy: bool = False,
+        top_k: int = 0,
+        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
+        truncation: Truncation | str = Truncation.NONE,
+        prefix: PrefixMode | str = PrefixMode.SERVER,
+        timeout: float | None = None,
+    ) -> list[ScoreOutcome]:
+        """Score several responses to one prompt (one CandidateSet); one PairScore or ItemError
+        per response, in order.
+
+        ``prompt``: text, a sequence of :class:`~pairscore.types.ChatMessage`
+        (rendered with the model's chat template) or token ids; each
+        response: text, a :class:`~pairscore.types.Candidate` or token ids.
+        The other arguments are those of :meth:`score_candidates`.
+        """
+        [result] = self.score_candidates(
+            [candidate_set(prompt, responses)],
+            options=options,
+            tokenization=tokenization,
+            return_tokens=return_tokens,
+            unconditional=unconditional,
+            greedy=greedy,
+            top_k=top_k,
+            end_of_turn=end_of_turn,
+            truncation=truncation,
+            prefix=prefix,
+            timeout=timeout,
+        )
+        return list(result.results)
 
     def tokenize(
         self, texts: Iterable[str], *, parse_special_tokens: bool = False, timeout: float | None = None

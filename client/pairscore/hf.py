@@ -34,11 +34,15 @@ from typing import Any
 from pairscore.pipeline.columns import (
     SCORE_COLUMN_TYPES,
     SELECTION_COLUMN_TYPES,
+    RowFields,
     column_names,
+    input_options,
     normalize_scores,
+    score_batch,
     score_options,
     score_rows,
 )
+from pairscore.types import Pair
 
 
 class ScoreColumns:
@@ -52,6 +56,11 @@ class ScoreColumns:
     covers; it is fetched on first hashing/pickling, or by
     :meth:`refresh_model_identity`. ``scores``: extra score groups
     (``"unconditional"``, ``"greedy"``; docs/scores.md) whose columns to add.
+    ``messages_field`` (a column of conversations, lists of {role, content}, as
+    the prompt), ``prompt_ids_field`` / ``response_ids_field`` (token ids) and
+    ``truncation``, ``end_of_turn``, ``prefix``: as in ``pairscore score``
+    (docs/pipeline.md, "Input forms"); a malformed value gives its row
+    ``invalid_row``.
     """
 
     def __init__(
@@ -64,9 +73,23 @@ class ScoreColumns:
         message_size: int = 32,
         streams: int = 1,
         scores: str | Sequence[str] = (),
+        messages_field: str | None = None,
+        prompt_ids_field: str | None = None,
+        response_ids_field: str | None = None,
+        truncation: str = "none",
+        end_of_turn: str = "included",
+        prefix: str = "server",
         **client_options: Any,
     ) -> None:
         self.target = target
+        self.fields = RowFields(
+            prompt_field=prompt_field,
+            response_field=response_field,
+            messages_field=messages_field,
+            prompt_ids_field=prompt_ids_field,
+            response_ids_field=response_ids_field,
+        )
+        self.input_options = input_options(truncation, end_of_turn, prefix)
         self.scores = normalize_scores(scores)
         self.prompt_field = prompt_field
         self.response_field = response_field
@@ -118,14 +141,21 @@ class ScoreColumns:
         ``invalid_row`` and nulls; the other rows are scored.
         """
         client = self._get_client()
-        return score_rows(
-            lambda pairs: client.score_iter(
+
+        def score(pairs: list[Pair]) -> Any:
+            return client.score_iter(
                 pairs,
                 batch_size=self.message_size,
                 streams=self.streams,
                 tokenization=self.tokenization,
                 **score_options(self.scores),
-            ),
+                **self.input_options,
+            )
+
+        if self.fields.describe():  # a conversation or token ids
+            return score_batch(score, batch, self.fields, scores=self.scores)
+        return score_rows(
+            score,
             batch[self.prompt_field],
             batch[self.response_field],
             prompt_field=self.prompt_field,
@@ -166,6 +196,12 @@ def add_scores(
     tokenization: str = "separate",
     scores: str | Sequence[str] = (),
     client_options: dict[str, Any] | None = None,
+    messages_field: str | None = None,
+    prompt_ids_field: str | None = None,
+    response_ids_field: str | None = None,
+    truncation: str = "none",
+    end_of_turn: str = "included",
+    prefix: str = "server",
     **map_kwargs: Any,
 ) -> Any:
     """``dataset`` with the score columns added, via ``dataset.map(..., batched=True)``.
@@ -175,6 +211,12 @@ def add_scores(
     ``load_from_cache_file``, ``desc``). The served model is asked for
     first (GetModelInfo): its identity is part of the cache fingerprint.
     ``scores``: extra score groups, e.g. ``"unconditional,greedy"``.
+    ``messages_field``: a column of conversations (lists of {role, content})
+    as the prompt, rendered with the model's chat template (the response
+    column is then the assistant's reply); ``prompt_ids_field`` /
+    ``response_ids_field``: columns of token ids instead of text;
+    ``truncation`` (``"left"``), ``end_of_turn`` (``"excluded"``) and
+    ``prefix`` (``"none"``) as in ``pairscore score`` (docs/pipeline.md).
     """
     scorer = ScoreColumns(
         target,
@@ -182,6 +224,12 @@ def add_scores(
         response_field=response_field,
         tokenization=tokenization,
         scores=scores,
+        messages_field=messages_field,
+        prompt_ids_field=prompt_ids_field,
+        response_ids_field=response_ids_field,
+        truncation=truncation,
+        end_of_turn=end_of_turn,
+        prefix=prefix,
         **(client_options or {}),
     )
     map_kwargs.setdefault("features", score_features(dataset.features, scores))

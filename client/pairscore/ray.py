@@ -46,7 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairscore.pipeline.columns import normalize_scores, score_options, score_rows
+from pairscore.pipeline.columns import (
+    RowFields,
+    input_options,
+    normalize_scores,
+    score_batch,
+    score_options,
+    score_rows,
+)
 
 __all__ = ["EngineScorer", "FilesOutcome", "ServiceScorer", "main", "score_dataset", "score_files"]
 
@@ -58,6 +65,11 @@ class ServiceScorer:
     (``timeout``, ``tls``, ``token``...); each batch is streamed with
     ``score_iter`` over ``streams`` streams. ``scores``: extra score groups
     (``"unconditional"``, ``"greedy"``; docs/scores.md) whose columns to add.
+    ``messages_field`` (a column of conversations, lists of {role, content}, as
+    the prompt), ``prompt_ids_field`` / ``response_ids_field`` (token ids) and
+    ``truncation``, ``end_of_turn``, ``prefix``: as in ``pairscore score``
+    (docs/pipeline.md, "Input forms"); a malformed value gives its row
+    ``invalid_row``.
     """
 
     def __init__(
@@ -69,11 +81,25 @@ class ServiceScorer:
         streams: int = 2,
         tokenization: str = "separate",
         scores: str | Sequence[str] = (),
+        messages_field: str | None = None,
+        prompt_ids_field: str | None = None,
+        response_ids_field: str | None = None,
+        truncation: str = "none",
+        end_of_turn: str = "included",
+        prefix: str = "server",
         **client_options: Any,
     ) -> None:
         from pairscore.client import ScoringClient
 
         self.scores = normalize_scores(scores)  # an unknown name fails before a channel is opened
+        self.fields = RowFields(
+            prompt_field=prompt_field,
+            response_field=response_field,
+            messages_field=messages_field,
+            prompt_ids_field=prompt_ids_field,
+            response_ids_field=response_ids_field,
+        )
+        self.input_options = input_options(truncation, end_of_turn, prefix)
         self.client = ScoringClient(target, wait_for_ready=True, **client_options)
         self.prompt_field = prompt_field
         self.response_field = response_field
@@ -82,15 +108,24 @@ class ServiceScorer:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Return the batch with the score columns added."""
+
+        client: Any = self.client  # score_iter takes the input options by keyword
+
+        def score(pairs: list[Any]) -> Any:
+            return client.score_iter(
+                pairs,
+                streams=self.streams,
+                tokenization=self.tokenization,
+                **score_options(self.scores),
+                **self.input_options,
+            )
+
+        if self.fields.describe():  # a conversation or token ids
+            return {**batch, **score_batch(score, batch, self.fields, scores=self.scores)}
         return {
             **batch,
             **score_rows(
-                lambda pairs: self.client.score_iter(
-                    pairs,
-                    streams=self.streams,
-                    tokenization=self.tokenization,
-                    **score_options(self.scores),
-                ),
+                score,
                 batch[self.prompt_field],
                 batch[self.response_field],
                 prompt_field=self.prompt_field,
@@ -108,6 +143,11 @@ class EngineScorer:
     a .gguf file or a Hub id; ``None``: the embedded SmolLM2); ``device``
     ``"cuda"`` uses the GPU Ray gave the actor (``num_gpus=1`` in
     ``map_batches``, which :func:`score_dataset` asks for by default).
+    ``messages_field`` (a column of conversations, lists of {role, content}, as
+    the prompt), ``prompt_ids_field`` / ``response_ids_field`` (token ids) and
+    ``truncation``, ``end_of_turn``, ``prefix``: as in ``pairscore score``
+    (docs/pipeline.md, "Input forms"); a malformed value gives its row
+    ``invalid_row``.
     """
 
     def __init__(
@@ -119,19 +159,40 @@ class EngineScorer:
         prompt_field: str = "prompt",
         response_field: str = "response",
         scores: str | Sequence[str] = (),
+        messages_field: str | None = None,
+        prompt_ids_field: str | None = None,
+        response_ids_field: str | None = None,
+        truncation: str = "none",
+        end_of_turn: str = "included",
+        prefix: str = "server",
     ) -> None:
-        from pairscore.types import ScoreOptions
+        from pairscore.types import EndOfTurn, PrefixMode, ScoreOptions, Truncation
         from pairscore_server import Scorer
 
+        self.fields = RowFields(
+            prompt_field=prompt_field,
+            response_field=response_field,
+            messages_field=messages_field,
+            prompt_ids_field=prompt_ids_field,
+            response_ids_field=response_ids_field,
+        )
+        input_options(truncation, end_of_turn, prefix)  # an unknown value: ValueError naming the choices
         self.scorer = Scorer(model, device=device, dtype=dtype)
         self.scores = normalize_scores(scores)
-        options = ScoreOptions(**score_options(self.scores))
+        options = ScoreOptions(
+            **score_options(self.scores),
+            truncation=Truncation(truncation),
+            end_of_turn=EndOfTurn(end_of_turn),
+            prefix=PrefixMode(prefix),
+        )
         self._score_pairs = functools.partial(self.scorer.score, options=options)
         self.prompt_field = prompt_field
         self.response_field = response_field
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Return the batch with the score columns added."""
+        if self.fields.describe():  # a conversation or token ids
+            return {**batch, **score_batch(self._score_pairs, batch, self.fields, scores=self.scores)}
         return {
             **batch,
             **score_rows(
@@ -160,17 +221,32 @@ def score_dataset(
     streams: int = 2,
     client_options: dict[str, Any] | None = None,
     scores: str | Sequence[str] = (),
+    messages_field: str | None = None,
+    prompt_ids_field: str | None = None,
+    response_ids_field: str | None = None,
+    truncation: str = "none",
+    end_of_turn: str = "included",
+    prefix: str = "server",
 ) -> Any:
     """``dataset.map_batches`` with a pool of ``actors`` scorer actors (service or engine).
 
     ``gpus_per_actor`` (``None``: the default) is 0 for the service variant
     and 1 for the engine variant, 0 with ``device="cpu"``; with GPUs and
-    ``device="auto"`` the engine runs on ``cuda``.
+    ``device="auto"`` the engine runs on ``cuda``. ``messages_field``
+    (conversations as the prompt), ``prompt_ids_field`` /
+    ``response_ids_field`` (token ids), ``truncation``, ``end_of_turn`` and
+    ``prefix``: as in ``pairscore score`` (docs/pipeline.md).
     """
     fields: dict[str, Any] = {
         "prompt_field": prompt_field,
         "response_field": response_field,
         "scores": normalize_scores(scores),
+        "messages_field": messages_field,
+        "prompt_ids_field": prompt_ids_field,
+        "response_ids_field": response_ids_field,
+        "truncation": truncation,
+        "end_of_turn": end_of_turn,
+        "prefix": prefix,
     }
     if use_engine:
         gpus = (0.0 if device == "cpu" else 1.0) if gpus_per_actor is None else gpus_per_actor

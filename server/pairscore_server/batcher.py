@@ -8,8 +8,13 @@ A batch closes when the next queued pair would push its padded size
 (longest pair x number of pairs) over ``engine.max_call_tokens`` (several
 forward passes' worth, for the engine to group by length and shared
 prompt), when it holds ``max_batch_pairs`` pairs, or when its oldest pair has waited
-``max_wait_s``. Pairs are taken in arrival order. A request may span several
-batches; it completes when its last pair is scored.
+``max_wait_s``. A batch starts with the oldest queued pair; then queued pairs
+that begin with the same :data:`GROUP_PREFIX_TOKENS` token ids as a pair
+already in the batch (few-shot exemplars, a system prompt: the engine computes
+such a run once, see engine/packing.py) are taken first, from any request,
+among the next :data:`GROUP_LOOKAHEAD` queued pairs; the rest come in arrival
+order. A request may span several batches; it completes when its last pair is
+scored.
 
 Overload, time and faults:
 
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -93,6 +99,12 @@ DEFAULT_RETRY_AFTER_S = 1.0
 #: side gives up at its deadline a little before the server's own timer fires.
 DEADLINE_SLACK_S = 0.05
 _THROUGHPUT_SMOOTHING = 0.3  # weight of the newest batch in the tokens/s estimate
+#: Pairs whose first this many token ids (prefix included) are the same, within
+#: prompts of at least this length, are grouped into one batch: the engine's
+#: trie shares runs from packing.MIN_SHARED_TOKENS (the same number) on.
+GROUP_PREFIX_TOKENS = 16
+#: How many queued pairs a batch looks through for pairs sharing its prefixes.
+GROUP_LOOKAHEAD = 4096
 
 # Reasons of pairscore_dropped_pairs_total and pairscore_rejected_pairs_total.
 DROP_CANCELLED = "cancelled"
@@ -148,6 +160,14 @@ class _Request:
         return self.deadline is not None and now >= self.deadline
 
 
+def group_key(prepared: PreparedPair) -> tuple[int, ...] | None:
+    """The token ids a pair is grouped by: its first GROUP_PREFIX_TOKENS, when its
+    prefix and prompt are at least that long (else None: it is taken in order)."""
+    if 1 + prepared.prompt_tokens < GROUP_PREFIX_TOKENS:
+        return None
+    return prepared.input_ids[:GROUP_PREFIX_TOKENS]
+
+
 @dataclass(eq=False)
 class _Item:
     """One queued pair and where its result goes."""
@@ -156,6 +176,7 @@ class _Item:
     index: int
     prepared: PreparedPair
     enqueued_at: float = field(default_factory=time.monotonic)
+    key: tuple[int, ...] | None = None  # group_key(prepared)
 
 
 class Batcher:
@@ -191,6 +212,7 @@ class Batcher:
         self._max_queue_tokens = max_queue_tokens
         self._metrics = metrics
         self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_keys: collections.Counter[tuple[int, ...]] = collections.Counter()  # of queued pairs
         self._live = 0  # queued pairs whose request still waits
         self._live_tokens = 0  # and their tokens
         self._wakeup = asyncio.Event()
@@ -371,9 +393,12 @@ class Batcher:
             queued_tokens=tokens,
             deadline=deadline,
         )
-        self._queue.extend(
-            _Item(request=request, index=i, prepared=p, enqueued_at=now) for i, p in enumerate(prepared)
-        )
+        items = [
+            _Item(request=request, index=i, prepared=p, enqueued_at=now, key=group_key(p))
+            for i, p in enumerate(prepared)
+        ]
+        self._queue.extend(items)
+        self._queued_keys.update(item.key for item in items if item.key is not None)
         self._live += n
         self._live_tokens += tokens
         self._queue_changed()
@@ -430,8 +455,17 @@ class Batcher:
             )
         self._drop(request, DROP_DEADLINE)
 
-    def _popleft(self) -> _Item:
-        item = self._queue.popleft()
+    def _popleft(self, position: int = 0) -> _Item:
+        """Take the queued pair at ``position`` (the oldest by default) out of the queue."""
+        if position:
+            item = self._queue[position]
+            del self._queue[position]
+        else:
+            item = self._queue.popleft()
+        if item.key is not None:
+            self._queued_keys[item.key] -= 1
+            if not self._queued_keys[item.key]:
+                del self._queued_keys[item.key]
         request = item.request
         request.queued -= 1
         request.queued_tokens -= item.prepared.work_tokens
@@ -484,6 +518,8 @@ class Batcher:
         longest = first.prepared.num_tokens
         budget = self._engine.max_call_tokens
         deadline = first.enqueued_at + self._max_wait_s
+        keys = {first.key} if first.key is not None else set()
+        searched: set[tuple[int, ...]] = set()  # keys with no mate in the lookahead
         while len(batch) < self._max_batch_pairs:
             if not self._queue:
                 remaining = deadline - time.monotonic()
@@ -491,20 +527,36 @@ class Batcher:
                     break
                 if not await self._wait_for_work(remaining):
                     break
+                searched.clear()  # new pairs came
                 continue
-            nxt = self._queue[0]
+            position = self._find_mate(keys - searched)
+            if not position and self._queue[0].key not in keys:
+                searched |= keys
+            nxt = self._queue[position]
             if nxt.request.future.done() or nxt.request.expired(time.monotonic()):
-                self._usable(self._popleft(), time.monotonic())
+                self._usable(self._popleft(position), time.monotonic())
                 continue
             new_longest = max(longest, nxt.prepared.num_tokens)
             if new_longest * (len(batch) + 1) > budget:
                 break
-            self._popleft()
+            self._popleft(position)
             batch.append(nxt)
+            if nxt.key is not None:
+                keys.add(nxt.key)
             longest = new_longest
         self._queue_changed()
         self._collecting = []
         return batch
+
+    def _find_mate(self, keys: set[tuple[int, ...]]) -> int:
+        """Position in the queue of the first pair (among the next GROUP_LOOKAHEAD) that
+        shares a group key with the batch; 0 (the oldest) when none does."""
+        if not keys or not any(key in self._queued_keys for key in keys):
+            return 0
+        for position, item in enumerate(itertools.islice(self._queue, GROUP_LOOKAHEAD)):
+            if item.key in keys:
+                return position
+        return 0
 
     def _live_batch(self, batch: list[_Item]) -> list[_Item]:
         """The batch without pairs whose caller left or whose deadline passed meanwhile."""

@@ -29,7 +29,9 @@ class ServerConfig:
     and IPv6; port 0 picks a free port). ``metrics_port``: port of the
     Prometheus ``/metrics`` HTTP endpoint on the same host, 0 for a free
     port, ``None`` to switch metrics serving off. ``health_port``: an extra
-    plaintext port serving only health checks (``None``: off). ``max_batch_pairs`` and
+    plaintext port serving only health checks (``None``: off). ``openai_port``: the
+    OpenAI-compatible HTTP port for scoring (``/v1/completions``, ``/v1/models``; same
+    host, auth, TLS and limits as gRPC; ``None``: off). ``max_batch_pairs`` and
     ``max_wait_ms`` bound how many pairs one forward pass holds and how long
     the first of them waits for company. ``grace_period_s``: on SIGTERM,
     how long in-flight RPCs get to finish. ``stream_max_in_flight``: request
@@ -54,6 +56,7 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int | None = 9090
     health_port: int | None = None
+    openai_port: int | None = None
     max_batch_pairs: int = 64
     max_wait_ms: float = 5.0
     grace_period_s: float = 10.0
@@ -87,6 +90,11 @@ class ServerConfig:
             _check(
                 0 <= self.health_port <= 65535,
                 f"health port must be 0..65535 or off, got {self.health_port}",
+            )
+        if self.openai_port is not None:
+            _check(
+                0 <= self.openai_port <= 65535,
+                f"OpenAI port must be 0..65535 or off, got {self.openai_port}",
             )
         _check(self.max_batch_pairs >= 1, f"max batch pairs must be >= 1, got {self.max_batch_pairs}")
         _check(self.max_wait_ms >= 0, f"max wait must be >= 0 ms, got {self.max_wait_ms}")

@@ -195,6 +195,17 @@ _SERVER_SETTINGS = (
         "PORT",
     ),
     _Setting(
+        "openai_port",
+        "--openai-port",
+        "PAIRSCORE_OPENAI_PORT",
+        _metrics_port,
+        "Port of an OpenAI-compatible HTTP endpoint for scoring, on the same host: "
+        "POST /v1/completions (echo + logprobs, max_tokens 0 or 1) and GET /v1/models, "
+        "with the gRPC port's bearer tokens, TLS, limits and metrics (docs/openai.md). "
+        "0 picks a free port (it is logged). Default: off.",
+        "PORT",
+    ),
+    _Setting(
         "max_batch_pairs",
         "--max-batch-pairs",
         "PAIRSCORE_MAX_BATCH_PAIRS",

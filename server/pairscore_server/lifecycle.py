@@ -22,6 +22,11 @@ again if the worker ever answers.
 On :meth:`RunningServer.stop` health turns ``NOT_SERVING`` (open health
 Watch streams get that and end), the server stops taking RPCs and running
 RPCs get ``grace_period_s`` to finish (then they are cancelled).
+
+With ``--openai-port`` an OpenAI-compatible HTTP port
+(:mod:`pairscore_server.openai_http`) opens after the gRPC port, answers 503
+until the model is ready, shares the service, tokens, TLS files and limits,
+and drains within the same grace as the gRPC port on stop.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,6 +56,9 @@ from pairscore_server.servicer import SERVICE_NAME, ScoringServicer, add_to_serv
 from pairscore_server.tls import server_credentials
 from pairscore_server.watchdog import watch_worker
 from pairscore_server.wiring import wire
+
+if TYPE_CHECKING:
+    from pairscore_server.openai_http import OpenAIEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +127,8 @@ class RunningServer:
         )
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
+        self._openai: OpenAIEndpoint | None = None
+        self._tokens: TokenSet | None = None
         self._batcher: Batcher | None = None
         self._ready_task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -129,6 +139,7 @@ class RunningServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.health_port: int | None = None
+        self.openai_port: int | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -151,7 +162,7 @@ class RunningServer:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         try:
             if cfg.auth_enabled:
-                tokens = TokenSet(cfg.auth_tokens, file=cfg.auth_token_file)
+                tokens = self._tokens = TokenSet(cfg.auth_tokens, file=cfg.auth_token_file)
                 interceptors.append(BearerTokenInterceptor(tokens, metrics=self.metrics))
             creds = None
             if cfg.tls_cert is not None and cfg.tls_key is not None:
@@ -207,6 +218,8 @@ class RunningServer:
             transport,
             ", bearer-token auth" if interceptors else "",
         )
+        if self.config.openai_port is not None:
+            await self._start_openai()
         self._ready_task = asyncio.get_running_loop().create_task(
             self._become_ready(), name="pairscore-load-model"
         )
@@ -223,6 +236,36 @@ class RunningServer:
         await server.start()
         self._health_server = server
         log.info("health checks (plaintext, health only) on %s:%d", self.config.host, self.health_port)
+
+    async def _start_openai(self) -> None:
+        """The OpenAI-compatible HTTP port: same host, tokens, TLS files and body limit."""
+        from pairscore_server.openai_http import OpenAIEndpoint, ssl_context
+
+        cfg = self.config
+        assert cfg.openai_port is not None
+        context = None
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            try:
+                context = ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            except ValueError as exc:
+                raise StartupError(str(exc)) from exc
+        endpoint = OpenAIEndpoint(
+            metrics=self.metrics, tokens=self._tokens, max_body_bytes=cfg.max_message_bytes
+        )
+        try:
+            self.openai_port = await endpoint.start(cfg.metrics_host, cfg.openai_port, ssl_context=context)
+        except OSError as exc:
+            raise OSError(
+                f"cannot listen for the OpenAI port on {cfg.host}:{cfg.openai_port}: {exc}"
+            ) from exc
+        self._openai = endpoint
+        log.info(
+            "OpenAI-compatible completions on %s://%s:%d/v1 (%s)",
+            "https" if context is not None else "http",
+            cfg.host,
+            self.openai_port,
+            "bearer-token auth" if self._tokens is not None else "no auth",
+        )
 
     async def wait_ready(self) -> None:
         """Wait until the model is loaded and warmed up; raises what loading raised."""
@@ -268,7 +311,10 @@ class RunningServer:
         if self._server is not None:
             log.info("shutting down: finishing running requests (grace %.1f s)", grace)
             started = time.monotonic()
-            await self._server.stop(rpc_grace)
+            if self._openai is not None:  # both ports drain side by side, within the same grace
+                await asyncio.gather(self._server.stop(rpc_grace), self._openai.stop(rpc_grace))
+            else:
+                await self._server.stop(rpc_grace)
             if rpc_grace > 0 and time.monotonic() - started >= rpc_grace * 0.99:
                 log.warning("the grace period of %.1f s ran out; running calls were cancelled", grace)
         if self._batcher is not None:
@@ -287,6 +333,8 @@ class RunningServer:
         """Cancel every running RPC at once (cuts short a stop() in progress: it waits for
         nothing more, not for the batcher's drain either)."""
         self._aborted = True
+        if self._openai is not None:
+            self._openai.abort()
         if self._server is not None:
             await self._server.stop(0)
 
@@ -346,6 +394,8 @@ class RunningServer:
         )
         self.limits, self._batcher = serving.limits, serving.batcher
         self._servicer.set_service(serving.service)
+        if self._openai is not None:
+            self._openai.set_service(serving.service)
         info = serving.info
         self.metrics.set_model(
             version=info.server_version or pairscore.__version__,

@@ -146,8 +146,8 @@ class Metrics:
             "pairscore_forward_tokens",
             "Token positions run through the model, by kind: 'real' tokens, 'padded' positions "
             "(real + padding; padding efficiency = real / padded; packed rows have none), and "
-            "'reused' tokens not run again because a shared prompt served several responses "
-            "(or identical pairs were run once).",
+            "'reused' tokens not run again because several pairs began with the same run of "
+            "token ids (a shared prompt, few-shot exemplars, a system prompt) or were identical.",
             ["kind"],
             registry=r,
         )

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING
 
 from pairscore.convert import result_bytes_bound
 from pairscore.types import (
+    CandidateSet,
+    CandidateSetResult,
     ItemError,
     ItemErrorCode,
     ModelInfo,
@@ -72,6 +74,9 @@ _TOKEN_IDS_BYTES = 12
 #: Requests with more pairs, or more characters in all, than these are
 #: tokenized on a worker thread instead of on the event loop.
 DEFAULT_INLINE_PREPARE_PAIRS = 16
+#: An upper bound of a CandidateSetResult's size besides its id and results: its tag and
+#: length prefix in the response, the id's tag and length, the index's tag and varint.
+_SET_RESULT_BYTES = 1 + 5 + 1 + 5 + 1 + 5
 DEFAULT_INLINE_PREPARE_CHARS = 16_384
 
 
@@ -143,6 +148,7 @@ class ScoringService:
         *,
         deadline: float | None = None,
         errors_as_items: bool = False,
+        extra_response_bytes: int = 0,
     ) -> list[ScoreOutcome]:
         """Score ``pairs``; one PairScore or ItemError per pair, in order.
 
@@ -155,6 +161,8 @@ class ScoringService:
         always raises. Each pair is counted once: its own outcome in
         ``pairscore_pairs_total``, or the request's fate in
         ``pairscore_rejected_pairs_total`` / ``pairscore_dropped_pairs_total``.
+        ``extra_response_bytes``: what the answer holds besides the results (the
+        set wrappers of ScoreCandidates), counted in the response-size bound.
         """
         if not pairs:
             return []
@@ -187,7 +195,7 @@ class ScoringService:
             return self._finish(pairs, [item] * n, counted=False)
         prepared = await self._prepare(pairs, options)
         try:
-            self._check_response_size(pairs, prepared, options)
+            self._check_response_size(pairs, prepared, options, extra_bytes=extra_response_bytes)
         except RequestLimitError as exc:
             item = _as_item_error(exc) if errors_as_items else None
             if item is None:
@@ -207,13 +215,52 @@ class ScoringService:
         merged: list[ScoreOutcome] = [p if isinstance(p, ItemError) else next(scores) for p in prepared]
         return self._finish(pairs, merged)
 
+    async def score_candidates(
+        self,
+        sets: Sequence[CandidateSet],
+        options: ScoreOptions,
+        *,
+        deadline: float | None = None,
+    ) -> list[CandidateSetResult]:
+        """Score each set's candidates against its prompt; one CandidateSetResult per set, in order.
+
+        Every candidate of the request goes to the batcher in one submission,
+        so that each set's prompt lands in one engine call, where the engine's
+        shared-prompt path computes it once for all its candidates. Each
+        candidate is scored, limited and counted exactly as the Pair (prompt,
+        candidate) of :meth:`score`; ``max_pairs_per_request`` bounds the
+        candidates of all sets together. A set whose prompt cannot be used
+        gives each of its candidates the item error; the other sets are
+        unaffected. Request-level failures raise as in :meth:`score`.
+        """
+        n = sum(len(s.candidates) for s in sets)
+        if n > self.limits.max_pairs_per_request:
+            self._count_rejected(REJECT_REQUEST_LIMIT, n)
+            raise RequestLimitError(
+                f"request has {n} candidates in {len(sets)} sets; this server takes at most "
+                f"{self.limits.max_pairs_per_request} candidates per request, all sets together "
+                "(max_pairs_per_request); send the sets in several requests"
+            )
+        pairs = [pair for s in sets for pair in s.pairs()]
+        # CandidateSetResult wrapper: id, index, length prefixes and tags
+        wrappers = sum(len(s.id.encode()) + _SET_RESULT_BYTES for s in sets)
+        outcomes = iter(await self.score(pairs, options, deadline=deadline, extra_response_bytes=wrappers))
+        return [
+            CandidateSetResult(results=tuple(next(outcomes) for _ in s.candidates), id=s.id) for s in sets
+        ]
+
     def _check_response_size(
-        self, pairs: Sequence[Pair], prepared: Sequence[PreparedPair | ItemError], options: ScoreOptions
+        self,
+        pairs: Sequence[Pair],
+        prepared: Sequence[PreparedPair | ItemError],
+        options: ScoreOptions,
+        *,
+        extra_bytes: int = 0,
     ) -> None:
         """Refuse, before any scoring, a request whose answer could not be sent: its
         bounded size is over ``max_response_bytes`` (per-token detail is the large part): the
         caller, not a client's receive limit, learns why."""
-        size = 0
+        size = extra_bytes
         for pair, item in zip(pairs, prepared, strict=True):
             if isinstance(item, ItemError):
                 size += result_bytes_bound(id=pair.id, message=item.message)

@@ -36,13 +36,15 @@ import grpc
 
 from pairscore.convert import (
     ConversionError,
+    candidates_request_from_pb,
+    candidates_response_to_pb,
     model_info_to_pb,
     request_from_pb,
     response_to_pb,
     tokenize_request_from_pb,
     tokenize_response_to_pb,
 )
-from pairscore.types import ItemError, ItemErrorCode, Pair, ScoreOptions, ScoreOutcome
+from pairscore.types import CandidateSet, ItemError, ItemErrorCode, Pair, ScoreOptions, ScoreOutcome
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 from pairscore_server.batcher import counts_as_deadline
@@ -263,6 +265,32 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                 raise request.error()
             return model_info_to_pb(self._require_service().model_info())
 
+    async def ScoreCandidates(  # noqa: N802 - gRPC method name
+        self, request: pb.ScoreCandidatesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreCandidatesResponse:
+        """Score each set's candidates against its prompt, sent and computed once; item
+        failures are ItemErrors in the set's results, failures map to status codes as in Score."""
+        async with self._scope("ScoreCandidates", context):
+            if isinstance(request, MalformedMessage):
+                raise request.error()
+            service = self._require_service()
+            sets, options = self._convert_candidates(request)
+            results = await service.score_candidates(sets, options, deadline=_deadline(context))
+            return candidates_response_to_pb(results)
+
+    def _convert_candidates(
+        self, message: pb.ScoreCandidatesRequest
+    ) -> tuple[list[CandidateSet], ScoreOptions]:
+        """candidates_request_from_pb; a message that cannot be converted counts its
+        candidates as rejected."""
+        try:
+            return candidates_request_from_pb(message)
+        except ConversionError:
+            n = sum(len(s.candidates) for s in message.sets)
+            if self._metrics is not None and n:
+                self._metrics.rejected_pairs.labels(reason=REJECT_INVALID).inc(n)
+            raise
+
     async def Tokenize(  # noqa: N802 - gRPC method name
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> pb.TokenizeResponse:
@@ -366,6 +394,11 @@ def add_to_server(servicer: ScoringServicer, server: grpc.aio.Server) -> None:
             servicer.GetModelInfo,
             request_deserializer=_safe_parser(pb.GetModelInfoRequest),
             response_serializer=pb.GetModelInfoResponse.SerializeToString,
+        ),
+        "ScoreCandidates": grpc.unary_unary_rpc_method_handler(
+            servicer.ScoreCandidates,
+            request_deserializer=_safe_parser(pb.ScoreCandidatesRequest),
+            response_serializer=pb.ScoreCandidatesResponse.SerializeToString,
         ),
         "Tokenize": grpc.unary_unary_rpc_method_handler(
             servicer.Tokenize,

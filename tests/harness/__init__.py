@@ -10,6 +10,9 @@
   script, it serves itself through the real ``pairscore serve`` entry point.
 * :mod:`harness.servers` - the real server in a thread (:class:`ServerThread`)
   or a child process, a stub gRPC server, free ports, metrics parsing (tier 3).
+* :mod:`harness.storage` - compressed files and shard directories, output
+  bytes read back independently of the code under test, moto's S3 server on
+  127.0.0.1, and a CLI run killed with SIGKILL at a checkpoint (pipeline I/O).
 * :mod:`harness.deploy` - the deploy/ tests' tools (kubectl, promtool,
   hadolint), built kustomize overlays, the parsed Dockerfile, PromQL queries.
 

@@ -222,3 +222,17 @@ def make_engine(model, tokenizer, **limits):
         description=ModelDescription(name="tiny", source="test:tiny", server_version="test"),
         limits=EngineLimits(**limits),
     )
+
+
+#: The small ChatML-like chat template shipped with the tests (trims each content).
+CHAT_TEMPLATE = Path(__file__).resolve().parents[1] / "data" / "chatml_tiny.jinja"
+#: Its control tokens, added to the tiny tokenizers as special tokens.
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def with_chat_template(tokenizer):
+    """Give a tiny tokenizer ChatML's control tokens (as special tokens) and the test
+    chat template, in place; returns it. Build its model with ``len(tokenizer)`` after."""
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
+    tokenizer.chat_template = CHAT_TEMPLATE.read_text()
+    return tokenizer

@@ -50,3 +50,36 @@ def mixed_pairs(n: int, seed: int = 0) -> list[Pair]:
     pairs[1] = Pair("", text(1, 5), id="empty-x")
     pairs[2] = Pair(text(1, 5), "", id="empty-y")
     return pairs
+
+
+#: A run long enough (> 16 tokens in each tiny tokenizer) to be shared below whole
+#: prompts (packing.MIN_SHARED_TOKENS), as few-shot exemplars or a system prompt are.
+PREAMBLE = (
+    "The capital of France is Paris. The capital of Italy is Rome.\n"
+    "Question: what is two plus two? Answer: four.\n"
+)
+
+
+#: Where the "crosses-boundary" pair's prompt ends, inside the preamble: past 16
+#: tokens, since a prompt shorter than MIN_SHARED_TOKENS is shared only whole.
+CROSS = PREAMBLE.index("two plus") + len("two plus")
+
+
+def prefix_pairs() -> list[Pair]:
+    """Pairs whose token sequences share leading runs below (and beyond) their prompts:
+    a preamble shared by several prompts, so the shared run ends in the middle of each
+    prompt's tokens; prompts that share the preamble and a question, with different
+    answers; a pair that is all preamble (the shared run covers it whole); a response
+    that extends another pair's response (it covers that pair whole); a shared run
+    that crosses one pair's prompt/response boundary; identical pairs."""
+    question = PREAMBLE + "Question: what is the capital of Italy? Answer:"
+    return [
+        Pair(question, " Rome.", id="q-rome"),
+        Pair(question, " Paris.", id="q-paris"),
+        Pair(question, " Rome. The capital of Italy is Rome.", id="q-rome-longer"),
+        Pair(PREAMBLE + "Hello world! How are you today?", " I am fine.", id="hello"),
+        Pair(PREAMBLE + "def add(x, y):", "\n    return x + y", id="code"),
+        Pair(PREAMBLE, "", id="preamble-only"),
+        Pair(PREAMBLE[:CROSS], PREAMBLE[CROSS:] + "Question: what?", id="crosses-boundary"),
+        Pair(question, " Rome.", id="q-rome-again"),
+    ]

@@ -1,9 +1,12 @@
 """The data-pipeline side of pairscore: ``pairscore score``, ``filter`` and ``report``.
 
 * :mod:`~pairscore.pipeline.formats` - JSONL, CSV/TSV and Parquet rows in and out
+* :mod:`~pairscore.pipeline.storage` - where they live: local or fsspec URLs, compression, globs
+  and directories of shards
 * :mod:`~pairscore.pipeline.columns` - the score columns added to each row, the metrics
 * :mod:`~pairscore.pipeline.selection` - thresholds and the exact top fraction
-* :mod:`~pairscore.pipeline.parts` - outputs written beside their final path, then renamed
+* :mod:`~pairscore.pipeline.parts` - outputs written beside their final path (or as chunk
+  files, for Parquet, URLs and directories), then renamed or committed
 * :mod:`~pairscore.pipeline.job` / :mod:`~pairscore.pipeline.runner` - one run, resumable
 * :mod:`~pairscore.pipeline.progress`, :mod:`~pairscore.pipeline.stats`,
   :mod:`~pairscore.pipeline.summary` - what the user sees while and after it runs
@@ -11,5 +14,5 @@
 * :mod:`~pairscore.pipeline.commands` - the argparse side of the three commands
 
 Nothing here imports pyarrow or matplotlib until a Parquet file or a report
-is asked for.
+is asked for, nor a filesystem's package (s3fs...) until one of its URLs is.
 """

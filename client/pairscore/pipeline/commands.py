@@ -9,24 +9,84 @@ from collections.abc import Callable
 from typing import Any
 
 from pairscore.connect_args import add_connection_args, client_kwargs, target_of
-from pairscore.pipeline.columns import METRICS
+from pairscore.pipeline.columns import INPUT_OPTIONS, METRICS
 from pairscore.pipeline.formats import BAD_ROW_POLICIES, FORMATS
 from pairscore.pipeline.progress import MODES
+from pairscore.pipeline.storage import COMPRESSIONS
 
 _METRIC_HELP = ", ".join(METRICS)
 _FORMATS_HELP = (
-    "Formats follow the extension: .jsonl/.ndjson/.json, .csv, .tsv, .parquet (needs pyarrow); "
-    "'-' is JSON Lines on stdin/stdout."
+    "Formats follow the extension: .jsonl/.ndjson/.json, .csv, .tsv, .parquet (needs pyarrow), "
+    "optionally compressed (.gz, .zst, .bz2, .xz); '-' is JSON Lines on stdin/stdout. INPUT may be a "
+    "glob or a directory of such files (read in sorted order as one input), OUTPUT a directory "
+    "ending in '/' (one shard per checkpoint, then _SUCCESS); both may be URLs of any fsspec "
+    "filesystem (s3://, gs://, az://, hf://: pip install 'pairscore[s3]', [gcs], [azure], [hf])."
 )
 
 
+def _input_forms(p: argparse.ArgumentParser) -> None:
+    """Flags of the other input forms (docs/pipeline.md, "Input forms") and their options."""
+    forms = p.add_argument_group("input forms (instead of the text columns)")
+    forms.add_argument(
+        "--messages-field",
+        metavar="COLUMN",
+        help="column with the prompt as a conversation: a list of {role, content} (the response "
+        "column is then the assistant's reply), rendered with the model's chat template",
+    )
+    forms.add_argument(
+        "--prompt-ids-field", metavar="COLUMN", help="column with the prompt as a list of token ids"
+    )
+    forms.add_argument(
+        "--response-ids-field", metavar="COLUMN", help="column with the response as a list of token ids"
+    )
+    forms.add_argument(
+        "--responses-field",
+        metavar="COLUMN",
+        help="column with a list of candidate responses to the row's prompt: one output row per "
+        "candidate, with its text in the response column and candidate_index",
+    )
+    for flag, help_text in (
+        (
+            "--truncation",
+            "a pair longer than the server's limit: 'none' fails the row, 'left' drops prompt tokens "
+            "from the start (prompt_tokens_dropped)",
+        ),
+        (
+            "--end-of-turn",
+            "chat rows: whether the template's end of the assistant turn is scored with the response",
+        ),
+        (
+            "--prefix",
+            "'server': the server's prefix token before the prompt; 'none': the first prompt token is "
+            "context only (as lm-evaluation-harness)",
+        ),
+    ):
+        choices, default = INPUT_OPTIONS[flag[2:].replace("-", "_")]
+        forms.add_argument(flag, choices=choices, default=default, help=f"{help_text} (default: {default})")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", metavar="INPUT", help="rows to score ('-': JSONL on stdin)")
+    p.add_argument(
+        "input",
+        metavar="INPUT",
+        help="rows to score: a file, a glob, a directory or a URL (s3://bucket/in/); '-': JSONL on stdin",
+    )
     p.add_argument(
         "-o", "--output", required=True, metavar="OUTPUT", help="where to write ('-': JSONL on stdout)"
     )
     p.add_argument("--input-format", choices=FORMATS, help="override the input's format")
     p.add_argument("--output-format", choices=FORMATS, help="override the outputs' format")
+    p.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        help="the input's compression, when its extension does not say it (none: not compressed)",
+    )
+    p.add_argument(
+        "--output-compression",
+        choices=COMPRESSIONS,
+        help="the outputs' compression, when their extensions do not say it (default for a directory "
+        "output: the input's)",
+    )
     p.add_argument(
         "--prompt-field", default="prompt", metavar="COLUMN", help="column with the prompt (default: prompt)"
     )
@@ -39,6 +99,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--id-field", metavar="COLUMN", help="column sent as the pair id (and checked on the way back)"
     )
+    _input_forms(p)
     p.add_argument("--errors", metavar="FILE", help="write rows that fail here instead of into the output")
     p.add_argument(
         "--on-bad-row",
@@ -249,6 +310,15 @@ def _job(args: argparse.Namespace) -> Any:
         overwrite=args.overwrite,
         scores=scores,
         top_among=args.top_among if filtering else "all",
+        messages_field=args.messages_field,
+        prompt_ids_field=args.prompt_ids_field,
+        response_ids_field=args.response_ids_field,
+        responses_field=args.responses_field,
+        truncation=args.truncation,
+        end_of_turn=args.end_of_turn,
+        prefix=args.prefix,
+        compression=args.compression,
+        output_compression=args.output_compression,
     )
 
 
@@ -288,6 +358,7 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     target = target_of(args)
     restore = _sigterm_as_interrupt()
     try:
+        job.check_storage()  # a missing extra, an empty glob: said before any server is asked
         # No wait_for_ready: a server that cannot be reached must say why, not stall.
         with ScoringClient(target, **client_kwargs(args)) as client:
             reach_server(

@@ -9,10 +9,29 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import cached_property
+from typing import Any
 
-from pairscore.pipeline.formats import BAD_ROW_POLICIES, STDIO, detect_format
+from pairscore.pipeline.columns import RowFields, input_options
+from pairscore.pipeline.formats import (
+    BAD_ROW_POLICIES,
+    STDIO,
+    SourceFile,
+    _format_by_name,
+    detect_format,
+    input_files,
+)
 from pairscore.pipeline.selection import Thresholds
+from pairscore.pipeline.storage import (
+    COMPRESSION_SUFFIX,
+    compression_of,
+    filesystem,
+    is_directory_path,
+    is_remote,
+    local_path,
+    same_place,
+    split_compression,
+)
 
 #: Suffix of the resume state file, next to the main output.
 STATE_SUFFIX = ".pairscore-state.json"
@@ -24,9 +43,19 @@ SCORED_INFIX = ".pairscore-scored"
 
 
 def with_infix(path: str, infix: str) -> str:
-    """``kept.csv`` + ``.errors`` -> ``kept.errors.csv``."""
-    p = Path(path)
-    return str(p.with_name(p.stem + infix + p.suffix))
+    """``kept.csv`` + ``.errors`` -> ``kept.errors.csv``; ``kept.jsonl.gz`` -> ``kept.errors.jsonl.gz``;
+    a directory ``s3://b/kept/`` -> ``s3://b/kept.errors/`` (any URL: string operations only)."""
+    if path.endswith("/"):
+        return path.rstrip("/") + infix + "/"
+    base, compression = split_compression(path)
+    tail = COMPRESSION_SUFFIX[compression] if compression else ""
+    head, _, name = base.rpartition("/")
+    dot = name.rfind(".")
+    if dot > 0 and _format_by_name(name) is not None:
+        name = name[:dot] + infix + name[dot:]
+    else:
+        name = name + infix
+    return (head + "/" if head or base.startswith("/") else "") + name + tail
 
 
 @dataclass(frozen=True)
@@ -80,8 +109,24 @@ class Job:
     #: Which rows --top-fraction ranks: "all" scored rows (then thresholds apply on top),
     #: or only those "passing" the thresholds (IFD selection: --max ifd=1 among passing).
     top_among: str = "all"
+    #: Other input forms (columns.RowFields): a conversation or token ids as the prompt,
+    #: token ids or a list of candidate responses as the response.
+    messages_field: str | None = None
+    prompt_ids_field: str | None = None
+    response_ids_field: str | None = None
+    responses_field: str | None = None
+    #: Request options of the new input forms (ScoreOptions; defaults: the server's).
+    truncation: str = "none"
+    end_of_turn: str = "included"
+    prefix: str = "server"
+    #: The input's compression when not the extension's (storage.COMPRESSIONS; "none": not compressed).
+    compression: str | None = None
+    #: The outputs' compression when not their extensions' (a directory output: the input's).
+    output_compression: str | None = None
 
     def __post_init__(self) -> None:
+        self.row_fields  # noqa: B018 - two forms of one side: ValueError naming the flags
+        input_options(self.truncation, self.end_of_turn, self.prefix)  # an unknown value: ValueError
         if self.top_among not in TOP_AMONG:
             raise ValueError(f"--top-among must be one of {', '.join(TOP_AMONG)}, got {self.top_among!r}")
         if self.command not in ("score", "filter"):
@@ -120,31 +165,83 @@ class Job:
             raise ValueError(f"--on-bad-row must be one of {', '.join(BAD_ROW_POLICIES)}")
         if self.on_bad_row == "skip" and self.errors is None:
             raise ValueError("--on-bad-row skip needs --errors FILE: unreadable rows go there")
+        if self.max_in_flight is not None and self.max_in_flight < self.batch_size:
+            raise ValueError(
+                f"--max-in-flight ({self.max_in_flight}) must be at least --batch-size ({self.batch_size}): "
+                "a batch is sent whole"
+            )
+        for path in (self.output, self.rejected, self.errors):
+            if path is not None and is_remote(path) and "/" not in path.split("://", 1)[-1].strip("/"):
+                raise ValueError(
+                    f"{path!r} is the root of a bucket: name an object or a prefix inside it "
+                    f"({path.rstrip('/')}/scored.jsonl, {path.rstrip('/')}/scored/); the run keeps its "
+                    "parts and resume state beside the output"
+                )
+        for name in (self.compression, self.output_compression):
+            compression_of("", name)  # an unknown name: FormatError, a ValueError
         named = [p for p in (self.output, self.rejected, self.errors) if p not in (None, STDIO)]
         if self.input != STDIO:
             named.append(self.input)
-        resolved = [os.path.realpath(p) for p in named]
+        resolved = same_place(named)
         if len(set(resolved)) != len(resolved):
-            same = sorted({p for p in named if resolved.count(os.path.realpath(p)) > 1})
+            same = sorted({p for p, r in zip(named, resolved, strict=True) if resolved.count(r) > 1})
             raise ValueError(
                 f"{' and '.join(repr(p) for p in same)} name the same file: the input, -o/--output, "
                 "--rejected and --errors must all be different files"
             )
 
+    @cached_property
+    def _input(self) -> tuple[list[SourceFile], str]:
+        return input_files(self.input, self.input_format)
+
+    @property
+    def input_files(self) -> list[SourceFile]:
+        """The input's files, in reading order (one; a glob's or a directory's, sorted; none for stdin).
+
+        Listed once, on first use: a missing filesystem package, an empty
+        glob or a directory without data files raise FormatError here."""
+        return self._input[0]
+
+    def check_storage(self) -> None:
+        """List the input and reach every output's filesystem: raises FormatError (naming the extra
+        to install, or the glob that matched nothing) or OSError before any row is read."""
+        self.in_format  # noqa: B018 - lists the input's files
+        for path, _ in self.outputs().values():
+            if is_remote(path):
+                filesystem(path)
+
     @property
     def in_format(self) -> str:
         """The input's format."""
-        return detect_format(self.input, self.input_format)
+        if self.input_format or self.input == STDIO:
+            return detect_format(self.input, self.input_format)
+        return self._input[1]
+
+    def format_of(self, path: str) -> str:
+        """The format an output at ``path`` gets: --output-format, the extension, or (a directory) the input's."""
+        if self.output_format or not is_directory_path(path):
+            return detect_format(path, self.output_format)
+        return self.in_format
+
+    def compression_for(self, path: str) -> str | None:
+        """The compression an output at ``path`` gets: --output-compression, the extension's, or (a
+        directory) the input's when all its files share one."""
+        if path == STDIO:
+            return compression_of(path, self.output_compression) if self.output_compression else None
+        if is_directory_path(path) and self.output_compression is None:
+            found = {compression_of(f.url, self.compression) for f in self.input_files}
+            return found.pop() if len(found) == 1 and self.format_of(path) != "parquet" else None
+        return compression_of(path, self.output_compression)
 
     @property
     def out_format(self) -> str:
         """The main output's format."""
-        return detect_format(self.output, self.output_format)
+        return self.format_of(self.output)
 
     @property
     def state_path(self) -> str:
         """Where the resume state lives."""
-        return self.output + STATE_SUFFIX
+        return self.output.rstrip("/") + STATE_SUFFIX
 
     @property
     def scored_path(self) -> str:
@@ -165,24 +262,33 @@ class Job:
         main = "output" if self.command == "score" else "kept"
         outs[main] = (self.output, self.out_format)
         if self.rejected is not None:
-            outs["rejected"] = (self.rejected, detect_format(self.rejected, self.output_format))
+            outs["rejected"] = (self.rejected, self.format_of(self.rejected))
         errors = self.errors_path()
         if errors is not None:
-            fmt = self.out_format if self.errors is None else detect_format(errors, self.output_format)
+            fmt = self.out_format if self.errors is None else self.format_of(errors)
             outs["errors"] = (errors, fmt)
         return outs
 
     def fingerprint(self) -> dict[str, object]:
         """The arguments that must not change between a run and its resumption."""
-        source: dict[str, object] = {"input": self.input}
-        if self.input != STDIO:
-            st = os.stat(self.input)
-            source = {"input": os.path.realpath(self.input), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        source: dict[str, Any] = {"input": self.input}
+        files = self.input_files
+        if len(files) == 1 and files[0].url == self.input and not is_remote(self.input):
+            st = os.stat(local_path(self.input))
+            source = {
+                "input": os.path.realpath(local_path(self.input)),
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+            }
+        elif files:  # a glob, a directory or a URL: every file, its size and version
+            source["files"] = [[f.url, f.size, f.version] for f in files]
         return {
             "command": self.command,
             **source,
             "input_format": self.in_format,
-            "outputs": {k: [os.path.realpath(p), f] for k, (p, f) in self.outputs().items()},
+            "outputs": {
+                k: [same_place([p])[0] if p != STDIO else p, f] for k, (p, f) in self.outputs().items()
+            },
             "fields": [self.prompt_field, self.response_field, self.id_field],
             "thresholds": self.thresholds.describe(),
             "top_fraction": self.top_fraction,
@@ -193,4 +299,21 @@ class Job:
             # only when set, so that runs begun before --scores existed still resume
             **({"scores": list(self.scores)} if self.scores else {}),
             **({"top_among": self.top_among} if self.top_among != "all" else {}),
+            **self.row_fields.describe(),
+            **input_options(self.truncation, self.end_of_turn, self.prefix),
+            **({"compression": self.compression} if self.compression else {}),
+            **({"output_compression": self.output_compression} if self.output_compression else {}),
         }
+
+    @property
+    def row_fields(self) -> RowFields:
+        """Which columns hold each row's prompt and response."""
+        return RowFields(
+            prompt_field=self.prompt_field,
+            response_field=self.response_field,
+            id_field=self.id_field,
+            messages_field=self.messages_field,
+            prompt_ids_field=self.prompt_ids_field,
+            response_ids_field=self.response_ids_field,
+            responses_field=self.responses_field,
+        )

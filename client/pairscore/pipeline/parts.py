@@ -1,20 +1,31 @@
-"""Outputs under construction, written so that a kill never leaves a corrupt file.
+"""Outputs under construction, written so that a kill never leaves a half-written file under its name.
 
-Every output is first written beside its final path and only renamed into
-place when the run completes (``os.replace``, atomic on POSIX):
+Every output is first written beside its final name and only moved into
+place when the run completes:
 
-* JSONL/CSV/TSV: appended to ``FINAL.part``. :meth:`LinePart.checkpoint`
-  flushes and fsyncs and returns the file's size; on resume the file is cut
-  back to the size of the last checkpoint, which drops any row written after
-  it (such rows are scored and written again), so no row is lost or doubled.
-* Parquet: rows are collected in memory and each checkpoint writes them as
-  one chunk file ``FINAL.parts/chunk-NNNNNN.parquet`` (written to a temporary
-  name, then renamed). Resume deletes chunks past the last checkpoint; the
-  end merges the chunks, in order, into ``FINAL``.
+* A local JSONL/CSV/TSV file: appended to ``FINAL.part``.
+  :meth:`LinePart.checkpoint` flushes and fsyncs and returns the file's
+  size; on resume the file is cut back to the size of the last checkpoint,
+  which drops any row written after it (such rows are scored and written
+  again), so no row is lost or doubled. A compressed one (``.gz``, ``.zst``,
+  ``.bz2``, ``.xz``) ends a compressed member at every checkpoint, so the
+  size of the last checkpoint is also where a complete member ends;
+  decompressors read the members one after the other as one stream.
+* Everything else (Parquet, any output at a URL such as ``s3://``, a
+  directory of shards ``OUT/``): :class:`ChunkedPart`. Each checkpoint
+  writes the rows since the last one as one complete chunk file
+  ``FINAL.parts/chunk-NNNNNN.EXT`` (local: a temporary name, fsync, rename;
+  remote: one upload of a finished local file, which an object store makes
+  visible whole or not at all). Resume deletes chunks past the last
+  checkpoint. The end either merges the chunks, in order, into
+  ``FINAL.pairscore-tmp`` and renames that to ``FINAL`` (one file), or moves
+  them to ``OUT/part-NNNNN.EXT`` and then writes ``OUT/_SUCCESS`` (a
+  directory, complete once ``_SUCCESS`` is there).
 * ``-``: rows go straight to stdout; such a run cannot be resumed.
 
-The checkpoint itself (:class:`StateFile`) is a small JSON file replaced
-atomically after the parts are on disk.
+The checkpoint itself (:class:`StateFile`) is a small JSON document beside
+the output (on the same filesystem, so that a run on another machine can
+resume it), replaced atomically after the parts are durable.
 """
 
 from __future__ import annotations
@@ -24,11 +35,30 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pairscore.pipeline.columns import ALL_COLUMN_TYPES, SCORE_COLUMN_TYPES
-from pairscore.pipeline.formats import STDIO, FormatError, LineWriter, Row, require_pyarrow
+from pairscore.pipeline.formats import SUFFIX_OF_FORMAT, LineWriter, Row, require_pyarrow
+from pairscore.pipeline.storage import (
+    COMPRESSION_SUFFIX,
+    STDIO,
+    CompressingWriter,
+    FormatError,
+    filesystem,
+    is_directory_path,
+    is_remote,
+    join,
+    local_path,
+)
+
+#: Marker a directory output gets last: the shards beside it are complete.
+SUCCESS = "_SUCCESS"
+#: Suffix of the staging directory of a ChunkedPart, beside its final name.
+PARTS_SUFFIX = ".parts"
+#: Suffix of the merged file before its rename to the final name.
+TMP_SUFFIX = ".pairscore-tmp"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,57 +83,82 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 class StateFile:
-    """The resume checkpoint: one JSON document, replaced atomically."""
+    """The resume checkpoint: one JSON document, replaced atomically (a local file or an object)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.url = str(path)
+        self.remote = is_remote(self.url)
+        self.path: Any = Path(local_path(self.url)) if not self.remote else self.url
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or ``None`` when there is none."""
         try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
+            if self.remote:
+                fs, fs_path = filesystem(self.url)
+                with contextlib.suppress(Exception):
+                    fs.invalidate_cache(fs_path)
+                text = fs.cat_file(fs_path).decode("utf-8")
+            else:
+                text = self.path.read_text(encoding="utf-8")
+            return json.loads(text)
         except FileNotFoundError:
             return None
         except json.JSONDecodeError as exc:  # cannot happen through save(); say so if it does
-            raise FormatError(f"the resume state {self.path} is unreadable: {exc}") from exc
+            raise FormatError(f"the resume state {self.url} is unreadable: {exc}") from exc
 
     def save(self, state: dict[str, Any]) -> None:
-        """Replace the state."""
-        atomic_write_bytes(self.path, json.dumps(state).encode("utf-8"))
+        """Replace the state (an object store replaces an object whole)."""
+        data = json.dumps(state).encode("utf-8")
+        if self.remote:
+            fs, fs_path = filesystem(self.url)
+            fs.pipe_file(fs_path, data)
+        else:
+            atomic_write_bytes(self.path, data)
 
     def remove(self) -> None:
         """Delete the state (the run is complete)."""
+        if self.remote:
+            fs, fs_path = filesystem(self.url)
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(fs_path)
+            return
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
 
 class LinePart:
-    """A JSONL/CSV/TSV output being written to ``FINAL.part`` (or straight to stdout)."""
+    """A local JSONL/CSV/TSV output being written to ``FINAL.part`` (or straight to stdout),
+    compressed when ``compression`` is set (one member per checkpoint)."""
 
-    def __init__(self, final: str, fmt: str) -> None:
+    def __init__(self, final: str, fmt: str, compression: str | None = None) -> None:
         self.final = final
         self.format = fmt
+        self.compression = compression
         self.rows = 0
         self._stdout = final == STDIO
-        self.path = None if self._stdout else Path(final + ".part")
+        self.path = None if self._stdout else Path(local_path(final) + ".part")
         self._file: Any = None
+        self._sink: Any = None
         self._writer: LineWriter | None = None
+
+    def _start(self, file: IO[bytes], columns: list[str] | None) -> None:
+        self._file = file
+        self._sink = CompressingWriter(file, self.compression) if self.compression else file
+        self._writer = LineWriter(self._sink, self.format, columns)
 
     def open(self, state: dict[str, Any] | None) -> None:
         """Start afresh (``state=None``) or continue from a checkpoint's ``state``."""
         if self._stdout:
-            self._file = sys.stdout.buffer
-            self._writer = LineWriter(self._file, self.format)
+            self._start(sys.stdout.buffer, None)
             return
         assert self.path is not None
         if state is None:
-            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/close()
-            self._writer = LineWriter(self._file, self.format)
+            self._start(open(self.path, "wb"), None)  # noqa: SIM115 - closed in finish()/close()
             return
-        self._file = open(self.path, "r+b")  # noqa: SIM115
-        self._file.truncate(state["bytes"])  # drop rows written after the checkpoint
-        self._file.seek(state["bytes"])
-        self._writer = LineWriter(self._file, self.format, state.get("columns"))
+        file = open(self.path, "r+b")  # noqa: SIM115
+        file.truncate(state["bytes"])  # drop rows written after the checkpoint
+        file.seek(state["bytes"])
+        self._start(file, state.get("columns"))
         self.rows = state["rows"]
 
     def write(self, row: Row) -> None:
@@ -117,6 +172,8 @@ class LinePart:
     def checkpoint(self) -> dict[str, Any]:
         """Make everything written so far durable; returns what resuming needs."""
         assert self._writer is not None
+        if isinstance(self._sink, CompressingWriter):
+            self._sink.end_member()  # the file is complete up to here
         self._writer.flush()
         if self._stdout:
             return {"rows": self.rows}
@@ -130,8 +187,13 @@ class LinePart:
             return
         self._file.close()
         assert self.path is not None
-        os.replace(self.path, self.final)
+        os.replace(self.path, local_path(self.final))
         _fsync_dir(self.path.parent)
+
+    def complete(self) -> None:
+        """Finish a run that was killed while finishing: move the part into place if it is still there."""
+        if self.path is not None and self.path.exists():
+            os.replace(self.path, local_path(self.final))
 
     def close(self) -> None:
         """Close without finishing (the part stays for a later resume)."""
@@ -146,52 +208,172 @@ class LinePart:
                 self.path.unlink()
 
 
-class ParquetPart:
-    """A Parquet output built from chunk files in ``FINAL.parts/``, merged at the end.
+class ChunkedPart:
+    """An output built from complete chunk files in ``FINAL.parts/``: Parquet, remote, or a directory.
 
-    ``input_schema`` (an Arrow schema, e.g. the input Parquet file's) fixes
-    the input columns' types; score columns always get their own types.
-    Without it the types are inferred from the first chunk.
+    ``directory``: the output is a directory of shards, one per chunk
+    (``part-NNNNN.EXT``, each with its own CSV header), then ``_SUCCESS``;
+    otherwise the chunks are merged into one file. ``input_schema`` (an Arrow
+    schema, e.g. the input Parquet file's) fixes the input columns' types;
+    score columns always get their own types. Without it the types are
+    inferred from the first chunk.
     """
 
-    def __init__(self, final: str, input_schema: Any = None) -> None:
+    def __init__(
+        self,
+        final: str,
+        fmt: str = "parquet",
+        input_schema: Any = None,
+        compression: str | None = None,
+        directory: bool = False,
+    ) -> None:
         if final == STDIO:
-            raise FormatError("Parquet cannot be written to stdout; give a file name")
+            raise FormatError(f"{fmt} cannot be written to stdout here; give a file name")
+        if fmt == "parquet" and compression:
+            raise FormatError(
+                f"{final}: Parquet compresses its own pages; name the output without {COMPRESSION_SUFFIX[compression]}"
+            )
         self.final = final
-        self.path = Path(final + ".parts")
+        self.format = fmt
+        self.compression = compression
+        self.directory = directory
+        self.remote = is_remote(final)
+        base = final.rstrip("/")
+        self.staging = base + PARTS_SUFFIX
+        self.suffix = SUFFIX_OF_FORMAT[fmt] + (COMPRESSION_SUFFIX[compression] if compression else "")
+        self.fs, _ = filesystem(base)
         self.rows = 0
-        self._pq = require_pyarrow()
+        self.columns: list[str] | None = None
+        self._pq = require_pyarrow() if fmt == "parquet" else None
         self._input_schema = input_schema
         self._schema: Any = None
         self._buffer: list[Row] = []
+        self._pending = 0  # rows in the unfinished line chunk
+        self._local: str | None = None  # the unfinished chunk's local file
+        self._file: Any = None
+        self._sink: Any = None
+        self._writer: LineWriter | None = None
         self._chunks = 0
 
-    def _chunk(self, index: int) -> Path:
-        return self.path / f"chunk-{index:06d}.parquet"
+    # --- names ----------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The local staging directory (for messages and tests of local outputs)."""
+        return Path(local_path(self.staging))
+
+    def _fs_path(self, url: str) -> str:
+        return local_path(url) if not self.remote else filesystem(url)[1]
+
+    def chunk(self, index: int) -> str:
+        """The URL (or local path) of chunk ``index``."""
+        return join(self.staging, f"chunk-{index:06d}{self.suffix}")
+
+    def shard(self, index: int) -> str:
+        """The final name of shard ``index`` of a directory output."""
+        return join(self.final, f"part-{index:05d}{self.suffix}")
+
+    def _listing(self) -> list[str]:
+        """Names in the staging directory."""
+        if not self.remote:
+            return sorted(os.listdir(self.path)) if self.path.is_dir() else []
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache()
+        try:
+            return sorted(
+                p.rstrip("/").rsplit("/", 1)[-1]
+                for p in self.fs.ls(self._fs_path(self.staging), detail=False)
+            )
+        except FileNotFoundError:
+            return []
+
+    def _chunk_indices(self) -> list[int]:
+        out = []
+        for name in self._listing():
+            if name.startswith("chunk-") and name.endswith(self.suffix):
+                with contextlib.suppress(ValueError):
+                    out.append(int(name[len("chunk-") : -len(self.suffix)]))
+        return sorted(out)
+
+    def _rm(self, url: str) -> None:
+        if not self.remote:
+            p = Path(local_path(url))
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._fs_path(url), recursive=True)
+
+    def _move(self, src: str, dst: str) -> None:
+        if not self.remote:
+            os.replace(local_path(src), local_path(dst))
+            _fsync_dir(Path(local_path(dst)).parent)
+        else:
+            self.fs.mv(self._fs_path(src), self._fs_path(dst))
+
+    # --- writing --------------------------------------------------------------------------
 
     def open(self, state: dict[str, Any] | None) -> None:
         """Start afresh or continue from a checkpoint's ``state``."""
         if state is None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.path.mkdir(parents=True)
+            self._rm(self.staging)
+            if not self.remote:
+                self.path.mkdir(parents=True)
             return
         self._chunks = state["chunks"]
         self.rows = state["rows"]
-        self.path.mkdir(parents=True, exist_ok=True)
-        for leftover in self.path.iterdir():  # chunks (or temporaries) written after the checkpoint
-            if not leftover.name.endswith(".parquet") or int(leftover.stem.split("-")[1]) >= self._chunks:
-                leftover.unlink()
-        if self._chunks:
-            self._schema = self._pq.read_schema(self._chunk(0))
+        self.columns = state.get("columns")
+        if not self.remote:
+            self.path.mkdir(parents=True, exist_ok=True)
+        for name in self._listing():  # chunks (or temporaries) written after the checkpoint
+            index = -1
+            if name.startswith("chunk-") and name.endswith(self.suffix):
+                with contextlib.suppress(ValueError):
+                    index = int(name[len("chunk-") : -len(self.suffix)])
+            if not 0 <= index < self._chunks:
+                self._rm(join(self.staging, name))
+        if self._chunks and self._pq is not None:
+            with self._open_read(self.chunk(0)) as f:
+                self._schema = self._pq.read_schema(f)
+
+    def _open_read(self, url: str) -> Any:
+        if not self.remote:
+            return open(local_path(url), "rb")  # noqa: SIM115
+        return self.fs.open(self._fs_path(url), "rb")
+
+    def _new_local(self) -> str:
+        if not self.remote:
+            self.path.mkdir(parents=True, exist_ok=True)
+            return str(self.path / f"chunk-{self._chunks:06d}.tmp")
+        fd, name = tempfile.mkstemp(prefix="pairscore-chunk-", suffix=self.suffix)
+        os.close(fd)
+        return name
 
     def write(self, row: Row) -> None:
-        """Add one row (held in memory until the next checkpoint)."""
-        self._buffer.append(row)
+        """Add one row (Parquet: held in memory; lines: in a local file) until the next checkpoint."""
         self.rows += 1
+        if self._pq is not None:
+            self._buffer.append(row)
+            return
+        if self._writer is None:
+            self._local = self._new_local()
+            self._file = open(self._local, "wb")  # noqa: SIM115 - closed at the checkpoint
+            self._sink = CompressingWriter(self._file, self.compression) if self.compression else self._file
+            self._writer = LineWriter(self._sink, self.format, self.columns)
+            if self.format != "jsonl" and self.columns is not None and (self.directory or self._chunks == 0):
+                self._writer.header(self.columns)  # every shard of a directory has its header
+        if self._writer.columns is None and self.format != "jsonl":
+            self._writer.header(list(row))
+            self.columns = self._writer.columns
+        self._writer.write(row)
+        self._pending += 1
 
     def buffered(self) -> int:
         """Rows not yet in a chunk file."""
-        return len(self._buffer)
+        return len(self._buffer) + self._pending
 
     def _make_schema(self, rows: list[Row]) -> Any:
         import pyarrow as pa
@@ -207,60 +389,178 @@ class ParquetPart:
                 fields.append(inferred.field(name))
         return pa.schema(fields)
 
-    def checkpoint(self) -> dict[str, Any]:
-        """Write buffered rows as the next chunk; returns what resuming needs."""
+    def _write_parquet_chunk(self, local: str) -> None:
         import pyarrow as pa
 
-        if self._buffer:
-            if self._schema is None:
-                self._schema = self._make_schema(self._buffer)
-            try:
-                table = pa.Table.from_pylist(self._buffer, schema=self._schema)
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-                raise FormatError(
-                    f"rows do not fit the Parquet schema taken from the first rows ({exc}); "
-                    "write JSONL when a column's type varies"
-                ) from exc
-            tmp = self.path / f"chunk-{self._chunks:06d}.tmp"
-            self._pq.write_table(table, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self._chunk(self._chunks))
-            _fsync_dir(self.path)
+        if self._schema is None:
+            self._schema = self._make_schema(self._buffer)
+        try:
+            table = pa.Table.from_pylist(self._buffer, schema=self._schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise FormatError(
+                f"rows do not fit the Parquet schema taken from the first rows ({exc}); "
+                "write JSONL when a column's type varies"
+            ) from exc
+        assert self._pq is not None
+        self._pq.write_table(table, local)
+        self._buffer = []
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Write the rows since the last checkpoint as the next chunk; returns what resuming needs."""
+        if self.buffered():
+            if self._pq is not None:
+                local = self._new_local()
+                self._write_parquet_chunk(local)
+            else:
+                assert self._writer is not None and self._local is not None
+                if isinstance(self._sink, CompressingWriter):
+                    self._sink.end_member()
+                self._file.flush()
+                if not self.remote:
+                    os.fsync(self._file.fileno())
+                self._file.close()
+                local, self._writer, self._pending = self._local, None, 0
+            self._publish(local, self.chunk(self._chunks))
             self._chunks += 1
-            self._buffer = []
-        return {"chunks": self._chunks, "rows": self.rows}
+        return {"chunks": self._chunks, "rows": self.rows, "columns": self.columns}
+
+    def _publish(self, local: str, url: str) -> None:
+        """Make a finished local chunk file the chunk at ``url`` (whole or not at all)."""
+        if not self.remote:
+            with open(local, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(local, local_path(url))
+            _fsync_dir(self.path)
+            return
+        try:
+            self.fs.put_file(local, self._fs_path(url))
+        finally:
+            os.remove(local)
 
     def finish(self) -> None:
-        """Merge the chunks, in order, into the final file and remove the chunk directory."""
-        self.checkpoint()
-        tmp = Path(self.final + ".tmp")
-        if self._chunks == 0:
-            import pyarrow as pa
+        """Move the complete output into place: merge the chunks into one file, or shard a directory.
 
-            schema = self._input_schema or pa.schema([])
-            for name, alias in SCORE_COLUMN_TYPES.items():
-                if name not in schema.names:
-                    schema = schema.append(pa.field(name, pa.type_for_alias(alias)))
-            self._pq.write_table(schema.empty_table(), tmp)
+        A directory output replaces what the directory held (shards of an
+        earlier run would otherwise mix with these).
+        """
+        self.checkpoint()
+        if self.directory:
+            self._rm(self.final)
+        self._commit(list(range(self._chunks)), rows=self.rows)
+
+    def complete(self) -> None:
+        """Finish a run that was killed while finishing (idempotent): commit the chunks still staged."""
+        indices = self._chunk_indices()
+        if indices or self.directory:
+            if self._pq is not None and indices:
+                with self._open_read(self.chunk(indices[0])) as f:
+                    self._schema = self._pq.read_schema(f)
+            if indices or not self._exists(join(self.final, SUCCESS)):
+                self._commit(indices)
+
+    def _exists(self, url: str) -> bool:
+        if not self.remote:
+            return os.path.exists(local_path(url))
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache()
+        return bool(self.fs.exists(self._fs_path(url)))
+
+    def _commit(self, indices: list[int], rows: int | None = None) -> None:
+        if self.directory:
+            self._commit_directory(indices, rows)
         else:
-            with self._pq.ParquetWriter(tmp, self._schema) as writer:
-                for index in range(self._chunks):
-                    writer.write_table(self._pq.read_table(self._chunk(index)))
-        os.replace(tmp, self.final)
-        _fsync_dir(tmp.parent)
-        shutil.rmtree(self.path, ignore_errors=True)
+            self._commit_file(indices)
+        self._rm(self.staging)
+
+    def _empty_parquet(self, local: str) -> None:
+        import pyarrow as pa
+
+        assert self._pq is not None
+        schema = self._schema or self._input_schema or pa.schema([])
+        for name, alias in SCORE_COLUMN_TYPES.items():
+            if name not in schema.names:
+                schema = schema.append(pa.field(name, pa.type_for_alias(alias)))
+        self._pq.write_table(schema.empty_table(), local)
+
+    def _commit_file(self, indices: list[int]) -> None:
+        tmp = self.final + TMP_SUFFIX
+        target: Any = (
+            open(local_path(tmp), "wb") if not self.remote else self.fs.open(self._fs_path(tmp), "wb")
+        )  # noqa: SIM115
+        with target as out:
+            if self._pq is not None:
+                if not indices:
+                    local = self._new_local()
+                    self._empty_parquet(local)
+                    with open(local, "rb") as f:
+                        shutil.copyfileobj(f, out)
+                    os.remove(local)
+                else:
+                    with self._pq.ParquetWriter(out, self._schema) as writer:
+                        for index in indices:
+                            with self._open_read(self.chunk(index)) as f:
+                                writer.write_table(self._pq.read_table(f))
+            else:  # line chunks are complete files (members); bytes after bytes make the whole file
+                for index in indices:
+                    with self._open_read(self.chunk(index)) as f:
+                        shutil.copyfileobj(f, out, 1 << 20)
+            if not self.remote:
+                out.flush()
+                os.fsync(out.fileno())
+        self._move(tmp, self.final)
+
+    def _commit_directory(self, indices: list[int], rows: int | None) -> None:
+        if not self.remote:
+            Path(local_path(self.final)).mkdir(parents=True, exist_ok=True)
+        if self._pq is not None and not indices and not self._exists(self.shard(0)):
+            local = self._new_local()  # an empty dataset still tells its schema
+            self._empty_parquet(local)
+            self._publish(local, self.shard(0))
+        for index in indices:
+            self._move(self.chunk(index), self.shard(index))
+        if not self.remote:
+            names = os.listdir(local_path(self.final))
+        else:
+            with contextlib.suppress(Exception):
+                self.fs.invalidate_cache()
+            names = [
+                p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._fs_path(self.final), detail=False)
+            ]
+        shards = sorted(n for n in names if n.startswith("part-") and n.endswith(self.suffix))
+        record: dict[str, Any] = {"format": self.format, "compression": self.compression, "shards": shards}
+        if rows is not None:  # known unless a killed finish is being completed
+            record["rows"] = rows
+        manifest = json.dumps(record)
+        if not self.remote:
+            atomic_write_bytes(Path(local_path(self.final)) / SUCCESS, manifest.encode())
+        else:
+            self.fs.pipe_file(self._fs_path(join(self.final, SUCCESS)), manifest.encode())
 
     def close(self) -> None:
-        """Nothing to close: chunk files are closed once written."""
+        """Drop the unfinished chunk (its rows were not checkpointed; a resume writes them again)."""
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        if self._local is not None and self.remote:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self._local)
 
     def discard(self) -> None:
-        """Remove the chunk directory."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the staging directory and any merged file not yet renamed."""
+        self.close()
+        self._rm(self.staging)
+        if not self.directory:
+            self._rm(self.final + TMP_SUFFIX)
 
 
-def open_part(final: str, fmt: str, input_schema: Any = None) -> LinePart | ParquetPart:
-    """The part writer for an output of format ``fmt``."""
-    if fmt == "parquet":
-        return ParquetPart(final, input_schema)
-    return LinePart(final, fmt)
+#: The Parquet output of earlier versions: a ChunkedPart merged into one file.
+ParquetPart = ChunkedPart
+
+
+def open_part(
+    final: str, fmt: str, input_schema: Any = None, compression: str | None = None
+) -> LinePart | ChunkedPart:
+    """The part writer for an output of format ``fmt`` at ``final`` (a path, a URL, or a directory ``OUT/``)."""
+    directory = is_directory_path(final)
+    if fmt == "parquet" or directory or is_remote(final):
+        return ChunkedPart(final, fmt, input_schema, compression, directory)
+    return LinePart(final, fmt, compression)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pairscore.pipeline.columns import Metric, metric, value_of
-from pairscore.pipeline.formats import FormatError, RowReader, detect_format
+from pairscore.pipeline.formats import FormatError, RowReader, input_files
 from pairscore.pipeline.stats import quantile
 
 REPORT_QUANTILES = (0.05, 0.5, 0.95)
@@ -45,7 +45,8 @@ class ReportData:
 def read_metric(path: str, metric_name: str, fmt: str | None = None) -> ReportData:
     """Collect the finite values of ``metric_name`` from a scored file."""
     m = metric(metric_name)
-    reader = RowReader(path, detect_format(path, fmt))
+    files, found = input_files(path, fmt)  # a file, a glob, a directory of shards, a URL
+    reader = RowReader(path, found, files=files)
     values: list[float] = []
     missing = 0
     try:

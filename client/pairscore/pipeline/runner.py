@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import sys
 import time
 from collections import deque
@@ -39,20 +38,22 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from pairscore.pipeline.columns import (
+    CANDIDATE_INDEX,
     INVALID_ROW,
     error_columns,
+    input_options,
     metric,
-    pair_problem,
     score_columns,
     score_options,
     value_of,
 )
 from pairscore.pipeline.formats import STDIO, BadRow, FormatError, Row, RowReader, count_rows
 from pairscore.pipeline.job import Job
-from pairscore.pipeline.parts import LinePart, ParquetPart, StateFile, open_part
+from pairscore.pipeline.parts import ChunkedPart, LinePart, StateFile, open_part
 from pairscore.pipeline.progress import Progress
 from pairscore.pipeline.selection import Cutoff, TopSelector, rank_key
 from pairscore.pipeline.stats import RunStats
+from pairscore.pipeline.storage import exists, remove
 from pairscore.types import ItemError, Pair, PairScore, ScoreOutcome
 
 STATE_VERSION = 1
@@ -97,6 +98,9 @@ class Runner:
         self.state_file = StateFile(job.state_path) if job.output != STDIO else None
         self.metric = metric(job.by)
         self._emitting = False
+        #: Some but not all output rows of an input row's candidates are written.
+        self._mid_row = False
+        self._ends_row = True
         self._last_checkpoint = 0.0
 
     # --- entry point ----------------------------------------------------------------
@@ -119,7 +123,7 @@ class Runner:
     def _refuse_to_overwrite(self) -> None:
         if self.job.overwrite:
             return
-        existing = [p for p, _ in self.job.outputs().values() if p != STDIO and os.path.exists(p)]
+        existing = [p for p, _ in self.job.outputs().values() if p != STDIO and exists(p)]
         if existing:
             raise OutputExistsError(
                 f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
@@ -183,17 +187,17 @@ class Runner:
         """Without --resume an earlier unfinished run is thrown away (final files are kept)."""
         del state
         for path, fmt in [*self._phase1_outputs().values(), *self.job.outputs().values()]:
-            open_part(path, fmt).discard()
-        if self.job.top_fraction is not None and os.path.exists(self.job.scored_path):
-            os.remove(self.job.scored_path)
+            open_part(path, fmt, compression=self.job.compression_for(path)).discard()
+        if self.job.top_fraction is not None:
+            remove(self.job.scored_path)
         self._remove_state()
 
     def _drop_empty_default_errors(self, stats: RunStats) -> None:
         """The errors file filter names by itself only stays when a row failed."""
         if self.job.errors is None and stats.routed.get("errors", 0) == 0:
             default = self.job.errors_path()
-            if default is not None and os.path.exists(default):
-                os.remove(default)
+            if default is not None:
+                remove(default)
 
     def _remove_state(self) -> None:
         if self.state_file is not None:
@@ -223,14 +227,38 @@ class Runner:
             return "kept"
         return "rejected" if "rejected" in outs else None
 
-    def _pair(self, row: Row) -> tuple[Pair | None, str | None]:
-        job = self.job
-        prompt, response = row.get(job.prompt_field), row.get(job.response_field)
-        problem = pair_problem(prompt, response, job.prompt_field, job.response_field)
-        if problem is not None:
-            return None, problem
-        pair_id = "" if job.id_field is None else str(row.get(job.id_field, ""))
-        return Pair(prompt=prompt, response=response, id=pair_id), None  # type: ignore[arg-type]
+    def _pairs(self, row: Row) -> tuple[list[tuple[Row, Pair]], str | None]:
+        """The pairs of an input row, each with the output row it becomes (one per
+        candidate of a ``--responses-field`` list), or why the row cannot be scored."""
+        fields = self.job.row_fields
+        pairs, problem = fields.pairs(row)
+        if problem is not None or fields.responses_field is None:
+            return [(row, p) for p in pairs], problem
+        base = {k: v for k, v in row.items() if k != fields.responses_field}
+        return [
+            ({**base, fields.response_field: p.response, CANDIDATE_INDEX: i}, p) for i, p in enumerate(pairs)
+        ], None
+
+    def _missing_columns_error(self, row: Row) -> FormatError:
+        fields = self.job.row_fields
+        missing = fields.missing_columns(row)
+        hints = {
+            "messages": "--messages-field messages",
+            "prompt_ids": "--prompt-ids-field prompt_ids",
+            "response_ids": "--response-ids-field response_ids",
+            "responses": "--responses-field responses",
+        }
+        present = [flag for column, flag in hints.items() if column in row and column not in missing]
+        hint = (
+            f"; it has {', '.join(sorted(set(hints) & row.keys()))}: pass {' '.join(present)}"
+            if present
+            else ""
+        )
+        return FormatError(
+            f"the input has no column {' or '.join(repr(c) for c in missing)} (its first row has "
+            f"{sorted(row)}){hint}; name the columns with --prompt-field/--response-field, "
+            "--messages-field, --prompt-ids-field, --response-ids-field or --responses-field"
+        )
 
     def _phase1(
         self, state: dict[str, Any] | None, fingerprint: dict[str, object], model: dict[str, str]
@@ -240,12 +268,18 @@ class Runner:
         first_row, end_row = 0, None
         if job.shard is not None:
             index, count = job.shard
-            total = count_rows(job.input, job.in_format)
+            total = count_rows(job.input, job.in_format, compression=job.compression, files=job.input_files)
             first_row, end_row = (index - 1) * total // count, index * total // count
-        reader = RowReader(job.input, job.in_format, on_bad_row=job.on_bad_row)
-        self._parts: dict[str, LinePart | ParquetPart] = {}
+        reader = RowReader(
+            job.input,
+            job.in_format,
+            on_bad_row=job.on_bad_row,
+            compression=job.compression,
+            files=job.input_files if job.input != STDIO else None,
+        )
+        self._parts: dict[str, LinePart | ChunkedPart] = {}
         for role, (path, fmt) in self._phase1_outputs().items():
-            part = open_part(path, fmt, reader.parquet_schema())
+            part = open_part(path, fmt, reader.parquet_schema(), job.compression_for(path))
             part.open(state["parts"][role] if state else None)
             self._parts[role] = part
         done = [reader.position()]  # where the last row written ends in the input
@@ -262,8 +296,10 @@ class Runner:
             mode=job.progress,
             log_every=job.log_every,
             start_rows=stats.rows,
+            target=getattr(self.client, "target", None),
         )
-        waiting: deque[tuple[Row, str | None, int]] = deque()
+        # (output row, its problem, where it ends in the input, whether it ends its input row)
+        waiting: deque[tuple[Row, str | None, int, bool]] = deque()
         first = [True]
 
         def pairs() -> Iterator[Pair]:
@@ -272,17 +308,16 @@ class Runner:
                 rows = itertools.islice(rows, max(0, end_row - first_row - stats.rows))
             for row in rows:
                 if isinstance(row, BadRow):
-                    waiting.append((row, row.reason, reader.position()))
+                    waiting.append((row, row.reason, reader.position(), True))
                     continue
-                pair, problem = self._pair(row)
-                if first[0] and not {job.prompt_field, job.response_field} <= row.keys():
-                    raise FormatError(
-                        f"the input has no column {job.prompt_field!r} or no {job.response_field!r} "
-                        f"(its first row has {sorted(row)}); name them with --prompt-field/--response-field"
-                    )
+                if first[0] and job.row_fields.missing_columns(row):
+                    raise self._missing_columns_error(row)
                 first[0] = False
-                waiting.append((row, problem, reader.position()))
-                if pair is not None:
+                pairs, problem = self._pairs(row)
+                if problem is not None:
+                    waiting.append((row, problem, reader.position(), True))
+                for i, (out_row, pair) in enumerate(pairs):
+                    waiting.append((out_row, None, reader.position(), i == len(pairs) - 1))
                     yield pair
 
         def checkpoint() -> None:
@@ -310,23 +345,28 @@ class Runner:
             streams=job.concurrency,
             tokenization=job.tokenization,
             **score_options(job.scores),
+            **input_options(job.truncation, job.end_of_turn, job.prefix),
             on_retry=on_retry,
         )
         try:
             for outcome in results:
                 while waiting[0][1] is not None:
-                    row, problem, done[0] = waiting.popleft()
+                    row, problem, done[0], _ = waiting.popleft()
                     self._emit(row, None, problem, stats, progress)
-                row, _, done[0] = waiting.popleft()
+                row, _, position, ends_row = waiting.popleft()
+                if ends_row:  # a candidate list's input row is done with its last candidate
+                    done[0] = position
+                self._ends_row = ends_row
                 self._emit(row, outcome, None, stats, progress)
-                if self._checkpoint_due():
+                self._ends_row = True
+                if ends_row and self._checkpoint_due():  # never inside a candidate list
                     checkpoint()
             while waiting:
-                row, problem, done[0] = waiting.popleft()
+                row, problem, done[0], _ = waiting.popleft()
                 self._emit(row, None, problem, stats, progress)
         except BaseException:
             results.close()  # cancels the streams
-            if job.resume and not self._emitting and self.state_file is not None:
+            if job.resume and not self._emitting and not self._mid_row and self.state_file is not None:
                 checkpoint()  # keep what is done for --resume
             for part in self._parts.values():
                 part.close()
@@ -353,7 +393,7 @@ class Runner:
         if time.monotonic() - self._last_checkpoint >= self.job.checkpoint_seconds:
             return True
         return any(
-            isinstance(p, ParquetPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in self._parts.values()
+            isinstance(p, ChunkedPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in self._parts.values()
         )
 
     def _emit(
@@ -364,6 +404,9 @@ class Runner:
         stats: RunStats,
         progress: Progress,
     ) -> None:
+        """Write one output row. An input row with a list of candidate responses gives one
+        output row per candidate; ``self._ends_row`` is False for all but its last."""
+        ends_row = self._ends_row
         self._emitting = True
         if outcome is None:
             columns = error_columns(INVALID_ROW, problem or "", self.job.scores)
@@ -384,7 +427,8 @@ class Runner:
         if role is not None:
             self._parts[role].write(out)
             stats.routed[role] += 1
-        stats.rows += 1
+        stats.rows += int(ends_row)  # input rows: what --resume skips
+        self._mid_row = not ends_row
         tokens = 0
         if code is None:
             assert isinstance(outcome, PairScore)
@@ -394,7 +438,7 @@ class Runner:
             stats.metric.add(value_of(out, self.metric.column))
         else:
             stats.errors[code] += 1
-        progress.update(rows=1, tokens=tokens, errors=int(code is not None))
+        progress.update(rows=int(ends_row), tokens=tokens, errors=int(code is not None))
         self._emitting = False
 
     # --- phase 2: exact top fraction ------------------------------------------------
@@ -403,7 +447,7 @@ class Runner:
         job = self.job
         assert job.top_fraction is not None
         scored, fmt = job.scored_path, job.out_format
-        reader = RowReader(scored, fmt)
+        reader = RowReader(scored, fmt, compression=job.output_compression)
         among_passing = job.top_among == "passing"
         keys = [
             rank_key(value_of(r, self.metric.column), self.metric)
@@ -415,10 +459,10 @@ class Runner:
         cutoff = Cutoff.find(keys, job.top_fraction)
         del keys
         selector = TopSelector(self.metric, cutoff)
-        reader = RowReader(scored, fmt)
-        parts: dict[str, LinePart | ParquetPart] = {}
+        reader = RowReader(scored, fmt, compression=job.output_compression)
+        parts: dict[str, LinePart | ChunkedPart] = {}
         for role, (path, out_fmt) in job.outputs().items():
-            parts[role] = open_part(path, out_fmt, reader.parquet_schema())
+            parts[role] = open_part(path, out_fmt, reader.parquet_schema(), job.compression_for(path))
             parts[role].open(None)
         stats.routed.clear()
         for row in reader.rows():
@@ -434,7 +478,7 @@ class Runner:
             if dest is not None:
                 parts[dest].write(row)
                 stats.routed[dest] += 1
-            if any(isinstance(p, ParquetPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in parts.values()):
+            if any(isinstance(p, ChunkedPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in parts.values()):
                 for p in parts.values():
                     p.checkpoint()
         reader.close()
@@ -449,7 +493,7 @@ class Runner:
         )
         for part in parts.values():
             part.finish()
-        os.remove(scored)
+        remove(scored)
 
     # --- finishing after an interruption ------------------------------------------
 
@@ -458,17 +502,6 @@ class Runner:
         outputs = {**self._phase1_outputs(), **self.job.outputs()}
         for role in roles:
             path, fmt = outputs[role]
-            if fmt == "parquet":
-                part = ParquetPart(path)
-                if part.path.exists():
-                    state = {"chunks": len(list(part.path.glob("chunk-*.parquet"))), "rows": 0}
-                    part.open(state)
-                    part.finish()
-            elif os.path.exists(path + ".part"):
-                os.replace(path + ".part", path)
-        if (
-            self.job.top_fraction is not None
-            and os.path.exists(self.job.scored_path)
-            and "scored" not in roles
-        ):
-            os.remove(self.job.scored_path)
+            open_part(path, fmt, compression=self.job.compression_for(path)).complete()
+        if self.job.top_fraction is not None and "scored" not in roles:
+            remove(self.job.scored_path)

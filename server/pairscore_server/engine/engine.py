@@ -25,6 +25,7 @@ from pairscore.types import (
     Truncation,
     data_selection_scores,
 )
+from pairscore_server.engine.chat import ChatError, ChatRenderer
 from pairscore_server.engine.interface import CausalLM, Engine, ForwardStats, ScoredBatch, score_pairs
 from pairscore_server.engine.kernels import fuse_activations, stabilize_gemm_rows
 from pairscore_server.engine.logprobs import (
@@ -39,12 +40,14 @@ from pairscore_server.engine.packed_attention import (
     enable_packed_attention,
 )
 from pairscore_server.engine.packing import (
+    MIN_SHARED_TOKENS,
     ROW_ALIGN,
-    Tree,
-    build_trees,
-    group_by_prompt,
+    RowItem,
+    Trie,
+    build_tries,
     pack_row,
     plan_rows,
+    row_items,
 )
 from pairscore_server.engine.prefix import Prefix, resolve_prefix
 from pairscore_server.engine.prepared import PreparedPair
@@ -84,6 +87,10 @@ class EngineLimits:
     ``chunk_bytes`` bounds the float32 logits held at once by the log-prob head.
     ``share_prompts``: pairs of one ``score`` call with the same prompt run
     the prompt once and reuse its key/value cache for every response.
+    ``share_prefixes``: beyond whole prompts, sequences of one call that begin
+    with the same run of at least ``min_shared_tokens`` token ids (few-shot
+    exemplars, a system prompt) run it once: a trie over token ids
+    (packing.py), in both layouts.
     """
 
     max_batch_tokens: int = 8192
@@ -92,6 +99,8 @@ class EngineLimits:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     share_prompts: bool = True
     packing: bool = True
+    share_prefixes: bool = True
+    min_shared_tokens: int = MIN_SHARED_TOKENS
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,7 @@ class ScoringEngine(Engine):
         self.limits = limits = limits or EngineLimits()
         self.prefix: Prefix = resolve_prefix(tokenizer, prefix_token)
         self.pair_tokenizer = PairTokenizer(tokenizer)
+        self.chat = ChatRenderer(tokenizer, self.pair_tokenizer)
         self.max_context = model_context_length(model, tokenizer)
         self._logprobs = LogprobComputer(model, chunk_bytes=limits.chunk_bytes)
         if not self._logprobs.head_is_plain():
@@ -211,6 +221,7 @@ class ScoringEngine(Engine):
             max_top_k=self.max_top_k,
             max_token_text_bytes=self._token_text_bytes,
             tokenizer_normalizes=self.pair_tokenizer.normalizes,
+            chat_template=self.chat.available,
         )
 
     def _max_token_text_bytes(self) -> int:
@@ -345,10 +356,16 @@ class ScoringEngine(Engine):
                 "template renders), not response_ids",
                 pair.id,
             )
-        return ItemError(
-            ItemErrorCode.INVALID_ARGUMENT,
-            "prompt_messages are not supported by this server yet; send the prompt as text or ids",
-            pair.id,
+        try:
+            chat = self.chat.render(pair.prompt_messages, pair.response, options.end_of_turn)
+        except ChatError as exc:
+            return ItemError(ItemErrorCode.INVALID_ARGUMENT, str(exc), pair.id)
+        ids, offsets, m = chat.ids, chat.offsets, chat.prompt_tokens
+        if m and ids[0] == self.prefix.token_id:
+            # The template writes the prefix token itself (BOS): it is p, not scored twice.
+            ids, offsets, m = ids[1:], offsets[1:], m - 1
+        return TokenizedPair(
+            ids, m, offsets, False, rendered_prompt=chat.prompt, rendered_response=chat.response
         )
 
     def _prepared(
@@ -436,25 +453,37 @@ class ScoringEngine(Engine):
             min_efficiency=self.limits.min_batch_efficiency,
         )
 
-    def shared_prompt_groups(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
-        """Indices of pairs that share their prompt (p ⊕ x), in groups of two or more."""
-        if not (self.limits.share_prompts and self._logprobs.split_head):
-            return []
-        groups = group_by_prompt([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared])
-        return [g for g in groups.values() if len(g) > 1]
+    def plan_tries(self, prepared: Sequence[PreparedPair]) -> list[Trie]:
+        """The tries (shared runs of token ids, packing.py) of ``prepared``'s p ⊕ x ⊕ y,
+        as the padded layout runs them (packed rows also cut at every prompt end)."""
+        return self._tries([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared], False)
 
-    def plan_packed_rows(self, prepared: Sequence[PreparedPair]) -> tuple[list[Tree], list[list[int]]]:
-        """The packed layout of ``prepared``: its trees (shared prompts, see
-        packing.py) and the tree indices of each row."""
+    def plan_packed_rows(self, prepared: Sequence[PreparedPair]) -> tuple[list[RowItem], list[list[int]]]:
+        """The packed layout of ``prepared``: its row items (parts of tries, see
+        packing.py) and the item indices of each row."""
         return self._plan_rows([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared])
+
+    def _tries(
+        self, seqs: Sequence[tuple[int, ...]], prompt_lens: Sequence[int], cut_prompts: bool
+    ) -> list[Trie]:
+        limits = self.limits
+        return build_tries(
+            seqs,
+            prompt_lens,
+            share_prompts=limits.share_prompts and self._logprobs.split_head,
+            min_shared=limits.min_shared_tokens if limits.share_prefixes else None,
+            cut_prompts=cut_prompts,
+        )
 
     def _plan_rows(
         self, seqs: Sequence[tuple[int, ...]], prompt_lens: Sequence[int]
-    ) -> tuple[list[Tree], list[list[int]]]:
-        trees = build_trees(
-            seqs, prompt_lens, share_prompts=self.limits.share_prompts, capacity=self.max_batch_tokens
-        )
-        return trees, plan_rows([t.size for t in trees], capacity=self.max_batch_tokens)
+    ) -> tuple[list[RowItem], list[list[int]]]:
+        items = [
+            item
+            for trie in self._tries(seqs, prompt_lens, True)
+            for item in row_items(trie, self.max_batch_tokens)
+        ]
+        return items, plan_rows([item.size for item in items], capacity=self.max_batch_tokens)
 
     @staticmethod
     def sequences(
@@ -464,7 +493,9 @@ class ScoringEngine(Engine):
         pairs that asked for their unconditional score.
 
         Returns the sequences, their prompt lengths (p ⊕ x; 1 for p ⊕ y, so all
-        p ⊕ y rows share the prefix as one prompt in the packed layout) and, per
+        p ⊕ y rows share the prefix as one prompt in both layouts, and among
+        themselves and the pairs without a prompt any run of ``min_shared_tokens``
+        ids or more) and, per
         pair, the index of the sequence holding its unconditional log-probs
         (``None``: not asked; ``EMPTY_RESPONSE``: an empty response). Identical
         p ⊕ y are scored once, and a pair with an empty prompt is its own p ⊕ y.
@@ -513,11 +544,11 @@ class ScoringEngine(Engine):
     def _logprobs_packed(
         self, seqs: Sequence[tuple[int, ...]], prompt_lens: Sequence[int], detail: HeadDetail
     ) -> tuple[list[torch.Tensor], ForwardStats]:
-        trees, rows = self._plan_rows(seqs, prompt_lens)
+        items, rows = self._plan_rows(seqs, prompt_lens)
         lps: list[torch.Tensor | None] = [None] * len(seqs)
         computed = positions = reused = 0
         for members in rows:
-            row = pack_row([trees[j] for j in members], device=self.device, align=self.row_align)
+            row = pack_row([items[j] for j in members], device=self.device, align=self.row_align)
             for i, seq_lps in row.split(self._logprobs.packed(row, detail).cpu()):
                 lps[i] = seq_lps
             computed += row.tokens - row.filler_tokens
@@ -536,25 +567,31 @@ class ScoringEngine(Engine):
     ) -> tuple[list[torch.Tensor], ForwardStats]:
         results: list[torch.Tensor | None] = [None] * len(seqs)
         real = padded = reused = 0
-        groups: list[list[int]] = []
-        if self.limits.share_prompts and self._logprobs.split_head:
-            groups = [g for g in group_by_prompt(seqs, prompt_lens).values() if len(g) > 1]
-        for group in groups:
-            prompt_len = prompt_lens[group[0]]
-            real += prompt_len + sum(len(seqs[i]) - prompt_len for i in group)
-            reused += prompt_len * (len(group) - 1)
-            prompt_lps, response_lps, positions = self._logprobs.shared_prompt(
-                seqs[group[0]][:prompt_len],
-                [seqs[i][prompt_len:] for i in group],
+        rest: list[int] = []
+        copies: list[tuple[int, ...]] = []
+        for trie in self._tries(seqs, prompt_lens, False):
+            everyone = sum(m.length * len(m.indices) for m in trie.members)
+            if len(trie.members) == 1:  # one distinct sequence: a plain padded row, run once
+                [member] = trie.members
+                rest.append(member.indices[0])
+                copies.append(member.indices)
+                reused += everyone - member.length
+                continue
+            blocks, positions = self._logprobs.trie(
+                trie,
                 max_batch_tokens=self.max_batch_tokens,
                 min_efficiency=self.limits.min_batch_efficiency,
                 detail=detail,
             )
+            computed = sum(len(node.tokens) for node in trie.nodes)
+            real += computed
             padded += positions
-            prompt_lps = prompt_lps.cpu()
-            for i, lps in zip(group, response_lps, strict=True):
-                results[i] = torch.cat([prompt_lps, lps.cpu()])
-        rest = [i for i, r in enumerate(results) if r is None]
+            reused += everyone - computed
+            cpu = [b.cpu() for b in blocks]
+            for member in trie.members:
+                lps = torch.cat([cpu[i] for i in member.path])
+                for i in member.indices:
+                    results[i] = lps
         for sub in plan_padded_batches(
             [len(seqs[i]) for i in rest],
             max_tokens=self.max_batch_tokens,
@@ -566,6 +603,9 @@ class ScoringEngine(Engine):
             padded += batch.padded_tokens
             for i, lps in zip(indices, self._logprobs(batch, detail), strict=True):
                 results[i] = lps.cpu()
+        for same in copies:  # identical sequences: the first one's log-probs
+            for i in same[1:]:
+                results[i] = results[same[0]]
         return results, ForwardStats(real, padded, reused)  # type: ignore[return-value]
 
     def _result(self, pair: PreparedPair, lps: torch.Tensor, alone: torch.Tensor | None = None) -> PairScore:

@@ -32,8 +32,10 @@ class ForwardStats:
 
     ``real_tokens``: token positions computed; ``padded_tokens``: positions
     including padding (real / padded is the padding efficiency);
-    ``reused_tokens``: prompt tokens not computed again thanks to a shared
-    prompt's key/value cache or a shared prompt inside a packed row.
+    ``reused_tokens``: tokens not computed again because several sequences
+    of the call begin with the same run of token ids (a shared prompt,
+    few-shot exemplars, a system prompt: the prefix trie of packing.py) or
+    are identical: every sequence's length, less what was run.
     """
 
     real_tokens: int = 0

@@ -49,7 +49,7 @@ import torch
 
 from pairscore_server.engine.interface import CausalLM
 from pairscore_server.engine.packed_attention import SEGMENTS_KWARG
-from pairscore_server.engine.packing import PackedRow, Tree, pack_row
+from pairscore_server.engine.packing import PackedRow, Trie, build_tries, pack_row, row_items
 
 #: Default memory for one chunk of float32 logits on CPU. The chunk is written
 #: by the output GEMM and read back by the log-softmax, so it should stay in
@@ -194,6 +194,14 @@ def _chunk_detail(
         into[:, 2 + detail.top_k :] = values.double()
 
 
+def _crop_to(cache, length: int) -> None:
+    """Drop a key/value cache's positions after ``length`` (transformers 5's ``crop``
+    takes how many to remove, as a negative number)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
 class LogprobComputer:
     """Runs a causal LM on a batch and returns each sequence's scored-token log-probs.
 
@@ -307,15 +315,10 @@ class LogprobComputer:
         lone = [(7 * k + 3) % vocab for k in range(9)]
         prompt = [(5 * k + 1) % vocab for k in range(6)]
         responses = [[(11 * k + 2) % vocab for k in range(5)], [(13 * k + 4) % vocab for k in range(3)]]
-        row = pack_row(
-            [
-                Tree(tuple(lone), ((0, ()),)),
-                Tree(tuple(prompt), tuple((1 + j, tuple(r)) for j, r in enumerate(responses))),
-            ],
-            device=self.device,
-        )
-        packed = dict(row.split(self.packed(row)))
         singles = [lone, prompt + responses[0], prompt + responses[1]]
+        tries = build_tries(singles, [len(lone), len(prompt), len(prompt)], min_shared=None)
+        row = pack_row([item for t in tries for item in row_items(t, 10**9)], device=self.device)
+        packed = dict(row.split(self.packed(row)))
         dtype = next(self.model.parameters()).dtype
         atol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
         for i, seq in enumerate(singles):
@@ -325,62 +328,95 @@ class LogprobComputer:
         return True
 
     @torch.inference_mode()
-    def shared_prompt(
+    def trie(
         self,
-        prompt: Sequence[int],
-        responses: Sequence[Sequence[int]],
+        trie: Trie,
         *,
         max_batch_tokens: int,
         min_efficiency: float = 0.0,
         detail: HeadDetail = NO_DETAIL,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        """Score several responses to one prompt, running the prompt once.
+    ) -> tuple[list[torch.Tensor], int]:
+        """Score the sequences of a trie (packing.py), running each node once on a
+        key/value cache of its ancestors.
 
-        ``prompt`` is p ⊕ x (at least the prefix token). The prompt's forward
-        pass keeps its key/value cache; each response then runs on top of a
-        copy of that cache, so the prompt's tokens are computed once for all
-        responses. Returns the prompt's log-probs (tokens 1..P-1) and each
-        response's log-probs, and the token positions run through the model
-        (padding included). The first token of every response is predicted by
-        the prompt's last hidden state, as in the diagram above.
+        The root runs alone and keeps its cache; a node with children runs on
+        its parent's cache (extending it, cropped back afterwards) and its
+        children in turn; the leaves under one node run in padded batches on
+        copies of that node's cache. Returns each node's block of log-probs
+        (the root's tokens 1.., any other node's tokens 0..: its token 0 is
+        predicted by the parent's last hidden state, as in the diagram above),
+        so that a sequence's log-probs are its path's blocks end to end; and
+        the token positions run through the model (padding included).
         """
-        device = self.device
-        p_len = len(prompt)
-        p_batch = make_batch([prompt], pad_id=0, device=device)
+        root = trie.nodes[0]
+        batch = make_batch([root.tokens], pad_id=0, device=self.device)
         out = self.model.base_model(
-            input_ids=p_batch.input_ids,
-            attention_mask=p_batch.attention_mask,
-            position_ids=p_batch.position_ids,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
             use_cache=True,
         )
         cache = getattr(out, "cache", None) or out.past_key_values
         hidden = out.last_hidden_state[0]
-        prompt_lps = self._project(hidden[:-1], p_batch.input_ids[0, 1:], detail)
-        scored = [i for i, r in enumerate(responses) if r]
-        empty = (
-            torch.empty(0, detail.columns, dtype=torch.float64, device=device)
-            if detail.wanted
-            else torch.empty(0, dtype=torch.float32, device=device)
+        blocks: list[torch.Tensor | None] = [None] * len(trie.nodes)
+        blocks[0] = self._project(hidden[:-1], batch.input_ids[0, 1:], detail)
+        positions = len(root.tokens) + self._children_on_cache(
+            trie, 0, hidden[-1], cache, len(root.tokens), blocks, max_batch_tokens, min_efficiency, detail
         )
-        result: list[torch.Tensor] = [empty for _ in responses]
-        if scored:
-            firsts = self._project(
-                hidden[-1:].expand(len(scored), -1),
-                torch.tensor([responses[i][0] for i in scored], dtype=torch.long, device=device),
-                detail,
+        return blocks, positions  # type: ignore[return-value]
+
+    def _children_on_cache(
+        self,
+        trie: Trie,
+        parent: int,
+        last_hidden: torch.Tensor,
+        cache,
+        ctx_len: int,
+        blocks: list[torch.Tensor | None],
+        max_batch_tokens: int,
+        min_efficiency: float,
+        detail: HeadDetail,
+    ) -> int:
+        """Fill the blocks of ``parent``'s subtree below it; ``cache`` holds its
+        ``ctx_len`` ancestors' and its own keys and values. Returns positions run."""
+        device = self.device
+        nodes = trie.nodes
+        children = nodes[parent].children
+        firsts = self._project(
+            last_hidden[None].expand(len(children), -1),
+            torch.tensor([nodes[c].tokens[0] for c in children], dtype=torch.long, device=device),
+            detail,
+        )
+        for k, c in enumerate(children):
+            blocks[c] = firsts[k : k + 1]
+        positions = 0
+        for c in children:
+            node = nodes[c]
+            if not node.children:
+                continue
+            n = len(node.tokens)
+            hidden = self.model.base_model(
+                input_ids=torch.tensor([node.tokens], dtype=torch.long, device=device),
+                attention_mask=torch.ones(1, ctx_len + n, dtype=torch.long, device=device),
+                position_ids=torch.arange(ctx_len, ctx_len + n, device=device)[None],
+                use_cache=True,
+                **{self._cache_arg: cache},
+            ).last_hidden_state[0]
+            targets = torch.tensor(node.tokens[1:], dtype=torch.long, device=device)
+            blocks[c] = torch.cat([blocks[c], self._project(hidden[:-1], targets, detail)])  # type: ignore[list-item]
+            positions += n + self._children_on_cache(
+                trie, c, hidden[-1], cache, ctx_len + n, blocks, max_batch_tokens, min_efficiency, detail
             )
-            for k, i in enumerate(scored):
-                result[i] = firsts[k : k + 1]
-        # Responses of two or more tokens need a pass over y_1..y_n-1 on top of the cache.
-        longer = [i for i in scored if len(responses[i]) > 1]
-        lengths = [len(responses[i]) for i in longer]
-        positions = p_len
+            _crop_to(cache, ctx_len)  # back to the parent's keys and values
+        leaves = [c for c in children if len(nodes[c].tokens) > 1 and not nodes[c].children]
+        lengths = [len(nodes[c].tokens) for c in leaves]
         for group in plan_padded_batches(lengths, max_tokens=max_batch_tokens, min_efficiency=min_efficiency):
-            rows = self._responses_on_cache(cache, p_len, [responses[longer[j]] for j in group], detail)
+            rows = self._responses_on_cache(cache, ctx_len, [nodes[leaves[j]].tokens for j in group], detail)
             positions += len(group) * lengths[group[0]]
             for j, lps in zip(group, rows, strict=True):
-                result[longer[j]] = torch.cat([result[longer[j]], lps])
-        return prompt_lps, result, positions
+                c = leaves[j]
+                blocks[c] = torch.cat([blocks[c], lps])  # type: ignore[list-item]
+        return positions
 
     def _responses_on_cache(
         self, cache, p_len: int, responses: Sequence[Sequence[int]], detail: HeadDetail = NO_DETAIL
@@ -405,7 +441,7 @@ class LogprobComputer:
             **{self._cache_arg: group_cache},
         ).last_hidden_state
         if group_cache is cache:
-            cache.crop(-width)  # drop the response tokens: back to the prompt alone
+            _crop_to(cache, p_len)  # drop the response tokens: back to the prompt alone
         rows = torch.cat([torch.arange(length - 1) + b * width for b, length in enumerate(batch.lengths)]).to(
             device
         )

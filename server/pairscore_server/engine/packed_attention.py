@@ -3,8 +3,8 @@
 Registered under :data:`PACKED_ATTENTION` in transformers' attention
 interface. A forward call that passes ``pairscore_segments=`` (a tuple of
 :class:`~.packing.Segment`) gets per-segment scaled-dot-product attention:
-a prompt or lone pair attends causally to itself, a response to its prompt
-and then causally to itself. Any other call (padded batches, the key/value
+a trie's root node attends causally to itself, any other node to its
+ancestors' rows (the segment's ``context``) and then causally to itself. Any other call (padded batches, the key/value
 cache path) is plain SDPA with the usual mask, so one model serves both.
 
 Only the segments' own blocks are computed: the cost is that of the
@@ -67,12 +67,13 @@ def packed_sdpa_attention(
                 enable_gqa=gqa,
             )
         else:
-            ctx = slice(seg.context_start, seg.context_stop)
             own = slice(seg.start, seg.stop)
+            keys = [key[:, :, a:b] for a, b in seg.context] + [key[:, :, own]]
+            values = [value[:, :, a:b] for a, b in seg.context] + [value[:, :, own]]
             out[:, :, own] = scaled_dot_product_attention(
                 q,
-                torch.cat([key[:, :, ctx], key[:, :, own]], dim=2),
-                torch.cat([value[:, :, ctx], value[:, :, own]], dim=2),
+                torch.cat(keys, dim=2),
+                torch.cat(values, dim=2),
                 attn_mask=seg.mask,
                 scale=scaling,
                 enable_gqa=gqa,

@@ -1,0 +1,261 @@
+"""Chat prompts: rendering a conversation with the model's own chat template and
+locating the response in it exactly.
+
+For a conversation M and the assistant's reply r the template renders
+
+    x    = template(M, add_generation_prompt=True)
+    full = template(M + [assistant: r])
+
+and ``full`` must start with ``x`` (else the reply cannot be located and the
+item fails, naming the template). y is what follows x: with
+``EndOfTurn.INCLUDED`` all of it (the reply and the template's end of turn,
+e.g. ``"<|im_end|>\\n"``: what supervised fine-tuning trains on, TRL's
+completion mask), with ``EXCLUDED`` only up to the end of the reply's content.
+
+Tokenization: the template's control tokens become their special tokens,
+while the same strings inside a message's content stay plain text (the rule
+for all user text). To tell the two apart the conversation is rendered a
+second time with a unique placeholder for each content; the rendering is
+then split into template text and content, every added token of the
+vocabulary found in template text is that token, and the text between two
+such tokens (template text and content alike) is tokenized as one plain-text
+run, as the whole rendering would be. For content free of control-token
+strings the ids are therefore exactly ``tokenizer(full,
+add_special_tokens=False)``, i.e. ``apply_chat_template(..., tokenize=True)``:
+the tokens the model was trained on. The x/y boundary must fall between two
+tokens; a token that straddles it fails the item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pairscore.types import CHAT_ROLES, ChatMessage, EndOfTurn
+from pairscore_server.engine.tokenization import PairTokenizer
+
+#: Placeholder for the i-th content: private-use characters no template trims or escapes.
+_PLACEHOLDER = "\ue000pairscore-content-{}\ue001"
+
+
+class ChatError(ValueError):
+    """A conversation that cannot be scored; the message names the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """A conversation and reply, rendered and tokenized.
+
+    ``ids`` is x ⊕ y (no prefix token), the first ``prompt_tokens`` of them
+    x's; ``offsets`` holds each token's code-point span in its own side's
+    text (``prompt`` for x's tokens, ``response`` for y's).
+    """
+
+    prompt: str
+    response: str
+    ids: tuple[int, ...]
+    prompt_tokens: int
+    offsets: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A stretch of the rendering: template text or a content, [start, end)."""
+
+    start: int
+    end: int
+    template: bool
+
+
+class ChatRenderer:
+    """Renders and tokenizes conversations with ``hf_tokenizer``'s chat template."""
+
+    def __init__(self, hf_tokenizer: Any, pair_tokenizer: PairTokenizer) -> None:
+        self._hf = hf_tokenizer
+        self._pair_tokenizer = pair_tokenizer
+        template = getattr(hf_tokenizer, "chat_template", None)
+        self.template: str | None = template if isinstance(template, str) and template else None
+        source = getattr(hf_tokenizer, "name_or_path", "") or type(hf_tokenizer).__name__
+        #: How error messages name the template.
+        self.name = f"the chat template of {source}"
+        backend = hf_tokenizer.backend_tokenizer
+        decoder = backend.get_added_tokens_decoder()
+        #: Added tokens by their text, longest first (what the tokenizer splits out of text).
+        self._added = sorted(
+            ((t.content, i) for i, t in decoder.items() if t.content), key=lambda c: -len(c[0])
+        )
+
+    @property
+    def available(self) -> bool:
+        """Whether the tokenizer has a chat template."""
+        return self.template is not None
+
+    # -- rendering -------------------------------------------------------------------
+
+    def _apply(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+        try:
+            text = self._hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as exc:  # jinja's raise_exception, a template bug, ...
+            raise ChatError(f"{self.name} refused the conversation: {exc}") from None
+        if not isinstance(text, str):
+            raise ChatError(f"{self.name} did not render text (got {type(text).__name__})")
+        return text
+
+    @staticmethod
+    def check_messages(messages: Sequence[ChatMessage]) -> None:
+        """Raise ChatError for a conversation no template should be asked to render."""
+        if not messages:
+            raise ChatError("prompt_messages is empty; send at least one message (e.g. the user's)")
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise ChatError(
+                    f"prompt_messages[{i}].role is {m.role!r}; a role is one of {', '.join(CHAT_ROLES)}"
+                )
+        if messages[-1].role == "assistant":
+            raise ChatError(
+                f"the last message (prompt_messages[{len(messages) - 1}]) is from the assistant; the "
+                "response is the assistant's reply to the conversation, so end it with another role "
+                "and send that reply as the response"
+            )
+
+    def render(self, messages: Sequence[ChatMessage], reply: str, end_of_turn: EndOfTurn) -> RenderedChat:
+        """x and y of a conversation and the assistant's reply, tokenized; raises ChatError."""
+        if self.template is None:
+            raise ChatError(
+                "the model's tokenizer has no chat template (GetModelInfo.chat_template is false), "
+                "so prompt_messages cannot be rendered; send the prompt as text or ids"
+            )
+        self.check_messages(messages)
+        convo = [{"role": m.role, "content": m.content} for m in messages]
+        x = self._apply(convo, generation_prompt=True)
+        full = self._apply([*convo, {"role": "assistant", "content": reply}], generation_prompt=False)
+        if not full.startswith(x):
+            raise ChatError(
+                f"{self.name} renders the conversation with the generation prompt ({x[-60:]!r} at "
+                f"its end) as something that is not a prefix of the conversation with the "
+                "assistant's reply, so the reply cannot be located in it; this template cannot be "
+                "scored with prompt_messages: render it yourself and send text"
+            )
+        segments, reply_end = self._segments(convo, reply, full)
+        if reply_end < len(x):
+            raise ChatError(f"{self.name} renders the assistant's reply inside the generation prompt")
+        cut_end = len(full) if end_of_turn is EndOfTurn.INCLUDED else reply_end
+        ids, spans = self._tokenize(full, segments)
+        prompt_tokens = 0
+        kept: list[tuple[int, int]] = []
+        for s, e in spans:
+            if s >= cut_end:
+                break  # after y (EXCLUDED: the end of turn)
+            if s < cut_end < e:
+                raise ChatError(
+                    f"a token of {self.name}'s rendering ({full[s:e]!r}) straddles the end of the "
+                    "reply's content; use end_of_turn INCLUDED"
+                )
+            if s < len(x) < e:
+                raise ChatError(
+                    f"a token of {self.name}'s rendering ({full[s:e]!r}) straddles the end of the "
+                    "generation prompt, so x and y do not split between tokens"
+                )
+            if e <= len(x):
+                if prompt_tokens != len(kept):
+                    raise ChatError(f"{self.name}'s rendering puts prompt text after the response")
+                prompt_tokens += 1
+                kept.append((s, e))
+            else:
+                kept.append((s - len(x), e - len(x)))
+        return RenderedChat(
+            prompt=x,
+            response=full[len(x) : cut_end],
+            ids=tuple(ids[: len(kept)]),
+            prompt_tokens=prompt_tokens,
+            offsets=tuple(kept),
+        )
+
+    def _segments(self, convo: list[dict[str, str]], reply: str, full: str) -> tuple[list[_Segment], int]:
+        """Split ``full`` into template text and contents; also where the reply's content ends.
+
+        The conversation is rendered again with a placeholder for each content:
+        the text around the placeholders is the template's own.
+        """
+        contents = [m["content"] for m in convo] + [reply]
+        marked = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(convo)]
+        marked.append({"role": "assistant", "content": _PLACEHOLDER.format(len(convo))})
+        shape = self._apply(marked, generation_prompt=False)
+        pieces: list[str] = []
+        rest = shape
+        for i in range(len(contents)):
+            before, found, rest = rest.partition(_PLACEHOLDER.format(i))
+            if not found or _PLACEHOLDER.format(i) in rest:
+                raise ChatError(
+                    f"{self.name} does not render every message's content exactly once, in order "
+                    f"(content {i}), so its control tokens cannot be told from the content"
+                )
+            pieces.append(before)
+        pieces.append(rest)
+        segments: list[_Segment] = []
+        pos = 0
+        reply_end = -1
+        for i, piece in enumerate(pieces):
+            if not full.startswith(piece, pos):
+                raise ChatError(
+                    f"{self.name} renders its own text differently depending on the messages' "
+                    "content, so its control tokens cannot be told from the content"
+                )
+            segments.append(_Segment(pos, pos + len(piece), True))
+            pos += len(piece)
+            if i == len(contents):
+                break
+            nxt = pieces[i + 1]
+            for variant in dict.fromkeys((contents[i], contents[i].strip(), contents[i].rstrip())):
+                end = pos + len(variant)
+                if full.startswith(variant, pos) and full.startswith(nxt, end):
+                    break
+            else:
+                raise ChatError(
+                    f"{self.name} changes message content {i} in a way pairscore cannot follow "
+                    "(only surrounding whitespace may be trimmed)"
+                )
+            segments.append(_Segment(pos, end, False))
+            pos = end
+            if i == len(contents) - 1:
+                reply_end = end
+        if pos != len(full):
+            raise ChatError(f"{self.name} renders text pairscore cannot account for")
+        return segments, reply_end
+
+    def _tokenize(self, full: str, segments: list[_Segment]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``full`` and each token's span in it: added tokens found in template
+        text are those tokens, the runs between them plain text."""
+        cuts: list[tuple[int, int, int]] = []  # (start, end, id) of each control token
+        for seg in segments:
+            if not seg.template:
+                continue
+            pos = seg.start
+            while pos < seg.end:
+                for text, tid in self._added:
+                    if full.startswith(text, pos) and pos + len(text) <= seg.end:
+                        cuts.append((pos, pos + len(text), tid))
+                        pos += len(text)
+                        break
+                else:
+                    pos += 1
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for start, end, tid in [*cuts, (len(full), len(full), -1)]:
+            if start > pos:
+                run = full[pos:start]
+                encode = (
+                    self._pair_tokenizer.encode_prompts if pos == 0 else self._pair_tokenizer.encode_responses
+                )
+                [(run_ids, run_spans)] = encode([run])
+                ids += run_ids
+                spans += [(pos + s, pos + e) for s, e in run_spans]
+            if tid >= 0:
+                ids.append(tid)
+                spans.append((start, end))
+            pos = end
+        return ids, spans

@@ -1,0 +1,72 @@
+"""The batcher groups queued pairs that begin with the same run of token ids (issue 15).
+
+Against the fake engine (one character is one token, prefix id 0): a pair whose
+prompt has at least GROUP_PREFIX_TOKENS - 1 characters is grouped by its first
+GROUP_PREFIX_TOKENS ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from pairscore.types import Pair, ScoreOptions
+from pairscore_server.batcher import GROUP_PREFIX_TOKENS, Batcher, group_key
+
+from harness.fake_engine import FakeEngine, expected_score
+
+PREAMBLE = "You are a careful assistant. Answer briefly.\n"  # longer than GROUP_PREFIX_TOKENS
+assert len(PREAMBLE) >= GROUP_PREFIX_TOKENS
+
+
+async def score_all(engine: FakeEngine, requests: list[list[Pair]], **batcher) -> list[list]:
+    """Submit every request in one event-loop tick (so all are queued before the first
+    batch is collected) and wait for all their results."""
+    executor = ThreadPoolExecutor(1)
+    b = Batcher(engine, executor, **batcher)
+    b.start()
+    try:
+        return await asyncio.wait_for(
+            asyncio.gather(*(b.submit(engine.prepare(r, ScoreOptions())) for r in requests)), 15
+        )
+    finally:
+        await b.stop()
+        executor.shutdown(wait=True)
+
+
+def test_pairs_sharing_a_prefix_from_different_requests_share_a_batch():
+    """Arrival order would put the two few-shot requests in different batches; grouping
+    pulls the second one's pairs ahead of the unrelated request, which then gets the
+    next batch, starting with its oldest pair."""
+    shared_a = [Pair(PREAMBLE + f"Question {i}?", f" {i}", id=f"a{i}") for i in range(2)]
+    other = [Pair(f"An unrelated prompt number {i}, long enough", " y", id=f"o{i}") for i in range(3)]
+    shared_b = [Pair(PREAMBLE + f"Question {i}?", f" {i}!", id=f"b{i}") for i in range(2, 4)]
+    engine = FakeEngine(max_context=128)
+    requests = [shared_a, other, shared_b]
+    results = asyncio.run(score_all(engine, requests, max_batch_pairs=4, max_wait_s=0.2))
+    for request, got in zip(requests, results, strict=True):
+        assert got == [expected_score(p) for p in request]
+    assert engine.batches == [
+        tuple(p.prompt for p in shared_a + shared_b),
+        tuple(p.prompt for p in other),
+    ]
+
+
+def test_pairs_without_a_long_prompt_keep_arrival_order():
+    """A prompt shorter than the group key is never moved ahead: same prompts of a few
+    tokens, interleaved, are taken in the order they came."""
+    pairs = [Pair(f"q{i % 2}", f" {i}", id=str(i)) for i in range(6)]
+    engine = FakeEngine()
+    results = asyncio.run(score_all(engine, [[p] for p in pairs], max_batch_pairs=3, max_wait_s=0.2))
+    assert [r[0] for r in results] == [expected_score(p) for p in pairs]
+    assert [p for batch in engine.batches for p in batch] == [p.prompt for p in pairs]
+    assert group_key(engine.prepare([pairs[0]], ScoreOptions())[0]) is None
+
+
+def test_group_key_is_the_first_ids_of_a_long_prompt():
+    engine = FakeEngine(max_context=128)
+    a, b, c = engine.prepare(
+        [Pair(PREAMBLE + "x", " y"), Pair(PREAMBLE + "other", ""), Pair("", PREAMBLE)], ScoreOptions()
+    )
+    assert group_key(a) == group_key(b) == a.input_ids[:GROUP_PREFIX_TOKENS]
+    assert group_key(c) is None  # the run is in the response: not grouped

@@ -1,0 +1,110 @@
+"""Tier 4 (slow): chat prompts with the embedded SmolLM2-135M-Instruct's own template.
+
+SmolLM2's ChatML template adds a default system prompt when the conversation
+has none. On every message shape the y span must be exact: its ids are the
+tokens after the generation prompt's in the template's own tokenization,
+which is what TRL's prompt-completion masking trains on (reference written
+here from TRL's documented behaviour: TRL is not a test dependency).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pairscore.types import ChatMessage, EndOfTurn, ItemError, Pair, PairScore, ScoreOptions, Side
+from pairscore_server.engine.loading import load_engine
+from pairscore_server.engine.spec import ModelSpec
+
+from harness.scoring import assert_same_scores
+
+pytestmark = pytest.mark.slow
+
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+USER = ChatMessage("user", "What is the capital of France?")
+SHAPES = {
+    "no-system": ((USER,), "The capital of France is Paris."),
+    "system": ((ChatMessage("system", "Answer in one word."), USER), "Paris"),
+    "multi-turn": (
+        (USER, ChatMessage("assistant", "Paris."), ChatMessage("user", "And of Italy?")),
+        "Rome.",
+    ),
+    "empty-reply": ((USER,), ""),
+    "newlines-and-unicode": ((ChatMessage("user", "Translate: café\n\n你好"),), "Coffee.\nHello. 😀"),
+}
+
+
+@pytest.fixture(scope="module")
+def smol(smol_cache_dir):
+    return load_engine(ModelSpec(cache_dir=str(smol_cache_dir), device="cpu"))
+
+
+def as_dicts(messages) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def trl_split(tokenizer, messages, reply) -> tuple[list[int], list[int]]:
+    """TRL's prompt-completion tokenization (SFTTrainer, completion-only loss): the
+    prompt with ``add_generation_prompt=True``, the conversation with the reply
+    appended, and the loss on the tokens after the prompt's."""
+    prompt = list(tokenizer.apply_chat_template(as_dicts(messages), add_generation_prompt=True)["input_ids"])
+    full = list(
+        tokenizer.apply_chat_template([*as_dicts(messages), {"role": "assistant", "content": reply}])[
+            "input_ids"
+        ]
+    )
+    assert full[: len(prompt)] == prompt
+    return prompt, full[len(prompt) :]
+
+
+def test_model_info_says_there_is_a_template(smol):
+    assert smol.info.chat_template
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_y_span_is_exact_and_is_trls_completion(smol, shape):
+    messages, reply = SHAPES[shape]
+    tokenizer = smol.tokenizer
+    rendered = smol.chat.render(messages, reply, EndOfTurn.INCLUDED)
+    prompt_ids, completion_ids = trl_split(tokenizer, messages, reply)
+    assert list(rendered.ids[: rendered.prompt_tokens]) == prompt_ids
+    assert list(rendered.ids[rendered.prompt_tokens :]) == completion_ids
+    assert rendered.response == reply + "<|im_end|>\n"
+    assert rendered.prompt.endswith("<|im_start|>assistant\n")
+    assert (DEFAULT_SYSTEM in rendered.prompt) == (messages[0].role != "system")
+    assert smol.pair_tokenizer.decode(completion_ids) == rendered.response
+    excluded = smol.chat.render(messages, reply, EndOfTurn.EXCLUDED)
+    assert excluded.response == reply
+    assert list(excluded.ids) == list(rendered.ids[: len(rendered.ids) - 2])  # "<|im_end|>", "\n"
+
+
+def test_chat_scores_on_the_real_model(smol):
+    options = ScoreOptions(return_tokens=True)
+    pairs = [Pair(prompt_messages=m, response=r, id=k) for k, (m, r) in sorted(SHAPES.items())]
+    results = smol.score_pairs(pairs, options)
+    for pair, got in zip(pairs, results, strict=True):
+        assert isinstance(got, PairScore), got
+        rendered = smol.chat.render(pair.prompt_messages, pair.response, EndOfTurn.INCLUDED)
+        x, y = rendered.ids[: rendered.prompt_tokens], rendered.ids[rendered.prompt_tokens :]
+        [as_ids] = smol.score_pairs([Pair(prompt_ids=x, response_ids=y)], options)
+        assert_same_scores(got, as_ids)
+        response_ids = [t.token_id for t in got.tokens if t.side is Side.RESPONSE]
+        assert smol.pair_tokenizer.decode(response_ids) == got.rendered_response
+    # the instruct model, asked in its own format, prefers the right answer by far
+    convo = (USER,)
+    paris, banana = smol.score_pairs(
+        [Pair(prompt_messages=convo, response="Paris."), Pair(prompt_messages=convo, response="Banana.")],
+        ScoreOptions(end_of_turn=EndOfTurn.EXCLUDED),
+    )
+    assert isinstance(paris, PairScore) and isinstance(banana, PairScore)
+    assert paris.conditional_logprob > banana.conditional_logprob + 5.0
+
+
+def test_control_token_strings_in_content_are_text(smol):
+    start, end = (smol.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>"))
+    messages = (ChatMessage("user", "Print <|im_end|> literally."),)
+    rendered = smol.chat.render(messages, "<|im_end|>", EndOfTurn.INCLUDED)
+    # default system turn, user turn, generation prompt, and the reply's own end of turn
+    assert [i for i in rendered.ids if i in (start, end)] == [start, end, start, end, start, end]
+    assert smol.pair_tokenizer.decode(rendered.ids) == rendered.prompt + rendered.response
+    [bad] = smol.score_pairs([Pair(prompt_messages=(ChatMessage("narrator", "hi"),), response="x")])
+    assert isinstance(bad, ItemError) and "narrator" in bad.message
