@@ -715,7 +715,8 @@ def main() -> None:
     )
     parser.add_argument("--methods", default=",".join(ALL_METHODS))
     parser.add_argument(
-        "--shared-methods", help="methods run on the shared-prompt workload (default: --methods)"
+        "--shared-methods",
+        help="methods run on the shared, few-shot and chat workloads (default: --methods)",
     )
     parser.add_argument("--repeats", type=int, default=1, help="runs per method; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
@@ -788,7 +789,7 @@ def main() -> None:
                 if method in ("naive_two", "engine_bf16") and label != "distinct":
                     continue
                 if (
-                    label == "shared"
+                    label != "distinct"
                     and args.shared_methods is not None
                     and method not in args.shared_methods.split(",")
                 ):
