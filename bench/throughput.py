@@ -785,14 +785,11 @@ def main() -> None:
     for label, shared, n, title in workloads:
         runs: dict[str, list[dict]] = {}
         for _ in range(args.repeats):
-            for method in methods:
+            mine = methods
+            if label != "distinct" and args.shared_methods is not None:
+                mine = [m for m in args.shared_methods.split(",") if m]
+            for method in mine:
                 if method in ("naive_two", "engine_bf16") and label != "distinct":
-                    continue
-                if (
-                    label != "distinct"
-                    and args.shared_methods is not None
-                    and method not in args.shared_methods.split(",")
-                ):
                     continue
                 print(f"  {label}: {method} ...", flush=True)
                 result = run_child(method, argparse.Namespace(**{**vars(args), "pairs": n}), shared, label)
