@@ -15,7 +15,25 @@ from pairscore.types import ChatMessage, EndOfTurn, ItemError, Pair, PairScore, 
 from pairscore_server.engine.loading import load_engine
 from pairscore_server.engine.spec import ModelSpec
 
-from harness.scoring import assert_same_scores
+# A pair whose batch mates share a 16+ token run with it (the prefix trie,
+# docs/contract.md) moves by float32 attention rounding. Measured on SmolLM2 over
+# SHAPES (2026-12-01): <= 1.48e-5 nats per token, <= 1.5e-7 of the joint sum; the
+# bounds are those with a 2x / 7x margin.
+SHARED_RUN_TOKEN_TOL = 3e-5
+SHARED_RUN_SUM_REL_TOL = 1e-6
+
+
+def assert_shared_run_rounding(a: PairScore, b: PairScore) -> None:
+    assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]
+    for x, y in zip(a.tokens, b.tokens, strict=True):
+        assert x.logprob == pytest.approx(y.logprob, abs=SHARED_RUN_TOKEN_TOL)
+    for x, y in (
+        (a.joint_logprob, b.joint_logprob),
+        (a.prompt_logprob, b.prompt_logprob),
+        (a.conditional_logprob, b.conditional_logprob),
+    ):
+        assert x == pytest.approx(y, rel=SHARED_RUN_SUM_REL_TOL, abs=SHARED_RUN_TOKEN_TOL)
+
 
 pytestmark = pytest.mark.slow
 
@@ -85,8 +103,14 @@ def test_chat_scores_on_the_real_model(smol):
         assert isinstance(got, PairScore), got
         rendered = smol.chat.render(pair.prompt_messages, pair.response, EndOfTurn.INCLUDED)
         x, y = rendered.ids[: rendered.prompt_tokens], rendered.ids[rendered.prompt_tokens :]
+        # Alone, a conversation is exactly its rendered ids: the same row, bit for bit.
+        [alone] = smol.score_pairs([pair], options)
         [as_ids] = smol.score_pairs([Pair(prompt_ids=x, response_ids=y)], options)
-        assert_same_scores(got, as_ids)
+        assert [t.logprob for t in alone.tokens] == [t.logprob for t in as_ids.tokens]
+        assert alone.joint_logprob == as_ids.joint_logprob
+        # In one call the conversations share SmolLM2's default system prompt (a run of
+        # 16+ ids), which the prefix trie computes once: float32 attention rounding only.
+        assert_shared_run_rounding(got, alone)
         response_ids = [t.token_id for t in got.tokens if t.side is Side.RESPONSE]
         assert smol.pair_tokenizer.decode(response_ids) == got.rendered_response
     # the instruct model, asked in its own format, prefers the right answer by far
