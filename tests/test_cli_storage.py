@@ -706,3 +706,23 @@ def test_max_in_flight_below_the_batch_size_is_a_usage_error(
         )
     assert info.value.code == 2
     assert "--max-in-flight (16) must be at least --batch-size (32)" in capsys.readouterr().err
+
+
+def test_parquet_shards_at_a_url_are_read_through_fsspec_file_handles(
+    io_server: ServerThread, tmp_path: Path, memfs: Any
+) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import io
+
+    import pyarrow.parquet as pq
+
+    fs, root = memfs
+    rows = rows_fixture(25)
+    want = reference(io_server, tmp_path, rows)
+    for k in range(2):
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows[k * 13 : (k + 1) * 13]), buffer, row_group_size=5)
+        fs.pipe_file(f"{root}/pq/part-{k}.parquet", buffer.getvalue())
+    out = tmp_path / "out.jsonl"
+    assert run(io_server, "score", f"memory://{root}/pq/", "-o", str(out), "--shard", "2/2") == 0
+    assert out.read_bytes() == b"".join(want.splitlines(keepends=True)[12:])
