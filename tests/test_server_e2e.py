@@ -433,6 +433,9 @@ def test_cli_query_and_info(e2e_server: ServerThread, capsys: pytest.CaptureFixt
         lines[0]["prompt_logprob"] + lines[0]["conditional_logprob"]
     )
     assert {"prompt_tokens", "response_tokens"} <= lines[0].keys()
+    # Text pairs, nothing truncated: the line is the README quickstart's, without the
+    # chat/truncation fields.
+    assert not {"prompt_tokens_dropped", "rendered_prompt", "rendered_response"} & lines[0].keys()
     assert cli.main(["info", "--target", e2e_server.target]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["max_context_tokens"] > 0

@@ -52,6 +52,9 @@ def _result_record(index: int, result: Any, *, tokens: bool) -> dict[str, Any]:
     for name in ("unconditional_logprob", "pmi", "ifd", "response_is_greedy"):
         if record.get(name) is None:
             record.pop(name, None)  # not asked for: the line stays as before
+    for name in ("prompt_tokens_dropped", "rendered_prompt", "rendered_response"):
+        if not record.get(name):
+            record.pop(name, None)  # nothing truncated, not a conversation: likewise
     if isinstance(record.get("ifd"), float) and record["ifd"] != record["ifd"]:
         record["ifd"] = None  # NaN is not JSON
     for token in record.get("tokens", ()):
