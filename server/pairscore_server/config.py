@@ -31,7 +31,9 @@ class ServerConfig:
     port, ``None`` to switch metrics serving off. ``health_port``: an extra
     plaintext port serving only health checks (``None``: off). ``openai_port``: the
     OpenAI-compatible HTTP port for scoring (``/v1/completions``, ``/v1/models``; same
-    host, auth, TLS and limits as gRPC; ``None``: off). ``max_batch_pairs`` and
+    host, auth, TLS and limits as gRPC; ``None``: off); ``openai_header_timeout_s`` and
+    ``openai_body_timeout_s`` bound how long its clients may take to send a request's
+    head and body, and ``max_concurrent_rpcs`` caps its open connections. ``max_batch_pairs`` and
     ``max_wait_ms`` bound how many pairs one forward pass holds and how long
     the first of them waits for company. ``grace_period_s``: on SIGTERM,
     how long in-flight RPCs get to finish. ``stream_max_in_flight``: request
@@ -57,6 +59,8 @@ class ServerConfig:
     metrics_port: int | None = 9090
     health_port: int | None = None
     openai_port: int | None = None
+    openai_header_timeout_s: float = 10.0
+    openai_body_timeout_s: float = 60.0
     max_batch_pairs: int = 64
     max_wait_ms: float = 5.0
     grace_period_s: float = 10.0
@@ -96,6 +100,9 @@ class ServerConfig:
                 0 <= self.openai_port <= 65535,
                 f"OpenAI port must be 0..65535 or off, got {self.openai_port}",
             )
+        for name in ("openai_header_timeout_s", "openai_body_timeout_s"):
+            value = getattr(self, name)
+            _check(value > 0, f"{name.removesuffix('_s').replace('_', ' ')} must be > 0 s, got {value}")
         _check(self.max_batch_pairs >= 1, f"max batch pairs must be >= 1, got {self.max_batch_pairs}")
         _check(self.max_wait_ms >= 0, f"max wait must be >= 0 ms, got {self.max_wait_ms}")
         _check(self.grace_period_s >= 0, f"grace period must be >= 0 s, got {self.grace_period_s}")

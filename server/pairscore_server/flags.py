@@ -206,6 +206,25 @@ _SERVER_SETTINGS = (
         "PORT",
     ),
     _Setting(
+        "openai_header_timeout_s",
+        "--openai-header-timeout",
+        "PAIRSCORE_OPENAI_HEADER_TIMEOUT",
+        float,
+        "OpenAI port: seconds a connection has to send a complete request head, from its "
+        "opening or its previous answer (also the idle keep-alive timeout); it is closed "
+        "after. Default: 10.",
+        "SECONDS",
+    ),
+    _Setting(
+        "openai_body_timeout_s",
+        "--openai-body-timeout",
+        "PAIRSCORE_OPENAI_BODY_TIMEOUT",
+        float,
+        "OpenAI port: seconds a request has to send its whole body once its head has "
+        "arrived; it gets 408 after. Default: 60.",
+        "SECONDS",
+    ),
+    _Setting(
         "max_batch_pairs",
         "--max-batch-pairs",
         "PAIRSCORE_MAX_BATCH_PAIRS",
@@ -312,7 +331,8 @@ _SERVER_SETTINGS = (
         "PAIRSCORE_MAX_CONCURRENT_RPCS",
         _optional_int,
         "Most RPCs (health checks included) the server runs at once; more get "
-        "RESOURCE_EXHAUSTED before their message is read. With "
+        "RESOURCE_EXHAUSTED before their message is read; also the most connections "
+        "the OpenAI port holds open (more get 503). With "
         "--max-message-bytes it bounds the memory held by requests. 'off': "
         "unbounded. Default: 512.",
         "N",

@@ -250,10 +250,15 @@ class RunningServer:
             except ValueError as exc:
                 raise StartupError(str(exc)) from exc
         endpoint = OpenAIEndpoint(
-            metrics=self.metrics, tokens=self._tokens, max_body_bytes=cfg.max_message_bytes
+            metrics=self.metrics,
+            tokens=self._tokens,
+            max_body_bytes=cfg.max_message_bytes,
+            header_timeout_s=cfg.openai_header_timeout_s,
+            body_timeout_s=cfg.openai_body_timeout_s,
+            max_connections=cfg.max_concurrent_rpcs,
         )
         try:
-            self.openai_port = await endpoint.start(cfg.metrics_host, cfg.openai_port, ssl_context=context)
+            self.openai_port = await endpoint.start(cfg.host, cfg.openai_port, ssl_context=context)
         except OSError as exc:
             raise OSError(
                 f"cannot listen for the OpenAI port on {cfg.host}:{cfg.openai_port}: {exc}"

@@ -17,7 +17,6 @@ bug. Every error has an OpenAI-style body ``{"error": {"message", "type",
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import ssl
@@ -27,16 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from pairscore.types import ScoreOptions
 from pairscore_server.auth import TokenSet, bearer_token
 from pairscore_server.errors import QueueFullError, failure_for
+from pairscore_server.openai_json import ANSWER_BYTES, answer_bytes_bound, decode_body, encode_answer
+from pairscore_server.openai_listener import CappedSite, ConnectionCap, listen_sockets
 from pairscore_server.openai_protocol import (
     GRPC_TO_HTTP,
     OpenAIError,
     check_outcomes,
     completion_response,
-    first_token_pairs,
-    first_token_texts,
+    first_token_ids,
     models_response,
     parse_completion_request,
     parse_prompts,
@@ -65,6 +64,7 @@ _HTTP_TO_GRPC = {
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     405: "UNIMPLEMENTED",
+    408: "DEADLINE_EXCEEDED",
     413: "INVALID_ARGUMENT",
     415: "INVALID_ARGUMENT",
     429: "RESOURCE_EXHAUSTED",
@@ -75,6 +75,15 @@ _HTTP_TO_GRPC = {
 }
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Default seconds a connection has to send a complete request head, from its opening or
+#: from the end of its previous answer (also the idle keep-alive timeout).
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+#: Default seconds a request has to send its whole body once its head has arrived.
+DEFAULT_BODY_TIMEOUT_S = 60.0
+#: Most seconds the port keeps reading (and dropping) the rest of a body it answered
+#: without reading (413, 408), so that the client reads the answer rather than a reset.
+_LINGER_S = 2.0
 
 
 def ssl_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
@@ -117,7 +126,13 @@ class OpenAIEndpoint:
 
     It answers 503 until :meth:`set_service` hands it the ready service (as
     the gRPC servicer does). ``tokens``: bearer tokens required on every
-    route (None: no auth). ``max_body_bytes``: larger bodies get 413.
+    route (None: no auth). ``max_body_bytes``: larger bodies get 413, after
+    decompression (``Content-Encoding: gzip``, ``deflate``, ``br``) too.
+    ``header_timeout_s``: a connection that has not sent a complete request
+    head this long after opening, or after its previous answer, is closed.
+    ``body_timeout_s``: a body not received this long after its head gets
+    408. ``max_connections``: open connections held at once; more are
+    answered 503 before their request is read (None: no cap).
     """
 
     def __init__(
@@ -126,9 +141,15 @@ class OpenAIEndpoint:
         metrics: Metrics | None = None,
         tokens: TokenSet | None = None,
         max_body_bytes: int = 64 * 1024 * 1024,
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        max_connections: int | None = None,
     ) -> None:
         self._metrics = metrics
         self._tokens = tokens
+        self._header_timeout_s = header_timeout_s
+        self._body_timeout_s = body_timeout_s
+        self.connections = ConnectionCap(max_connections)
         self._service: ScoringService | None = None
         self._created = int(time.time())
         self._in_flight = 0
@@ -140,7 +161,7 @@ class OpenAIEndpoint:
         self.app.router.add_post("/v1/completions", self._completions)
         self.app.router.add_get("/v1/models", self._models)
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._sites: list[web.BaseSite] = []
         self.port: int | None = None
 
     def set_service(self, service: ScoringService) -> None:
@@ -150,18 +171,41 @@ class OpenAIEndpoint:
     # --- running ---------------------------------------------------------------------
 
     async def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> int:
-        """Listen on ``host:port`` (0: a free port); returns the bound port."""
+        """Listen on ``host:port`` (0: a free port) as gRPC does (``[::]``: IPv6 and IPv4,
+        openai_listener.py); returns the bound port."""
         # handler_cancellation: a client that disconnects cancels its handler, and so
         # its queued pairs (counted as cancelled), as a cancelled gRPC call does.
-        runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True, shutdown_timeout=0.0)
+        # keepalive_timeout: aiohttp closes a connection that has no complete request
+        # head this long after it opened or after its last answer: the header timeout.
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handler_cancellation=True,
+            shutdown_timeout=0.0,
+            keepalive_timeout=self._header_timeout_s,
+            lingering_time=min(_LINGER_S, self._body_timeout_s),
+        )
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=False)
+        sites: list[web.BaseSite] = []
+        socks = []
         try:
-            await site.start()
+            socks = listen_sockets(host, port)
+            for sock in socks:
+                site = CappedSite(
+                    runner,
+                    sock,
+                    self.connections,
+                    ssl_context=ssl_context,
+                    handshake_timeout_s=self._header_timeout_s,
+                )
+                sites.append(site)
+                await site.start()
         except OSError:
+            for sock in socks:
+                sock.close()
             await runner.cleanup()
             raise
-        self._runner, self._site = runner, site
+        self._runner, self._sites = runner, sites
         self.port = int(runner.addresses[0][1])
         return self.port
 
@@ -173,8 +217,8 @@ class OpenAIEndpoint:
         if self._runner is None:
             return
         self._draining = True
-        if self._site is not None:
-            await self._site.stop()
+        for site in self._sites:
+            await site.stop()
         if self._in_flight and not self._aborted.is_set():
             waits = [asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(self._aborted.wait())]
             await asyncio.wait(waits, timeout=max(0.0, grace), return_when=asyncio.FIRST_COMPLETED)
@@ -185,7 +229,7 @@ class OpenAIEndpoint:
                     "OpenAI port: %d request(s) still running at the end of the grace; cancelled",
                     self._in_flight,
                 )
-        runner, self._runner, self._site = self._runner, None, None
+        runner, self._runner, self._sites = self._runner, None, []
         await runner.cleanup()
 
     def abort(self) -> None:
@@ -263,11 +307,16 @@ class OpenAIEndpoint:
         service = self._require_service()
         info = service.model_info()
         try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError) as exc:
+            raw = await asyncio.wait_for(request.read(), self._body_timeout_s)
+        except asyncio.TimeoutError as exc:
             raise OpenAIError(
-                400, f"the body is not valid JSON: {exc}", param="body", code="invalid_json"
+                408,
+                f"the request body did not arrive within {self._body_timeout_s:g} s of its head "
+                "(--openai-body-timeout); send it at once",
+                param="body",
+                code="request_timeout",
             ) from exc
+        body = decode_body(raw)
         try:
             parsed = parse_completion_request(body, max_top_k=info.max_top_k)
             if parsed.model is not None and parsed.model != info.model_name:
@@ -282,21 +331,24 @@ class OpenAIEndpoint:
             self._count_invalid(body)
             raise
         pairs, options = to_pairs(parsed)
-        first = first_token_pairs(parsed)
+        limit = service.limits.max_response_bytes
+        bound = answer_bytes_bound(parsed, max_token_text_bytes=info.max_token_text_bytes)
         try:
-            outcomes = await service.score(pairs, options)
-            check_outcomes(outcomes)
-            texts = (
-                first_token_texts(await service.score(first, ScoreOptions(return_tokens=True)))
-                if first
-                else {}
+            outcomes = await service.score(
+                pairs, options, extra_response_bytes=ANSWER_BYTES, size_bound=bound
             )
+            check_outcomes(outcomes)
+            # an echo of ids shows each prompt's first id, which was context only: its text
+            # comes from the tokenizer (the scoring above checked that it is in the vocabulary)
+            first = first_token_ids(parsed)
+            texts = dict(zip(first, service.token_texts(first), strict=True)) if first else {}
         except OpenAIError:
             raise
         except Exception as exc:
             raise _from_exception(exc) from exc
-        return web.json_response(
-            completion_response(parsed, outcomes, model=info.model_name, first_texts=texts)
+        answer = completion_response(parsed, outcomes, model=info.model_name, first_texts=texts)
+        return web.Response(
+            body=encode_answer(answer, limit=limit), content_type="application/json", charset="utf-8"
         )
 
     def _count_invalid(self, body: Any) -> None:

@@ -76,6 +76,7 @@ _ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "timeout_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
@@ -309,24 +310,12 @@ def to_pairs(request: CompletionRequest) -> tuple[list[Pair], ScoreOptions]:
     return pairs, ScoreOptions(return_tokens=True, top_k=top_k, prefix=prefix)
 
 
-def first_token_pairs(request: CompletionRequest) -> list[Pair]:
-    """For an echo of id prompts: one pair per distinct first id, scored after the prefix
-    token with per-token detail, only to learn each first token's text (the first id is
-    context only in the main call, so its detail does not come back)."""
+def first_token_ids(request: CompletionRequest) -> list[int]:
+    """For an echo of id prompts: the distinct first ids, whose texts the answer shows
+    (the first id is context only in the scoring, so its detail does not come back)."""
     if not (request.echo and request.token_ids):
         return []
-    firsts = sorted({p[0] for p in request.prompts if isinstance(p, tuple)})
-    return [Pair(prompt_ids=(t,), id=str(t)) for t in firsts]
-
-
-def first_token_texts(outcomes: Sequence[ScoreOutcome]) -> dict[int, str]:
-    """The texts :func:`first_token_pairs` asked for: {token id: text}."""
-    texts = {}
-    for outcome in outcomes:
-        if isinstance(outcome, ItemError):
-            raise OpenAIError(400, f"prompt token {outcome.id}: {outcome.message}", param="prompt")
-        texts[int(outcome.id)] = outcome.tokens[0].text if outcome.tokens else ""
-    return texts
+    return sorted({p[0] for p in request.prompts if isinstance(p, tuple)})
 
 
 def item_error(index: int, error: ItemError) -> OpenAIError:
@@ -408,7 +397,7 @@ def completion_response(
     """The ``text_completion`` body for ``outcomes`` (one per prompt, all scored).
 
     ``first_texts``: the first tokens' texts of an echo of id prompts (see
-    :func:`first_token_pairs`). ``usage.prompt_tokens`` counts the prompts' tokens
+    :func:`first_token_ids`). ``usage.prompt_tokens`` counts the prompts' tokens
     (for ids, all of them, the first included; for text, the scored ones).
     """
     choices = []

@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
@@ -149,6 +149,7 @@ class ScoringService:
         deadline: float | None = None,
         errors_as_items: bool = False,
         extra_response_bytes: int = 0,
+        size_bound: Callable[[Pair, PreparedPair], int] | None = None,
     ) -> list[ScoreOutcome]:
         """Score ``pairs``; one PairScore or ItemError per pair, in order.
 
@@ -163,6 +164,8 @@ class ScoringService:
         ``pairscore_rejected_pairs_total`` / ``pairscore_dropped_pairs_total``.
         ``extra_response_bytes``: what the answer holds besides the results (the
         set wrappers of ScoreCandidates), counted in the response-size bound.
+        ``size_bound``: a scored pair's share of the answer, for an answer that is not a
+        ScoreResponse (the OpenAI port's JSON); None: its ScoreResponse bound.
         """
         if not pairs:
             return []
@@ -195,7 +198,9 @@ class ScoringService:
             return self._finish(pairs, [item] * n, counted=False)
         prepared = await self._prepare(pairs, options)
         try:
-            self._check_response_size(pairs, prepared, options, extra_bytes=extra_response_bytes)
+            self._check_response_size(
+                pairs, prepared, options, extra_bytes=extra_response_bytes, size_bound=size_bound
+            )
         except RequestLimitError as exc:
             item = _as_item_error(exc) if errors_as_items else None
             if item is None:
@@ -244,6 +249,8 @@ class ScoringService:
         pairs = [pair for s in sets for pair in s.pairs()]
         # CandidateSetResult wrapper: id, index, length prefixes and tags
         wrappers = sum(len(s.id.encode()) + _SET_RESULT_BYTES for s in sets)
+        if not pairs:  # empty sets only: their wrappers are the whole answer, and count too
+            self._check_response_size([], [], options, extra_bytes=wrappers)
         outcomes = iter(await self.score(pairs, options, deadline=deadline, extra_response_bytes=wrappers))
         return [
             CandidateSetResult(results=tuple(next(outcomes) for _ in s.candidates), id=s.id) for s in sets
@@ -256,6 +263,7 @@ class ScoringService:
         options: ScoreOptions,
         *,
         extra_bytes: int = 0,
+        size_bound: Callable[[Pair, PreparedPair], int] | None = None,
     ) -> None:
         """Refuse, before any scoring, a request whose answer could not be sent: its
         bounded size is over ``max_response_bytes`` (per-token detail is the large part): the
@@ -264,6 +272,8 @@ class ScoringService:
         for pair, item in zip(pairs, prepared, strict=True):
             if isinstance(item, ItemError):
                 size += result_bytes_bound(id=pair.id, message=item.message)
+            elif size_bound is not None:
+                size += size_bound(pair, item)
             elif item.return_tokens:
                 text_bytes = self._detail_text_bytes(pair, item)
                 tokens = item.prompt_tokens + item.response_tokens
@@ -280,7 +290,9 @@ class ScoringService:
         if size > limit:
             self._count_rejected(REJECT_RESPONSE_SIZE, len(pairs))
             fix = "send fewer pairs per request"
-            if options.return_tokens:
+            if size_bound is not None:
+                fix += " or ask for less per-token detail"
+            elif options.return_tokens:
                 fix += " or leave out the per-token detail (return_tokens)"
             if options.top_k:
                 fix += f" or ask for fewer top-k alternatives (top_k={options.top_k})"
@@ -312,6 +324,11 @@ class ScoringService:
             else len(pair.response.encode())
         )
         return prompt + response
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's text as a result's per-token detail shows it, from the tokenizer
+        (no forward pass); the ids must be in the vocabulary."""
+        return self._engine.token_texts(ids)
 
     def _count_rejected(self, reason: str, pairs: int) -> None:
         if self._metrics is not None:

@@ -185,6 +185,10 @@ class FakeEngine(Engine):
         """One token per character (its code point), special strings or not."""
         return [tuple(map(ord, t)) for t in texts]
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id's character (ids are code points)."""
+        return [chr(t) for t in ids]
+
     @staticmethod
     def prompt_of(prepared: PreparedPair) -> str:
         """The prompt text a prepared pair was made from."""

@@ -445,6 +445,10 @@ class ScoringEngine(Engine):
         """Each text's ids (see :meth:`PairTokenizer.tokenize`)."""
         return self.pair_tokenizer.tokenize(texts, parse_special_tokens=parse_special_tokens)
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id's text as a result's per-token detail shows it (no forward pass)."""
+        return self.pair_tokenizer.token_texts(self.prefix.token_id, tuple(ids))
+
     def plan_batches(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
         """Group pair indices into forward passes under the token budget, longest first."""
         return plan_padded_batches(

@@ -106,6 +106,11 @@ class Engine(Protocol):
         transformers' ``tokenizer(text, add_special_tokens=False)``)."""
         ...
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id's text as :attr:`TokenScore.text <pairscore.types.TokenScore.text>` shows it
+        (decoded on its own, leading space kept), from the tokenizer alone; ids in the vocabulary."""
+        ...
+
     def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
         """Run the forward passes for ``prepared``; scores in the same order, with what was measured."""
         ...

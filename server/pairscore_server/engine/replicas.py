@@ -66,6 +66,10 @@ class ReplicatedEngine(Engine):
         """The first replica's tokenizer (every replica has the same)."""
         return self.engines[0].tokenize(texts, parse_special_tokens=parse_special_tokens)
 
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """The first replica's tokenizer (every replica has the same)."""
+        return self.engines[0].token_texts(ids)
+
     def split(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
         """Pair indices per replica: shared-prompt groups kept whole, tokens balanced."""
         groups = group_by_prompt([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared])
