@@ -9,13 +9,18 @@ same server's gRPC answer.
 from __future__ import annotations
 
 import copy
+import json
+import urllib.request
 
 import pytest
 import torch
 
 from pairscore.types import PairScore, Side
+from pairscore_server.openai_json import ANSWER_BYTES, answer_bytes_bound
+from pairscore_server.openai_protocol import parse_completion_request, to_pairs
 
 from harness.openai_http import http_call, openai_base
+from harness.servers import metric_samples
 
 TOL = 1e-4  # nats per token: fp32 engine vs float64 reference (as test_engine_math)
 PROMPTS = ["The capital of France is", "Hello world! How are", " café 😀 naïve\n"]
@@ -26,6 +31,12 @@ def reference(gpt2_family):
     """(float64 model, tokenizer): log-probs of one unbatched sequence, from scratch."""
     model, tokenizer = gpt2_family
     return copy.deepcopy(model).double().eval(), tokenizer
+
+
+def pairs_scored(server) -> float:
+    """pairscore_pairs_total, all outcomes together."""
+    samples = metric_samples(server.metrics_text())
+    return sum(v for (name, _), v in samples.items() if name == "pairscore_pairs_total")
 
 
 def reference_logprobs(model64, ids: list[int]) -> torch.Tensor:
@@ -165,10 +176,14 @@ def test_token_id_prompts_are_scored_as_given_with_the_first_id_as_context(serve
     model64, tokenizer = reference
     prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS[:2]]
     prompts.append([0, *prompts[0]])  # an explicit document separator first, as lm-eval's rolling windows
+    before = pairs_scored(server)
     body = http_call(
         f"{openai_base(server)}/completions",
         body={"prompt": prompts, "echo": True, "max_tokens": 1, "logprobs": 1},
     ).body
+    # one scoring pass, one pair per prompt: the first ids' texts come from the tokenizer
+    # (before issue 22, a second queued forward pass scored each distinct first id)
+    assert pairs_scored(server) - before == len(prompts)
     for ids, choice in zip(prompts, body["choices"], strict=True):
         logp = reference_logprobs(model64, ids)  # no prefix token: the ids alone
         lp = choice["logprobs"]
@@ -206,9 +221,45 @@ def test_an_id_outside_the_vocabulary_fails_the_request_naming_prompt_and_id(ser
         error["message"].startswith("prompt 1: prompt_ids[1] is")
         and "outside the model's vocabulary" in error["message"]
     )
+    # the first id too, though it is context only (its text is shown with echo)
+    answer = http_call(
+        f"{openai_base(server)}/completions",
+        body={"prompt": [[vocab + 3, 5]], "echo": True, "max_tokens": 0, "logprobs": 0},
+    )
+    assert answer.status == 400 and "outside the model's vocabulary" in answer.body["error"]["message"]
     assert (
         http_call(
             f"{openai_base(server)}/completions", body={"prompt": [[5, 6]], "echo": True, "max_tokens": 0}
         ).status
         == 200
     )
+
+
+def test_the_answer_bound_counts_only_what_was_asked_for_and_holds(start_server, tiny_engine):
+    st = start_server(tiny_engine, openai_port=0, max_response_bytes=512 << 10)
+    words = "The capital of France is Paris, and the capital of Italy is Rome. "
+    prompts = [f"{i} {words * 7}" for i in range(200)]  # 200 prompts of ~100 tokens
+    url = f"{openai_base(st)}/completions"
+    # before issue 22: refused ("could take up to ..."), the bound counting every prompt
+    # token's per-token detail that echo false does not return
+    answer = http_call(url, body={"prompt": prompts, "echo": False, "max_tokens": 1})
+    assert answer.status == 200, answer.body
+    assert all(len(c["text"]) >= 1 for c in answer.body["choices"])
+    # the bound is a bound: never below the answer's real size, for each shape of request
+    info = tiny_engine.info
+    for shape in (
+        {"echo": False, "max_tokens": 1},
+        {"echo": False, "max_tokens": 1, "logprobs": 5},
+        {"echo": True, "max_tokens": 0},
+        {"echo": True, "max_tokens": 1, "logprobs": 2},
+    ):
+        body = {"prompt": [*PROMPTS, "x" * 50, "\x00\x01 \u00e9"], **shape}
+        request = parse_completion_request(body, max_top_k=info.max_top_k)
+        pairs, options = to_pairs(request)
+        bound = answer_bytes_bound(request, max_token_text_bytes=info.max_token_text_bytes)
+        prepared = tiny_engine.prepare(pairs, options)
+        total = ANSWER_BYTES + sum(bound(p, item) for p, item in zip(pairs, prepared, strict=True))
+        raw = urllib.request.urlopen(
+            urllib.request.Request(url, data=json.dumps(body).encode(), method="POST"), timeout=30
+        ).read()
+        assert len(raw) <= total, (shape, len(raw), total)

@@ -82,3 +82,23 @@ def test_a_plain_grpc_client_is_never_the_one_that_finds_out(
             pb_grpc.ScoringServiceStub(channel).Score(request, timeout=20)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "4194304-byte answer limit (max_response_bytes" in (refused.value.details() or "")
+
+
+def test_empty_candidate_sets_count_toward_the_answer_limit(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    """Issue 22: sets without candidates were answered unchecked (100,000 of them: 5.8 MB
+    past the 4 MiB limit); their results are the whole answer, and they count too."""
+    st = start_server(FakeEngine(), max_response_bytes=64 << 10)
+    many = pb.ScoreCandidatesRequest(
+        sets=[pb.CandidateSet(id=f"set-{i:06d}", prompt="p") for i in range(5000)]
+    )
+    few = pb.ScoreCandidatesRequest(sets=[pb.CandidateSet(id=f"set-{i:06d}", prompt="p") for i in range(100)])
+    with grpc.insecure_channel(st.target) as channel:
+        stub = pb_grpc.ScoringServiceStub(channel)
+        assert len(stub.ScoreCandidates(few, timeout=10).sets) == 100
+        with pytest.raises(grpc.RpcError) as refused:
+            answer = stub.ScoreCandidates(many, timeout=10)
+            pytest.fail(f"answered {answer.ByteSize()} bytes past the 65536-byte limit")
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "65536-byte answer limit (max_response_bytes" in (refused.value.details() or "")
