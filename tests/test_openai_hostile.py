@@ -204,6 +204,9 @@ def test_a_gzip_body_is_read_and_its_expansion_is_capped_by_the_body_limit(share
     if before is not None:
         grown = _peak_rss() - before
         assert grown < 32 << 20, f"the server grew by {grown >> 20} MiB for a 1 MiB body limit"
+    # another encoding is named, not guessed at
+    answer = completions(shared, raw=packed, headers={"Content-Encoding": "compress"})
+    assert_json_error(answer, 415, "unsupported_content_encoding", "'compress'", "gzip or deflate")
     assert completions(shared, GOOD).status == 200
 
 

@@ -28,7 +28,13 @@ from aiohttp import web
 
 from pairscore_server.auth import TokenSet, bearer_token
 from pairscore_server.errors import QueueFullError, failure_for
-from pairscore_server.openai_json import ANSWER_BYTES, answer_bytes_bound, decode_body, encode_answer
+from pairscore_server.openai_json import (
+    ANSWER_BYTES,
+    answer_bytes_bound,
+    decode_body,
+    encode_answer,
+    inflate_body,
+)
 from pairscore_server.openai_listener import CappedSite, ConnectionCap, listen_sockets
 from pairscore_server.openai_protocol import (
     GRPC_TO_HTTP,
@@ -184,6 +190,9 @@ class OpenAIEndpoint:
             shutdown_timeout=0.0,
             keepalive_timeout=self._header_timeout_s,
             lingering_time=min(_LINGER_S, self._body_timeout_s),
+            # bodies are decompressed by the handler, within the body limit (inflate_body):
+            # aiohttp's own decompression runs ahead of the reader, unbounded
+            auto_decompress=False,
         )
         await runner.setup()
         sites: list[web.BaseSite] = []
@@ -316,6 +325,7 @@ class OpenAIEndpoint:
                 param="body",
                 code="request_timeout",
             ) from exc
+        raw = inflate_body(raw, request.headers.get("Content-Encoding", ""), limit=request.client_max_size)
         body = decode_body(raw)
         try:
             parsed = parse_completion_request(body, max_top_k=info.max_top_k)

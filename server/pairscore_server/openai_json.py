@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +84,44 @@ def _surrogate_place(body: Any) -> str:
                     if _bad(item):
                         return f"{key}[{i}]"
     return "a string of the body"
+
+
+def inflate_body(raw: bytes, encoding: str, *, limit: int) -> bytes:
+    """A body sent with ``Content-Encoding`` (gzip, deflate or identity), decompressed to
+    at most ``limit`` bytes: :class:`OpenAIError` 413 past it (no more than ``limit`` + 1
+    bytes are ever made), 415 for another encoding, 400 for a broken stream."""
+    name = encoding.strip().lower()
+    if name in ("", "identity"):
+        return raw
+    if name in ("gzip", "x-gzip"):
+        wbits = 16 + zlib.MAX_WBITS
+    elif name == "deflate":
+        wbits = zlib.MAX_WBITS  # zlib-wrapped, as HTTP's deflate is meant
+    else:
+        raise OpenAIError(
+            415,
+            f"Content-Encoding {encoding!r} is not supported: send the body as is, or gzip or deflate",
+            param="body",
+            code="unsupported_content_encoding",
+        )
+    inflater = zlib.decompressobj(wbits)
+    try:
+        body = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise _invalid_json(f"the body is not valid {name} data: {exc}", "invalid_encoding") from exc
+    if len(body) > limit:
+        raise OpenAIError(
+            413,
+            f"the request body is over this server's {limit}-byte limit (--max-message-bytes) once "
+            f"decompressed ({name}); send fewer prompts per request",
+            param="body",
+            code="request_entity_too_large",
+        )
+    if not inflater.eof:
+        raise _invalid_json(
+            f"the body is not valid {name} data: it ends before the stream does", "invalid_encoding"
+        )
+    return body
 
 
 def decode_body(raw: bytes) -> Any:
