@@ -258,7 +258,11 @@ def test_the_answer_bound_counts_only_what_was_asked_for_and_holds(start_server,
         pairs, options = to_pairs(request)
         bound = answer_bytes_bound(request, max_token_text_bytes=info.max_token_text_bytes)
         prepared = tiny_engine.prepare(pairs, options)
-        total = ANSWER_BYTES + sum(bound(p, item) for p, item in zip(pairs, prepared, strict=True))
+        total = (
+            ANSWER_BYTES
+            + len(info.model_name)
+            + sum(bound(p, item) for p, item in zip(pairs, prepared, strict=True))
+        )
         raw = urllib.request.urlopen(
             urllib.request.Request(url, data=json.dumps(body).encode(), method="POST"), timeout=30
         ).read()

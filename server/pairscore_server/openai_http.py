@@ -345,7 +345,10 @@ class OpenAIEndpoint:
         bound = answer_bytes_bound(parsed, max_token_text_bytes=info.max_token_text_bytes)
         try:
             outcomes = await service.score(
-                pairs, options, extra_response_bytes=ANSWER_BYTES, size_bound=bound
+                pairs,
+                options,
+                extra_response_bytes=ANSWER_BYTES + len(info.model_name.encode()),
+                size_bound=bound,
             )
             check_outcomes(outcomes)
             # an echo of ids shows each prompt's first id, which was context only: its text

@@ -44,8 +44,7 @@ _FLOAT_BYTES = 26
 _INT_BYTES = 22
 _STRING_BYTES = 4
 _CHOICE_BYTES = 160
-#: A JSON escape (``\u00XX``) is at most 6 bytes for 1 byte of UTF-8 text.
-_ESCAPE_FACTOR = 6
+#: The answer's fixed part (its id, object, created, usage), without the model's name.
 ANSWER_BYTES = 400
 
 
