@@ -133,7 +133,7 @@ class OpenAIEndpoint:
     It answers 503 until :meth:`set_service` hands it the ready service (as
     the gRPC servicer does). ``tokens``: bearer tokens required on every
     route (None: no auth). ``max_body_bytes``: larger bodies get 413, after
-    decompression (``Content-Encoding: gzip``, ``deflate``, ``br``) too.
+    decompression (``Content-Encoding: gzip`` or ``deflate``; others get 415) too.
     ``header_timeout_s``: a connection that has not sent a complete request
     head this long after opening, or after its previous answer, is closed.
     ``body_timeout_s``: a body not received this long after its head gets
@@ -190,8 +190,8 @@ class OpenAIEndpoint:
             shutdown_timeout=0.0,
             keepalive_timeout=self._header_timeout_s,
             lingering_time=min(_LINGER_S, self._body_timeout_s),
-            # bodies are decompressed by the handler, within the body limit (inflate_body):
-            # aiohttp's own decompression runs ahead of the reader, unbounded
+            # bodies are decompressed by the handler, to at most the body limit (inflate_body);
+            # aiohttp's own decompression held 4x the limit at its peak (docs/reliability.md)
             auto_decompress=False,
         )
         await runner.setup()
