@@ -90,6 +90,13 @@ DEFAULT_BODY_TIMEOUT_S = 60.0
 #: Most seconds the port keeps reading (and dropping) the rest of a body it answered
 #: without reading (413, 408), so that the client reads the answer rather than a reset.
 _LINGER_S = 2.0
+#: Bodies up to this size are decoded on the event loop; larger ones on a thread.
+_INLINE_BODY_BYTES = 256 * 1024
+
+
+def _decode(raw: bytes, encoding: str, limit: int) -> Any:
+    """A body's JSON value: decompressed within ``limit``, then depth-checked and decoded."""
+    return decode_body(inflate_body(raw, encoding, limit=limit))
 
 
 def ssl_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
@@ -325,8 +332,13 @@ class OpenAIEndpoint:
                 param="body",
                 code="request_timeout",
             ) from exc
-        raw = inflate_body(raw, request.headers.get("Content-Encoding", ""), limit=request.client_max_size)
-        body = decode_body(raw)
+        encoding = request.headers.get("Content-Encoding", "")
+        if len(raw) <= _INLINE_BODY_BYTES and not encoding:
+            body = decode_body(raw)
+        else:  # large (or compressed) bodies are decoded off the event loop, which keeps serving
+            body = await asyncio.get_running_loop().run_in_executor(
+                None, _decode, raw, encoding, request.client_max_size
+            )
         try:
             parsed = parse_completion_request(body, max_top_k=info.max_top_k)
             if parsed.model is not None and parsed.model != info.model_name:
