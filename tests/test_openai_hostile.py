@@ -80,6 +80,20 @@ def test_a_named_host_is_served_on_each_of_its_addresses_on_one_port(start_serve
         assert answer.status == 200, (host, answer.body)
 
 
+def test_openai_host_keeps_the_port_local_while_grpc_serves_every_interface(start_server: Any) -> None:
+    from pairscore_server.flags import build_config
+
+    assert build_config([], {}).openai_host is None  # default: --host
+    assert build_config([], {"PAIRSCORE_OPENAI_HOST": "127.0.0.1"}).openai_host == "127.0.0.1"
+    assert build_config(["--openai-host", "::1"], {"PAIRSCORE_OPENAI_HOST": "x"}).openai_host == "::1"
+    st = start_server(FakeEngine(), openai_port=0, host="[::]", openai_host="127.0.0.1")
+    assert http_call(f"{openai_url(st)}/completions", body=GOOD).status == 200
+    if ipv6_loopback():
+        with pytest.raises(OSError):
+            socket.create_connection(("::1", st.server.openai_port), timeout=5).close()
+    assert st.client().score([("a", "b")])  # gRPC on every interface
+
+
 # --- slow and stalled clients, the connection cap --------------------------------
 
 

@@ -31,7 +31,8 @@ class ServerConfig:
     port, ``None`` to switch metrics serving off. ``health_port``: an extra
     plaintext port serving only health checks (``None``: off). ``openai_port``: the
     OpenAI-compatible HTTP port for scoring (``/v1/completions``, ``/v1/models``; same
-    host, auth, TLS and limits as gRPC; ``None``: off); ``openai_header_timeout_s`` and
+    host, auth, TLS and limits as gRPC; ``None``: off), on ``openai_host`` when set
+    (``None``: ``host``); ``openai_header_timeout_s`` and
     ``openai_body_timeout_s`` bound how long its clients may take to send a request's
     head and body, and ``max_concurrent_rpcs`` caps its open connections. ``max_batch_pairs`` and
     ``max_wait_ms`` bound how many pairs one forward pass holds and how long
@@ -59,6 +60,7 @@ class ServerConfig:
     metrics_port: int | None = 9090
     health_port: int | None = None
     openai_port: int | None = None
+    openai_host: str | None = None
     openai_header_timeout_s: float = 10.0
     openai_body_timeout_s: float = 60.0
     max_batch_pairs: int = 64

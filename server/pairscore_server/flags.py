@@ -206,6 +206,16 @@ _SERVER_SETTINGS = (
         "PORT",
     ),
     _Setting(
+        "openai_host",
+        "--openai-host",
+        "PAIRSCORE_OPENAI_HOST",
+        str.strip,
+        "Interface of the OpenAI port, when it differs from --host (e.g. 127.0.0.1 to keep "
+        "it local while gRPC serves every interface). [::] is dual-stack (IPv4 and IPv6). "
+        "Default: --host.",
+        "HOST",
+    ),
+    _Setting(
         "openai_header_timeout_s",
         "--openai-header-timeout",
         "PAIRSCORE_OPENAI_HEADER_TIMEOUT",

@@ -249,6 +249,7 @@ class RunningServer:
                 context = ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
             except ValueError as exc:
                 raise StartupError(str(exc)) from exc
+        host = cfg.openai_host or cfg.host
         endpoint = OpenAIEndpoint(
             metrics=self.metrics,
             tokens=self._tokens,
@@ -258,16 +259,14 @@ class RunningServer:
             max_connections=cfg.max_concurrent_rpcs,
         )
         try:
-            self.openai_port = await endpoint.start(cfg.host, cfg.openai_port, ssl_context=context)
+            self.openai_port = await endpoint.start(host, cfg.openai_port, ssl_context=context)
         except OSError as exc:
-            raise OSError(
-                f"cannot listen for the OpenAI port on {cfg.host}:{cfg.openai_port}: {exc}"
-            ) from exc
+            raise OSError(f"cannot listen for the OpenAI port on {host}:{cfg.openai_port}: {exc}") from exc
         self._openai = endpoint
         log.info(
             "OpenAI-compatible completions on %s://%s:%d/v1 (%s)",
             "https" if context is not None else "http",
-            cfg.host,
+            host,
             self.openai_port,
             "bearer-token auth" if self._tokens is not None else "no auth",
         )
