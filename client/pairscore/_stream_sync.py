@@ -16,10 +16,11 @@ from typing import Any
 
 import grpc
 
-from pairscore._base import ClientCore, IterSettings, PairLike, to_pair
+from pairscore._base import ClientCore, IterSettings
 from pairscore._reconnect import Reconnector, item_retry_delays, lane_error, unanswered_error
 from pairscore._sequencer import Lane, Sequencer
 from pairscore.errors import ScoringError
+from pairscore.inputs import PairLike, to_pair
 from pairscore.types import ScoreOptions, ScoreOutcome
 
 #: Longest the consumer sleeps between checks for stalled lanes.

@@ -31,16 +31,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pairscore.inputs import RowFields, input_options
 from pairscore.pipeline.columns import (
     SCORE_COLUMN_TYPES,
     SELECTION_COLUMN_TYPES,
-    RowFields,
     column_names,
-    input_options,
     normalize_scores,
     score_batch,
     score_options,
-    score_rows,
 )
 from pairscore.types import Pair
 
@@ -152,16 +150,7 @@ class ScoreColumns:
                 **self.input_options,
             )
 
-        if self.fields.describe():  # a conversation or token ids
-            return score_batch(score, batch, self.fields, scores=self.scores)
-        return score_rows(
-            score,
-            batch[self.prompt_field],
-            batch[self.response_field],
-            prompt_field=self.prompt_field,
-            response_field=self.response_field,
-            scores=self.scores,
-        )
+        return score_batch(score, batch, self.fields, scores=self.scores)
 
     def close(self) -> None:
         """Close the client's channel (a later call opens a new one)."""

@@ -46,14 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairscore.pipeline.columns import (
-    RowFields,
-    input_options,
-    normalize_scores,
-    score_batch,
-    score_options,
-    score_rows,
-)
+from pairscore.inputs import RowFields, input_options, resolve_options
+from pairscore.pipeline.columns import normalize_scores, score_batch, score_options
 
 __all__ = ["EngineScorer", "FilesOutcome", "ServiceScorer", "main", "score_dataset", "score_files"]
 
@@ -120,19 +114,7 @@ class ServiceScorer:
                 **self.input_options,
             )
 
-        if self.fields.describe():  # a conversation or token ids
-            return {**batch, **score_batch(score, batch, self.fields, scores=self.scores)}
-        return {
-            **batch,
-            **score_rows(
-                score,
-                batch[self.prompt_field],
-                batch[self.response_field],
-                prompt_field=self.prompt_field,
-                response_field=self.response_field,
-                scores=self.scores,
-            ),
-        }
+        return {**batch, **score_batch(score, batch, self.fields, scores=self.scores)}
 
 
 class EngineScorer:
@@ -166,7 +148,6 @@ class EngineScorer:
         end_of_turn: str = "included",
         prefix: str = "server",
     ) -> None:
-        from pairscore.types import EndOfTurn, PrefixMode, ScoreOptions, Truncation
         from pairscore_server import Scorer
 
         self.fields = RowFields(
@@ -176,34 +157,19 @@ class EngineScorer:
             prompt_ids_field=prompt_ids_field,
             response_ids_field=response_ids_field,
         )
-        input_options(truncation, end_of_turn, prefix)  # an unknown value: ValueError naming the choices
-        self.scorer = Scorer(model, device=device, dtype=dtype)
         self.scores = normalize_scores(scores)
-        options = ScoreOptions(
-            **score_options(self.scores),
-            truncation=Truncation(truncation),
-            end_of_turn=EndOfTurn(end_of_turn),
-            prefix=PrefixMode(prefix),
+        # an unknown value: ValueError naming the choices, before the model loads
+        options = resolve_options(
+            None, **score_options(self.scores), **input_options(truncation, end_of_turn, prefix)
         )
+        self.scorer = Scorer(model, device=device, dtype=dtype)
         self._score_pairs = functools.partial(self.scorer.score, options=options)
         self.prompt_field = prompt_field
         self.response_field = response_field
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Return the batch with the score columns added."""
-        if self.fields.describe():  # a conversation or token ids
-            return {**batch, **score_batch(self._score_pairs, batch, self.fields, scores=self.scores)}
-        return {
-            **batch,
-            **score_rows(
-                self._score_pairs,
-                batch[self.prompt_field],
-                batch[self.response_field],
-                prompt_field=self.prompt_field,
-                response_field=self.response_field,
-                scores=self.scores,
-            ),
-        }
+        return {**batch, **score_batch(self._score_pairs, batch, self.fields, scores=self.scores)}
 
 
 def score_dataset(
