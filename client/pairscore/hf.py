@@ -35,10 +35,10 @@ from pairscore.inputs import RowFields, input_options
 from pairscore.pipeline.columns import (
     SCORE_COLUMN_TYPES,
     SELECTION_COLUMN_TYPES,
+    batch_options,
     column_names,
     normalize_scores,
     score_batch,
-    score_options,
 )
 from pairscore.types import Pair
 
@@ -140,14 +140,11 @@ class ScoreColumns:
         """
         client = self._get_client()
 
+        options = batch_options(self.scores, self.tokenization, **self.input_options)
+
         def score(pairs: list[Pair]) -> Any:
             return client.score_iter(
-                pairs,
-                batch_size=self.message_size,
-                streams=self.streams,
-                tokenization=self.tokenization,
-                **score_options(self.scores),
-                **self.input_options,
+                pairs, batch_size=self.message_size, streams=self.streams, options=options
             )
 
         return score_batch(score, batch, self.fields, scores=self.scores)

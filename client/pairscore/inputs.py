@@ -123,6 +123,8 @@ def resolve_options(options: ScoreOptions | None = None, /, **keywords: Any) -> 
     ``options`` together with a keyword that is not at its default raises
     ValueError naming the keyword (give one form or the other).
     """
+    if not keywords and options is None:
+        return _DEFAULTS  # frozen: one shared instance
     unknown = [k for k in keywords if k not in _OPTION_NAMES]
     if unknown:
         raise TypeError(f"unknown option {unknown[0]!r}; the options are {', '.join(_OPTION_NAMES)}")

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairscore.inputs import RowFields, input_options, resolve_options
-from pairscore.pipeline.columns import normalize_scores, score_batch, score_options
+from pairscore.inputs import RowFields
+from pairscore.pipeline.columns import batch_options, normalize_scores, score_batch
 
 __all__ = ["EngineScorer", "FilesOutcome", "ServiceScorer", "main", "score_dataset", "score_files"]
 
@@ -93,7 +93,7 @@ class ServiceScorer:
             prompt_ids_field=prompt_ids_field,
             response_ids_field=response_ids_field,
         )
-        self.input_options = input_options(truncation, end_of_turn, prefix)
+        self.options = batch_options(self.scores, tokenization, truncation, end_of_turn, prefix)
         self.client = ScoringClient(target, wait_for_ready=True, **client_options)
         self.prompt_field = prompt_field
         self.response_field = response_field
@@ -103,16 +103,8 @@ class ServiceScorer:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Return the batch with the score columns added."""
 
-        client: Any = self.client  # score_iter takes the input options by keyword
-
         def score(pairs: list[Any]) -> Any:
-            return client.score_iter(
-                pairs,
-                streams=self.streams,
-                tokenization=self.tokenization,
-                **score_options(self.scores),
-                **self.input_options,
-            )
+            return self.client.score_iter(pairs, streams=self.streams, options=self.options)
 
         return {**batch, **score_batch(score, batch, self.fields, scores=self.scores)}
 
@@ -159,9 +151,7 @@ class EngineScorer:
         )
         self.scores = normalize_scores(scores)
         # an unknown value: ValueError naming the choices, before the model loads
-        options = resolve_options(
-            None, **score_options(self.scores), **input_options(truncation, end_of_turn, prefix)
-        )
+        options = batch_options(self.scores, "separate", truncation, end_of_turn, prefix)
         self.scorer = Scorer(model, device=device, dtype=dtype)
         self._score_pairs = functools.partial(self.scorer.score, options=options)
         self.prompt_field = prompt_field

@@ -41,7 +41,8 @@ from pairscore.inputs import INVALID_ROW as INVALID_ROW
 from pairscore.inputs import RowFields as RowFields
 from pairscore.inputs import input_options as input_options
 from pairscore.inputs import pair_problem as pair_problem
-from pairscore.types import ItemError, Pair, PairScore, ScoreOutcome
+from pairscore.inputs import resolve_options
+from pairscore.types import ItemError, Pair, PairScore, ScoreOptions, ScoreOutcome
 
 SCORE_COLUMNS = (
     "joint_logprob",
@@ -112,6 +113,24 @@ class ScoreGroupOptions(TypedDict):
 def score_options(scores: Sequence[str]) -> ScoreGroupOptions:
     """The request options (``unconditional``, ``greedy``) that the score groups ``scores`` need."""
     return {"unconditional": "unconditional" in scores, "greedy": "greedy" in scores}
+
+
+def batch_options(
+    scores: Sequence[str],
+    tokenization: str = "separate",
+    truncation: str = "none",
+    end_of_turn: str = "included",
+    prefix: str = "server",
+) -> ScoreOptions:
+    """The request options of a table helper (:mod:`pairscore.hf`, :mod:`pairscore.ray`): those
+    the score groups ``scores`` need, the tokenization and the input-form options; ValueError
+    naming the choices for an unknown value."""
+    return resolve_options(
+        None,
+        tokenization=tokenization,
+        **score_options(scores),
+        **input_options(truncation, end_of_turn, prefix),
+    )
 
 
 def group_of(column: str) -> str:
