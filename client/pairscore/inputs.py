@@ -422,17 +422,23 @@ def _as_list(value: object) -> list[Any] | None:
     return list(value) if isinstance(value, (list, tuple)) else None
 
 
-def parse_messages(name: str, value: object) -> tuple[tuple[ChatMessage, ...] | None, str | None]:
-    """A conversation from a column value (a list of {role, content}), or why it is not one."""
+def _list_field(name: str, value: object, what: str, how: str) -> tuple[list[Any] | None, str | None]:
+    """The list a column value holds, or why there is none (missing, or not a list)."""
     missing = _missing(name, value)
     if missing:
         return None, missing
     items = _as_list(value)
     if items is None:
-        return None, (
-            f"field {name!r} is a {type(value).__name__}, not a list of messages; write it as a list of "
-            '{"role": ..., "content": ...} objects (in CSV/TSV as JSON text)'
-        )
+        return None, f"field {name!r} is a {type(value).__name__}, not a list of {what}; write it as {how}"
+    return items, None
+
+
+def parse_messages(name: str, value: object) -> tuple[tuple[ChatMessage, ...] | None, str | None]:
+    """A conversation from a column value (a list of {role, content}), or why it is not one."""
+    how = 'a list of {"role": ..., "content": ...} objects (in CSV/TSV as JSON text)'
+    items, problem = _list_field(name, value, "messages", how)
+    if items is None:
+        return None, problem
     if not items:
         return None, f"field {name!r} is an empty conversation; give at least one message"
     messages = []
@@ -451,15 +457,11 @@ def parse_messages(name: str, value: object) -> tuple[tuple[ChatMessage, ...] | 
 def parse_ids(name: str, value: object) -> tuple[tuple[int, ...] | None, str | None]:
     """Token ids from a column value (a list of ints), or why it is not one. Whether each id
     is in the vocabulary is the server's to say (an item error naming the id)."""
-    missing = _missing(name, value)
-    if missing:
-        return None, missing
-    items = _as_list(value)
+    items, problem = _list_field(
+        name, value, "token ids", "a list of integers (in CSV/TSV as JSON text, [1, 2, 3])"
+    )
     if items is None:
-        return None, (
-            f"field {name!r} is a {type(value).__name__}, not a list of token ids; "
-            "write it as a list of integers (in CSV/TSV as JSON text, [1, 2, 3])"
-        )
+        return None, problem
     for i, item in enumerate(items):
         if isinstance(item, bool) or not isinstance(item, int):
             if isinstance(item, float) and item.is_integer():
@@ -470,15 +472,9 @@ def parse_ids(name: str, value: object) -> tuple[tuple[int, ...] | None, str | N
 
 def parse_responses(name: str, value: object) -> tuple[list[str], str | None]:
     """The candidate responses of a row (a non-empty list of texts), or why it is not one."""
-    missing = _missing(name, value)
-    if missing:
-        return [], missing
-    items = _as_list(value)
+    items, problem = _list_field(name, value, "responses", "a list of texts (in CSV/TSV as JSON text)")
     if items is None:
-        return [], (
-            f"field {name!r} is a {type(value).__name__}, not a list of responses; "
-            "write it as a list of texts (in CSV/TSV as JSON text)"
-        )
+        return [], problem
     if not items:
         return [], f"field {name!r} is an empty list: there is no response to score"
     for i, item in enumerate(items):
