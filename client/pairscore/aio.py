@@ -108,13 +108,13 @@ class AsyncScoringClient(ClientBase):
         settings = IterSettings.build(
             batch_size, max_in_flight, streams, self._core.deadline(timeout), on_retry
         )
-        return _stream_aio.iterate(
+        return _stream_aio.AioDriver(
             open_call=self._stub.ScoreStream,
             core=self._core,
             pairs=pairs,
             options=resolve_options(options, **keywords),
             settings=settings,
-        )
+        ).results()
 
     async def score_candidates(
         self,

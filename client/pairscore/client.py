@@ -163,13 +163,13 @@ class ScoringClient(ClientBase):
         settings = IterSettings.build(
             batch_size, max_in_flight, streams, self._core.deadline(timeout), on_retry
         )
-        return _stream_sync.iterate(
+        return _stream_sync.SyncDriver(
             open_call=self._stub.ScoreStream,
             core=self._core,
             pairs=pairs,
             options=resolve_options(options, **keywords),
             settings=settings,
-        )
+        ).results()
 
     def score_stream(
         self,
