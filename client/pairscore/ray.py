@@ -46,67 +46,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pairscore.hf import ScoreColumns
 from pairscore.inputs import RowFields
 from pairscore.pipeline.columns import batch_options, normalize_scores, score_batch
 
 __all__ = ["EngineScorer", "FilesOutcome", "ServiceScorer", "main", "score_dataset", "score_files"]
 
 
-class ServiceScorer:
+class ServiceScorer(ScoreColumns):
     """A Ray Data callable class that scores each batch through a pairscore service.
 
-    ``client_options`` go to :class:`~pairscore.client.ScoringClient`
-    (``timeout``, ``tls``, ``token``...); each batch is streamed with
-    ``score_iter`` over ``streams`` streams. ``scores``: extra score groups
-    (``"unconditional"``, ``"greedy"``; docs/scores.md) whose columns to add.
-    ``messages_field`` (a column of conversations, lists of {role, content}, as
-    the prompt), ``prompt_ids_field`` / ``response_ids_field`` (token ids) and
-    ``truncation``, ``end_of_turn``, ``prefix``: as in ``pairscore score``
-    (docs/pipeline.md, "Input forms"); a malformed value gives its row
+    :class:`pairscore.hf.ScoreColumns` (the same arguments: ``prompt_field``,
+    ``response_field``, ``tokenization``, ``scores``, the input forms
+    ``messages_field`` / ``prompt_ids_field`` / ``response_ids_field``,
+    ``truncation``, ``end_of_turn``, ``prefix``, and ``client_options`` for
+    :class:`~pairscore.client.ScoringClient` such as ``timeout``, ``tls``,
+    ``token``) that returns the whole batch with the score columns added,
+    streams each batch over ``streams`` streams (2 by default) and opens
+    its client at once (``self.client``). A malformed value gives its row
     ``invalid_row``.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        prompt_field: str = "prompt",
-        response_field: str = "response",
-        streams: int = 2,
-        tokenization: str = "separate",
-        scores: str | Sequence[str] = (),
-        messages_field: str | None = None,
-        prompt_ids_field: str | None = None,
-        response_ids_field: str | None = None,
-        truncation: str = "none",
-        end_of_turn: str = "included",
-        prefix: str = "server",
-        **client_options: Any,
-    ) -> None:
-        from pairscore.client import ScoringClient
-
-        self.scores = normalize_scores(scores)  # an unknown name fails before a channel is opened
-        self.fields = RowFields(
-            prompt_field=prompt_field,
-            response_field=response_field,
-            messages_field=messages_field,
-            prompt_ids_field=prompt_ids_field,
-            response_ids_field=response_ids_field,
-        )
-        self.options = batch_options(self.scores, tokenization, truncation, end_of_turn, prefix)
-        self.client = ScoringClient(target, wait_for_ready=True, **client_options)
-        self.prompt_field = prompt_field
-        self.response_field = response_field
-        self.streams = streams
-        self.tokenization = tokenization
+    def __init__(self, target: str, *, streams: int = 2, **options: Any) -> None:
+        super().__init__(target, streams=streams, **options)
+        self.client = self._get_client()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Return the batch with the score columns added."""
-
-        def score(pairs: list[Any]) -> Any:
-            return self.client.score_iter(pairs, streams=self.streams, options=self.options)
-
-        return {**batch, **score_batch(score, batch, self.fields, scores=self.scores)}
+        return {**batch, **super().__call__(batch)}
 
 
 class EngineScorer:
