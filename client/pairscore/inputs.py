@@ -1,19 +1,14 @@
 """What may be scored, and how: pairs, options, candidate sets and table rows, checked.
 
-The input side of every entry point, in one place that imports only
-:mod:`pairscore.types` (no grpc, no torch): the clients
-(:mod:`pairscore.client`, :mod:`pairscore.aio`), the ``pairscore`` CLI,
-:mod:`pairscore.hf`, :mod:`pairscore.ray` and the server's in-process
-``pairscore_server.Scorer`` all read their inputs through it.
+The input side of every entry point, importing only :mod:`pairscore.types` (no
+grpc, no torch): both clients, the ``pairscore`` CLI, :mod:`pairscore.hf`,
+:mod:`pairscore.ray` and the server's in-process ``pairscore_server.Scorer``.
 
-* :func:`to_pair`, :func:`candidate_set`: a pair or a candidate set from the
-  forms the client accepts, TypeError for anything else;
-* :class:`OptionKeywords`, :func:`resolve_options`: the keyword sugar of every
-  scoring method (``tokenization="joint"``, ``top_k=5`` ...) or one
-  :class:`~pairscore.types.ScoreOptions`, resolved and checked by one function;
-* :class:`RowFields`, :func:`text_problem`, :func:`pair_problem`: which columns
-  of a table row hold its prompt and response, and why a row cannot be
-  scored (the row then gets error :data:`INVALID_ROW`, the others are scored).
+* :func:`to_pair`, :func:`candidate_set`: a pair or a candidate set, TypeError for anything else;
+* :func:`resolve_options`: one :class:`~pairscore.types.ScoreOptions` from ``options=`` or the
+  keyword sugar of every scoring method (:class:`OptionKeywords`), checked once;
+* :class:`RowFields`: which columns of a table row hold its prompt and response, and why a row
+  cannot be scored (it then gets error :data:`INVALID_ROW`, the others are scored).
 """
 
 from __future__ import annotations
@@ -48,7 +43,6 @@ __all__ = [
     "RowFields",
     "candidate_set",
     "input_options",
-    "make_options",
     "pair_problem",
     "parse_ids",
     "parse_messages",
@@ -86,31 +80,6 @@ class OptionKeywords(TypedDict, total=False):
 
 _OPTION_NAMES = tuple(f.name for f in fields(ScoreOptions))
 _DEFAULTS = ScoreOptions()
-
-
-def make_options(
-    tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
-    return_tokens: bool = False,
-    unconditional: bool = False,
-    greedy: bool = False,
-    top_k: int = 0,
-    *,
-    end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
-    truncation: Truncation | str = Truncation.NONE,
-    prefix: PrefixMode | str = PrefixMode.SERVER,
-) -> ScoreOptions:
-    """ScoreOptions from keyword arguments (:func:`resolve_options` without ``options``)."""
-    return resolve_options(
-        None,
-        tokenization=tokenization,
-        return_tokens=return_tokens,
-        unconditional=unconditional,
-        greedy=greedy,
-        top_k=top_k,
-        end_of_turn=end_of_turn,
-        truncation=truncation,
-        prefix=prefix,
-    )
 
 
 def resolve_options(options: ScoreOptions | None = None, /, **keywords: Any) -> ScoreOptions:
@@ -262,19 +231,15 @@ def check_candidate_sets(sets: Sequence[object]) -> None:
 
 # --- table rows: the one null rule of every batch entry point ---------------------------------
 #
-# ``pairscore score``/``filter``, :mod:`pairscore.hf` and :mod:`pairscore.ray` all read prompts
-# and responses from tables, where a missing value is None (JSON null, Arrow null) or NaN
-# (pandas). Such a row is never sent as text ("None", "nan", ""): it gets error ``invalid_row``
-# and nulls, the other rows are scored. The client API itself refuses a Pair whose prompt or
-# response is not a str with a TypeError before sending anything (:func:`to_pair`).
-#
-# A row's prompt is text (``prompt_field``), a conversation (``messages_field``: a list of
-# {role, content} objects, rendered by the server with the model's chat template) or token ids
-# (``prompt_ids_field``: a list of ints); its response is text (``response_field``) or ids
-# (``response_ids_field``). With ``responses_field`` a row holds a list of responses
-# (candidates) to its one prompt: ``pairscore score`` writes one output row per candidate
-# (CANDIDATE_INDEX says which). In CSV/TSV a list is written as JSON text ("[1, 2, 3]"). A value
-# of the wrong shape gives the row error ``invalid_row`` naming the field and the fix.
+# ``pairscore score``/``filter``, :mod:`pairscore.hf` and :mod:`pairscore.ray` read rows from
+# tables, where a missing value is None (JSON or Arrow null) or NaN (pandas). Such a row is never
+# sent as text ("None", "nan", ""): it gets error ``invalid_row`` naming the field and the fix,
+# the other rows are scored (the client API instead refuses it with a TypeError: to_pair). A
+# row's prompt is text (``prompt_field``), a conversation (``messages_field``: a list of {role,
+# content}) or token ids (``prompt_ids_field``); its response is text, ids
+# (``response_ids_field``) or, with ``responses_field``, a list of candidate texts (``pairscore
+# score`` writes one output row per candidate, CANDIDATE_INDEX says which). In CSV/TSV a list is
+# JSON text ("[1, 2, 3]").
 
 #: Error code of a row that could not even be sent (a missing or non-text field).
 INVALID_ROW = "invalid_row"
