@@ -111,14 +111,14 @@ class ScoringClient(ClientBase):
         docs/scores.md. ``end_of_turn`` (chat prompts), ``truncation``
         (``"left"``: drop prompt tokens from the start until the pair fits)
         and ``prefix`` (``"none"``: the first prompt token is context only, as
-        lm-evaluation-harness) are described in docs/contract.md. ``options``: all
-        of them as one :class:`~pairscore.types.ScoreOptions` instead (the
-        keywords must then stay unset; giving both raises ValueError naming
-        them). A
+        lm-evaluation-harness) are described in docs/contract.md. ``options``:
+        all of them as one :class:`~pairscore.types.ScoreOptions` instead (a
+        keyword not at its default beside it raises ValueError naming it). A
         :class:`~pairscore.types.Pair` may give its prompt as
         ``prompt_messages`` or ``prompt_ids`` and its response as
-        ``response_ids``. ``timeout`` overrides the client's default deadline. Raises a
-        :class:`~pairscore.errors.ScoringError` subclass if the RPC fails.
+        ``response_ids``. ``timeout`` overrides the client's default
+        deadline. Raises a :class:`~pairscore.errors.ScoringError` subclass
+        if the RPC fails.
         """
         return self._send(self._core.score(pairs, options, keywords, timeout))
 
