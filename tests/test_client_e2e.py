@@ -29,6 +29,10 @@ from pairscore.types import ItemError, ItemErrorCode, Pair, PairScore, ScoreOpti
 from harness.fake_engine import FakeEngine, expected_score
 from harness.servers import ServerThread, StubServer, StubServicer, free_port
 
+#: Progress deadline of the stalled-stream test: the hung stream is cancelled after it, and the
+#: reopened one must answer each batch within it (the stub answers in milliseconds; 2 s leaves
+#: room for a loaded machine, where 0.5 s could cancel a working stream too).
+STALL_S = 2.0
 FAST_RETRY = RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, stream_reconnect_timeout_s=20)
 
 
@@ -85,6 +89,62 @@ def assert_matches(got: list[Any], want: list[Any]) -> None:
             assert (g.prompt_tokens, g.response_tokens) == (w.prompt_tokens, w.response_tokens)
             assert g.conditional_logprob == pytest.approx(w.conditional_logprob, abs=1e-4)
             assert g.joint_logprob == pytest.approx(w.joint_logprob, abs=1e-4)
+
+
+# --- options: one ScoreOptions or keywords, on every scoring method --------------------------
+
+
+def _tokens(outcomes: Any) -> list[Any]:
+    return [o.tokens for o in outcomes]
+
+
+def test_every_scoring_method_takes_options_or_keywords_not_both(servers: list[ServerThread]) -> None:
+    st = start(servers, FakeEngine(max_context=64))
+    pairs = [Pair(f"prompt {i}", f" response {i}", id=str(i)) for i in range(5)]
+    options = ScoreOptions(return_tokens=True)
+    with ScoringClient(st.target, timeout=30) as client:
+        by_keyword = client.score(pairs, return_tokens=True)
+        assert all(o.tokens for o in by_keyword)  # the option reached the server
+        forms = {
+            "score": client.score(pairs, options=options),
+            "score_iter": list(client.score_iter(pairs, batch_size=2, options=options)),
+            "score_stream": [
+                o for b in client.score_stream([pairs[:2], pairs[2:]], options=options) for o in b
+            ],
+            "score_responses": client.score_responses("prompt 0", [" response 0"], options=options),
+        }
+        for name, got in forms.items():
+            want = by_keyword[:1] if name == "score_responses" else by_keyword
+            assert _tokens(got) == _tokens(want), name
+        calls = {
+            "score": lambda **kw: client.score(pairs, **kw),
+            "score_iter": lambda **kw: list(client.score_iter(pairs, **kw)),
+            "score_stream": lambda **kw: list(client.score_stream([pairs], **kw)),
+            "score_candidates": lambda **kw: client.score_candidates([], **kw),
+            "score_responses": lambda **kw: client.score_responses("p", ["r"], **kw),
+        }
+        for call in calls.values():
+            with pytest.raises(ValueError, match=r"not both \(got options and greedy=True\)"):
+                call(options=options, greedy=True)
+            with pytest.raises(TypeError, match="unknown option 'tokenisation'"):
+                call(tokenisation="joint")
+            with pytest.raises(ValueError, match="top_k must be a whole number >= 0, got -1"):
+                call(options=ScoreOptions(top_k=-1))
+
+    async def body() -> list[Any]:
+        async with AsyncScoringClient(st.target, timeout=30) as aclient:
+            got = [
+                await aclient.score(pairs, options=options),
+                [o async for o in aclient.score_iter(pairs, batch_size=2, options=options)],
+            ]
+            with pytest.raises(ValueError, match="not both"):
+                await aclient.score(pairs, options=options, top_k=3)
+            with pytest.raises(ValueError, match="not both"):
+                aclient.score_iter(pairs, options=options, truncation="left")
+            return got
+
+    for got in asyncio.run(asyncio.wait_for(body(), 60)):
+        assert _tokens(got) == _tokens(by_keyword)
 
 
 # --- ordering and per-item errors --------------------------------------------------------
@@ -345,12 +405,12 @@ def test_a_stalled_stream_is_reopened_and_its_pairs_resent(flavour: str) -> None
     try:
         pairs = [Pair(f"p{i}", "r", id=str(i)) for i in range(20)]
         if flavour == "sync":
-            with ScoringClient(stub.target, timeout=0.5, retry=FAST_RETRY) as client:
+            with ScoringClient(stub.target, timeout=STALL_S, retry=FAST_RETRY) as client:
                 got = list(client.score_iter(pairs, batch_size=4))
         else:
 
             async def body() -> list[Any]:
-                async with AsyncScoringClient(stub.target, timeout=0.5, retry=FAST_RETRY) as client:
+                async with AsyncScoringClient(stub.target, timeout=STALL_S, retry=FAST_RETRY) as client:
                     return [r async for r in client.score_iter(pairs, batch_size=4)]
 
             got = asyncio.run(asyncio.wait_for(body(), 30))

@@ -68,3 +68,43 @@ def test_the_batcher_reads_its_engine_only_through_the_protocol() -> None:
             and "engine" in ast.unparse(node.args[0])
         ]
         assert probes == [], f"{module} probes its engine: {probes}"
+
+
+CLIENT = TESTS.parent / "client" / "pairscore"
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module ``path`` imports, at the top or inside a function."""
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    return names
+
+
+def test_the_server_imports_only_public_client_modules() -> None:
+    """The client's ``_private`` modules may change with the client; the server reads inputs
+    through :mod:`pairscore.inputs` and the other public modules."""
+    private = [
+        f"{path.relative_to(SERVER.parent)}: {name}"
+        for path in sorted(SERVER.rglob("*.py"))
+        for name in _imports(path)
+        if name.startswith("pairscore.") and any(part.startswith("_") for part in name.split(".")[1:])
+    ]
+    assert private == []
+
+
+def test_the_client_core_does_not_reach_up_into_the_pipeline() -> None:
+    """The dependency points down: the CLI (pipeline) and the table helpers build on the client
+    core and :mod:`pairscore.inputs`, never the other way round."""
+    above = {"cli.py", "hf.py", "ray.py"}
+    offenders = [
+        f"{path.name}: {name}"
+        for path in sorted(CLIENT.glob("*.py"))
+        if path.name not in above
+        for name in _imports(path)
+        if name.startswith("pairscore.pipeline")
+    ]
+    assert offenders == []

@@ -1,19 +1,31 @@
-"""What the sync and the asyncio client share: inputs, options, deadlines, conversion.
+"""The one implementation behind both clients: conversion, options, deadlines, error mapping.
 
-Only the I/O differs between :mod:`pairscore.client` and :mod:`pairscore.aio`;
-everything here is plain Python that both call.
+A client method builds a :class:`Unary` here (the request, the call's keyword
+arguments and how to read the answer; all checks happen while building it)
+and hands it to its shell to send: :class:`~pairscore.client.ScoringClient`
+calls the sync stub, :class:`~pairscore.aio.AsyncScoringClient` awaits the
+grpc.aio one. That send is all that differs between the two (the sans-I/O
+design of h11 and hyper-h2); ``score_iter``'s drivers are
+:mod:`pairscore._stream_sync` and :mod:`pairscore._stream_aio` over the
+shared :mod:`pairscore._sequencer`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Generic, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pairscore.channel import SCORING_SERVICE, ChannelSettings, RetryPolicy, TlsConfig
+from pairscore.channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    SCORING_SERVICE,
+    ChannelSettings,
+    RetryPolicy,
+    TlsConfig,
+)
 from pairscore.convert import (
     ConversionError,
     candidates_request_to_pb,
@@ -25,29 +37,18 @@ from pairscore.convert import (
     tokenize_response_from_pb,
 )
 from pairscore.errors import ScoringError, error_from_rpc
-from pairscore.types import (
-    Candidate,
-    CandidateSet,
-    CandidateSetResult,
-    ChatMessage,
-    EndOfTurn,
-    ModelInfo,
-    Pair,
-    PrefixMode,
-    ScoreOptions,
-    ScoreOutcome,
-    TokenizationMode,
-    Truncation,
+from pairscore.inputs import (
+    PairLike,
+    PromptLike,
+    ResponseLike,
+    candidate_set,
+    check_candidate_sets,
+    resolve_options,
+    to_pair,
 )
+from pairscore.types import CandidateSet, CandidateSetResult, ModelInfo, ScoreOptions, ScoreOutcome
 from pairscore.v1 import scoring_pb2 as pb
-
-#: A pair as the client accepts it: a Pair, or a (prompt, response) tuple.
-PairLike = Union[Pair, tuple[str, str]]  # noqa: UP007 - a runtime alias on Python 3.10+
-
-#: A prompt as score_responses accepts it: text, a conversation, or token ids.
-PromptLike = Union[str, Sequence[ChatMessage], Sequence[int]]  # noqa: UP007
-#: A response as score_responses accepts it: text, a Candidate, or token ids.
-ResponseLike = Union[str, Candidate, Sequence[int]]  # noqa: UP007
+from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 
 #: Default pairs per ScoreStream message in score_iter.
 DEFAULT_BATCH_SIZE = 32
@@ -55,160 +56,24 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_BATCHES_IN_FLIGHT = 8
 
 _UNKNOWN = grpc.StatusCode.UNKNOWN
+T = TypeVar("T")
 
 __all__ = [
-    "DEFAULT_RETRY",
-    "build_settings",
     "DEFAULT_BATCH_SIZE",
+    "DEFAULT_RETRY",
     "SCORING_SERVICE",
+    "ClientBase",
     "ClientCore",
     "IterSettings",
     "PairLike",
     "ScoringError",
+    "Unary",
     "error_from_rpc",
     "to_pair",
 ]
 
-
 #: The retry policy clients use unless told otherwise.
 DEFAULT_RETRY = RetryPolicy()
-
-
-def build_settings(
-    target: str | ChannelSettings,
-    *,
-    secure: bool,
-    tls: TlsConfig | bool | None,
-    credentials: grpc.ChannelCredentials | None,
-    token: str | None,
-    retry: RetryPolicy | None,
-    load_balancing: str,
-    max_message_bytes: int,
-    channel_options: Sequence[tuple[str, object]],
-) -> ChannelSettings:
-    """ChannelSettings from the clients' keyword arguments (or ``target`` if it is one)."""
-    if isinstance(target, ChannelSettings):
-        return target
-    return ChannelSettings(
-        target=target,
-        tls=tls if tls is not None else (True if secure else None),
-        credentials=credentials,
-        token=token,
-        retry=retry,
-        load_balancing=load_balancing,
-        max_message_bytes=max_message_bytes,
-        channel_options=tuple(channel_options),
-    )
-
-
-def to_pair(item: PairLike) -> Pair:
-    """Accept a Pair or a (prompt, response) tuple of str; TypeError for anything else.
-
-    A missing prompt or response (``None``, or NaN from pandas) is refused
-    here, before anything is sent: it used to go out as an empty text (a
-    Pair) and be scored. The batch helpers (``pairscore score``,
-    :mod:`pairscore.hf`, :mod:`pairscore.ray`) instead give such a row error
-    ``invalid_row``; see :func:`pairscore.pipeline.columns.score_rows`.
-    """
-    if isinstance(item, Pair):
-        prompt, response = item.prompt, item.response
-    else:
-        try:
-            prompt, response = item
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"a pair must be a pairscore.Pair or a (prompt, response) tuple, got {item!r}"
-            ) from None
-    if not isinstance(prompt, str) or not isinstance(response, str):
-        from pairscore.pipeline.columns import pair_problem
-
-        raise TypeError(
-            f"prompt and response must be str, got {type(prompt).__name__} and {type(response).__name__} "
-            f"({pair_problem(prompt, response)}); a missing text cannot be scored: leave the pair out, "
-            "or score a table with pairscore.hf / pairscore.ray / `pairscore score`, which mark it invalid_row"
-        )
-    return item if isinstance(item, Pair) else Pair(prompt=prompt, response=response)
-
-
-def make_options(
-    tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
-    return_tokens: bool = False,
-    unconditional: bool = False,
-    greedy: bool = False,
-    top_k: int = 0,
-    *,
-    end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
-    truncation: Truncation | str = Truncation.NONE,
-    prefix: PrefixMode | str = PrefixMode.SERVER,
-) -> ScoreOptions:
-    """ScoreOptions from keyword arguments; the enums may be given by value
-    (``tokenization="joint"``, ``truncation="left"``, ``prefix="none"``,
-    ``end_of_turn="excluded"``).
-
-    A negative ``top_k`` raises ValueError here; one above the server's
-    ``max_top_k`` is refused by the server (INVALID_ARGUMENT naming the limit).
-    """
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k must be a whole number >= 0, got {top_k!r}")
-    return ScoreOptions(
-        tokenization=TokenizationMode(tokenization),
-        return_tokens=return_tokens,
-        unconditional=unconditional,
-        greedy=greedy,
-        top_k=top_k,
-        end_of_turn=EndOfTurn(end_of_turn),
-        truncation=Truncation(truncation),
-        prefix=PrefixMode(prefix),
-    )
-
-
-def resolve_options(options: ScoreOptions | None, **keywords: object) -> ScoreOptions:
-    """``options`` when given (the keyword options must then be left at their defaults),
-    else ScoreOptions from the keywords (:func:`make_options`)."""
-    if options is None:
-        return make_options(**keywords)  # type: ignore[arg-type]
-    if not isinstance(options, ScoreOptions):
-        raise TypeError(f"options must be a pairscore.ScoreOptions, got {type(options).__name__}")
-    defaults = make_options()
-    changed = [k for k, v in keywords.items() if make_options(**{k: v}) != defaults]  # type: ignore[arg-type]
-    if changed:
-        raise ValueError(
-            f"give the options either as options=ScoreOptions(...) or as keywords, not both "
-            f"(got options and {', '.join(changed)})"
-        )
-    return options
-
-
-def _ids(value: Sequence[object], what: str) -> tuple[int, ...]:
-    ids = tuple(value)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise TypeError(f"{what} given as a sequence must hold token ids (int) only, got {value!r}")
-    return ids  # type: ignore[return-value]
-
-
-def candidate_set(prompt: PromptLike, responses: Iterable[ResponseLike], *, id: str = "") -> CandidateSet:
-    """A CandidateSet from a prompt (text, a sequence of ChatMessage, or token ids) and
-    responses (text, Candidate, or token ids); TypeError for anything else."""
-    candidates: list[Candidate] = []
-    for r in responses:
-        if isinstance(r, Candidate):
-            candidates.append(r)
-        elif isinstance(r, str):
-            candidates.append(Candidate(response=r))
-        elif isinstance(r, Sequence):
-            candidates.append(Candidate(response_ids=_ids(r, "a response")))
-        else:
-            raise TypeError(f"a response must be str, a pairscore.Candidate or token ids, got {r!r}")
-    if isinstance(prompt, str):
-        return CandidateSet(candidates=tuple(candidates), prompt=prompt, id=id)
-    if isinstance(prompt, Sequence):
-        items = tuple(prompt)
-        if items and all(isinstance(m, ChatMessage) for m in items):
-            return CandidateSet(candidates=tuple(candidates), prompt_messages=items, id=id)  # type: ignore[arg-type]
-        return CandidateSet(candidates=tuple(candidates), prompt_ids=_ids(items, "a prompt"), id=id)
-    raise TypeError(
-        f"a prompt must be str, a sequence of pairscore.ChatMessage or token ids, got {type(prompt).__name__}"
-    )
 
 
 @dataclass(frozen=True)
@@ -245,6 +110,18 @@ class IterSettings:
         return cls(batch_size, max_in_flight, streams, progress_timeout, on_retry)
 
 
+@dataclass(frozen=True)
+class Unary(Generic[T]):
+    """One unary RPC, checked and ready to send: the stub method's name, the request, the
+    call's keyword arguments (deadline, metadata, wait_for_ready), and ``read``, which turns
+    the answer into the method's result (raising ScoringError for an answer that does not fit)."""
+
+    method: str
+    request: Any
+    kwargs: dict[str, object]
+    read: Callable[[Any], T]
+
+
 class ClientCore:
     """Conversion, options, deadlines and error mapping for one client.
 
@@ -277,6 +154,74 @@ class ClientCore:
         """Keyword arguments for a ScoreStream call of score_iter (no overall deadline)."""
         return {"metadata": self.metadata, "wait_for_ready": self.wait_for_ready}
 
+    def error(self, exc: grpc.RpcError) -> ScoringError:
+        """The typed error of a failed call."""
+        return error_from_rpc(exc, secure=self.settings.secure)
+
+    # --- the unary RPCs -----------------------------------------------------------------
+
+    def score(
+        self,
+        pairs: Iterable[PairLike],
+        options: ScoreOptions | None,
+        keywords: Mapping[str, Any],
+        timeout: float | None,
+    ) -> Unary[list[ScoreOutcome]]:
+        """Score: one outcome per pair, in order."""
+        pairs = list(pairs)
+        request = self.request(pairs, resolve_options(options, **keywords))
+        return Unary("Score", request, self.call_kwargs(timeout), lambda r: self.outcomes(r, len(pairs)))
+
+    def score_candidates(
+        self,
+        sets: Iterable[CandidateSet],
+        options: ScoreOptions | None,
+        keywords: Mapping[str, Any],
+        timeout: float | None,
+    ) -> Unary[list[CandidateSetResult]]:
+        """ScoreCandidates: one CandidateSetResult per set, in order."""
+        sets = list(sets)
+        check_candidate_sets(sets)
+        request = candidates_request_to_pb(sets, resolve_options(options, **keywords))
+        return Unary(
+            "ScoreCandidates", request, self.call_kwargs(timeout), lambda r: self.candidate_results(r, sets)
+        )
+
+    def score_responses(
+        self,
+        prompt: PromptLike,
+        responses: Iterable[ResponseLike],
+        options: ScoreOptions | None,
+        keywords: Mapping[str, Any],
+        timeout: float | None,
+    ) -> Unary[list[ScoreOutcome]]:
+        """ScoreCandidates of one set: one outcome per response, in order."""
+        call = self.score_candidates([candidate_set(prompt, responses)], options, keywords, timeout)
+        return Unary(call.method, call.request, call.kwargs, lambda r: list(call.read(r)[0].results))
+
+    def tokenize(
+        self, texts: Iterable[str], parse_special_tokens: bool, timeout: float | None
+    ) -> Unary[list[tuple[int, ...]]]:
+        """Tokenize: each text's ids; TypeError for a text that is not a str."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+        request = tokenize_request_to_pb(texts, parse_special_tokens=parse_special_tokens)
+        return Unary("Tokenize", request, self.call_kwargs(timeout), lambda r: self.token_ids(r, len(texts)))
+
+    def model_info(self, timeout: float | None, wait_for_ready: bool | None) -> Unary[ModelInfo]:
+        """GetModelInfo."""
+        kwargs = self.call_kwargs(timeout, wait_for_ready)
+        return Unary("GetModelInfo", pb.GetModelInfoRequest(), kwargs, self.read_model_info)
+
+    def health(self, service: str, timeout: float | None) -> Unary[str]:
+        """grpc.health.v1 Check of ``service``: ``"SERVING"``, ``"NOT_SERVING"``..."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        return Unary("Check", request, self.call_kwargs(timeout), _health_status)
+
+    # --- conversion of requests and answers -------------------------------------------------
+
     @staticmethod
     def request(pairs: Iterable[PairLike], options: ScoreOptions) -> pb.ScoreRequest:
         """The ScoreRequest for ``pairs``."""
@@ -292,17 +237,6 @@ class ClientCore:
         if expected is not None and len(outcomes) != expected:
             raise ScoringError(_UNKNOWN, f"the server answered {len(outcomes)} results for {expected} pairs")
         return outcomes
-
-    @staticmethod
-    def candidates_request(sets: Sequence[CandidateSet], options: ScoreOptions) -> pb.ScoreCandidatesRequest:
-        """The ScoreCandidatesRequest for ``sets``; TypeError for anything but CandidateSets."""
-        for s in sets:
-            if not isinstance(s, CandidateSet):
-                raise TypeError(
-                    f"a candidate set must be a pairscore.CandidateSet, got {type(s).__name__} "
-                    "(score_responses(prompt, responses) builds one)"
-                )
-        return candidates_request_to_pb(sets, options)
 
     @staticmethod
     def candidate_results(
@@ -325,22 +259,12 @@ class ClientCore:
         return results
 
     @staticmethod
-    def model_info(response: pb.GetModelInfoResponse) -> ModelInfo:
+    def read_model_info(response: pb.GetModelInfoResponse) -> ModelInfo:
         """ModelInfo from a GetModelInfoResponse."""
         try:
             return model_info_from_pb(response)
         except ConversionError as exc:
             raise ScoringError(_UNKNOWN, f"cannot read the server's model info: {exc}") from exc
-
-    @staticmethod
-    def tokenize_request(texts: Iterable[str], parse_special_tokens: bool) -> tuple[pb.TokenizeRequest, int]:
-        """The TokenizeRequest for ``texts`` and how many texts it holds; TypeError for a
-        text that is not a str."""
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
-        return tokenize_request_to_pb(texts, parse_special_tokens=parse_special_tokens), len(texts)
 
     @staticmethod
     def token_ids(response: pb.TokenizeResponse, expected: int) -> list[tuple[int, ...]]:
@@ -350,12 +274,66 @@ class ClientCore:
             raise ScoringError(_UNKNOWN, f"the server answered {len(ids)} token lists for {expected} texts")
         return ids
 
-    @staticmethod
-    def health_request(service: str) -> health_pb2.HealthCheckRequest:
-        """The grpc.health.v1 request for ``service``."""
-        return health_pb2.HealthCheckRequest(service=service)
 
-    @staticmethod
-    def health_status(response: health_pb2.HealthCheckResponse) -> str:
-        """``"SERVING"``, ``"NOT_SERVING"``, ... from a health response."""
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+def _health_status(response: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class ClientBase:
+    """The constructor and properties both clients share; a subclass opens its kind of
+    channel (:meth:`_open`) and sends a :class:`Unary` with it."""
+
+    def __init__(
+        self,
+        target: str | ChannelSettings,
+        *,
+        timeout: float | None = 60.0,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+        wait_for_ready: bool = False,
+        tls: TlsConfig | bool | None = None,
+        secure: bool = False,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        load_balancing: str = "round_robin",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel_options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        if isinstance(target, ChannelSettings):
+            settings = target
+        else:
+            settings = ChannelSettings(
+                target=target,
+                tls=tls if tls is not None else (True if secure else None),
+                credentials=credentials,
+                token=token,
+                retry=retry,
+                load_balancing=load_balancing,
+                max_message_bytes=max_message_bytes,
+                channel_options=tuple(channel_options),
+            )
+        self.target = settings.target
+        self._core = ClientCore(settings, timeout=timeout, wait_for_ready=wait_for_ready)
+        self._channel = self._open(settings)
+        stub = pb_grpc.ScoringServiceStub(self._channel)
+        self._stub = stub
+        #: The unary methods a Unary names, by name.
+        self._rpcs: dict[str, Callable[..., Any]] = {
+            "Score": stub.Score,
+            "ScoreCandidates": stub.ScoreCandidates,
+            "Tokenize": stub.Tokenize,
+            "GetModelInfo": stub.GetModelInfo,
+            "Check": health_pb2_grpc.HealthStub(self._channel).Check,
+        }
+
+    def _open(self, settings: ChannelSettings) -> Any:
+        raise NotImplementedError
+
+    @property
+    def timeout(self) -> float | None:
+        """The default deadline of each call, in seconds."""
+        return self._core.timeout
+
+    @property
+    def settings(self) -> ChannelSettings:
+        """How this client connects."""
+        return self._core.settings

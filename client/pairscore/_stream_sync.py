@@ -1,80 +1,57 @@
 """The threaded driver of :meth:`ScoringClient.score_iter <pairscore.client.ScoringClient.score_iter>`.
 
 One worker thread per lane (ScoreStream call) reads the answers; gRPC's own
-thread pulls the lane's requests from :meth:`_SyncDriver._requests`. The
-caller's thread takes results in order from the :class:`Sequencer`. All
-bookkeeping lives in :mod:`pairscore._sequencer`; the reconnect rule in
-:mod:`pairscore._reconnect`.
+thread pulls the lane's requests from :meth:`SyncDriver._requests`. The
+caller's thread takes results in order. The decisions are
+:class:`~pairscore._stream_base.DriverBase`'s (shared with the asyncio driver),
+the bookkeeping :mod:`pairscore._sequencer`'s, the reconnect rule
+:mod:`pairscore._reconnect`'s; this module only waits, with threads.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
 
-from pairscore._base import ClientCore, IterSettings, PairLike, to_pair
-from pairscore._reconnect import Reconnector, item_retry_delays, lane_error, unanswered_error
-from pairscore._sequencer import Lane, Sequencer
+from pairscore._reconnect import lane_error, unanswered_error
+from pairscore._sequencer import Batch, Lane
+from pairscore._stream_base import STOP, WAIT, DriverBase
 from pairscore.errors import ScoringError
-from pairscore.types import ScoreOptions, ScoreOutcome
-
-#: Longest the consumer sleeps between checks for stalled lanes.
-_POLL_S = 0.5
+from pairscore.inputs import PairLike, to_pair
+from pairscore.types import ScoreOutcome
 
 
-class _SyncDriver:
-    def __init__(
-        self,
-        *,
-        open_call: Callable[..., Any],
-        core: ClientCore,
-        pairs: Iterable[PairLike],
-        options: ScoreOptions,
-        settings: IterSettings,
-    ) -> None:
-        self._open_call = open_call
-        self._core = core
+class SyncDriver(DriverBase):
+    """Score ``pairs`` over ``settings.streams`` ScoreStream calls; :meth:`results` in input order."""
+
+    def __init__(self, *, pairs: Iterable[PairLike], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._input = iter(pairs)
-        self._options = options
-        self._settings = settings
-        self._seq = Sequencer(
-            batch_size=settings.batch_size,
-            max_in_flight=settings.max_in_flight,
-            item_retry_delay=item_retry_delays(core.settings.retry),
-        )
         self._cond = threading.Condition()
         self._closing = threading.Event()
-        self._lanes: list[Lane] = []
         self._threads: list[threading.Thread] = []
 
     # --- the caller's side ----------------------------------------------------------
 
     def results(self) -> Iterator[ScoreOutcome]:
+        """The outcomes, in input order; leaving early cancels the streams."""
         for i in range(self._settings.streams):
             thread = threading.Thread(target=self._worker, name=f"pairscore-stream-{i}", daemon=True)
             self._threads.append(thread)
             thread.start()
-        timeout = self._settings.progress_timeout
-        poll = _POLL_S if timeout is None else min(_POLL_S, timeout / 4)
         try:
             while True:
                 with self._cond:
-                    while True:
-                        ready = self._seq.pop_ready()
-                        if ready:
-                            self._cond.notify_all()  # room in flight again
-                            break
-                        if self._seq.error is not None:
-                            raise self._seq.error
-                        if self._seq.finished:
+                    while not (ready := self.take()):
+                        if ready is None:
                             return
-                        self._cond.wait(poll)
-                        for lane in self._seq.stalled_lanes(self._lanes, timeout):
-                            lane.call.cancel()
+                        self._cond.wait(self.poll_s)
+                        self.cancel_stalled()
+                    self._cond.notify_all()  # room in flight again
                 yield from ready
         finally:
             self._close()
@@ -95,16 +72,12 @@ class _SyncDriver:
         seq, size = self._seq, self._settings.batch_size
         while True:
             with self._cond:
-                while True:
-                    if lane.dead or self._closing.is_set() or seq.lane_may_close():
-                        return
-                    batch = seq.take_retry(lane)
-                    if batch is not None or seq.wants_input():
-                        break
+                while (step := self.claim(lane, self._closing.is_set())) == WAIT:
                     self._cond.wait(seq.next_retry_in())
-                if batch is None:
-                    seq.begin_read()
-            if batch is None:
+            if step == STOP:
+                return
+            batch = step if isinstance(step, Batch) else None
+            if batch is None:  # READ: this lane reads the next batch of input
                 try:
                     pairs = [to_pair(p) for p in itertools.islice(self._input, size)]
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
@@ -117,24 +90,21 @@ class _SyncDriver:
                     self._cond.notify_all()
                 if batch is None:
                     continue
-            yield self._core.request(batch.to_send(), self._options)
+            yield self.request(batch)
 
     # --- a lane's answers ---------------------------------------------------------
 
     def _worker(self) -> None:
-        reconnect = Reconnector(self._core.settings.retry, connect_timeout=self._settings.progress_timeout)
+        reconnect = self.reconnector()
         while not self._closing.is_set():
-            lane = Lane()
             with self._cond:
-                if self._seq.lane_may_close():
-                    return
-                self._lanes.append(lane)
-                lane.call = self._open_call(self._requests(lane), **self._core.stream_kwargs())
+                lane = self.open_lane(self._requests)
+            if lane is None:
+                return
             try:
                 for response in lane.call:
                     with self._cond:
-                        outcomes = self._core.outcomes(response, self._seq.expected(lane))
-                        self._seq.answered(lane, outcomes)
+                        self.answered(lane, response)
                         self._cond.notify_all()
                     reconnect.progress()
                 if not lane.outstanding:
@@ -145,30 +115,14 @@ class _SyncDriver:
             except ScoringError as exc:  # an answer that does not fit the request
                 error = exc
             with self._cond:
-                self._seq.lane_broken(lane)
-                self._lanes.remove(lane)
+                self.broken(lane)
                 self._cond.notify_all()
             if self._closing.is_set():
                 return
-            delay = reconnect.next_delay(error)
-            if delay is not None and self._settings.on_retry is not None:
-                self._settings.on_retry(error, delay)  # e.g. "waiting for the server" on a progress line
+            delay = self.retry_delay(reconnect, error)
             if delay is None:
                 with self._cond:
-                    self._seq.fail(reconnect.final_error(error))
+                    self.give_up(reconnect, error)
                     self._cond.notify_all()
                 return
             self._closing.wait(delay)
-
-
-def iterate(
-    *,
-    open_call: Callable[..., Any],
-    core: ClientCore,
-    pairs: Iterable[PairLike],
-    options: ScoreOptions,
-    settings: IterSettings,
-) -> Iterator[ScoreOutcome]:
-    """Score ``pairs`` over ``settings.streams`` ScoreStream calls; results in input order."""
-    driver = _SyncDriver(open_call=open_call, core=core, pairs=pairs, options=options, settings=settings)
-    return driver.results()

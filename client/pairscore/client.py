@@ -14,53 +14,38 @@ It needs only grpcio and protobuf (no torch). RPC failures raise a
 :class:`~pairscore.errors.ScoringError` subclass; a pair that could not be
 scored comes back as an :class:`~pairscore.types.ItemError` in its place,
 the other pairs unaffected. :class:`~pairscore.aio.AsyncScoringClient` is
-the asyncio twin; both share :mod:`pairscore._base` and
-:mod:`pairscore.channel`.
+the asyncio twin: both are thin shells over one implementation
+(:mod:`pairscore._base`), and differ only in how a call is sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from types import TracebackType
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 
 from pairscore import _stream_sync
-from pairscore._base import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_RETRY,
-    SCORING_SERVICE,
-    ClientCore,
-    IterSettings,
-    PairLike,
-    PromptLike,
-    ResponseLike,
-    build_settings,
-    candidate_set,
-    make_options,
-    resolve_options,
-)
-from pairscore.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelSettings, RetryPolicy, TlsConfig
-from pairscore.errors import ScoringError, error_from_rpc
-from pairscore.types import (
-    CandidateSet,
-    CandidateSetResult,
-    EndOfTurn,
-    ModelInfo,
-    PrefixMode,
-    ScoreOptions,
-    ScoreOutcome,
-    TokenizationMode,
-    Truncation,
-)
+from pairscore._base import DEFAULT_BATCH_SIZE, SCORING_SERVICE, ClientBase, IterSettings, Unary
+from pairscore.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelSettings
+from pairscore.errors import ScoringError
+from pairscore.inputs import PairLike, PromptLike, ResponseLike, resolve_options
+from pairscore.types import CandidateSet, CandidateSetResult, ModelInfo, ScoreOptions, ScoreOutcome
 from pairscore.v1 import scoring_pb2 as pb
-from pairscore.v1 import scoring_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from typing_extensions import Unpack
+
+    from pairscore.inputs import OptionKeywords
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "PairLike", "ScoringClient", "ScoringError"]
 
+T = TypeVar("T")
 
-class ScoringClient:
+
+class ScoringClient(ClientBase):
     """Synchronous client of ``pairscore.v1.ScoringService``; thread-safe.
 
     ``target``: ``host:port``, ``dns:///host:port`` for every replica behind
@@ -78,47 +63,15 @@ class ScoringClient:
     Use it as a context manager, or call :meth:`close`.
     """
 
-    def __init__(
-        self,
-        target: str | ChannelSettings,
-        *,
-        timeout: float | None = 60.0,
-        retry: RetryPolicy | None = DEFAULT_RETRY,
-        wait_for_ready: bool = False,
-        tls: TlsConfig | bool | None = None,
-        secure: bool = False,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        load_balancing: str = "round_robin",
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        channel_options: Sequence[tuple[str, object]] = (),
-    ) -> None:
-        settings = build_settings(
-            target,
-            secure=secure,
-            tls=tls,
-            credentials=credentials,
-            token=token,
-            retry=retry,
-            load_balancing=load_balancing,
-            max_message_bytes=max_message_bytes,
-            channel_options=channel_options,
-        )
-        self.target = settings.target
-        self._core = ClientCore(settings, timeout=timeout, wait_for_ready=wait_for_ready)
-        self._channel = settings.sync_channel()
-        self._stub = pb_grpc.ScoringServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    def _open(self, settings: ChannelSettings) -> grpc.Channel:
+        return settings.sync_channel()
 
-    @property
-    def timeout(self) -> float | None:
-        """The default deadline of each call, in seconds."""
-        return self._core.timeout
-
-    @property
-    def settings(self) -> ChannelSettings:
-        """How this client connects."""
-        return self._core.settings
+    def _send(self, call: Unary[T]) -> T:
+        try:
+            response = self._rpcs[call.method](call.request, **call.kwargs)
+        except grpc.RpcError as exc:
+            raise self._core.error(exc) from None
+        return call.read(response)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -143,15 +96,9 @@ class ScoringClient:
         self,
         pairs: Iterable[PairLike],
         *,
-        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
-        return_tokens: bool = False,
-        unconditional: bool = False,
-        greedy: bool = False,
-        top_k: int = 0,
-        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
-        truncation: Truncation | str = Truncation.NONE,
-        prefix: PrefixMode | str = PrefixMode.SERVER,
+        options: ScoreOptions | None = None,
         timeout: float | None = None,
+        **keywords: Unpack[OptionKeywords],
     ) -> list[ScoreOutcome]:
         """Score pairs in one request; one PairScore or ItemError per pair, in order.
 
@@ -164,31 +111,16 @@ class ScoringClient:
         docs/scores.md. ``end_of_turn`` (chat prompts), ``truncation``
         (``"left"``: drop prompt tokens from the start until the pair fits)
         and ``prefix`` (``"none"``: the first prompt token is context only, as
-        lm-evaluation-harness) are described in docs/contract.md. A
+        lm-evaluation-harness) are described in docs/contract.md. ``options``:
+        all of them as one :class:`~pairscore.types.ScoreOptions` instead (a
+        keyword not at its default beside it raises ValueError naming it). A
         :class:`~pairscore.types.Pair` may give its prompt as
         ``prompt_messages`` or ``prompt_ids`` and its response as
-        ``response_ids``. ``timeout`` overrides the client's default deadline. Raises a
-        :class:`~pairscore.errors.ScoringError` subclass if the RPC fails.
+        ``response_ids``. ``timeout`` overrides the client's default
+        deadline. Raises a :class:`~pairscore.errors.ScoringError` subclass
+        if the RPC fails.
         """
-        pairs = list(pairs)
-        request = self._core.request(
-            pairs,
-            make_options(
-                tokenization,
-                return_tokens,
-                unconditional,
-                greedy,
-                top_k,
-                end_of_turn=end_of_turn,
-                truncation=truncation,
-                prefix=prefix,
-            ),
-        )
-        try:
-            response = self._stub.Score(request, **self._core.call_kwargs(timeout))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
-        return self._core.outcomes(response, len(pairs))
+        return self._send(self._core.score(pairs, options, keywords, timeout))
 
     def score_iter(
         self,
@@ -197,16 +129,10 @@ class ScoringClient:
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_in_flight: int | None = None,
         streams: int = 1,
-        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
-        return_tokens: bool = False,
-        unconditional: bool = False,
-        greedy: bool = False,
-        top_k: int = 0,
-        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
-        truncation: Truncation | str = Truncation.NONE,
-        prefix: PrefixMode | str = PrefixMode.SERVER,
+        options: ScoreOptions | None = None,
         timeout: float | None = None,
         on_retry: Callable[[ScoringError, float], None] | None = None,
+        **keywords: Unpack[OptionKeywords],
     ) -> Iterator[ScoreOutcome]:
         """Score an iterable of any size; yields one PairScore or ItemError per pair, in input order.
 
@@ -232,57 +158,35 @@ class ScoringClient:
         :class:`~pairscore.errors.ScoringError` when a stream fails for
         good; leaving the loop early cancels the streams. A pair whose
         prompt or response is not a str (None, NaN) raises TypeError.
+        ``options`` and the option keywords: as in :meth:`score`.
         """
         settings = IterSettings.build(
             batch_size, max_in_flight, streams, self._core.deadline(timeout), on_retry
         )
-        return _stream_sync.iterate(
+        return _stream_sync.SyncDriver(
             open_call=self._stub.ScoreStream,
             core=self._core,
             pairs=pairs,
-            options=make_options(
-                tokenization,
-                return_tokens,
-                unconditional,
-                greedy,
-                top_k,
-                end_of_turn=end_of_turn,
-                truncation=truncation,
-                prefix=prefix,
-            ),
+            options=resolve_options(options, **keywords),
             settings=settings,
-        )
+        ).results()
 
     def score_stream(
         self,
         batches: Iterable[Iterable[PairLike]],
         *,
-        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
-        return_tokens: bool = False,
-        unconditional: bool = False,
-        greedy: bool = False,
-        top_k: int = 0,
-        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
-        truncation: Truncation | str = Truncation.NONE,
-        prefix: PrefixMode | str = PrefixMode.SERVER,
+        options: ScoreOptions | None = None,
         timeout: float | None = None,
+        **keywords: Unpack[OptionKeywords],
     ) -> Iterator[list[ScoreOutcome]]:
         """Send your own batches over one ScoreStream call; yields one result list per batch.
 
         The low-level form of :meth:`score_iter`: no reconnection, and
         ``batches`` is consumed as fast as the server reads it. ``timeout``
-        is the deadline of the whole stream (default: the client's).
+        is the deadline of the whole stream (default: the client's);
+        ``options`` and the option keywords: as in :meth:`score`.
         """
-        options = make_options(
-            tokenization,
-            return_tokens,
-            unconditional,
-            greedy,
-            top_k,
-            end_of_turn=end_of_turn,
-            truncation=truncation,
-            prefix=prefix,
-        )
+        resolved = resolve_options(options, **keywords)
         sizes: list[int] = []
         failed: list[BaseException] = []
 
@@ -290,7 +194,7 @@ class ScoringClient:
             try:
                 for batch in batches:
                     batch = list(batch)
-                    request = self._core.request(batch, options)  # TypeError for a missing text
+                    request = self._core.request(batch, resolved)  # TypeError for a missing text
                     sizes.append(len(batch))
                     yield request
             except Exception as exc:  # noqa: BLE001 - raised in the caller's thread below
@@ -303,7 +207,7 @@ class ScoringClient:
         except grpc.RpcError as exc:
             if failed:
                 raise failed[0] from None
-            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
+            raise self._core.error(exc) from None
         finally:
             call.cancel()  # no-op when the stream already ended
         if failed:
@@ -314,15 +218,8 @@ class ScoringClient:
         sets: Iterable[CandidateSet],
         *,
         options: ScoreOptions | None = None,
-        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
-        return_tokens: bool = False,
-        unconditional: bool = False,
-        greedy: bool = False,
-        top_k: int = 0,
-        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
-        truncation: Truncation | str = Truncation.NONE,
-        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
+        **keywords: Unpack[OptionKeywords],
     ) -> list[CandidateSetResult]:
         """Score candidate sets in one ScoreCandidates request: one CandidateSetResult per set,
         in order, each with one PairScore or ItemError per candidate, in order.
@@ -332,33 +229,14 @@ class ScoringClient:
         every candidate is scored exactly as the Pair (prompt, candidate) would
         be by :meth:`score` (best-of-N reranking, multiple choice, preference
         pairs). The server's ``max_pairs_per_request`` bounds the candidates
-        of all sets together. ``options``: a full
-        :class:`~pairscore.types.ScoreOptions` (truncation, prefix, end of
-        turn...); the keyword options are as in :meth:`score` and must stay at
-        their defaults when ``options`` is given. ``timeout`` overrides the
+        of all sets together. ``options`` and the option keywords: as in
+        :meth:`score`. ``timeout`` overrides the
         client's default deadline. Raises a
         :class:`~pairscore.errors.ScoringError` subclass if the RPC fails (a
         request over gRPC's message size limit:
         :class:`~pairscore.errors.MessageTooLargeError`).
         """
-        sets = list(sets)
-        resolved = resolve_options(
-            options,
-            tokenization=tokenization,
-            return_tokens=return_tokens,
-            unconditional=unconditional,
-            greedy=greedy,
-            top_k=top_k,
-            end_of_turn=end_of_turn,
-            truncation=truncation,
-            prefix=prefix,
-        )
-        request = self._core.candidates_request(sets, resolved)
-        try:
-            response = self._stub.ScoreCandidates(request, **self._core.call_kwargs(timeout))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
-        return self._core.candidate_results(response, sets)
+        return self._send(self._core.score_candidates(sets, options, keywords, timeout))
 
     def score_responses(
         self,
@@ -366,15 +244,8 @@ class ScoringClient:
         responses: Iterable[ResponseLike],
         *,
         options: ScoreOptions | None = None,
-        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
-        return_tokens: bool = False,
-        unconditional: bool = False,
-        greedy: bool = False,
-        top_k: int = 0,
-        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
-        truncation: Truncation | str = Truncation.NONE,
-        prefix: PrefixMode | str = PrefixMode.SERVER,
         timeout: float | None = None,
+        **keywords: Unpack[OptionKeywords],
     ) -> list[ScoreOutcome]:
         """Score several responses to one prompt (one CandidateSet); one PairScore or ItemError
         per response, in order.
@@ -384,20 +255,7 @@ class ScoringClient:
         response: text, a :class:`~pairscore.types.Candidate` or token ids.
         The other arguments are those of :meth:`score_candidates`.
         """
-        [result] = self.score_candidates(
-            [candidate_set(prompt, responses)],
-            options=options,
-            tokenization=tokenization,
-            return_tokens=return_tokens,
-            unconditional=unconditional,
-            greedy=greedy,
-            top_k=top_k,
-            end_of_turn=end_of_turn,
-            truncation=truncation,
-            prefix=prefix,
-            timeout=timeout,
-        )
-        return list(result.results)
+        return self._send(self._core.score_responses(prompt, responses, options, keywords, timeout))
 
     def tokenize(
         self, texts: Iterable[str], *, parse_special_tokens: bool = False, timeout: float | None = None
@@ -412,12 +270,7 @@ class ScoringClient:
         uses). More texts than the server's ``max_pairs_per_request``, or a
         text over ``max_text_chars``, fail the call (INVALID_ARGUMENT).
         """
-        request, n = self._core.tokenize_request(texts, parse_special_tokens)
-        try:
-            response = self._stub.Tokenize(request, **self._core.call_kwargs(timeout))
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
-        return self._core.token_ids(response, n)
+        return self._send(self._core.tokenize(texts, parse_special_tokens, timeout))
 
     def model_info(self, *, timeout: float | None = None, wait_for_ready: bool | None = None) -> ModelInfo:
         """Describe the served model and its scoring contract.
@@ -425,23 +278,11 @@ class ScoringClient:
         ``wait_for_ready`` overrides the client's setting for this call
         (``False``: fail at once, with the cause, when no server is reachable).
         """
-        try:
-            response = self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), **self._core.call_kwargs(timeout, wait_for_ready)
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
-        return self._core.model_info(response)
+        return self._send(self._core.model_info(timeout, wait_for_ready))
 
     def health(self, service: str = SCORING_SERVICE, *, timeout: float | None = None) -> str:
         """The server's grpc.health.v1 status of ``service``: ``"SERVING"``, ``"NOT_SERVING"``...
 
         ``service=""`` asks about the server as a whole.
         """
-        try:
-            response = self._health.Check(
-                self._core.health_request(service), **self._core.call_kwargs(timeout)
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, secure=self._core.settings.secure) from None
-        return self._core.health_status(response)
+        return self._send(self._core.health(service, timeout))

@@ -31,16 +31,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pairscore.inputs import RowFields, input_options
 from pairscore.pipeline.columns import (
     SCORE_COLUMN_TYPES,
     SELECTION_COLUMN_TYPES,
-    RowFields,
+    batch_options,
     column_names,
-    input_options,
     normalize_scores,
     score_batch,
-    score_options,
-    score_rows,
 )
 from pairscore.types import Pair
 
@@ -142,26 +140,14 @@ class ScoreColumns:
         """
         client = self._get_client()
 
+        options = batch_options(self.scores, self.tokenization, **self.input_options)
+
         def score(pairs: list[Pair]) -> Any:
             return client.score_iter(
-                pairs,
-                batch_size=self.message_size,
-                streams=self.streams,
-                tokenization=self.tokenization,
-                **score_options(self.scores),
-                **self.input_options,
+                pairs, batch_size=self.message_size, streams=self.streams, options=options
             )
 
-        if self.fields.describe():  # a conversation or token ids
-            return score_batch(score, batch, self.fields, scores=self.scores)
-        return score_rows(
-            score,
-            batch[self.prompt_field],
-            batch[self.response_field],
-            prompt_field=self.prompt_field,
-            response_field=self.response_field,
-            scores=self.scores,
-        )
+        return score_batch(score, batch, self.fields, scores=self.scores)
 
     def close(self) -> None:
         """Close the client's channel (a later call opens a new one)."""

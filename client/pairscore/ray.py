@@ -46,93 +46,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pairscore.pipeline.columns import (
-    RowFields,
-    input_options,
-    normalize_scores,
-    score_batch,
-    score_options,
-    score_rows,
-)
+from pairscore.hf import ScoreColumns
+from pairscore.inputs import RowFields
+from pairscore.pipeline.columns import batch_options, normalize_scores, score_batch
 
 __all__ = ["EngineScorer", "FilesOutcome", "ServiceScorer", "main", "score_dataset", "score_files"]
 
 
-class ServiceScorer:
+class ServiceScorer(ScoreColumns):
     """A Ray Data callable class that scores each batch through a pairscore service.
 
-    ``client_options`` go to :class:`~pairscore.client.ScoringClient`
-    (``timeout``, ``tls``, ``token``...); each batch is streamed with
-    ``score_iter`` over ``streams`` streams. ``scores``: extra score groups
-    (``"unconditional"``, ``"greedy"``; docs/scores.md) whose columns to add.
-    ``messages_field`` (a column of conversations, lists of {role, content}, as
-    the prompt), ``prompt_ids_field`` / ``response_ids_field`` (token ids) and
-    ``truncation``, ``end_of_turn``, ``prefix``: as in ``pairscore score``
-    (docs/pipeline.md, "Input forms"); a malformed value gives its row
+    :class:`pairscore.hf.ScoreColumns` (the same arguments: ``prompt_field``,
+    ``response_field``, ``tokenization``, ``scores``, the input forms
+    ``messages_field`` / ``prompt_ids_field`` / ``response_ids_field``,
+    ``truncation``, ``end_of_turn``, ``prefix``, and ``client_options`` for
+    :class:`~pairscore.client.ScoringClient` such as ``timeout``, ``tls``,
+    ``token``) that returns the whole batch with the score columns added,
+    streams each batch over ``streams`` streams (2 by default) and opens
+    its client at once (``self.client``). A malformed value gives its row
     ``invalid_row``.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        prompt_field: str = "prompt",
-        response_field: str = "response",
-        streams: int = 2,
-        tokenization: str = "separate",
-        scores: str | Sequence[str] = (),
-        messages_field: str | None = None,
-        prompt_ids_field: str | None = None,
-        response_ids_field: str | None = None,
-        truncation: str = "none",
-        end_of_turn: str = "included",
-        prefix: str = "server",
-        **client_options: Any,
-    ) -> None:
-        from pairscore.client import ScoringClient
-
-        self.scores = normalize_scores(scores)  # an unknown name fails before a channel is opened
-        self.fields = RowFields(
-            prompt_field=prompt_field,
-            response_field=response_field,
-            messages_field=messages_field,
-            prompt_ids_field=prompt_ids_field,
-            response_ids_field=response_ids_field,
-        )
-        self.input_options = input_options(truncation, end_of_turn, prefix)
-        self.client = ScoringClient(target, wait_for_ready=True, **client_options)
-        self.prompt_field = prompt_field
-        self.response_field = response_field
-        self.streams = streams
-        self.tokenization = tokenization
+    def __init__(self, target: str, *, streams: int = 2, **options: Any) -> None:
+        super().__init__(target, streams=streams, **options)
+        self.client = self._get_client()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Return the batch with the score columns added."""
-
-        client: Any = self.client  # score_iter takes the input options by keyword
-
-        def score(pairs: list[Any]) -> Any:
-            return client.score_iter(
-                pairs,
-                streams=self.streams,
-                tokenization=self.tokenization,
-                **score_options(self.scores),
-                **self.input_options,
-            )
-
-        if self.fields.describe():  # a conversation or token ids
-            return {**batch, **score_batch(score, batch, self.fields, scores=self.scores)}
-        return {
-            **batch,
-            **score_rows(
-                score,
-                batch[self.prompt_field],
-                batch[self.response_field],
-                prompt_field=self.prompt_field,
-                response_field=self.response_field,
-                scores=self.scores,
-            ),
-        }
+        return {**batch, **super().__call__(batch)}
 
 
 class EngineScorer:
@@ -166,7 +107,6 @@ class EngineScorer:
         end_of_turn: str = "included",
         prefix: str = "server",
     ) -> None:
-        from pairscore.types import EndOfTurn, PrefixMode, ScoreOptions, Truncation
         from pairscore_server import Scorer
 
         self.fields = RowFields(
@@ -176,34 +116,17 @@ class EngineScorer:
             prompt_ids_field=prompt_ids_field,
             response_ids_field=response_ids_field,
         )
-        input_options(truncation, end_of_turn, prefix)  # an unknown value: ValueError naming the choices
-        self.scorer = Scorer(model, device=device, dtype=dtype)
         self.scores = normalize_scores(scores)
-        options = ScoreOptions(
-            **score_options(self.scores),
-            truncation=Truncation(truncation),
-            end_of_turn=EndOfTurn(end_of_turn),
-            prefix=PrefixMode(prefix),
-        )
+        # an unknown value: ValueError naming the choices, before the model loads
+        options = batch_options(self.scores, "separate", truncation, end_of_turn, prefix)
+        self.scorer = Scorer(model, device=device, dtype=dtype)
         self._score_pairs = functools.partial(self.scorer.score, options=options)
         self.prompt_field = prompt_field
         self.response_field = response_field
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Return the batch with the score columns added."""
-        if self.fields.describe():  # a conversation or token ids
-            return {**batch, **score_batch(self._score_pairs, batch, self.fields, scores=self.scores)}
-        return {
-            **batch,
-            **score_rows(
-                self._score_pairs,
-                batch[self.prompt_field],
-                batch[self.response_field],
-                prompt_field=self.prompt_field,
-                response_field=self.response_field,
-                scores=self.scores,
-            ),
-        }
+        return {**batch, **score_batch(self._score_pairs, batch, self.fields, scores=self.scores)}
 
 
 def score_dataset(

@@ -21,9 +21,9 @@ No gRPC, no batcher, no request limits beyond the model's context.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import fields
 from typing import TYPE_CHECKING
 
+from pairscore.inputs import resolve_options, to_pair
 from pairscore.types import (
     CandidateSet,
     CandidateSetResult,
@@ -41,7 +41,7 @@ from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from pairscore._base import PairLike
+    from pairscore.inputs import PairLike
 
 __all__ = ["Scorer"]
 
@@ -138,7 +138,7 @@ class Scorer:
         fields as keywords (not both). Any number of pairs: they are
         tokenized in chunks and run in forward passes of the engine's size.
         """
-        resolved = _options(
+        resolved = resolve_options(
             options,
             tokenization=tokenization,
             return_tokens=return_tokens,
@@ -149,8 +149,6 @@ class Scorer:
             truncation=truncation,
             prefix=prefix,
         )
-        from pairscore._base import to_pair
-
         items = [to_pair(p) for p in pairs]
         out: list[ScoreOutcome] = []
         for start in range(0, len(items), PREPARE_CHUNK):
@@ -200,43 +198,3 @@ class Scorer:
             scores += self._engine.score(call).scores
         it = iter(scores)
         return [next(it) if isinstance(p, PreparedPair) else p for p in prepared]
-
-
-def _options(
-    options: ScoreOptions | None,
-    *,
-    tokenization: TokenizationMode | str,
-    return_tokens: bool,
-    unconditional: bool,
-    greedy: bool,
-    top_k: int,
-    end_of_turn: EndOfTurn | str,
-    truncation: Truncation | str,
-    prefix: PrefixMode | str,
-) -> ScoreOptions:
-    """``options``, or ScoreOptions from the keywords (as the client builds them); both at
-    once is an error. An unknown enum value or a negative ``top_k`` raises ValueError."""
-    from pairscore._base import make_options
-
-    built = make_options(
-        tokenization,
-        return_tokens,
-        unconditional,
-        greedy,
-        top_k,
-        end_of_turn=end_of_turn,
-        truncation=truncation,
-        prefix=prefix,
-    )
-    if options is None:
-        return built
-    if not isinstance(options, ScoreOptions):
-        raise TypeError(f"options must be a pairscore.ScoreOptions, got {type(options).__name__}")
-    defaults = ScoreOptions()
-    changed = [f.name for f in fields(ScoreOptions) if getattr(built, f.name) != getattr(defaults, f.name)]
-    if changed:
-        raise ValueError(
-            "give the options either as options=ScoreOptions(...) or as keywords, not both "
-            f"(got options and {', '.join(changed)})"
-        )
-    return options
