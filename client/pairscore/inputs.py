@@ -79,7 +79,15 @@ class OptionKeywords(TypedDict, total=False):
 
 
 _OPTION_NAMES = tuple(f.name for f in fields(ScoreOptions))
+_OPTION_SET = frozenset(_OPTION_NAMES)
 _DEFAULTS = ScoreOptions()
+#: The options that may be given by value: name -> the enum that reads it.
+_ENUMS = {
+    "tokenization": TokenizationMode,
+    "end_of_turn": EndOfTurn,
+    "truncation": Truncation,
+    "prefix": PrefixMode,
+}
 
 
 def resolve_options(options: ScoreOptions | None = None, /, **keywords: Any) -> ScoreOptions:
@@ -94,8 +102,8 @@ def resolve_options(options: ScoreOptions | None = None, /, **keywords: Any) -> 
     """
     if not keywords and options is None:
         return _DEFAULTS  # frozen: one shared instance
-    unknown = [k for k in keywords if k not in _OPTION_NAMES]
-    if unknown:
+    if not keywords.keys() <= _OPTION_SET:
+        unknown = [k for k in keywords if k not in _OPTION_NAMES]
         raise TypeError(f"unknown option {unknown[0]!r}; the options are {', '.join(_OPTION_NAMES)}")
     if options is not None:
         if not isinstance(options, ScoreOptions):
@@ -113,18 +121,9 @@ def resolve_options(options: ScoreOptions | None = None, /, **keywords: Any) -> 
 
 
 def _build(keywords: Mapping[str, Any]) -> ScoreOptions:
-    top_k = keywords.get("top_k", 0)
-    _check_top_k(top_k)
-    return ScoreOptions(
-        tokenization=TokenizationMode(keywords.get("tokenization", _DEFAULTS.tokenization)),
-        return_tokens=keywords.get("return_tokens", False),
-        unconditional=keywords.get("unconditional", False),
-        greedy=keywords.get("greedy", False),
-        top_k=top_k,
-        end_of_turn=EndOfTurn(keywords.get("end_of_turn", _DEFAULTS.end_of_turn)),
-        truncation=Truncation(keywords.get("truncation", _DEFAULTS.truncation)),
-        prefix=PrefixMode(keywords.get("prefix", _DEFAULTS.prefix)),
-    )
+    values: dict[str, Any] = {k: _ENUMS[k](v) if k in _ENUMS else v for k, v in keywords.items()}
+    _check_top_k(values.get("top_k", 0))
+    return ScoreOptions(**values)
 
 
 def _check_top_k(top_k: object) -> None:
