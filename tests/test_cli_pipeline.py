@@ -481,7 +481,8 @@ def test_resume_completes_an_interrupted_finish(
     assert run(pipeline_server, *args, "--max", "joint=-2", "--resume") == 0
     kept, rejected = read_jsonl(tmp_path / "kept.jsonl"), read_jsonl(tmp_path / "rej.jsonl")
     assert sorted(r["id"] for r in kept + rejected) == [r["id"] for r in rows]
-    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*state*"))
+    assert not list(tmp_path.glob("*.part"))
+    assert [p.name for p in tmp_path.glob("*state*")] == ["kept.jsonl.pairscore-state.json"]  # complete
 
 
 # --- report ------------------------------------------------------------------------------------

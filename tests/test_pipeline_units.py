@@ -218,8 +218,8 @@ def test_human_readable_numbers() -> None:
 
 
 def test_formats_look_through_compression_and_infixes_go_before_every_suffix() -> None:
+    from pairscore.pipeline.compression import compression_of, split_compression
     from pairscore.pipeline.job import with_infix
-    from pairscore.pipeline.storage import compression_of, split_compression
 
     assert [detect_format(p) for p in ("a.jsonl.gz", "b.csv.zst", "s3://b/c.parquet", "d.tsv.xz")] == [
         "jsonl", "csv", "parquet", "tsv",

@@ -1,8 +1,10 @@
 """The data-pipeline side of pairscore: ``pairscore score``, ``filter`` and ``report``.
 
 * :mod:`~pairscore.pipeline.formats` - JSONL, CSV/TSV and Parquet rows in and out
-* :mod:`~pairscore.pipeline.storage` - where they live: local or fsspec URLs, compression, globs
-  and directories of shards
+* :mod:`~pairscore.pipeline.storage` - where they live: local or fsspec URLs, globs and
+  directories of shards
+* :mod:`~pairscore.pipeline.compression` - gzip, zstd, bz2, xz: written one member per
+  checkpoint, read with every member checked (a truncated file is an error, never fewer rows)
 * :mod:`~pairscore.pipeline.columns` - the score columns added to each row, the metrics
 * :mod:`~pairscore.pipeline.selection` - thresholds and the exact top fraction
 * :mod:`~pairscore.pipeline.parts` - outputs written beside their final path (or as chunk

@@ -10,9 +10,9 @@ from typing import Any
 
 from pairscore.connect_args import add_connection_args, client_kwargs, target_of
 from pairscore.pipeline.columns import INPUT_OPTIONS, METRICS
+from pairscore.pipeline.compression import COMPRESSIONS
 from pairscore.pipeline.formats import BAD_ROW_POLICIES, FORMATS
 from pairscore.pipeline.progress import MODES
-from pairscore.pipeline.storage import COMPRESSIONS
 
 _METRIC_HELP = ", ".join(METRICS)
 _FORMATS_HELP = (
@@ -344,7 +344,7 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from pairscore.errors import ConnectionFailedError, ScoringError
     from pairscore.pipeline.formats import FormatError
     from pairscore.pipeline.reach import reach_server
-    from pairscore.pipeline.runner import ResumeError, Runner
+    from pairscore.pipeline.runner import ResumeError, Runner, completed_run
     from pairscore.pipeline.summary import summary_lines
 
     try:
@@ -359,6 +359,16 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     restore = _sigterm_as_interrupt()
     try:
         job.check_storage()  # a missing extra, an empty glob: said before any server is asked
+        done = completed_run(job)
+        if done is not None:  # a scheduler's rerun of a finished command: nothing to do, success
+            rows = done["stats"]["rows"]
+            print(
+                f"pairscore {args.command}: {job.output} is complete ({rows:,} input rows, written by an "
+                "earlier run of this command); nothing to do. To score again, pass --overwrite "
+                "without --resume",
+                file=sys.stderr,
+            )
+            return 0
         # No wait_for_ready: a server that cannot be reached must say why, not stall.
         with ScoringClient(target, **client_kwargs(args)) as client:
             reach_server(

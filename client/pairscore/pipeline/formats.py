@@ -24,16 +24,14 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
-from pairscore.pipeline.storage import (
+from pairscore.pipeline.compression import (
     COMPRESSION_SUFFIX,
-    STDIO,
-    FormatError,
-    SourceFile,
+    CorruptInputError,
     compression_of,
-    expand_input,
     open_decompressed,
     split_compression,
 )
+from pairscore.pipeline.storage import STDIO, FormatError, SourceFile, expand_input
 
 __all__ = ["STDIO", "FormatError"]
 
@@ -55,6 +53,8 @@ Row = dict[str, Any]
 
 #: What to do with an input row that cannot be read (not JSON, too many CSV fields).
 BAD_ROW_POLICIES = ("fail", "skip")
+#: What to do about an input file that is truncated or damaged.
+DAMAGED_FIX = "Re-create or re-download the file and run again (no row was written under the output's name)"
 
 
 class BadRow(dict):
@@ -160,6 +160,27 @@ class _CountingReader(io.RawIOBase):
         super().close()
 
 
+class _RecordLines:
+    """The lines of a text stream for csv, remembering those of the record being read: the last
+    record of a file cut short has no newline at its end (and a field too few, or a quote open)."""
+
+    def __init__(self, text: IO[str]) -> None:
+        self._text = text
+        self.record: list[str] = []
+
+    def __iter__(self) -> Iterator[str]:
+        for line in self._text:
+            self.record.append(line)
+            yield line
+
+    def cut_short(self) -> bool:
+        """Whether the record (or header) just read ends the file without a newline."""
+        return bool(self.record) and not self.record[-1].endswith(("\n", "\r"))
+
+    def open_quote(self) -> bool:
+        return "".join(self.record).count('"') % 2 == 1
+
+
 class RowReader:
     """Rows of one input, lazily; ``fraction_at()`` tells progress where a row lies when the size is known.
 
@@ -199,6 +220,7 @@ class RowReader:
         self._current_compressed = False
         self._plain: _CountingReader | None = None  # a compressed file's decompressed bytes so far
         self._name = path
+        self._file_start = 0  # rows_read when the current file was opened
         self._open: list[Any] = []
         self._parquet: list[Any] = []
         if fmt == "parquet":
@@ -213,7 +235,13 @@ class RowReader:
                     )
                 handle = f.open()
                 self._open.append(handle)
-                self._parquet.append(pq.ParquetFile(handle))
+                try:
+                    self._parquet.append(pq.ParquetFile(handle))
+                except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                    raise FormatError(
+                        f"{f.url}: not a readable Parquet file ({exc}); a Parquet file ends with its "
+                        f"footer, so a truncated one is refused here, before any row. {DAMAGED_FIX}"
+                    ) from None
             self.total_rows = sum(p.metadata.num_rows for p in self._parquet)
         elif not self._stdin:
             sizes = [f.size for f in self.files]
@@ -270,6 +298,7 @@ class RowReader:
             streams = ((f.url, f.open(), self._compression_of(f.url)) for f in self.files)
         for name, raw, compression in streams:
             self._name = self.path if len(self.files) <= 1 else name
+            self._file_start = self.rows_read
             self._counter = _CountingReader(raw)
             self._current_compressed = compression is not None
             self._line_bytes = 0
@@ -286,6 +315,14 @@ class RowReader:
                         continue
                     self.rows_read += 1
                     yield row
+            except CorruptInputError as exc:
+                if exc.not_compressed:
+                    fix = (
+                        f"If it is not compressed, name it without {COMPRESSION_SUFFIX[compression or 'gzip']} "
+                        "or pass --compression none; else re-create or re-download it"
+                    )
+                    raise self._damaged(exc.problem, fix) from None
+                raise self._damaged(exc.problem) from None
             finally:
                 if not self._stdin:
                     stream.close()
@@ -316,11 +353,18 @@ class RowReader:
             index += 1
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:  # its own "line 1 column 5" is within this line
-                yield self._bad(number, f"line {number} is not JSON: {exc.msg} at column {exc.colno}")
-                continue
-            except UnicodeDecodeError as exc:
-                yield self._bad(number, f"line {number} is not UTF-8: {exc.reason} at byte {exc.start + 1}")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                if not line.endswith(b"\n"):  # the last line, cut short: a truncated file, not a bad row
+                    why = exc.msg if isinstance(exc, json.JSONDecodeError) else "a character cut in two"
+                    raise self._damaged(
+                        f"the file ends inside line {number} (from byte {self._line_bytes - len(line):,}, "
+                        f"no newline at its end, not complete JSON: {why}): it is truncated"
+                    ) from None
+                if isinstance(exc, UnicodeDecodeError):
+                    reason = f"line {number} is not UTF-8: {exc.reason} at byte {exc.start + 1}"
+                else:  # its own "line 1 column 5" is within this line
+                    reason = f"line {number} is not JSON: {exc.msg} at column {exc.colno}"
+                yield self._bad(number, reason)
                 continue
             if not isinstance(row, dict):
                 yield self._bad(
@@ -328,6 +372,11 @@ class RowReader:
                 )
                 continue
             yield row
+
+    def _damaged(self, problem: str, fix: str = DAMAGED_FIX) -> FormatError:
+        """The error that stops a run on a truncated or corrupt file: where, and what to do."""
+        rows = self.rows_read - self._file_start
+        return FormatError(f"{self._name}: {problem}; {rows:,} rows of it were read before. {fix}")
 
     def _bad(self, line: int, reason: str) -> BadRow:
         """A BadRow to yield (``on_bad_row="skip"``), or raise FormatError (``"fail"``)."""
@@ -341,19 +390,31 @@ class RowReader:
     def _csv(self, stream: IO[bytes], skip: int) -> Iterator[Row]:
         raise_csv_field_limit()
         text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+        lines = _RecordLines(text)
         delimiter = "\t" if self.format == "tsv" else ","
-        reader = csv.DictReader(text, delimiter=delimiter)
+        reader = csv.DictReader(lines, delimiter=delimiter)
         index = 0
         while True:
+            lines.record = []
             try:
                 row = next(reader)
             except StopIteration:
+                if index == 0 and lines.cut_short():
+                    raise self._damaged("the file ends inside its header line: it is truncated") from None
                 text.detach()
                 return
             except csv.Error as exc:
                 bad: BadRow | None = self._bad(reader.line_num, f"line {reader.line_num}: {exc}")
+            except UnicodeDecodeError as exc:
+                raise self._damaged(f"line {reader.line_num + 1} is not UTF-8 ({exc.reason})") from None
             else:
                 bad = None
+                if lines.cut_short() and (None in row.values() or lines.open_quote()):
+                    raise self._damaged(
+                        f"the file ends inside row {index + 1} (line {reader.line_num}: no newline at its "
+                        f"end, {'a quoted field not closed' if lines.open_quote() else 'fewer fields than the header'}"
+                        "): it is truncated"
+                    ) from None
                 if None in row:
                     bad = self._bad(
                         reader.line_num,
@@ -383,9 +444,15 @@ class RowReader:
             if first == meta.num_row_groups:
                 continue
             groups = list(range(first, meta.num_row_groups))
-            for batch in parquet.iter_batches(
-                batch_size=self._batch_rows, row_groups=groups, use_threads=False
-            ):
+            self._file_start = self.rows_read - sum(meta.row_group(g).num_rows for g in range(first))
+            batches = parquet.iter_batches(batch_size=self._batch_rows, row_groups=groups, use_threads=False)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except (OSError, ValueError) as exc:  # a damaged page: ArrowInvalid, OSError
+                    raise self._damaged(f"a damaged Parquet page ({exc})") from None
                 rows = batch.to_pylist()
                 if skip >= len(rows):
                     skip -= len(rows)
@@ -423,10 +490,15 @@ def count_rows(
         for f in reader.files:
             with f.open() as raw:
                 stream = open_decompressed(raw, reader._compression_of(f.url))
-                if fmt == "jsonl":
-                    total += sum(1 for line in stream if line.strip())
-                else:
-                    total += _count_csv(stream, fmt)
+                try:
+                    if fmt == "jsonl":
+                        total += sum(1 for line in stream if line.strip())
+                    else:
+                        total += _count_csv(stream, fmt)
+                except CorruptInputError as exc:
+                    raise FormatError(
+                        f"{f.url}: {exc.problem} (counting its rows for --shard). {DAMAGED_FIX}"
+                    ) from None
         return total
     finally:
         reader.close()

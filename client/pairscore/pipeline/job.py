@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import Any
 
 from pairscore.pipeline.columns import RowFields, input_options
+from pairscore.pipeline.compression import COMPRESSION_SUFFIX, compression_of, split_compression
 from pairscore.pipeline.formats import (
     BAD_ROW_POLICIES,
     STDIO,
@@ -23,14 +24,12 @@ from pairscore.pipeline.formats import (
 )
 from pairscore.pipeline.selection import Thresholds
 from pairscore.pipeline.storage import (
-    COMPRESSION_SUFFIX,
-    compression_of,
+    check_writable,
     filesystem,
     is_directory_path,
     is_remote,
     local_path,
     same_place,
-    split_compression,
 )
 
 #: Suffix of the resume state file, next to the main output.
@@ -204,11 +203,13 @@ class Job:
 
     def check_storage(self) -> None:
         """List the input and reach every output's filesystem: raises FormatError (naming the extra
-        to install, or the glob that matched nothing) or OSError before any row is read."""
+        to install, the glob that matched nothing, an output's missing directory) or OSError before
+        any row is read."""
         self.in_format  # noqa: B018 - lists the input's files
         for path, _ in self.outputs().values():
             if is_remote(path):
                 filesystem(path)
+            check_writable(path)
 
     @property
     def in_format(self) -> str:

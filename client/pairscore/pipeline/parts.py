@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from pairscore.pipeline.columns import ALL_COLUMN_TYPES, SCORE_COLUMN_TYPES
+from pairscore.pipeline.compression import COMPRESSION_SUFFIX, CompressingWriter
 from pairscore.pipeline.formats import SUFFIX_OF_FORMAT, LineWriter, Row, require_pyarrow
 from pairscore.pipeline.storage import (
-    COMPRESSION_SUFFIX,
     STDIO,
-    CompressingWriter,
     FormatError,
     filesystem,
     is_directory_path,

@@ -53,10 +53,12 @@ from pairscore.pipeline.parts import ChunkedPart, LinePart, StateFile, open_part
 from pairscore.pipeline.progress import Progress
 from pairscore.pipeline.selection import Cutoff, TopSelector, rank_key
 from pairscore.pipeline.stats import RunStats
-from pairscore.pipeline.storage import exists, remove
+from pairscore.pipeline.storage import exists, remove, signature
 from pairscore.types import ItemError, Pair, PairScore, ScoreOutcome
 
 STATE_VERSION = 1
+#: The phase of the state a --resume run leaves when it is complete: the record of its outputs.
+COMPLETE = "complete"
 #: A Parquet part writes a chunk at least this often (rows), whatever the clock says.
 PARQUET_CHUNK_ROWS = 50_000
 
@@ -77,6 +79,24 @@ class Outcome:
     outputs: dict[str, tuple[str, str]]
     seconds: float
     resumed_from: int
+
+
+def completed_run(job: Job) -> dict[str, Any] | None:
+    """The record of a complete earlier run of this same ``--resume`` job whose outputs are still
+    exactly what it wrote (same arguments and input; each output's size and version, a directory's
+    ``_SUCCESS``), or ``None``. Needs no server: rerunning a finished command is a no-op."""
+    if not job.resume or job.output == STDIO:
+        return None
+    state = StateFile(job.state_path).load()
+    if not state or state.get("phase") != COMPLETE or state.get("version") != STATE_VERSION:
+        return None
+    if state.get("fingerprint") != job.fingerprint():
+        return None
+    recorded = state.get("outputs", {})
+    paths = [path for path, _ in job.outputs().values()]
+    if set(recorded) != set(paths) or any(signature(p) != recorded[p] for p in paths):
+        return None
+    return state
 
 
 def _model_identity(info: Any) -> dict[str, str]:
@@ -144,7 +164,7 @@ class Runner:
             stats = RunStats.from_state(state["stats"])
             if not (top and "scored" in state["finishing"]):
                 self._drop_empty_default_errors(stats)
-                self._remove_state()
+                self._complete(stats, fingerprint, model)
                 return Outcome(stats, self.job.outputs(), time.monotonic() - started, resumed_from)
         elif state is None or state["phase"] == 1:
             stats = self._phase1(state, fingerprint, model)
@@ -154,7 +174,7 @@ class Runner:
             self._save({"phase": 2, "fingerprint": fingerprint, "model": model, "stats": stats.to_state()})
             self._phase2(stats, fingerprint, model)
         self._drop_empty_default_errors(stats)
-        self._remove_state()
+        self._complete(stats, fingerprint, model)
         return Outcome(stats, self.job.outputs(), time.monotonic() - started, resumed_from)
 
     # --- state ------------------------------------------------------------------------
@@ -165,6 +185,8 @@ class Runner:
         state = self.state_file.load()
         if state is None:
             return None
+        if state.get("phase") == COMPLETE and self.job.resume:
+            return None  # complete, but not this run's outputs (see completed_run): a run of its own
         if not self.job.resume:
             self._discard_leftovers(state)
             return None
@@ -185,9 +207,12 @@ class Runner:
 
     def _discard_leftovers(self, state: dict[str, Any] | None) -> None:
         """Without --resume an earlier unfinished run is thrown away (final files are kept)."""
-        del state
         for path, fmt in [*self._phase1_outputs().values(), *self.job.outputs().values()]:
             open_part(path, fmt, compression=self.job.compression_for(path)).discard()
+        recorded = state.get("fingerprint", {}).get("outputs", {}) if state else {}
+        for path, fmt in recorded.values():  # an earlier run with other outputs (--errors...)
+            if path != STDIO:
+                open_part(path, fmt).discard()  # a part's name does not depend on its compression
         if self.job.top_fraction is not None:
             remove(self.job.scored_path)
         self._remove_state()
@@ -198,6 +223,23 @@ class Runner:
             default = self.job.errors_path()
             if default is not None:
                 remove(default)
+
+    def _complete(self, stats: RunStats, fingerprint: dict[str, object], model: dict[str, str]) -> None:
+        """The run is complete: a --resume run records what it wrote (so that running it again
+        can say so, see :func:`completed_run`); another run leaves no state behind."""
+        if not self.job.resume:
+            self._remove_state()
+            return
+        outputs = {path: signature(path) for path, _ in self.job.outputs().values()}
+        self._save(
+            {
+                "phase": COMPLETE,
+                "fingerprint": fingerprint,
+                "model": model,
+                "stats": stats.to_state(),
+                "outputs": outputs,
+            }
+        )
 
     def _remove_state(self) -> None:
         if self.state_file is not None:
