@@ -264,6 +264,9 @@ def add_pipeline_commands(commands: Any) -> None:
     report.add_argument("--bins", type=int, default=60, help="histogram bins (default: 60)")
     report.add_argument("--title", help="figure title")
     report.add_argument("--input-format", choices=FORMATS, help="override SCORED's format")
+    report.add_argument(
+        "--overwrite", action="store_true", help="replace FILE if it exists (without it the report refuses)"
+    )
     report.set_defaults(run=_run_report)
 
 
@@ -408,7 +411,15 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pairscore.pipeline.formats import FormatError
     from pairscore.pipeline.report import draw_report, read_metric
+    from pairscore.pipeline.storage import exists
 
+    if not args.overwrite and exists(args.output):
+        print(
+            f"pairscore report: {args.output} already exists; pass --overwrite to replace, "
+            "or choose another output",
+            file=sys.stderr,
+        )
+        return 1
     try:
         data = read_metric(args.scored, args.metric, args.input_format)
         draw_report(data, args.output, threshold=args.threshold, bins=args.bins, title=args.title)
