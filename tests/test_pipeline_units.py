@@ -14,10 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pairscore.pipeline.columns import metric, score_columns, score_table
-from pairscore.pipeline.formats import FormatError, LineWriter, RowReader, detect_format
-from pairscore.pipeline.parts import LinePart, StateFile
+from pairscore.pipeline.formats import FormatError, detect_format
+from pairscore.pipeline.line_writer import LineWriter
+from pairscore.pipeline.parts import LinePart
 from pairscore.pipeline.progress import Progress, human_count, human_duration
+from pairscore.pipeline.row_reader import RowReader
 from pairscore.pipeline.selection import Bound, Cutoff, Thresholds, TopSelector, parse_bound
+from pairscore.pipeline.state_file import StateFile
 from pairscore.pipeline.stats import Reservoir
 from pairscore.types import ItemError, ItemErrorCode, PairScore
 

@@ -11,8 +11,9 @@ from typing import Any
 from pairscore.connect_args import add_connection_args, client_kwargs, target_of
 from pairscore.pipeline.columns import INPUT_OPTIONS, METRICS
 from pairscore.pipeline.compression import COMPRESSIONS
-from pairscore.pipeline.formats import BAD_ROW_POLICIES, FORMATS
+from pairscore.pipeline.formats import FORMATS
 from pairscore.pipeline.progress import MODES
+from pairscore.pipeline.row_reader import BAD_ROW_POLICIES
 
 _METRIC_HELP = ", ".join(METRICS)
 _FORMATS_HELP = (
@@ -347,7 +348,8 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from pairscore.errors import ConnectionFailedError, ScoringError
     from pairscore.pipeline.formats import FormatError
     from pairscore.pipeline.reach import reach_server
-    from pairscore.pipeline.runner import ResumeError, Runner, completed_run
+    from pairscore.pipeline.runner import ResumeError, Runner
+    from pairscore.pipeline.state_file import completed_run
     from pairscore.pipeline.summary import summary_lines
 
     try:
