@@ -334,3 +334,32 @@ def test_the_cli_loads_no_filesystem_or_compression_package_until_a_run_needs_on
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "clean"
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "xz", "zstd"])
+def test_decompression_holds_a_bounded_amount_of_a_highly_compressed_file(compression: str) -> None:
+    """Every member is checked by pipeline.compression's own reader; it must stay streamed: a file
+    of 64 MiB of one repeated row (zeros for the codecs with an output limit) is read in steps."""
+    import io
+    import tracemalloc
+
+    from pairscore.pipeline.compression import open_decompressed
+
+    from harness.storage import compress
+
+    if compression == "zstd":
+        pytest.importorskip("zstandard")
+        plain = b'{"prompt": "the same row", "response": "again and again"}\n' * (64 << 20 >> 6)
+    else:
+        plain = b"\0" * (64 << 20)
+    data, size = compress(plain, compression), len(plain)
+    del plain
+    tracemalloc.start()
+    try:
+        stream = open_decompressed(io.BytesIO(data), compression)
+        total = sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 16), b""))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == size
+    assert peak < 16 << 20, f"{peak >> 20} MiB held while reading"

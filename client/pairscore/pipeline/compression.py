@@ -176,6 +176,8 @@ class _Members(io.RawIOBase):
     Every member must start with the codec's magic bytes and end with its
     end-of-member marker; bytes after the last complete member, a corrupt
     block or a stream that ends inside a member raise CorruptInputError.
+    Each step yields at most ``_CHUNK`` decompressed bytes (zstd: one block,
+    at most 128 KiB), so a highly compressed file stays bounded in memory.
     """
 
     def __init__(self, raw: IO[bytes], compression: str) -> None:
@@ -183,11 +185,13 @@ class _Members(io.RawIOBase):
         self._compression = compression
         self._magic = MAGIC[compression]
         self._obj: Any = None  # the member being read, None between members
-        self._consumed = 0  # compressed bytes handed to the decompressors
-        self._head = b""  # the start of a member, until its magic bytes are checked
+        self._in = b""  # compressed bytes read but not yet given to a decompressor
+        self._consumed = 0  # compressed bytes given to the decompressors
+        self._raw_done = False
+        self._zstd_unit = "header"  # zstd: the part of the frame read next (see _zstd_step)
+        self._zstd_checksum = False
         self._out = b""
         self._pos = 0
-        self._ended = False
         if compression == "zstd":
             _zstandard()
 
@@ -196,33 +200,131 @@ class _Members(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         while self._pos >= len(self._out):
-            if self._ended:
+            out = self._step()
+            if out is None:
                 return 0
-            chunk = self._raw.read(_CHUNK)
-            if not chunk:
-                self._end()
-                return 0
-            self._out, self._pos = self._feed(chunk), 0
+            self._out, self._pos = out, 0
         n = min(len(buffer), len(self._out) - self._pos)
         buffer[:n] = self._out[self._pos : self._pos + n]
         self._pos += n
         return n
 
-    def _end(self) -> None:
-        self._ended = True
-        if self._head:  # a member's first bytes and nothing after them
-            self._check_magic(self._head, final=True)
-        if self._obj is not None:
+    def _fill(self, at_least: int = 1) -> bool:
+        """Read compressed bytes until ``self._in`` holds ``at_least``; False at the end of ``raw``."""
+        while len(self._in) < at_least and not self._raw_done:
+            chunk = self._raw.read(_CHUNK)
+            if not chunk:
+                self._raw_done = True
+            self._in += chunk
+        return len(self._in) >= at_least
+
+    def _step(self) -> bytes | None:
+        """The next decompressed bytes (maybe empty), or None at the end of the last member."""
+        if self._obj is None:  # between members: the end, padding, or the next member's magic
+            self._fill(len(self._magic))
+            if self._compression == "gzip" and self._consumed and not self._in.strip(b"\0"):
+                self._consumed += len(self._in)  # zeros after the last member: padding, as gzip allows
+                self._in = b""
+            if not self._in:
+                return None
+            self._check_magic(self._in)
+            self._obj = _decompressor(self._compression)
+            self._zstd_unit = "header"
+        if self._compression == "zstd":
+            return self._zstd_step()
+        if not self._in and not self._fill():  # no input left: what the decompressor still holds
+            out = self._decompress()
+            if not out and self._obj is not None:
+                raise CorruptInputError(
+                    f"the {self._compression} stream ends at compressed byte {self._consumed:,}, inside a "
+                    "member (no end-of-member marker): the file is truncated",
+                    self._consumed,
+                )
+            return out
+        return self._decompress()
+
+    def _decompress(self) -> bytes:
+        """Give the decompressor what it may take of ``self._in`` (counted as consumed); leave the
+        rest, and at the end of a member the bytes after it, in ``self._in``."""
+        obj, before = self._obj, len(self._in)
+        try:
+            if self._compression == "gzip":
+                out = obj.decompress(self._in, _CHUNK)
+                self._in = obj.unused_data if obj.eof else obj.unconsumed_tail
+            elif self._compression in ("bz2", "xz"):
+                fed = obj.needs_input  # else it still holds output: ask for that first
+                out = obj.decompress(self._in if fed else b"", _CHUNK)
+                kept = b"" if fed else self._in
+                self._in = obj.unused_data + kept if obj.eof else kept
+            else:
+                raise AssertionError(self._compression)
+        except Exception as exc:  # zlib.error, OSError, LZMAError, ZstdError: a corrupt block
             raise CorruptInputError(
-                f"the {self._compression} stream ends at compressed byte {self._consumed:,}, inside a "
-                "member (no end-of-member marker): the file is truncated",
+                f"corrupt {self._compression} data in the compressed bytes after byte {self._consumed:,} "
+                f"({exc}): the file is damaged",
                 self._consumed,
+            ) from None
+        self._consumed += before - len(self._in)
+        if obj.eof:
+            self._obj = None
+        return bytes(out)
+
+    def _need(self, n: int) -> None:
+        """Have ``n`` compressed bytes in ``self._in``, or raise: the file ends inside a member."""
+        if not self._fill(n):
+            end = self._consumed + len(self._in)
+            raise CorruptInputError(
+                f"the {self._compression} stream ends at compressed byte {end:,}, inside a member "
+                "(no end-of-member marker): the file is truncated",
+                end,
             )
 
-    def _check_magic(self, head: bytes, *, final: bool = False) -> bool:
-        """Whether ``head`` (a member's first bytes) is long enough to check; raises if it is not the codec's."""
-        if len(head) < len(self._magic) and not final:
-            return False
+    def _zstd_step(self) -> bytes:
+        """Give zstd one unit of its frame: the frame header, one block (at most 128 KiB once
+        decompressed: zstd's decompressor has no output limit of its own) or the checksum. The
+        frame's structure, walked here, also tells where it must end (zstd's stream reader returns
+        a truncated frame's bytes without a word)."""
+        if self._zstd_unit == "header":
+            self._need(5)
+            fhd = self._in[4]
+            single = fhd >> 5 & 1
+            unit = 5 + (1 - single) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
+            self._zstd_checksum = bool(fhd >> 2 & 1)
+            self._zstd_unit = "block"
+        elif self._zstd_unit == "block":
+            self._need(3)
+            header = int.from_bytes(self._in[:3], "little")
+            kind, size = header >> 1 & 3, header >> 3
+            if kind == 3:
+                raise CorruptInputError(
+                    f"corrupt zstd data at compressed byte {self._consumed:,} (a reserved block type): "
+                    "the file is damaged",
+                    self._consumed,
+                )
+            unit = 3 + (1 if kind == 1 else size)  # an RLE block holds one byte
+            if header & 1:  # the last block
+                self._zstd_unit = "checksum" if self._zstd_checksum else "end"
+        else:
+            unit, self._zstd_unit = 4, "end"
+        self._need(unit)
+        feed, self._in = self._in[:unit], self._in[unit:]
+        try:
+            out = self._obj.decompress(feed)
+            if self._zstd_unit == "end" and not self._obj.eof:
+                raise ValueError("the frame did not end where its last block says")
+        except Exception as exc:  # ZstdError: a corrupt block or checksum
+            raise CorruptInputError(
+                f"corrupt zstd data in the compressed bytes after byte {self._consumed:,} ({exc}): "
+                "the file is damaged",
+                self._consumed,
+            ) from None
+        self._consumed += unit
+        if self._zstd_unit == "end":
+            self._obj = None
+        return bytes(out)
+
+    def _check_magic(self, head: bytes) -> None:
+        """Raise unless ``head`` (a member's first bytes) starts with the codec's magic bytes."""
         if not head.startswith(self._magic):
             first = self._consumed == 0
             what = "it does not" if first else f"the bytes after member end at byte {self._consumed:,} do not"
@@ -232,38 +334,6 @@ class _Members(io.RawIOBase):
                 self._consumed,
                 not_compressed=first,
             )
-        return True
-
-    def _feed(self, data: bytes) -> bytes:
-        out = []
-        while data:
-            if self._obj is None:
-                head = self._head + data
-                if self._compression == "gzip" and self._consumed and not head.strip(b"\0"):
-                    self._consumed += len(head)  # zeros after the last member: padding, as gzip allows
-                    self._head = b""
-                    break
-                if not self._check_magic(head):
-                    self._head = head
-                    break
-                self._head, data = b"", head
-                self._obj = _decompressor(self._compression)
-            try:
-                out.append(self._obj.decompress(data))
-            except Exception as exc:  # zlib.error, OSError, LZMAError, ZstdError: a corrupt block
-                raise CorruptInputError(
-                    f"corrupt {self._compression} data in the compressed bytes after byte {self._consumed:,} "
-                    f"({exc}): the file is damaged",
-                    self._consumed,
-                ) from None
-            if self._obj.eof:
-                rest = self._obj.unused_data
-                self._consumed += len(data) - len(rest)
-                self._obj, data = None, rest
-            else:
-                self._consumed += len(data)
-                data = b""
-        return b"".join(out)
 
     def close(self) -> None:
         self._raw.close()
