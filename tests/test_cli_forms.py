@@ -128,6 +128,11 @@ def test_a_responses_list_gives_one_row_per_candidate(
     )
     assert got[4]["error"] == "invalid_row" and "empty list" in got[4]["error_message"]
     assert got[5]["error"] == "invalid_row" and "item 1 is a int, not text" in got[5]["error_message"]
+    # the summary names rows (input) and pairs (one per candidate, one output row each) apart
+    err = capsys.readouterr().err
+    assert "pairscore score: 5 rows (7 pairs: one per candidate response) in" in err, err
+    assert "  pairs scored 4, failed 3 (invalid_row 3)" in err, err
+    assert f"  written: 7 pairs -> {out}" in err, err
 
 
 def test_candidates_from_csv_json_text_and_filter(forms_server: ServerThread, tmp_path: Path) -> None:

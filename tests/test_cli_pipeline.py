@@ -481,7 +481,8 @@ def test_resume_completes_an_interrupted_finish(
     assert run(pipeline_server, *args, "--max", "joint=-2", "--resume") == 0
     kept, rejected = read_jsonl(tmp_path / "kept.jsonl"), read_jsonl(tmp_path / "rej.jsonl")
     assert sorted(r["id"] for r in kept + rejected) == [r["id"] for r in rows]
-    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*state*"))
+    assert not list(tmp_path.glob("*.part"))
+    assert [p.name for p in tmp_path.glob("*state*")] == ["kept.jsonl.pairscore-state.json"]  # complete
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -516,8 +517,23 @@ def test_report_draws_a_png_with_quantiles_and_a_threshold(
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (width, height) == (990, 550)
     assert "values of conditional_logprob" in capsys.readouterr().err
-    assert cli.main(["report", str(tmp_path / "in.jsonl"), "-o", str(png)]) == 1
+    # as the README promises: the image is not replaced without --overwrite (it was, silently)
+    assert cli.main(["report", str(tmp_path / "scored.jsonl"), "-o", str(png)]) == 1
+    assert f"{png} already exists; pass --overwrite to replace" in capsys.readouterr().err
+    assert png.read_bytes() == data
+    assert cli.main(["report", str(tmp_path / "scored.jsonl"), "-o", str(png), "--overwrite"]) == 0
+    assert png.read_bytes() != data  # the default metric's histogram
+    assert cli.main(["report", str(tmp_path / "in.jsonl"), "-o", str(png), "--overwrite"]) == 1
     assert "no column 'mean_conditional_logprob'" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from pairscore import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"pairscore {__version__}\n"
 
 
 def test_report_data_quantiles_and_kept_share() -> None:

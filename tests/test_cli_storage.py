@@ -270,7 +270,7 @@ def test_resume_after_sigkill_of_a_compressed_or_sharded_run_is_byte_identical(
             assert got == want
     else:
         assert decompress(out.read_bytes(), kind) == want
-    assert not state.exists() and not list(tmp_path.glob("out*.part*"))
+    assert json.loads(state.read_text())["phase"] == "complete" and not list(tmp_path.glob("out*.part*"))
 
 
 # --- other filesystems: fsspec's memory filesystem -----------------------------------------------
@@ -316,7 +316,11 @@ def test_memory_filesystem_urls_in_and_out_with_resume_after_an_interruption(
     assert fs.exists(f"{root}/out.jsonl.gz.parts") and fs.exists(f"{root}/out.jsonl.gz.pairscore-state.json")
     assert run(io_server, *args) == 0
     assert remote_output_bytes(fs, f"{root}/out.jsonl.gz") == want
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == ["in", "out.jsonl.gz"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == [
+        "in",
+        "out.jsonl.gz",
+        "out.jsonl.gz.pairscore-state.json",  # the record of a complete --resume run
+    ]
 
 
 def test_memory_filesystem_parquet_directory_output(
@@ -394,7 +398,8 @@ def test_filter_a_bucket_prefix_into_parquet_with_resume_after_sigkill(
 
     got = pq.read_table(io.BytesIO(check.cat_file(f"{name}/kept.parquet")))
     assert got.to_pylist() == pq.read_table(local_kept).to_pylist()
-    assert sorted(p.rsplit("/", 1)[-1] for p in check.ls(name)) == ["in", "kept.parquet"]
+    left = sorted(p.rsplit("/", 1)[-1] for p in check.ls(name))
+    assert left == ["in", "kept.parquet", "kept.parquet.pairscore-state.json"]  # + the completion record
 
 
 def test_a_failed_s3_run_without_resume_leaves_nothing_in_the_bucket(
@@ -603,7 +608,8 @@ def test_a_kill_while_committing_a_remote_output_is_completed_by_resume(
     assert run(io_server, *args) == 0
     assert remote_output_bytes(fs, f"{root}/out.jsonl" if layout == "file" else f"{root}/out") == want
     left = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
-    assert left == ["in.jsonl", "out.jsonl" if layout == "file" else "out"]
+    final = "out.jsonl" if layout == "file" else "out"
+    assert left == ["in.jsonl", final, f"{final}.pairscore-state.json"]  # + the completion record
 
 
 def test_top_fraction_on_urls_ranks_through_a_remote_intermediate(
@@ -623,6 +629,7 @@ def test_top_fraction_on_urls_ranks_through_a_remote_intermediate(
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == [
         "in.jsonl.gz",
         "kept.jsonl.zst",
+        "kept.jsonl.zst.pairscore-state.json",  # the record of a complete --resume run
     ]
 
 

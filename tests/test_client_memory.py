@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pairscore.client import ScoringClient
-from pairscore.pipeline.formats import RowReader
+from pairscore.pipeline.row_reader import RowReader
 from pairscore.types import Pair, PairScore
 
 from harness.servers import server_process, stop_process

@@ -14,10 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pairscore.pipeline.columns import metric, score_columns, score_table
-from pairscore.pipeline.formats import FormatError, LineWriter, RowReader, detect_format
-from pairscore.pipeline.parts import LinePart, StateFile
+from pairscore.pipeline.formats import FormatError, detect_format
+from pairscore.pipeline.line_writer import LineWriter
+from pairscore.pipeline.parts import LinePart
 from pairscore.pipeline.progress import Progress, human_count, human_duration
+from pairscore.pipeline.row_reader import RowReader
 from pairscore.pipeline.selection import Bound, Cutoff, Thresholds, TopSelector, parse_bound
+from pairscore.pipeline.state_file import StateFile
 from pairscore.pipeline.stats import Reservoir
 from pairscore.types import ItemError, ItemErrorCode, PairScore
 
@@ -218,8 +221,8 @@ def test_human_readable_numbers() -> None:
 
 
 def test_formats_look_through_compression_and_infixes_go_before_every_suffix() -> None:
+    from pairscore.pipeline.compression import compression_of, split_compression
     from pairscore.pipeline.job import with_infix
-    from pairscore.pipeline.storage import compression_of, split_compression
 
     assert [detect_format(p) for p in ("a.jsonl.gz", "b.csv.zst", "s3://b/c.parquet", "d.tsv.xz")] == [
         "jsonl", "csv", "parquet", "tsv",
@@ -331,3 +334,32 @@ def test_the_cli_loads_no_filesystem_or_compression_package_until_a_run_needs_on
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "clean"
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bz2", "xz", "zstd"])
+def test_decompression_holds_a_bounded_amount_of_a_highly_compressed_file(compression: str) -> None:
+    """Every member is checked by pipeline.compression's own reader; it must stay streamed: a file
+    of 64 MiB of one repeated row (zeros for the codecs with an output limit) is read in steps."""
+    import io
+    import tracemalloc
+
+    from pairscore.pipeline.compression import open_decompressed
+
+    from harness.storage import compress
+
+    if compression == "zstd":
+        pytest.importorskip("zstandard")
+        plain = b'{"prompt": "the same row", "response": "again and again"}\n' * (64 << 20 >> 6)
+    else:
+        plain = b"\0" * (64 << 20)
+    data, size = compress(plain, compression), len(plain)
+    del plain
+    tracemalloc.start()
+    try:
+        stream = open_decompressed(io.BytesIO(data), compression)
+        total = sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 16), b""))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == size
+    assert peak < 16 << 20, f"{peak >> 20} MiB held while reading"

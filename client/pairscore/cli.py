@@ -78,6 +78,9 @@ def _make_parser() -> argparse.ArgumentParser:
             "`pairscore score data.jsonl -o scored.jsonl`."
         ),
     )
+    from pairscore import __version__
+
+    parser.add_argument("--version", action="version", version=f"pairscore {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser(
         "serve",

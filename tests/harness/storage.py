@@ -31,7 +31,7 @@ COMPRESSIONS = {"gzip": ".gz", "zstd": ".zst", "bz2": ".bz2", "xz": ".xz"}
 
 
 def compress(data: bytes, compression: str) -> bytes:
-    """``data`` compressed as one member."""
+    """``data`` compressed as one member (with a checksum: zstd's CLI writes one too)."""
     if compression == "gzip":
         return gzip.compress(data, mtime=0)
     if compression == "bz2":
@@ -40,7 +40,7 @@ def compress(data: bytes, compression: str) -> bytes:
         return lzma.compress(data)
     import zstandard
 
-    return bytes(zstandard.ZstdCompressor().compress(data))
+    return bytes(zstandard.ZstdCompressor(write_checksum=True).compress(data))  # as zstd's CLI
 
 
 def decompress(data: bytes, compression: str | None) -> bytes:

@@ -1,13 +1,20 @@
 """The data-pipeline side of pairscore: ``pairscore score``, ``filter`` and ``report``.
 
-* :mod:`~pairscore.pipeline.formats` - JSONL, CSV/TSV and Parquet rows in and out
-* :mod:`~pairscore.pipeline.storage` - where they live: local or fsspec URLs, compression, globs
-  and directories of shards
+* :mod:`~pairscore.pipeline.formats` - which format a file is in (JSONL, CSV/TSV, Parquet)
+* :mod:`~pairscore.pipeline.row_reader` / :mod:`~pairscore.pipeline.line_writer` - rows in
+  (a truncated or damaged file is an error, never fewer rows) and JSONL/CSV rows out
+* :mod:`~pairscore.pipeline.storage` - where they live: local or fsspec URLs, globs and
+  directories of shards
+* :mod:`~pairscore.pipeline.compression` - gzip, zstd, bz2, xz: written one member per
+  checkpoint, read with every member checked
 * :mod:`~pairscore.pipeline.columns` - the score columns added to each row, the metrics
-* :mod:`~pairscore.pipeline.selection` - thresholds and the exact top fraction
-* :mod:`~pairscore.pipeline.parts` - outputs written beside their final path (or as chunk
-  files, for Parquet, URLs and directories), then renamed or committed
-* :mod:`~pairscore.pipeline.job` / :mod:`~pairscore.pipeline.runner` - one run, resumable
+* :mod:`~pairscore.pipeline.selection` - thresholds and the exact top fraction;
+  :mod:`~pairscore.pipeline.top_fraction` - its two passes over the scored file
+* :mod:`~pairscore.pipeline.parts` / :mod:`~pairscore.pipeline.chunked_part` - outputs written
+  beside their final path (or as chunk files, for Parquet, URLs and directories), then renamed
+  or committed
+* :mod:`~pairscore.pipeline.job` / :mod:`~pairscore.pipeline.runner` - one run, resumable;
+  :mod:`~pairscore.pipeline.state_file` - its checkpoint, and the record of a complete run
 * :mod:`~pairscore.pipeline.progress`, :mod:`~pairscore.pipeline.stats`,
   :mod:`~pairscore.pipeline.summary` - what the user sees while and after it runs
 * :mod:`~pairscore.pipeline.report` - the histogram PNG

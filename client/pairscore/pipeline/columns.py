@@ -211,7 +211,8 @@ def score_columns(outcome: ScoreOutcome, scores: Sequence[str] = ()) -> dict[str
         ifd = outcome.ifd
         extra["unconditional_logprob"] = outcome.unconditional_logprob
         extra["pmi"] = outcome.pmi
-        extra["ifd"] = None if ifd is None or math.isnan(ifd) else ifd
+        no_prompt = outcome.prompt_tokens == 0  # no instruction: IFD is 1 by arithmetic, not a selection
+        extra["ifd"] = None if ifd is None or math.isnan(ifd) or no_prompt else ifd
     if "greedy" in scores:
         extra["response_is_greedy"] = outcome.response_is_greedy
     return {

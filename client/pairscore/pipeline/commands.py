@@ -10,9 +10,10 @@ from typing import Any
 
 from pairscore.connect_args import add_connection_args, client_kwargs, target_of
 from pairscore.pipeline.columns import INPUT_OPTIONS, METRICS
-from pairscore.pipeline.formats import BAD_ROW_POLICIES, FORMATS
+from pairscore.pipeline.compression import COMPRESSIONS
+from pairscore.pipeline.formats import FORMATS
 from pairscore.pipeline.progress import MODES
-from pairscore.pipeline.storage import COMPRESSIONS
+from pairscore.pipeline.row_reader import BAD_ROW_POLICIES
 
 _METRIC_HELP = ", ".join(METRICS)
 _FORMATS_HELP = (
@@ -264,6 +265,9 @@ def add_pipeline_commands(commands: Any) -> None:
     report.add_argument("--bins", type=int, default=60, help="histogram bins (default: 60)")
     report.add_argument("--title", help="figure title")
     report.add_argument("--input-format", choices=FORMATS, help="override SCORED's format")
+    report.add_argument(
+        "--overwrite", action="store_true", help="replace FILE if it exists (without it the report refuses)"
+    )
     report.set_defaults(run=_run_report)
 
 
@@ -345,6 +349,7 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from pairscore.pipeline.formats import FormatError
     from pairscore.pipeline.reach import reach_server
     from pairscore.pipeline.runner import ResumeError, Runner
+    from pairscore.pipeline.state_file import completed_run
     from pairscore.pipeline.summary import summary_lines
 
     try:
@@ -359,6 +364,16 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     restore = _sigterm_as_interrupt()
     try:
         job.check_storage()  # a missing extra, an empty glob: said before any server is asked
+        done = completed_run(job)
+        if done is not None:  # a scheduler's rerun of a finished command: nothing to do, success
+            rows = done["stats"]["rows"]
+            print(
+                f"pairscore {args.command}: {job.output} is complete ({rows:,} input rows, written by an "
+                "earlier run of this command); nothing to do. To score again, pass --overwrite "
+                "without --resume",
+                file=sys.stderr,
+            )
+            return 0
         # No wait_for_ready: a server that cannot be reached must say why, not stall.
         with ScoringClient(target, **client_kwargs(args)) as client:
             reach_server(
@@ -398,7 +413,15 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pairscore.pipeline.formats import FormatError
     from pairscore.pipeline.report import draw_report, read_metric
+    from pairscore.pipeline.storage import exists
 
+    if not args.overwrite and exists(args.output):
+        print(
+            f"pairscore report: {args.output} already exists; pass --overwrite to replace, "
+            "or choose another output",
+            file=sys.stderr,
+        )
+        return 1
     try:
         data = read_metric(args.scored, args.metric, args.input_format)
         draw_report(data, args.output, threshold=args.threshold, bins=args.bins, title=args.title)

@@ -13,24 +13,18 @@ from functools import cached_property
 from typing import Any
 
 from pairscore.pipeline.columns import RowFields, input_options
-from pairscore.pipeline.formats import (
-    BAD_ROW_POLICIES,
-    STDIO,
-    SourceFile,
-    _format_by_name,
-    detect_format,
-    input_files,
-)
+from pairscore.pipeline.compression import COMPRESSION_SUFFIX, compression_of, split_compression
+from pairscore.pipeline.formats import STDIO, SourceFile, _format_by_name, detect_format, input_files
+from pairscore.pipeline.row_reader import BAD_ROW_POLICIES
 from pairscore.pipeline.selection import Thresholds
 from pairscore.pipeline.storage import (
-    COMPRESSION_SUFFIX,
-    compression_of,
+    FormatError,
+    check_writable,
     filesystem,
     is_directory_path,
     is_remote,
     local_path,
     same_place,
-    split_compression,
 )
 
 #: Suffix of the resume state file, next to the main output.
@@ -204,11 +198,13 @@ class Job:
 
     def check_storage(self) -> None:
         """List the input and reach every output's filesystem: raises FormatError (naming the extra
-        to install, or the glob that matched nothing) or OSError before any row is read."""
+        to install, the glob that matched nothing, an output's missing directory) or OSError before
+        any row is read."""
         self.in_format  # noqa: B018 - lists the input's files
         for path, _ in self.outputs().values():
             if is_remote(path):
                 filesystem(path)
+            check_writable(path)
 
     @property
     def in_format(self) -> str:
@@ -316,4 +312,27 @@ class Job:
             prompt_ids_field=self.prompt_ids_field,
             response_ids_field=self.response_ids_field,
             responses_field=self.responses_field,
+        )
+
+    def missing_columns_error(self, row: dict[str, Any]) -> FormatError:
+        """The error for an input whose first row lacks the columns the flags name: what it has,
+        and which flags would read it."""
+        fields = self.row_fields
+        missing = fields.missing_columns(row)
+        hints = {
+            "messages": "--messages-field messages",
+            "prompt_ids": "--prompt-ids-field prompt_ids",
+            "response_ids": "--response-ids-field response_ids",
+            "responses": "--responses-field responses",
+        }
+        present = [flag for column, flag in hints.items() if column in row and column not in missing]
+        hint = (
+            f"; it has {', '.join(sorted(set(hints) & row.keys()))}: pass {' '.join(present)}"
+            if present
+            else ""
+        )
+        return FormatError(
+            f"the input has no column {' or '.join(repr(c) for c in missing)} (its first row has "
+            f"{sorted(row)}){hint}; name the columns with --prompt-field/--response-field, "
+            "--messages-field, --prompt-ids-field, --response-ids-field or --responses-field"
         )

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pairscore.pipeline.columns import Metric, metric, value_of
-from pairscore.pipeline.formats import FormatError, RowReader, input_files
+from pairscore.pipeline.formats import FormatError, input_files
+from pairscore.pipeline.row_reader import RowReader
 from pairscore.pipeline.stats import quantile
 
 REPORT_QUANTILES = (0.05, 0.5, 0.95)

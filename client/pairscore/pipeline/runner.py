@@ -29,7 +29,6 @@ written (the input position of the last one), not the rows read ahead.
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 import time
 from collections import deque
@@ -47,18 +46,16 @@ from pairscore.pipeline.columns import (
     score_options,
     value_of,
 )
-from pairscore.pipeline.formats import STDIO, BadRow, FormatError, Row, RowReader, count_rows
+from pairscore.pipeline.formats import STDIO, Row
 from pairscore.pipeline.job import Job
-from pairscore.pipeline.parts import ChunkedPart, LinePart, StateFile, open_part
+from pairscore.pipeline.parts import ChunkedPart, LinePart, open_part
 from pairscore.pipeline.progress import Progress
-from pairscore.pipeline.selection import Cutoff, TopSelector, rank_key
+from pairscore.pipeline.row_reader import BadRow, RowReader, count_rows
+from pairscore.pipeline.state_file import COMPLETE, STATE_VERSION, StateFile, model_identity
 from pairscore.pipeline.stats import RunStats
-from pairscore.pipeline.storage import exists, remove
+from pairscore.pipeline.storage import exists, remove, signature
+from pairscore.pipeline.top_fraction import PARQUET_CHUNK_ROWS, write_top_fraction
 from pairscore.types import ItemError, Pair, PairScore, ScoreOutcome
-
-STATE_VERSION = 1
-#: A Parquet part writes a chunk at least this often (rows), whatever the clock says.
-PARQUET_CHUNK_ROWS = 50_000
 
 
 class ResumeError(RuntimeError):
@@ -77,15 +74,6 @@ class Outcome:
     outputs: dict[str, tuple[str, str]]
     seconds: float
     resumed_from: int
-
-
-def _model_identity(info: Any) -> dict[str, str]:
-    return {
-        "model_name": info.model_name,
-        "model_source": info.model_source,
-        "revision": info.revision,
-        "dtype": info.dtype,
-    }
 
 
 class Runner:
@@ -109,7 +97,7 @@ class Runner:
         """Do the job; returns the Outcome. Raises ResumeError, FormatError, ScoringError."""
         started = time.monotonic()
         fingerprint = self.job.fingerprint()
-        model = _model_identity(self.client.model_info())
+        model = model_identity(self.client.model_info())
         state = self._load_state(fingerprint, model)
         if state is None:
             self._refuse_to_overwrite()
@@ -144,7 +132,7 @@ class Runner:
             stats = RunStats.from_state(state["stats"])
             if not (top and "scored" in state["finishing"]):
                 self._drop_empty_default_errors(stats)
-                self._remove_state()
+                self._complete(stats, fingerprint, model)
                 return Outcome(stats, self.job.outputs(), time.monotonic() - started, resumed_from)
         elif state is None or state["phase"] == 1:
             stats = self._phase1(state, fingerprint, model)
@@ -154,7 +142,7 @@ class Runner:
             self._save({"phase": 2, "fingerprint": fingerprint, "model": model, "stats": stats.to_state()})
             self._phase2(stats, fingerprint, model)
         self._drop_empty_default_errors(stats)
-        self._remove_state()
+        self._complete(stats, fingerprint, model)
         return Outcome(stats, self.job.outputs(), time.monotonic() - started, resumed_from)
 
     # --- state ------------------------------------------------------------------------
@@ -165,6 +153,8 @@ class Runner:
         state = self.state_file.load()
         if state is None:
             return None
+        if state.get("phase") == COMPLETE and self.job.resume:
+            return None  # complete, but not this run's outputs (see completed_run): a run of its own
         if not self.job.resume:
             self._discard_leftovers(state)
             return None
@@ -185,9 +175,12 @@ class Runner:
 
     def _discard_leftovers(self, state: dict[str, Any] | None) -> None:
         """Without --resume an earlier unfinished run is thrown away (final files are kept)."""
-        del state
         for path, fmt in [*self._phase1_outputs().values(), *self.job.outputs().values()]:
             open_part(path, fmt, compression=self.job.compression_for(path)).discard()
+        recorded = state.get("fingerprint", {}).get("outputs", {}) if state else {}
+        for path, fmt in recorded.values():  # an earlier run with other outputs (--errors...)
+            if path != STDIO:
+                open_part(path, fmt).discard()  # a part's name does not depend on its compression
         if self.job.top_fraction is not None:
             remove(self.job.scored_path)
         self._remove_state()
@@ -198,6 +191,23 @@ class Runner:
             default = self.job.errors_path()
             if default is not None:
                 remove(default)
+
+    def _complete(self, stats: RunStats, fingerprint: dict[str, object], model: dict[str, str]) -> None:
+        """The run is complete: a --resume run records what it wrote (so that running it again
+        can say so, see :func:`completed_run`); another run leaves no state behind."""
+        if not self.job.resume:
+            self._remove_state()
+            return
+        outputs = {path: signature(path) for path, _ in self.job.outputs().values()}
+        self._save(
+            {
+                "phase": COMPLETE,
+                "fingerprint": fingerprint,
+                "model": model,
+                "stats": stats.to_state(),
+                "outputs": outputs,
+            }
+        )
 
     def _remove_state(self) -> None:
         if self.state_file is not None:
@@ -238,27 +248,6 @@ class Runner:
         return [
             ({**base, fields.response_field: p.response, CANDIDATE_INDEX: i}, p) for i, p in enumerate(pairs)
         ], None
-
-    def _missing_columns_error(self, row: Row) -> FormatError:
-        fields = self.job.row_fields
-        missing = fields.missing_columns(row)
-        hints = {
-            "messages": "--messages-field messages",
-            "prompt_ids": "--prompt-ids-field prompt_ids",
-            "response_ids": "--response-ids-field response_ids",
-            "responses": "--responses-field responses",
-        }
-        present = [flag for column, flag in hints.items() if column in row and column not in missing]
-        hint = (
-            f"; it has {', '.join(sorted(set(hints) & row.keys()))}: pass {' '.join(present)}"
-            if present
-            else ""
-        )
-        return FormatError(
-            f"the input has no column {' or '.join(repr(c) for c in missing)} (its first row has "
-            f"{sorted(row)}){hint}; name the columns with --prompt-field/--response-field, "
-            "--messages-field, --prompt-ids-field, --response-ids-field or --responses-field"
-        )
 
     def _phase1(
         self, state: dict[str, Any] | None, fingerprint: dict[str, object], model: dict[str, str]
@@ -311,7 +300,7 @@ class Runner:
                     waiting.append((row, row.reason, reader.position(), True))
                     continue
                 if first[0] and job.row_fields.missing_columns(row):
-                    raise self._missing_columns_error(row)
+                    raise job.missing_columns_error(row)
                 first[0] = False
                 pairs, problem = self._pairs(row)
                 if problem is not None:
@@ -444,56 +433,11 @@ class Runner:
     # --- phase 2: exact top fraction ------------------------------------------------
 
     def _phase2(self, stats: RunStats, fingerprint: dict[str, object], model: dict[str, str]) -> None:
-        job = self.job
-        assert job.top_fraction is not None
-        scored, fmt = job.scored_path, job.out_format
-        reader = RowReader(scored, fmt, compression=job.output_compression)
-        among_passing = job.top_among == "passing"
-        keys = [
-            rank_key(value_of(r, self.metric.column), self.metric)
-            if not r.get("error") and (not among_passing or job.thresholds.passes(r))
-            else math.nan
-            for r in reader.rows()
-        ]
-        reader.close()
-        cutoff = Cutoff.find(keys, job.top_fraction)
-        del keys
-        selector = TopSelector(self.metric, cutoff)
-        reader = RowReader(scored, fmt, compression=job.output_compression)
-        parts: dict[str, LinePart | ChunkedPart] = {}
-        for role, (path, out_fmt) in job.outputs().items():
-            parts[role] = open_part(path, out_fmt, reader.parquet_schema(), job.compression_for(path))
-            parts[role].open(None)
-        stats.routed.clear()
-        for row in reader.rows():
-            failed = bool(row.get("error"))
-            if failed:
-                dest: str | None = "errors" if "errors" in parts else "rejected"
-            else:
-                if among_passing:  # only rows that pass take part in the ranking (and its ties)
-                    keep = job.thresholds.passes(row) and selector.keeps(row)
-                else:
-                    keep = selector.keeps(row) and job.thresholds.passes(row)
-                dest = "kept" if keep else ("rejected" if "rejected" in parts else None)
-            if dest is not None:
-                parts[dest].write(row)
-                stats.routed[dest] += 1
-            if any(isinstance(p, ChunkedPart) and p.buffered() >= PARQUET_CHUNK_ROWS for p in parts.values()):
-                for p in parts.values():
-                    p.checkpoint()
-        reader.close()
-        self._save(
-            {
-                "phase": "finishing",
-                "finishing": list(parts),
-                "fingerprint": fingerprint,
-                "model": model,
-                "stats": stats.to_state(),
-            }
-        )
-        for part in parts.values():
-            part.finish()
-        remove(scored)
+        def finishing(roles: list[str]) -> None:
+            state = {"phase": "finishing", "finishing": roles, "fingerprint": fingerprint, "model": model}
+            self._save({**state, "stats": stats.to_state()})
+
+        write_top_fraction(self.job, self.metric, stats, finishing)
 
     # --- finishing after an interruption ------------------------------------------
 

@@ -6,10 +6,8 @@
   a missing one is named in the error. Credentials and endpoints are the
   filesystem's own (``AWS_*`` variables, ``FSSPEC_S3_ENDPOINT_URL``...).
   Plain paths (and ``file://``) are local files.
-* **Compression** follows the last extension: ``.gz`` (gzip), ``.zst``
-  (zstd, needs zstandard: ``pairscore[zstd]``), ``.bz2``, ``.xz``. A
-  compressed file may hold several concatenated members (frames, streams),
-  as the pipeline's own outputs do: one per checkpoint.
+* **Compression** (:mod:`pairscore.pipeline.compression`) follows the last
+  extension: ``.gz``, ``.zst``, ``.bz2``, ``.xz``.
 * **Many files as one input.** A glob (``data/*.jsonl.gz``) or a directory
   (``s3://bucket/in/``) is read as one input: its data files in sorted order
   (names starting with ``_`` or ``.``, such as ``_SUCCESS``, are left out, as
@@ -18,29 +16,14 @@
 
 from __future__ import annotations
 
-import bz2
 import contextlib
-import lzma
 import os
 import re
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
 STDIO = "-"
-#: Compression names accepted by --compression / --output-compression ("none": not compressed).
-COMPRESSIONS = ("gzip", "zstd", "bz2", "xz", "none")
-_COMPRESSION_BY_SUFFIX = {
-    ".gz": "gzip",
-    ".gzip": "gzip",
-    ".zst": "zstd",
-    ".zstd": "zstd",
-    ".bz2": "bz2",
-    ".xz": "xz",
-}
-#: The extension each compression gets in a file name.
-COMPRESSION_SUFFIX = {"gzip": ".gz", "zstd": ".zst", "bz2": ".bz2", "xz": ".xz"}
 #: URL scheme -> the pairscore extra that installs its fsspec filesystem.
 EXTRA_OF_SCHEME = {
     "s3": "s3",
@@ -111,116 +94,6 @@ def is_directory_path(path: str) -> bool:
     if path == STDIO:
         return False
     return path.endswith("/") or (not is_remote(path) and os.path.isdir(local_path(path)))
-
-
-# --- compression ----------------------------------------------------------------------------
-
-
-def split_compression(path: str) -> tuple[str, str | None]:
-    """``a.jsonl.gz`` -> ``("a.jsonl", "gzip")``; ``a.jsonl`` -> ``("a.jsonl", None)``."""
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    dot = name.rfind(".")
-    if dot > 0:
-        found = _COMPRESSION_BY_SUFFIX.get(name[dot:].lower())
-        if found is not None:
-            return path[: len(path) - (len(name) - dot)], found
-    return path, None
-
-
-def compression_of(path: str, override: str | None = None) -> str | None:
-    """The compression of ``path``: ``override`` if given (``none``: not compressed), else by extension."""
-    if override is not None:
-        if override not in COMPRESSIONS:
-            raise FormatError(f"unknown compression {override!r}; choose one of {', '.join(COMPRESSIONS)}")
-        return None if override == "none" else override
-    return split_compression(path)[1]
-
-
-def _zstandard() -> Any:
-    try:
-        import zstandard
-    except ImportError as exc:
-        raise FormatError("zstd (.zst) files need zstandard: pip install 'pairscore[zstd]'") from exc
-    return zstandard
-
-
-class Compressor:
-    """Compresses a stream as a series of independent members (gzip members, zstd frames...).
-
-    :meth:`end_member` closes the current member and returns its last bytes;
-    the file is then valid up to there, which is what lets a checkpoint cut
-    a compressed output back to its size on resume.
-    """
-
-    def __init__(self, name: str, level: int | None = None) -> None:
-        if name not in COMPRESSION_SUFFIX:
-            raise FormatError(f"unknown compression {name!r}")
-        self.name = name
-        self._level = level
-        self._obj: Any = None
-        if name == "zstd":
-            _zstandard()
-
-    def _new(self) -> Any:
-        if self.name == "gzip":  # wbits 31: a gzip header (mtime 0, so output is reproducible)
-            return zlib.compressobj(6 if self._level is None else self._level, zlib.DEFLATED, 31)
-        if self.name == "bz2":
-            return bz2.BZ2Compressor(9 if self._level is None else self._level)
-        if self.name == "xz":
-            return lzma.LZMACompressor(lzma.FORMAT_XZ, preset=self._level)
-        return _zstandard().ZstdCompressor(level=3 if self._level is None else self._level).compressobj()
-
-    def compress(self, data: bytes) -> bytes:
-        """Bytes to append for ``data`` (maybe none yet: the compressor buffers)."""
-        if self._obj is None:
-            self._obj = self._new()
-        return bytes(self._obj.compress(data))
-
-    def end_member(self) -> bytes:
-        """Close the current member (if any data went in); returns the bytes that finish it."""
-        if self._obj is None:
-            return b""
-        tail = bytes(self._obj.flush())
-        self._obj = None
-        return tail
-
-
-class CompressingWriter:
-    """A binary stream that compresses into ``raw``; ``end_member`` makes ``raw`` a complete file."""
-
-    def __init__(self, raw: IO[bytes], compression: str) -> None:
-        self.raw = raw
-        self._comp = Compressor(compression)
-
-    def write(self, data: bytes) -> int:
-        self.raw.write(self._comp.compress(data))
-        return len(data)
-
-    def end_member(self) -> None:
-        self.raw.write(self._comp.end_member())
-
-    def flush(self) -> None:
-        self.raw.flush()
-
-
-def open_decompressed(raw: IO[bytes], compression: str | None) -> IO[bytes]:
-    """A binary stream of the decompressed bytes of ``raw`` (every member, in order)."""
-    import gzip
-
-    if compression is None:
-        return raw
-    if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    if compression == "bz2":
-        return bz2.BZ2File(raw, "rb")
-    if compression == "xz":
-        return lzma.LZMAFile(raw, "rb")
-    if compression == "zstd":
-        reader = _zstandard().ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-        import io
-
-        return io.BufferedReader(reader, buffer_size=1 << 16)
-    raise FormatError(f"unknown compression {compression!r}")
 
 
 # --- files ----------------------------------------------------------------------------------
@@ -331,6 +204,44 @@ def exists(path: str) -> bool:
     with contextlib.suppress(Exception):
         fs.invalidate_cache(fs_path)
     return bool(fs.exists(fs_path))
+
+
+def signature(path: str) -> list[Any] | None:
+    """What identifies the file (or the ``_SUCCESS`` of a directory) at ``path`` as written: its size
+    and version (mtime, ETag...); ``None`` when there is none. Equal signatures: the same bytes."""
+    if path == STDIO:
+        return None
+    if is_directory_path(path):
+        path = join(path, "_SUCCESS")  # a directory output is complete once this is written, last
+    try:
+        if not is_remote(path):
+            st = os.stat(local_path(path))
+            return [st.st_size, st.st_mtime_ns]
+        fs, fs_path = filesystem(path)
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache()
+        info = fs.info(fs_path)
+    except FileNotFoundError:
+        return None
+    return [info.get("size"), _version(info)]
+
+
+def check_writable(path: str) -> None:
+    """Raise FormatError, naming ``path`` and the fix, when a local output's directory is missing
+    or not writable (an object store has no directories to create)."""
+    if path == STDIO or is_remote(path):
+        return
+    parent = os.path.dirname(local_path(path).rstrip("/")) or "."
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise FormatError(
+            f"cannot write {path}: the directory {parent} {what}; create it first "
+            f"(mkdir -p {parent}) or choose another output"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FormatError(
+            f"cannot write {path}: no permission to create files in {parent}; choose another output"
+        )
 
 
 def remove(path: str) -> None:
