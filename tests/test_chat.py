@@ -152,7 +152,9 @@ def test_chat_scores_match_the_float64_reference(chat_engine, reference_model, p
         assert isinstance(got, PairScore), got
         rendered = chat_engine.chat.render(pair.prompt_messages, pair.response, EndOfTurn.INCLUDED)
         ids, m = rendered.ids, rendered.prompt_tokens
-        seq, scored_m = ((p, *ids), m) if prefix is PrefixMode.SERVER else (ids, m - 1)
+        # the rendering opens with <|im_start|>: the context in both prefix modes, nothing before it
+        assert ids[0] == chat_engine.tokenizer.convert_tokens_to_ids("<|im_start|>") != p
+        seq, scored_m = ids, m - 1
         ref = reference_logprobs(reference_model, seq)
         assert (got.prompt_tokens, got.response_tokens) == (scored_m, len(ids) - m)
         assert got.prompt_logprob == pytest.approx(math.fsum(ref[:scored_m]), abs=TOL)
@@ -165,8 +167,8 @@ def test_chat_scores_match_the_float64_reference(chat_engine, reference_model, p
             spans = [(t.char_start, t.char_end) for t in got.tokens if t.side is side]
             assert all(0 <= s <= e <= len(text) for s, e in spans)
             covered = {i for s, e in spans for i in range(s, e)}
-            first = spans[0][0] if side is Side.PROMPT and prefix is PrefixMode.NONE and spans else 0
-            assert covered == set(range(first, len(text)))  # with NONE, x_1 is context: not in the detail
+            first = len("<|im_start|>") if side is Side.PROMPT else 0
+            assert covered == set(range(first, len(text)))  # the context is not in the detail
     # without per-token detail the rendered texts are not sent
     [plain] = chat_engine.score_pairs(pairs[:1])
     assert isinstance(plain, PairScore) and plain.rendered_prompt == plain.rendered_response == ""
@@ -341,25 +343,31 @@ def test_rendered_texts_count_toward_the_answer_size_bound(gpt2_chat_engine, sta
                 assert isinstance(client.score([pair], return_tokens=True)[0], PairScore)
 
 
-def test_a_template_that_writes_the_prefix_token_does_not_get_it_twice(chat_engine):
-    """Templates of BOS models often start with {{ bos_token }}: that token is p, not
-    scored, and the pair scores as with a template that leaves it out."""
+def test_a_template_that_writes_the_prefix_token_does_not_get_it_twice(chat_engine, reference_model):
+    """Templates of BOS models often start with {{ bos_token }}: that token is the
+    context, not scored, and nothing goes before it; the template's <|im_start|> after
+    it is then scored, as the model sees it in generation."""
     tokenizer = chat_engine.tokenizer
     if tokenizer.bos_token_id != chat_engine.prefix.token_id:
         pytest.skip("this tokenizer's prefix token is not its BOS")
     with_bos = copy.deepcopy(tokenizer)
     with_bos.chat_template = "{{ bos_token }}" + tokenizer.chat_template
     engine = make_engine(chat_engine.model, with_bos)
-    pair = Pair(prompt_messages=SHAPES["with-system"][0], response="Paris.")
-    options = ScoreOptions(return_tokens=True)
-    [plain] = chat_engine.score_pairs([pair], options)
-    [got] = engine.score_pairs([pair], options)
+    messages, reply = SHAPES["with-system"]
+    pair = Pair(prompt_messages=messages, response=reply)
+    [plain] = chat_engine.score_pairs([pair], ScoreOptions(return_tokens=True))
+    [got] = engine.score_pairs([pair], ScoreOptions(return_tokens=True))
     assert isinstance(got, PairScore) and isinstance(plain, PairScore)
     assert got.rendered_prompt == tokenizer.bos_token + plain.rendered_prompt
-    assert [t.token_id for t in got.tokens] == [t.token_id for t in plain.tokens]
-    assert (got.prompt_logprob, got.conditional_logprob) == pytest.approx(
-        (plain.prompt_logprob, plain.conditional_logprob), abs=1e-5
-    )
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert [t.token_id for t in got.tokens] == [start] + [t.token_id for t in plain.tokens]
+    prompt_ids, completion_ids = trl_completion(with_bos, messages, reply)
+    assert completion_ids and prompt_ids[:2] == [tokenizer.bos_token_id, start]  # BOS once, then the turn
+    ref = reference_logprobs(reference_model, prompt_ids + completion_ids)
+    m = len(prompt_ids) - 1
+    assert (got.prompt_tokens, got.response_tokens) == (m, len(completion_ids))
+    assert got.prompt_logprob == pytest.approx(math.fsum(ref[:m]), abs=TOL)
+    assert got.conditional_logprob == pytest.approx(math.fsum(ref[m:]), abs=TOL)
     # the spans index the rendered prompt, which holds the BOS text
     first = got.tokens[0]
     assert got.rendered_prompt[first.char_start : first.char_end] == "<|im_start|>"

@@ -24,6 +24,15 @@ strings the ids are therefore exactly ``tokenizer(full,
 add_special_tokens=False)``, i.e. ``apply_chat_template(..., tokenize=True)``:
 the tokens the model was trained on. The x/y boundary must fall between two
 tokens; a token that straddles it fails the item.
+
+Context: a rendering that opens with one of the template's control tokens
+(ChatML's ``<|im_start|>``, a ``{{ bos_token }}``, Llama 3's
+``<|begin_of_text|>``) is scored with that token as the context, in place of
+the server's prefix token: the scored sequence is then exactly
+``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``, what
+``generate``, vLLM's chat and TRL feed the model, with nothing before it
+(``RenderedChat.opens_with_control``). A rendering that opens with plain text
+keeps the prefix token, as a text prompt does.
 """
 
 from __future__ import annotations
@@ -50,6 +59,10 @@ class RenderedChat:
     ``ids`` is x ⊕ y (no prefix token), the first ``prompt_tokens`` of them
     x's; ``offsets`` holds each token's code-point span in its own side's
     text (``prompt`` for x's tokens, ``response`` for y's).
+    ``opens_with_control``: ``ids[0]`` is one of the template's control tokens
+    (from template text, never from content) and lies in x; the engine then
+    makes it the context (not scored, not counted) instead of adding its
+    prefix token, so the model sees exactly ``ids``.
     """
 
     prompt: str
@@ -57,6 +70,7 @@ class RenderedChat:
     ids: tuple[int, ...]
     prompt_tokens: int
     offsets: tuple[tuple[int, int], ...]
+    opens_with_control: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,7 +157,7 @@ class ChatRenderer:
         if reply_end < len(x):
             raise ChatError(f"{self.name} renders the assistant's reply inside the generation prompt")
         cut_end = len(full) if end_of_turn is EndOfTurn.INCLUDED else reply_end
-        ids, spans = self._tokenize(full, segments)
+        ids, spans, opens_with_control = self._tokenize(full, segments)
         prompt_tokens = 0
         kept: list[tuple[int, int]] = []
         for s, e in spans:
@@ -172,6 +186,7 @@ class ChatRenderer:
             ids=tuple(ids[: len(kept)]),
             prompt_tokens=prompt_tokens,
             offsets=tuple(kept),
+            opens_with_control=opens_with_control and prompt_tokens > 0,
         )
 
     def _segments(self, convo: list[dict[str, str]], reply: str, full: str) -> tuple[list[_Segment], int]:
@@ -226,9 +241,10 @@ class ChatRenderer:
             raise ChatError(f"{self.name} renders text pairscore cannot account for")
         return segments, reply_end
 
-    def _tokenize(self, full: str, segments: list[_Segment]) -> tuple[list[int], list[tuple[int, int]]]:
+    def _tokenize(self, full: str, segments: list[_Segment]) -> tuple[list[int], list[tuple[int, int]], bool]:
         """Ids of ``full`` and each token's span in it: added tokens found in template
-        text are those tokens, the runs between them plain text."""
+        text are those tokens, the runs between them plain text. Also whether the
+        first token is such a control token."""
         cuts: list[tuple[int, int, int]] = []  # (start, end, id) of each control token
         for seg in segments:
             if not seg.template:
@@ -258,4 +274,4 @@ class ChatRenderer:
                 ids.append(tid)
                 spans.append((start, end))
             pos = end
-        return ids, spans
+        return ids, spans, bool(cuts) and cuts[0][0] == 0

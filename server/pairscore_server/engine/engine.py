@@ -361,11 +361,19 @@ class ScoringEngine(Engine):
         except ChatError as exc:
             return ItemError(ItemErrorCode.INVALID_ARGUMENT, str(exc), pair.id)
         ids, offsets, m = chat.ids, chat.offsets, chat.prompt_tokens
-        if m and ids[0] == self.prefix.token_id:
-            # The template writes the prefix token itself (BOS): it is p, not scored twice.
-            ids, offsets, m = ids[1:], offsets[1:], m - 1
+        context = -1
+        if chat.opens_with_control:
+            # The rendering opens with a control token (<|im_start|>, BOS): it is the context,
+            # not scored, and nothing goes before it (docs/contract.md, chat prompts).
+            context, ids, offsets, m = ids[0], ids[1:], offsets[1:], m - 1
         return TokenizedPair(
-            ids, m, offsets, False, rendered_prompt=chat.prompt, rendered_response=chat.response
+            ids,
+            m,
+            offsets,
+            False,
+            rendered_prompt=chat.prompt,
+            rendered_response=chat.response,
+            context_id=context,
         )
 
     def _prepared(
@@ -374,7 +382,13 @@ class ScoringEngine(Engine):
         """Prefix mode and truncation applied to a tokenized pair (see PreparedPair.input_ids)."""
         ids, offsets, m, straddle = tok.ids, tok.offsets, tok.prompt_tokens, tok.straddle_index
         n = len(ids) - m
-        no_prefix = options.prefix is PrefixMode.NONE
+        # A conversation that opens with a control token brings its own context c (the
+        # prefix mode does not apply: that token is the first prompt token, the context
+        # under NONE too); anything else is conditioned on the prefix token p.
+        own = tok.context_id >= 0
+        context = tok.context_id if own else self.prefix.token_id
+        head = "1 context (the conversation's opening token)" if own else "1 prefix"
+        no_prefix = options.prefix is PrefixMode.NONE and not own
 
         def needed(kept: int) -> int:  # c ⊕ x ⊕ y with ``kept`` prompt tokens
             return kept + n if no_prefix and kept > 0 else 1 + kept + n
@@ -382,7 +396,7 @@ class ScoringEngine(Engine):
         dropped = 0
         if options.truncation is Truncation.LEFT and needed(m) > limit:
             if 1 + n > limit:
-                return self._too_long(pair, 1 + n, f"1 prefix + {n} response", limit, truncated=True)
+                return self._too_long(pair, 1 + n, f"{head} + {n} response", limit, truncated=True)
             dropped = m + n - limit + (0 if no_prefix else 1)
             ids, offsets, m = ids[dropped:], offsets[dropped:], m - dropped
             straddle = straddle - dropped if straddle >= 0 else -1
@@ -392,11 +406,11 @@ class ScoringEngine(Engine):
             straddle = straddle - 1 if straddle >= 0 else -1
             parts = f"1 context (the first prompt token) + {m} prompt + {n} response"
         else:
-            input_ids = (self.prefix.token_id, *ids)
-            parts = f"1 prefix + {m} prompt + {n} response"
+            input_ids = (context, *ids)
+            parts = f"{head} + {m} prompt + {n} response"
         if len(input_ids) > limit:
             if 1 + n > limit:  # no truncation could help: say what would
-                return self._too_long(pair, 1 + n, f"1 prefix + {n} response", limit, truncated=True)
+                return self._too_long(pair, 1 + n, f"{head} + {n} response", limit, truncated=True)
             return self._too_long(pair, len(input_ids), parts, limit, truncated=False)
         return PreparedPair(
             id=pair.id,

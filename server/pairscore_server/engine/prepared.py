@@ -28,7 +28,9 @@ class PreparedPair:
     ``input_ids`` is c ⊕ x ⊕ y: c is the one token everything is conditioned
     on and is never scored; it is the prefix token p, or with
     ``PrefixMode.NONE`` the prompt's first token (then ``prompt_tokens`` is
-    the prompt's length minus one). Tokens ``1 .. prompt_tokens`` are the
+    the prompt's length minus one), or, for a conversation whose rendering
+    opens with a control token, that token in either mode (then c ⊕ x ⊕ y is
+    exactly the chat template's ids). Tokens ``1 .. prompt_tokens`` are the
     prompt's scored tokens and the last ``response_tokens`` are the
     response's. ``offsets`` holds each scored token's code-point span
     in its own side's text (not p's); ``straddle_index`` is the position

@@ -55,6 +55,9 @@ class TokenizedPair:
     #: Chat prompts: x and y as the chat template rendered them (the texts the spans index).
     rendered_prompt: str = ""
     rendered_response: str = ""
+    #: Chat prompts whose rendering opens with a control token: that token's id, the
+    #: context c in place of the prefix token p (PreparedPair.input_ids[0]); -1: p.
+    context_id: int = -1
 
     @property
     def response_tokens(self) -> int:
