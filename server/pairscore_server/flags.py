@@ -287,6 +287,26 @@ _SERVER_SETTINGS = (
         "N",
     ),
     _Setting(
+        "max_request_chars",
+        "--max-request-chars",
+        "PAIRSCORE_MAX_REQUEST_CHARS",
+        int,
+        "Most characters one request may have tokenized (all its texts; a prompt "
+        "shared by several pairs counts once), checked before tokenizing; more is "
+        "INVALID_ARGUMENT. Default: 16777216.",
+        "N",
+    ),
+    _Setting(
+        "max_preparing_chars",
+        "--max-preparing-chars",
+        "PAIRSCORE_MAX_PREPARING_CHARS",
+        int,
+        "Most characters being tokenized at once, all requests together; a request "
+        "that does not fit now is RESOURCE_EXHAUSTED with a retry hint. Default: "
+        "67108864 (at least --max-request-chars).",
+        "N",
+    ),
+    _Setting(
         "max_item_tokens",
         "--max-item-tokens",
         "PAIRSCORE_MAX_ITEM_TOKENS",

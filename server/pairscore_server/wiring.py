@@ -59,6 +59,8 @@ def wire(
         max_queue_tokens=config.max_queue_tokens,
         max_message_bytes=config.max_message_bytes,
         max_response_bytes=config.max_response_bytes,
+        max_request_chars=config.max_request_chars,
+        max_preparing_chars=config.max_preparing_chars,
     )
     batcher = Batcher(
         engine,
@@ -99,11 +101,14 @@ def _log_serving(serving: Serving, engine: Engine, config: ServerConfig) -> None
     )
     log.info(
         "limits: %d pairs per request, %d characters per text, %d tokens per pair, "
-        "%d bytes per message, %d queued tokens, %s concurrent RPCs",
+        "%d bytes per message, %d queued tokens, %d characters tokenized per request "
+        "(%d at once), %s concurrent RPCs",
         limits.max_pairs_per_request,
         limits.max_text_chars,
         limits.max_item_tokens,
         limits.max_message_bytes,
         limits.max_queue_tokens,
+        limits.max_request_chars,
+        limits.max_preparing_chars,
         config.max_concurrent_rpcs or "unbounded",
     )

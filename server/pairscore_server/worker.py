@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pairscore.types import ItemError, ItemErrorCode, ScoreOutcome
-from pairscore_server.engine.interface import Engine, ForwardStats, ScoredBatch
+from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, ScoredBatch
 from pairscore_server.engine.memory import is_out_of_memory, release_memory
 from pairscore_server.engine.prepared import PreparedPair
 
@@ -53,11 +53,14 @@ class ModelWorker:
         self._engine = engine
         self._metrics = metrics
 
-    def run(self, prepared: list[PreparedPair]) -> Forward:
-        """Score the batch (splitting on out-of-memory), timed. Call it on the model thread."""
+    def run(self, prepared: list[PreparedPair], cancelled: Cancelled | None = None) -> Forward:
+        """Score the batch (splitting on out-of-memory), timed. Call it on the model thread.
+
+        ``cancelled`` goes to ``engine.score``: when every caller of the batch has
+        left, the engine stops at its next forward chunk (ScoreCancelled)."""
         started = time.perf_counter()
         measured: list[ScoredBatch] = []
-        outcomes = self._score_splitting(prepared, measured)
+        outcomes = self._score_splitting(prepared, measured, cancelled)
         seconds = time.perf_counter() - started
         stats = sum((m.stats for m in measured), ForwardStats())
         replicas = [0.0] * max((len(m.replica_seconds) for m in measured), default=0)
@@ -67,11 +70,11 @@ class ModelWorker:
         return Forward(outcomes, stats, tuple(replicas), seconds)
 
     def _score_splitting(
-        self, prepared: list[PreparedPair], measured: list[ScoredBatch]
+        self, prepared: list[PreparedPair], measured: list[ScoredBatch], cancelled: Cancelled | None
     ) -> list[ScoreOutcome]:
         """engine.score; on out-of-memory, score each half, down to single pairs."""
         try:
-            scored = self._engine.score(prepared)
+            scored = self._engine.score(prepared, cancelled=cancelled)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -102,6 +105,6 @@ class ModelWorker:
         if self._metrics is not None:
             self._metrics.oom_splits.inc()
         mid = len(prepared) // 2
-        return self._score_splitting(prepared[:mid], measured) + self._score_splitting(
-            prepared[mid:], measured
+        return self._score_splitting(prepared[:mid], measured, cancelled) + self._score_splitting(
+            prepared[mid:], measured, cancelled
         )

@@ -44,13 +44,15 @@ from pairscore.types import (
     TokenizationMode,
     TokenScore,
 )
-from pairscore_server.engine.interface import Engine, ForwardStats, ScoredBatch
+from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, ScoreCancelled, ScoredBatch
 from pairscore_server.engine.prepared import PreparedPair
 
 FAIL_PROMPT = "FAIL"
 PREFIX_ID = 0
 PROMPT_TOKEN_LOGPROB = -0.5
 RESPONSE_TOKEN_LOGPROB = -0.25
+#: The fake's forward "chunk": how often a forward delay checks for cancellation.
+FORWARD_CHUNK_S = 0.01
 
 
 class FakeEngineError(RuntimeError):
@@ -104,6 +106,7 @@ class FakeEngine(Engine):
         self.batches: list[tuple[str, ...]] = []
         self.batch_lengths: list[tuple[int, ...]] = []
         self.score_threads: set[str] = set()
+        self.cancelled_batches: list[tuple[str, ...]] = []
         self.warmups = 0
         self._lock = threading.Lock()
 
@@ -190,10 +193,12 @@ class FakeEngine(Engine):
         """The prompt text a prepared pair was made from."""
         return "".join(map(chr, prepared.input_ids[1 : 1 + prepared.prompt_tokens]))
 
-    def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
+    def score(self, prepared: Sequence[PreparedPair], *, cancelled: Cancelled | None = None) -> ScoredBatch:
         """Sleep ``forward_delay_s``, record the batch, and score it (or raise on FAIL / OOM).
 
         Its stats are those of one padded batch: every pair padded to the longest.
+        The delay is slept in forward "chunks" of ``FORWARD_CHUNK_S``, checking
+        ``cancelled`` before each (ScoreCancelled), as the real engine does between rows.
         """
         started = time.perf_counter()
         prompts = tuple(self.prompt_of(p) for p in prepared)
@@ -208,8 +213,13 @@ class FakeEngine(Engine):
             self.batches.append(prompts)
             self.batch_lengths.append(tuple(p.num_tokens for p in prepared))
             self.score_threads.add(threading.current_thread().name)
-        if self.forward_delay_s:
-            time.sleep(self.forward_delay_s)
+        end = time.monotonic() + self.forward_delay_s
+        while (left := end - time.monotonic()) > 0:
+            if cancelled is not None and cancelled():
+                with self._lock:
+                    self.cancelled_batches.append(prompts)
+                raise ScoreCancelled("every caller of this batch left")
+            time.sleep(min(left, FORWARD_CHUNK_S))
         if FAIL_PROMPT in prompts:
             raise FakeEngineError("injected failure: the batch holds a FAIL pair")
         scores = [self._score_one(p) for p in prepared]
