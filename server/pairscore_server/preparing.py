@@ -44,7 +44,7 @@ U = TypeVar("U")
 
 #: Characters of one chunk of tokenization: on the tiny test models and on SmolLM2 on
 #: a CPU, well under 0.1 s of work (docs/reliability.md).
-DEFAULT_CHUNK_CHARS = 65_536
+DEFAULT_CHUNK_CHARS = 32_768
 #: Requests with at most this many pairs and characters are tokenized inline.
 DEFAULT_INLINE_PAIRS = 16
 DEFAULT_INLINE_CHARS = 16_384
