@@ -90,6 +90,7 @@ class FakeEngine(Engine):
         max_context: int = 64,
         max_batch_tokens: int = 4096,
         forward_delay_s: float = 0.0,
+        prepare_delay_s: float = 0.0,
         warmup_gate: threading.Event | None = None,
         score_gate: threading.Event | None = None,
         oom_above_tokens: int | None = None,
@@ -98,6 +99,7 @@ class FakeEngine(Engine):
         self.max_context = max_context
         self._max_batch_tokens = max_batch_tokens
         self.forward_delay_s = forward_delay_s
+        self.prepare_delay_s = prepare_delay_s  # per pair: a slow tokenizer
         self.warmup_gate = warmup_gate
         self.score_gate = score_gate
         self.oom_above_tokens = oom_above_tokens
@@ -144,7 +146,10 @@ class FakeEngine(Engine):
         self, pairs: Sequence[Pair], options: ScoreOptions, *, max_tokens: int | None = None
     ) -> list[PreparedPair | ItemError]:
         """One token per character; pairs over ``max_context`` become ItemErrors (the
-        fake takes text pairs only, and neither truncates nor drops the prefix)."""
+        fake takes text pairs only, and neither truncates nor drops the prefix). Takes
+        ``prepare_delay_s`` per pair, as a slow tokenizer would."""
+        if self.prepare_delay_s:
+            time.sleep(self.prepare_delay_s * len(pairs))
         out: list[PreparedPair | ItemError] = []
         for pair in pairs:
             if pair.form_problem or (pair.prompt_messages, pair.prompt_ids, pair.response_ids) != (
@@ -262,6 +267,7 @@ def _serve_main(argv: Sequence[str]) -> int:
     """Serve a FakeEngine through ``pairscore_server.main.main`` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="fake_engine.py")
     parser.add_argument("--forward-delay", type=float, default=0.0)
+    parser.add_argument("--prepare-delay", type=float, default=0.0)
     parser.add_argument("--max-context", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
     parser.add_argument("--load-error", choices=("oom", "crash"))
@@ -279,6 +285,7 @@ def _serve_main(argv: Sequence[str]) -> int:
             max_context=args.max_context,
             max_batch_tokens=args.max_batch_tokens,
             forward_delay_s=args.forward_delay,
+            prepare_delay_s=args.prepare_delay,
         )
 
     from pairscore_server.main import main
