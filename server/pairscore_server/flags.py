@@ -265,7 +265,8 @@ _SERVER_SETTINGS = (
         "--prepare-workers",
         "PAIRSCORE_PREPARE_WORKERS",
         int,
-        "Threads that tokenize large requests. The model always runs on one thread. Default: 1.",
+        "Threads that tokenize large requests, one chunk of each in turn; one more thread "
+        "tokenizes small requests. The model always runs on one thread. Default: 1.",
         "N",
     ),
     _Setting(

@@ -19,10 +19,12 @@ the caller counts as one):
   (:class:`DeadlineExceededError`) and the caller's cancellation (the awaiting
   task is cancelled): work stops within one chunk of the caller leaving.
 * **Fair share.** A request has at most one chunk queued or running on the
-  prepare executor, which runs chunks in the order they were handed to it: so
-  requests being tokenized take turns, one chunk each (round-robin), and a
-  small request waits for at most one chunk of each larger one, never for a
-  whole giant request.
+  prepare executor. Chunks of large requests (more than one chunk's
+  characters) take one of ``large_workers`` slots, handed out first come,
+  first served, so large requests take turns, one chunk each (round-robin).
+  The executor has one thread more than that, so a small request (one chunk
+  or less) never waits behind a large request's chunk, only behind other
+  small ones: never behind a whole giant request.
 
 Small requests (few pairs, few characters) are tokenized inline on the event
 loop, at once.
@@ -136,9 +138,11 @@ class PrepareStage:
         chunk_chars: int = DEFAULT_CHUNK_CHARS,
         inline_pairs: int = DEFAULT_INLINE_PAIRS,
         inline_chars: int = DEFAULT_INLINE_CHARS,
+        large_workers: int = 1,
     ) -> None:
-        if min(max_request_chars, max_preparing_chars, chunk_chars) < 1:
-            raise ValueError("the prepare stage's character budgets must be >= 1")
+        if min(max_request_chars, max_preparing_chars, chunk_chars, large_workers) < 1:
+            raise ValueError("the prepare stage's character budgets and workers must be >= 1")
+        self._large_slots = asyncio.Semaphore(large_workers)
         self._executor = executor
         self.max_request_chars = max_request_chars
         self.max_preparing_chars = max_preparing_chars
@@ -202,7 +206,11 @@ class PrepareStage:
                     raise DeadlineExceededError("the deadline passed while the request was tokenized")
                 started = time.perf_counter()
                 indices = list(chunk)
-                results = await loop.run_in_executor(self._executor, work, indices)
+                if chars > self.chunk_chars:  # a large request: one slot per chunk, in turn
+                    async with self._large_slots:
+                        results = await loop.run_in_executor(self._executor, work, indices)
+                else:
+                    results = await loop.run_in_executor(self._executor, work, indices)
                 self._measured(chars / max(len(chunks), 1), time.perf_counter() - started)
                 done.append((indices, results))
                 if after_chunk is not None:

@@ -103,7 +103,8 @@ class ScoringService:
 
     ``prepare_executor`` runs tokenization of large requests off the event
     loop (the engine's ``prepare`` is thread-safe); ``None`` uses the loop's
-    default executor. ``limits`` defaults to the default limits resolved
+    default executor. Large requests use ``prepare_workers`` of its threads at
+    most; it should have one more, for small requests (preparing.py). ``limits`` defaults to the default limits resolved
     against the engine.
     """
 
@@ -116,6 +117,7 @@ class ScoringService:
         prepare_executor: Executor | None = None,
         inline_prepare_pairs: int = DEFAULT_INLINE_PAIRS,
         limits: Limits | None = None,
+        prepare_workers: int = 1,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
@@ -131,6 +133,7 @@ class ScoringService:
             max_request_chars=limits.max_request_chars,
             max_preparing_chars=limits.max_preparing_chars,
             inline_pairs=inline_prepare_pairs,
+            large_workers=prepare_workers,
         )
         self._info: ModelInfo | None = None
 

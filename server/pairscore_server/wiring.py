@@ -48,7 +48,8 @@ def wire(
     """Build and start the serving stack for ``engine``; call it inside the running event loop.
 
     ``model_executor`` is the single thread every forward pass runs on;
-    ``prepare_executor`` tokenizes large requests off the event loop.
+    ``prepare_executor`` tokenizes requests off the event loop: ``prepare_workers``
+    threads for large requests and one more for small ones.
     """
     limits = resolve_limits(
         max_context=engine.info.max_context_tokens,
@@ -77,6 +78,7 @@ def wire(
         metrics=metrics,
         prepare_executor=prepare_executor,
         limits=limits,
+        prepare_workers=config.prepare_workers,
     )
     serving = Serving(limits=limits, batcher=batcher, service=service)
     _log_serving(serving, engine, config)
