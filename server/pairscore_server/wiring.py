@@ -103,14 +103,14 @@ def _log_serving(serving: Serving, engine: Engine, config: ServerConfig) -> None
     )
     log.info(
         "limits: %d pairs per request, %d characters per text, %d tokens per pair, "
-        "%d bytes per message, %d queued tokens, %d characters tokenized per request "
-        "(%d at once), %s concurrent RPCs",
+        "%d bytes per message, %d queued tokens, %s concurrent RPCs; %d characters "
+        "tokenized per request (%d at once)",
         limits.max_pairs_per_request,
         limits.max_text_chars,
         limits.max_item_tokens,
         limits.max_message_bytes,
         limits.max_queue_tokens,
+        config.max_concurrent_rpcs or "unbounded",
         limits.max_request_chars,
         limits.max_preparing_chars,
-        config.max_concurrent_rpcs or "unbounded",
     )
