@@ -11,8 +11,8 @@ Which limit gives which error:
 * a prompt or response longer than ``max_text_chars`` code points: an
   ``INVALID_ARGUMENT`` item error for that pair, before tokenizing;
 * a pair needing more than ``max_item_tokens`` tokens: an
-  ``INVALID_ARGUMENT`` item error (past the model's context the engine
-  already says ``CONTEXT_LENGTH_EXCEEDED``);
+  ``INVALID_ARGUMENT`` item error, from the engine's ``prepare`` (its
+  ``max_tokens``; past the model's context ``CONTEXT_LENGTH_EXCEEDED``);
 * the admission queue is full: :class:`QueueFullError`
   (RESOURCE_EXHAUSTED), checked once before tokenizing (one token per pair
   is a lower bound) and again with the real token count;
@@ -398,7 +398,8 @@ class ScoringService:
     def _prepare_checked(
         self, pairs: Sequence[Pair], options: ScoreOptions
     ) -> list[PreparedPair | ItemError]:
-        """Character limits, then the engine's tokenization, then the token limit."""
+        """Character limits, then the engine's tokenization, which also applies the per-pair
+        token limit (``max_tokens``: the one place it is checked, engine/preparation.py)."""
         out: list[PreparedPair | ItemError | None] = [self._check_chars(p) for p in pairs]
         todo = [i for i, item in enumerate(out) if item is None]
         limit = self.limits.max_item_tokens
@@ -406,15 +407,6 @@ class ScoringService:
         if len(prepared) != len(todo):
             raise RuntimeError(f"engine prepared {len(prepared)} items for {len(todo)} pairs")
         for i, item in zip(todo, prepared, strict=True):
-            if not isinstance(item, ItemError) and item.num_tokens > limit:
-                item = ItemError(
-                    ItemErrorCode.INVALID_ARGUMENT,
-                    f"pair needs {item.num_tokens} tokens (1 prefix or context + {item.prompt_tokens} "
-                    f"prompt + {item.response_tokens} response); this server takes at most "
-                    f"{limit} tokens per pair (max_item_tokens); nothing is truncated "
-                    "(truncation LEFT would drop prompt tokens)",
-                    pairs[i].id,
-                )
             out[i] = item
         return out  # type: ignore[return-value]
 

@@ -145,7 +145,8 @@ class FakeEngine(Engine):
     def prepare(
         self, pairs: Sequence[Pair], options: ScoreOptions, *, max_tokens: int | None = None
     ) -> list[PreparedPair | ItemError]:
-        """One token per character; pairs over ``max_context`` become ItemErrors (the
+        """One token per character; pairs over ``max_tokens`` (at most ``max_context``) become
+        ItemErrors, INVALID_ARGUMENT below the context (the
         fake takes text pairs only, and neither truncates nor drops the prefix). Takes
         ``prepare_delay_s`` per pair, as a slow tokenizer would."""
         if self.prepare_delay_s:
@@ -166,13 +167,14 @@ class FakeEngine(Engine):
                 )
                 continue
             m, n = len(pair.prompt), len(pair.response)
-            if 1 + m + n > self.max_context:
+            limit = self.max_context if max_tokens is None else min(max_tokens, self.max_context)
+            if 1 + m + n > limit:
+                code, where = ItemErrorCode.CONTEXT_LENGTH_EXCEEDED, f"the context is {limit}"
+                if limit < self.max_context:
+                    code = ItemErrorCode.INVALID_ARGUMENT
+                    where = f"this server takes at most {limit} tokens per pair (max_item_tokens)"
                 out.append(
-                    ItemError(
-                        code=ItemErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                        message=f"pair needs {1 + m + n} tokens; the context is {self.max_context}",
-                        id=pair.id,
-                    )
+                    ItemError(code=code, message=f"pair needs {1 + m + n} tokens; {where}", id=pair.id)
                 )
                 continue
             offsets = tuple((i, i + 1) for i in range(m)) + tuple((j, j + 1) for j in range(n))

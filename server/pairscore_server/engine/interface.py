@@ -105,7 +105,9 @@ class Engine(Protocol):
         """Tokenize ``pairs``; one PreparedPair, or an ItemError for a pair that cannot be
         scored, per pair, in order. ``max_tokens``: the most tokens a pair may take (at most
         the model's context; ``None``: the context), which ``Truncation.LEFT`` cuts prompts
-        to fit."""
+        to fit; a longer pair is an ItemError (INVALID_ARGUMENT naming max_item_tokens
+        below the context, CONTEXT_LENGTH_EXCEEDED at it): the one place the per-pair token
+        limit is checked."""
         ...
 
     def tokenize(self, texts: Sequence[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:

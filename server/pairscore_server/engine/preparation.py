@@ -68,7 +68,8 @@ class Preparation:
         Each side is text, token ids or (the prompt) a conversation; see
         docs/contract.md. ``max_tokens`` (at most the model's context) is the
         most tokens one pair may take, c ⊕ x ⊕ y: with ``Truncation.LEFT`` the
-        prompt is cut from the start to fit it; otherwise the caller enforces it.
+        prompt is cut from the start to fit it; otherwise a longer pair is an ItemError
+        (the one place the per-pair token limit is checked).
         """
         if not 0 <= options.top_k <= self.max_top_k:
             message = f"top_k must be between 0 and {self.max_top_k} (max_top_k), got {options.top_k}"
