@@ -14,13 +14,9 @@ from pairscore.types import (
     ItemError,
     ModelInfo,
     Pair,
-    PairScore,
     ScoreOptions,
     ScoreOutcome,
-    TokenAlternative,
     TokenizationMode,
-    TokenScore,
-    data_selection_scores,
 )
 from pairscore_server.engine.chat import ChatRenderer
 from pairscore_server.engine.interface import (
@@ -57,6 +53,7 @@ from pairscore_server.engine.packing import (
 from pairscore_server.engine.prefix import Prefix, resolve_prefix
 from pairscore_server.engine.preparation import Preparation
 from pairscore_server.engine.prepared import PreparedPair
+from pairscore_server.engine.results import ResultBuilder
 from pairscore_server.engine.tokenization import PairTokenizer
 
 log = logging.getLogger(__name__)
@@ -186,7 +183,7 @@ class ScoringEngine(Engine):
             vocab_size=self._logprobs.vocab_size,
             max_top_k=self.max_top_k,
         )
-        self._alternative_texts: dict[int, str] = {}
+        self._results = ResultBuilder(self.pair_tokenizer, self.prefix.token_id)
         self._token_text_bytes = self._max_token_text_bytes()
         if not self.pair_tokenizer.separate_supported:
             log.warning("SEPARATE tokenization unavailable: %s", self.pair_tokenizer.separate_problem)
@@ -356,7 +353,7 @@ class ScoringEngine(Engine):
         run = self._logprobs_packed if self.packing else self._logprobs_padded
         lps, stats = run(seqs, prompt_lens, detail, cancelled or _never)
         scores = [
-            self._result(p, lps[i], None if src is None else lps[src] if src >= 0 else lps[i][:0])
+            self._results.result(p, lps[i], None if src is None else lps[src] if src >= 0 else lps[i][:0])
             for i, (p, src) in enumerate(zip(prepared, sources, strict=True))
         ]
         return ScoredBatch(scores, stats, (time.perf_counter() - started,))
@@ -438,87 +435,6 @@ class ScoringEngine(Engine):
             for i in same[1:]:
                 results[i] = results[same[0]]
         return results, ForwardStats(real, padded, reused)  # type: ignore[return-value]
-
-    def _result(self, pair: PreparedPair, lps: torch.Tensor, alone: torch.Tensor | None = None) -> PairScore:
-        """A pair's scores from its log-probs (or detail matrix, see logprobs.py) and, with
-        ``unconditional``, the log-probs of its p ⊕ y (``alone``)."""
-        detail = lps if lps.dim() == 2 else None
-        if detail is not None:
-            lps = detail[:, 0]
-        m = pair.prompt_tokens
-        sums = lps.double()
-        prompt_lp = float(sums[:m].sum())
-        cond_lp = float(sums[m:].sum())
-        uncond_lp = pmi = ifd = None
-        if alone is not None:
-            alone_lps = alone[:, 0] if alone.dim() == 2 else alone
-            uncond_lp = float(alone_lps.double().sum())
-            pmi, ifd = data_selection_scores(cond_lp, uncond_lp)
-        greedy = None
-        if pair.greedy and detail is not None:
-            greedy = bool((detail[m:, 1] == 1).all())
-        tokens: tuple[TokenScore, ...] = ()
-        if pair.return_tokens:
-            ids = pair.input_ids[1:]
-            texts = self.pair_tokenizer.token_texts(self.prefix.token_id, ids)
-            ranks = [0] * len(ids)
-            alternatives: list[tuple[TokenAlternative, ...]] = [()] * len(ids)
-            if detail is not None and pair.greedy:
-                ranks = [int(r) for r in detail[:, 1].tolist()]
-            if detail is not None and pair.top_k:
-                alternatives = self._alternatives(detail, pair.top_k)
-            tokens = tuple(
-                TokenScore(
-                    token_id=tid,
-                    text=text,
-                    logprob=float(lp),
-                    side=span.side,
-                    char_start=span.char_start,
-                    char_end=span.char_end,
-                    straddles_boundary=span.straddles_boundary,
-                    rank=rank,
-                    top_k=alts,
-                )
-                for tid, text, lp, span, rank, alts in zip(
-                    ids, texts, lps.tolist(), pair.spans, ranks, alternatives, strict=True
-                )
-            )
-        return PairScore(
-            joint_logprob=prompt_lp + cond_lp,
-            prompt_logprob=prompt_lp,
-            conditional_logprob=cond_lp,
-            prompt_tokens=m,
-            response_tokens=pair.response_tokens,
-            boundary_straddled=pair.boundary_straddled,
-            tokens=tokens,
-            id=pair.id,
-            unconditional_logprob=uncond_lp,
-            pmi=pmi,
-            ifd=ifd,
-            response_is_greedy=greedy,
-            prompt_tokens_dropped=pair.prompt_tokens_dropped,
-            rendered_prompt=pair.rendered_prompt,
-            rendered_response=pair.rendered_response,
-        )
-
-    def _alternatives(self, detail: torch.Tensor, k: int) -> list[tuple[TokenAlternative, ...]]:
-        """The top ``k`` of each row of a detail matrix (whose top-k may be wider)."""
-        width = (detail.shape[1] - 2) // 2
-        ids = detail[:, 2 : 2 + k].long().tolist()
-        values = detail[:, 2 + width : 2 + width + k].tolist()
-        texts = self._texts_of({t for row in ids for t in row})
-        return [
-            tuple(TokenAlternative(t, texts[t], v) for t, v in zip(row_ids, row_values, strict=True))
-            for row_ids, row_values in zip(ids, values, strict=True)
-        ]
-
-    def _texts_of(self, ids: set[int]) -> dict[int, str]:
-        """Token texts, as TokenScore.text, decoded once per id and kept."""
-        missing = tuple(sorted(ids - self._alternative_texts.keys()))
-        if missing:
-            texts = self.pair_tokenizer.token_texts(self.prefix.token_id, missing)
-            self._alternative_texts.update(zip(missing, texts, strict=True))
-        return self._alternative_texts
 
     def score_pairs(self, pairs: Sequence[Pair], options: ScoreOptions | None = None) -> list[ScoreOutcome]:
         """prepare + score in one call, for in-process use (see :func:`interface.score_pairs`)."""
