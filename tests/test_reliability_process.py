@@ -166,7 +166,8 @@ def test_sigterm_under_load_finishes_in_flight_work_refuses_new_calls_and_exits_
 def test_a_second_signal_exits_at_once_even_with_a_busy_model_thread(
     spawn: Callable[..., Proc],
 ) -> None:
-    proc = spawn("--forward-delay", "60", serve_args=("--grace-period", "60"))
+    # one 60 s forward chunk: the engine cannot stop it when its caller leaves
+    proc = spawn("--forward-delay", "60", "--forward-chunk", "60", serve_args=("--grace-period", "60"))
     wait_health(proc, "SERVING")
     thread, codes = in_background(lambda: score_code(proc.target, "slow", timeout=60))
     time.sleep(0.3)  # the call is in the (60 s) forward pass

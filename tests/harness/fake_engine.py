@@ -91,6 +91,7 @@ class FakeEngine(Engine):
         max_batch_tokens: int = 4096,
         forward_delay_s: float = 0.0,
         prepare_delay_s: float = 0.0,
+        forward_chunk_s: float = FORWARD_CHUNK_S,
         warmup_gate: threading.Event | None = None,
         score_gate: threading.Event | None = None,
         oom_above_tokens: int | None = None,
@@ -100,6 +101,7 @@ class FakeEngine(Engine):
         self._max_batch_tokens = max_batch_tokens
         self.forward_delay_s = forward_delay_s
         self.prepare_delay_s = prepare_delay_s  # per pair: a slow tokenizer
+        self.forward_chunk_s = forward_chunk_s  # how often a forward delay checks cancellation
         self.warmup_gate = warmup_gate
         self.score_gate = score_gate
         self.oom_above_tokens = oom_above_tokens
@@ -204,7 +206,7 @@ class FakeEngine(Engine):
         """Sleep ``forward_delay_s``, record the batch, and score it (or raise on FAIL / OOM).
 
         Its stats are those of one padded batch: every pair padded to the longest.
-        The delay is slept in forward "chunks" of ``FORWARD_CHUNK_S``, checking
+        The delay is slept in forward "chunks" of ``forward_chunk_s``, checking
         ``cancelled`` before each (ScoreCancelled), as the real engine does between rows.
         """
         started = time.perf_counter()
@@ -226,7 +228,7 @@ class FakeEngine(Engine):
                 with self._lock:
                     self.cancelled_batches.append(prompts)
                 raise ScoreCancelled("every caller of this batch left")
-            time.sleep(min(left, FORWARD_CHUNK_S))
+            time.sleep(min(left, self.forward_chunk_s))
         if FAIL_PROMPT in prompts:
             raise FakeEngineError("injected failure: the batch holds a FAIL pair")
         scores = [self._score_one(p) for p in prepared]
@@ -270,6 +272,7 @@ def _serve_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="fake_engine.py")
     parser.add_argument("--forward-delay", type=float, default=0.0)
     parser.add_argument("--prepare-delay", type=float, default=0.0)
+    parser.add_argument("--forward-chunk", type=float, default=FORWARD_CHUNK_S)
     parser.add_argument("--max-context", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
     parser.add_argument("--load-error", choices=("oom", "crash"))
@@ -288,6 +291,7 @@ def _serve_main(argv: Sequence[str]) -> int:
             max_batch_tokens=args.max_batch_tokens,
             forward_delay_s=args.forward_delay,
             prepare_delay_s=args.prepare_delay,
+            forward_chunk_s=args.forward_chunk,
         )
 
     from pairscore_server.main import main
