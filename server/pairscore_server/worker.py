@@ -11,6 +11,7 @@ batch's requests.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -46,12 +47,24 @@ class Forward:
     seconds: float
 
 
+def _takes_cancelled(engine: Engine) -> bool:
+    """Whether ``engine.score`` takes the ``cancelled`` keyword (older engines do not)."""
+    try:
+        parameters = inspect.signature(engine.score).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cancelled" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
 class ModelWorker:
     """Runs batches through ``engine`` (from one thread at a time), splitting on out-of-memory."""
 
     def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._cancellable = _takes_cancelled(engine)
 
     def run(self, prepared: list[PreparedPair], cancelled: Cancelled | None = None) -> Forward:
         """Score the batch (splitting on out-of-memory), timed. Call it on the model thread.
@@ -74,7 +87,10 @@ class ModelWorker:
     ) -> list[ScoreOutcome]:
         """engine.score; on out-of-memory, score each half, down to single pairs."""
         try:
-            scored = self._engine.score(prepared, cancelled=cancelled)
+            if self._cancellable:
+                scored = self._engine.score(prepared, cancelled=cancelled)
+            else:  # an engine written before score() took ``cancelled``: it runs to the end
+                scored = self._engine.score(prepared)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
