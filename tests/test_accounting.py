@@ -125,3 +125,38 @@ def test_every_pair_ends_in_exactly_one_counter(start_server: Callable[..., Serv
     assert counted == sent, "every pair in exactly one counter"
     assert totals["requests"].get("DEADLINE_EXCEEDED") == 1.0, "a timed-out caller is not 'cancelled'"
     assert totals["requests"].get("CANCELLED") == 1.0
+
+
+def _word_salad(chars: int, seed: int) -> str:
+    words = [f"w{(seed * 7919 + k * 104729) % 5000}" for k in range(chars // 4 + 1)]
+    return " ".join(words)[:chars]
+
+
+def test_pairs_abandoned_during_tokenization_are_counted(tiny_engine, start_server) -> None:
+    """A caller that leaves (or whose deadline passes) while its pairs are still being
+    tokenized: all its pairs are dropped, for that reason (issue 22: they were in no counter)."""
+    st = start_server(tiny_engine)
+    n = 64
+
+    def giant(tag: str) -> pb.ScoreRequest:
+        return pb.ScoreRequest(
+            pairs=[pb.Pair(prompt=_word_salad(20_000, i), response=" y", id=f"{tag}{i}") for i in range(n)],
+            options=pb.ScoreOptions(truncation=pb.TRUNCATION_LEFT),
+        )
+
+    with grpc.insecure_channel(st.target) as channel:
+        stub = pb_grpc.ScoringServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as late:
+            stub.Score(giant("late"), timeout=0.8)
+        assert late.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        call = stub.Score.future(giant("gone"), timeout=60)
+        time.sleep(0.8)
+        call.cancel()
+        stub.Score(_request(("a", "b")), timeout=30)
+        deadline = time.monotonic() + 10
+        while sum(_totals(st.metrics_text())["dropped"].values()) < 2 * n and time.monotonic() < deadline:
+            time.sleep(0.05)
+    totals = _totals(st.metrics_text())
+    assert totals["dropped"] == {"deadline": n, "cancelled": n}
+    assert totals["pairs"] == {"ok": 1.0}
+    assert totals["rejected"] == {}

@@ -166,7 +166,8 @@ def test_sigterm_under_load_finishes_in_flight_work_refuses_new_calls_and_exits_
 def test_a_second_signal_exits_at_once_even_with_a_busy_model_thread(
     spawn: Callable[..., Proc],
 ) -> None:
-    proc = spawn("--forward-delay", "60", serve_args=("--grace-period", "60"))
+    # one 60 s forward chunk: the engine cannot stop it when its caller leaves
+    proc = spawn("--forward-delay", "60", "--forward-chunk", "60", serve_args=("--grace-period", "60"))
     wait_health(proc, "SERVING")
     thread, codes = in_background(lambda: score_code(proc.target, "slow", timeout=60))
     time.sleep(0.3)  # the call is in the (60 s) forward pass
@@ -305,3 +306,25 @@ def test_the_whole_shutdown_fits_the_grace_period(spawn: Callable[..., Proc]) ->
         reader.join(10)
     assert ended and ended[0] is not OK
     assert took <= grace + 0.35, f"shutdown took {took:.2f} s for a {grace} s grace period"
+
+
+def test_shutdown_fits_the_grace_period_during_a_long_tokenization(spawn: Callable[..., Proc]) -> None:
+    """Tokenization runs in chunks that see the cancellation (issue 22): a request still being
+    tokenized when the grace runs out does not hold the exit (it took 11.4 s for a 10 s grace)."""
+    grace = 2.0
+    proc = spawn(
+        "--prepare-delay", "0.1", "--max-context", "16384", serve_args=("--grace-period", str(grace))
+    )
+    wait_health(proc, "SERVING")
+    # 60 pairs of 10k characters: 6 s of tokenization, a few pairs per chunk
+    request = pb.ScoreRequest(pairs=[pb.Pair(prompt=f"{i}" + "x" * 10_000, response="!") for i in range(60)])
+    with grpc.insecure_channel(proc.target) as channel:
+        call = pb_grpc.ScoringServiceStub(channel).Score.future(request, timeout=60)
+        time.sleep(0.8)
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        took = time.monotonic() - started
+        with pytest.raises(grpc.RpcError):
+            call.result(timeout=10)
+    assert took <= grace + 0.6, f"shutdown took {took:.2f} s for a {grace} s grace period"

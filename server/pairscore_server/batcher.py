@@ -18,7 +18,8 @@ scored.
 
 Overload, time and faults:
 
-* **Admission.** The queue holds at most ``max_queue_tokens`` tokens (the
+* **Admission** (admission.py, an :class:`~pairscore_server.admission.Admission`
+  the batcher keeps informed). The queue holds at most ``max_queue_tokens`` tokens (the
   sum of ``PreparedPair.work_tokens`` of the waiting pairs: p ⊕ x ⊕ y, and p ⊕ y
   for a pair that asked for its unconditional score). A request that
   does not fit now raises :class:`QueueFullError` at once, with a retry hint
@@ -29,7 +30,8 @@ Overload, time and faults:
   longer than it has left) is refused at admission with
   :class:`QueueFullError`. Pairs of a caller that cancelled, or whose
   deadline passed, are dropped before they reach the model; their batch
-  mates are scored.
+  mates are scored. A batch whose callers have all left stops at the
+  engine's next forward chunk (``Engine.score``'s ``cancelled`` check).
 * **Accounting.** Every pair offered to :meth:`check_admission` /
   :meth:`submit` ends in exactly one counter: refused ones in
   ``pairscore_rejected_pairs_total{reason}``; admitted ones that never get an
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import time
@@ -63,11 +66,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pairscore.types import ScoreOutcome
+from pairscore_server.accounting import (
+    DROP_DEADLINE,
+    DROP_FAILED,
+    DROP_SHUTDOWN,
+    DROP_WORKER,
+    leave_reason,
+)
+from pairscore_server.admission import Admission
+from pairscore_server.engine.interface import ScoreCancelled
 from pairscore_server.errors import (
     BatcherClosedError,
     BatchFailedError,
     DeadlineExceededError,
-    DeadlineUnmeetableError,
     QueueFullError,
     RequestLimitError,
     WorkerUnavailableError,
@@ -90,57 +101,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Bounds of the retry hint given with QueueFullError, in seconds.
-MIN_RETRY_AFTER_S = 0.05
-MAX_RETRY_AFTER_S = 30.0
-#: Retry hint before any batch has been timed.
-DEFAULT_RETRY_AFTER_S = 1.0
-#: A caller that cancels this close to its deadline counts as "deadline": the client
-#: side gives up at its deadline a little before the server's own timer fires.
-DEADLINE_SLACK_S = 0.05
-_THROUGHPUT_SMOOTHING = 0.3  # weight of the newest batch in the tokens/s estimate
 #: Pairs whose first this many token ids (prefix included) are the same, within
 #: prompts of at least this length, are grouped into one batch: the engine's
 #: trie shares runs from packing.MIN_SHARED_TOKENS (the same number) on.
 GROUP_PREFIX_TOKENS = 16
 #: How many queued pairs a batch looks through for pairs sharing its prefixes.
 GROUP_LOOKAHEAD = 4096
-
-# Reasons of pairscore_dropped_pairs_total and pairscore_rejected_pairs_total.
-DROP_CANCELLED = "cancelled"
-DROP_DEADLINE = "deadline"
-DROP_SHUTDOWN = "shutdown"
-DROP_WORKER = "worker_unavailable"
-DROP_FAILED = "batch_failed"
-REJECT_QUEUE_FULL = "queue_full"
-REJECT_REQUEST_LIMIT = "request_limit"
-
-
-def counts_as_deadline(remaining_s: float | None, budget_s: float | None) -> bool:
-    """Whether a caller that left with ``remaining_s`` of its ``budget_s`` deadline left gave
-    up because of its deadline. The client's timer fires a little before the server's
-    (the deadline travels as a timeout), so the last 5 % of the budget, and at least
-    :data:`DEADLINE_SLACK_S`, count as "deadline" rather than "cancelled"."""
-    if remaining_s is None:
-        return False
-    slack = DEADLINE_SLACK_S if budget_s is None else max(DEADLINE_SLACK_S, 0.05 * budget_s)
-    return remaining_s <= slack
-
-
-_ADMISSION_REASONS = (BatcherClosedError, RequestLimitError, QueueFullError)
-
-
-def _admission_reason(exc: BaseException) -> str:
-    """The ``reason`` label of a refusal at admission."""
-    if isinstance(exc, WorkerUnavailableError):
-        return DROP_WORKER
-    if isinstance(exc, BatcherClosedError):
-        return DROP_SHUTDOWN
-    if isinstance(exc, RequestLimitError):
-        return REJECT_REQUEST_LIMIT
-    if isinstance(exc, DeadlineUnmeetableError):
-        return DROP_DEADLINE
-    return REJECT_QUEUE_FULL
 
 
 @dataclass(eq=False)
@@ -179,6 +145,11 @@ class _Item:
     key: tuple[int, ...] | None = None  # group_key(prepared)
 
 
+def _all_left(batch: Sequence[_Item]) -> bool:
+    """Whether no caller of ``batch`` waits any more (polled by the engine, on the model thread)."""
+    return all(item.request.future.done() for item in batch)
+
+
 class Batcher:
     """Collects pairs from concurrent callers into batches for one engine.
 
@@ -202,45 +173,39 @@ class Batcher:
             raise ValueError(f"max_batch_pairs must be >= 1, got {max_batch_pairs}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
-        if max_queue_tokens is not None and max_queue_tokens < 1:
-            raise ValueError(f"max_queue_tokens must be >= 1, got {max_queue_tokens}")
         self._engine = engine
         self._worker = ModelWorker(engine, metrics)
         self._executor = executor
         self._max_batch_pairs = max_batch_pairs
         self._max_wait_s = max_wait_s
-        self._max_queue_tokens = max_queue_tokens
         self._metrics = metrics
+        self._admission = Admission(max_queue_tokens, metrics)
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_keys: collections.Counter[tuple[int, ...]] = collections.Counter()  # of queued pairs
-        self._live = 0  # queued pairs whose request still waits
-        self._live_tokens = 0  # and their tokens
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._collecting: list[_Item] = []  # the batch being gathered (popped from the queue)
         self._in_flight: list[_Item] = []  # the batch the model is scoring now
-        self._in_flight_tokens = 0
         self._forward_started: float | None = None
         self._stalled = False
-        self._tokens_per_s: float | None = None
 
     # --- public API ----------------------------------------------------------------
 
     @property
     def queued_pairs(self) -> int:
         """Pairs waiting for a batch (not counting the batch being scored)."""
-        return self._live
+        return self._admission.queued_pairs
 
     @property
     def queued_tokens(self) -> int:
         """Tokens of the pairs waiting for a batch."""
-        return self._live_tokens
+        return self._admission.queued_tokens
 
     @property
     def max_queue_tokens(self) -> int | None:
         """The admission bound on queued tokens, or None."""
-        return self._max_queue_tokens
+        return self._admission.max_queue_tokens
 
     @property
     def running(self) -> bool:
@@ -290,7 +255,8 @@ class Batcher:
     def check_admission(
         self, *, tokens: int, pairs: int, at_least: bool = False, deadline: float | None = None
     ) -> None:
-        """Raise if a request of ``tokens`` tokens / ``pairs`` pairs cannot be queued now.
+        """Raise if a request of ``tokens`` tokens / ``pairs`` pairs cannot be queued now
+        (see :meth:`Admission.check <pairscore_server.admission.Admission.check>`).
 
         :class:`RequestLimitError` if it is larger than the whole queue (it
         never fits), :class:`QueueFullError` if it does not fit now or the
@@ -301,61 +267,22 @@ class Batcher:
         Cheap; callers may pre-check with a lower bound (one token per pair,
         ``at_least=True``) before tokenizing.
         """
-        try:
-            self._admit(tokens=tokens, at_least=at_least, deadline=deadline)
-        except _ADMISSION_REASONS as exc:
-            self._count("rejected", _admission_reason(exc), pairs)
-            raise
-
-    def _admit(self, *, tokens: int, at_least: bool, deadline: float | None) -> None:
-        if self._closing or not self.running:
-            raise BatcherClosedError("the server is shutting down and takes no new work")
-        if self._stalled:
-            raise WorkerUnavailableError(
-                f"the model worker has not answered for {self.busy_seconds:.0f} s; "
-                "the server refuses work until it does (retry on another replica)"
-            )
-        cap = self._max_queue_tokens
-        needs = f"at least {tokens}" if at_least else f"{tokens}"
-        if cap is not None and tokens > cap:
-            raise RequestLimitError(
-                f"request needs {needs} tokens but the server queues at most {cap} tokens "
-                "(max_queue_tokens); split it into smaller requests"
-            )
-        if cap is not None and self._live_tokens + tokens > cap:
-            retry = self.retry_after_s()
-            raise QueueFullError(
-                f"server overloaded: its queue holds {self._live_tokens} of {cap} tokens and "
-                f"this request needs {needs}; retry in about {retry * 1000:.0f} ms",
-                retry,
-            )
-        rate = self._tokens_per_s
-        if deadline is not None and rate:
-            ahead = self._live_tokens + self._in_flight_tokens
-            wait = (ahead + tokens) / rate
-            left = deadline - time.monotonic()
-            if 0 < left < wait:  # one already past is DeadlineExceededError, in submit()
-                retry = self.retry_after_s()
-                raise DeadlineUnmeetableError(
-                    f"the server cannot meet this request's deadline: at the measured "
-                    f"{rate:.0f} tokens/s, the {ahead} tokens queued ahead of it and its own "
-                    f"{needs} take about {wait:.2f} s, and it has {left:.2f} s left; "
-                    "retry with a longer deadline, later, or on another replica",
-                    retry,
-                )
+        self._admission.check(
+            tokens=tokens,
+            pairs=pairs,
+            at_least=at_least,
+            deadline=deadline,
+            closed=self._closing or not self.running,
+            stalled_s=self.busy_seconds if self._stalled else None,
+        )
 
     def _count(self, counter: str, reason: str, pairs: int) -> None:
-        if self._metrics is not None and pairs:
-            metric = self._metrics.rejected_pairs if counter == "rejected" else self._metrics.dropped_pairs
-            metric.labels(reason=reason).inc(pairs)
+        counters = self._admission.counters
+        (counters.rejected if counter == "rejected" else counters.dropped)(reason, pairs)
 
     def retry_after_s(self) -> float:
         """How long the queued work will take at the measured throughput (clamped)."""
-        rate = self._tokens_per_s
-        if not rate:
-            return DEFAULT_RETRY_AFTER_S
-        backlog = self._live_tokens + self._in_flight_tokens
-        return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, backlog / rate))
+        return self._admission.retry_after_s()
 
     async def submit(
         self, prepared: Sequence[PreparedPair], *, deadline: float | None = None
@@ -399,17 +326,14 @@ class Batcher:
         ]
         self._queue.extend(items)
         self._queued_keys.update(item.key for item in items if item.key is not None)
-        self._live += n
-        self._live_tokens += tokens
+        self._admission.queued(n, tokens)
         self._queue_changed()
         self._wakeup.set()
         try:
             return await request.future
         except asyncio.CancelledError:
             request.future.cancel()
-            left = None if deadline is None else deadline - time.monotonic()
-            budget = None if deadline is None else deadline - now
-            self._drop(request, DROP_DEADLINE if counts_as_deadline(left, budget) else DROP_CANCELLED)
+            self._drop(request, leave_reason(deadline, now, time.monotonic()))
             raise
 
     def abandon_in_flight(self, reason: str) -> None:
@@ -428,9 +352,7 @@ class Batcher:
     # --- internals -------------------------------------------------------------------
 
     def _queue_changed(self) -> None:
-        if self._metrics is not None:
-            self._metrics.queue_pairs.set(self._live)
-            self._metrics.queue_tokens.set(self._live_tokens)
+        self._admission.publish()
 
     def _drop(self, request: _Request, reason: str) -> None:
         """Mark a request that finished early (failed, cancelled, expired): its pairs are dead.
@@ -442,8 +364,7 @@ class Batcher:
         """
         if not request.dropped:
             request.dropped = True
-            self._live -= request.queued
-            self._live_tokens -= request.queued_tokens
+            self._admission.queued(-request.queued, -request.queued_tokens)
             self._count("dropped", reason, request.pairs)
             self._queue_changed()
 
@@ -470,8 +391,7 @@ class Batcher:
         request.queued -= 1
         request.queued_tokens -= item.prepared.work_tokens
         if not request.dropped:
-            self._live -= 1
-            self._live_tokens -= item.prepared.work_tokens
+            self._admission.queued(-1, -item.prepared.work_tokens)
         return item
 
     def _usable(self, item: _Item, now: float) -> bool:
@@ -581,10 +501,15 @@ class Batcher:
         prepared = [item.prepared for item in batch]
         tokens = sum(p.work_tokens for p in prepared)
         loop = asyncio.get_running_loop()
-        self._in_flight, self._in_flight_tokens = batch, tokens
+        self._in_flight, self._admission.in_flight_tokens = batch, tokens
         self._forward_started = time.monotonic()
         try:
-            forward = await loop.run_in_executor(self._executor, self._worker.run, prepared)
+            forward = await loop.run_in_executor(
+                self._executor, self._worker.run, prepared, functools.partial(_all_left, batch)
+            )
+        except ScoreCancelled:  # every caller left: their pairs are already dropped and counted
+            log.debug("a batch of %d pairs stopped early: all its callers left", len(batch))
+            return
         except Exception as exc:  # the whole batch failed: fail exactly its requests
             log.error("a batch of %d pairs failed: %s", len(batch), short_reason(exc), exc_info=exc)
             failed = {id(item.request): item.request for item in batch}
@@ -602,13 +527,10 @@ class Batcher:
                     self.busy_seconds,
                 )
                 self._stalled = False
-            self._in_flight, self._in_flight_tokens = [], 0
+            self._in_flight, self._admission.in_flight_tokens = [], 0
             self._forward_started = None
         seconds = forward.seconds
-        if seconds > 0:
-            rate = tokens / seconds
-            old = self._tokens_per_s
-            self._tokens_per_s = rate if old is None else old + _THROUGHPUT_SMOOTHING * (rate - old)
+        self._admission.measured(tokens, seconds)
         if self._metrics is not None:
             stats = forward.stats
             self._metrics.observe_batch(

@@ -14,6 +14,8 @@ from pairscore_server.engine.spec import ModelSpec
 from pairscore_server.limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_PAIRS_PER_REQUEST,
+    DEFAULT_MAX_PREPARING_CHARS,
+    DEFAULT_MAX_REQUEST_CHARS,
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_TEXT_CHARS,
 )
@@ -73,6 +75,8 @@ class ServerConfig:
     prepare_workers: int = 1
     max_pairs_per_request: int = DEFAULT_MAX_PAIRS_PER_REQUEST
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+    max_request_chars: int = DEFAULT_MAX_REQUEST_CHARS
+    max_preparing_chars: int = DEFAULT_MAX_PREPARING_CHARS
     max_item_tokens: int | None = None
     max_queue_tokens: int | None = None
     max_concurrent_rpcs: int | None = 512
@@ -130,6 +134,9 @@ class ServerConfig:
             f"max pairs per request must be >= 1, got {self.max_pairs_per_request}",
         )
         _check(self.max_text_chars >= 1, f"max text chars must be >= 1, got {self.max_text_chars}")
+        for chars in ("max_request_chars", "max_preparing_chars"):
+            value = getattr(self, chars)
+            _check(value >= 1, f"{chars.replace('_', ' ')} must be >= 1, got {value}")
         for name in ("max_item_tokens", "max_queue_tokens", "max_concurrent_rpcs"):
             value = getattr(self, name)
             _check(

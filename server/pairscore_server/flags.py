@@ -294,7 +294,8 @@ _SERVER_SETTINGS = (
         "--prepare-workers",
         "PAIRSCORE_PREPARE_WORKERS",
         int,
-        "Threads that tokenize large requests. The model always runs on one thread. Default: 1.",
+        "Threads that tokenize large requests, one chunk of each in turn; one more thread "
+        "tokenizes small requests. The model always runs on one thread. Default: 1.",
         "N",
     ),
     _Setting(
@@ -313,6 +314,26 @@ _SERVER_SETTINGS = (
         "Most characters (Unicode code points) in one prompt or response, checked "
         "before tokenizing; a longer text fails its pair with an INVALID_ARGUMENT "
         "item error. Default: 100000.",
+        "N",
+    ),
+    _Setting(
+        "max_request_chars",
+        "--max-request-chars",
+        "PAIRSCORE_MAX_REQUEST_CHARS",
+        int,
+        "Most characters one request may have tokenized (all its texts; a prompt "
+        "shared by several pairs counts once), checked before tokenizing; more is "
+        "INVALID_ARGUMENT. Default: 16777216.",
+        "N",
+    ),
+    _Setting(
+        "max_preparing_chars",
+        "--max-preparing-chars",
+        "PAIRSCORE_MAX_PREPARING_CHARS",
+        int,
+        "Most characters being tokenized at once, all requests together; a request "
+        "that does not fit now is RESOURCE_EXHAUSTED with a retry hint. Default: "
+        "67108864 (at least --max-request-chars).",
         "N",
     ),
     _Setting(

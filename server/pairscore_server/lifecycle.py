@@ -122,8 +122,10 @@ class RunningServer:
             metrics=self.metrics, stream_max_in_flight=config.stream_max_in_flight
         )
         self._model_executor = ThreadPoolExecutor(1, thread_name_prefix="pairscore-model")
+        # one thread more than --prepare-workers: small requests never wait behind a large
+        # request's chunk (preparing.py)
         self._prepare_executor = ThreadPoolExecutor(
-            config.prepare_workers, thread_name_prefix="pairscore-prepare"
+            config.prepare_workers + 1, thread_name_prefix="pairscore-prepare"
         )
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None

@@ -16,6 +16,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 #: Default admission bound, in forward batches' worth of tokens.
 DEFAULT_QUEUE_BATCHES = 32
+#: Characters of distinct text one request may have tokenized (a shared prompt once),
+#: and characters being tokenized at once server-wide (preparing.py).
+DEFAULT_MAX_REQUEST_CHARS = 16 * 1024 * 1024
+DEFAULT_MAX_PREPARING_CHARS = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class Limits:
     max_message_bytes: int
     max_queue_tokens: int
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_request_chars: int = DEFAULT_MAX_REQUEST_CHARS
+    max_preparing_chars: int = DEFAULT_MAX_PREPARING_CHARS
 
     def __post_init__(self) -> None:
         for name in (
@@ -37,6 +43,8 @@ class Limits:
             "max_message_bytes",
             "max_queue_tokens",
             "max_response_bytes",
+            "max_request_chars",
+            "max_preparing_chars",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -52,12 +60,15 @@ def resolve_limits(
     max_queue_tokens: int | None = None,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+    max_request_chars: int = DEFAULT_MAX_REQUEST_CHARS,
+    max_preparing_chars: int = DEFAULT_MAX_PREPARING_CHARS,
 ) -> Limits:
     """Fill the configured limits' defaults from the model and clamp them to what makes sense.
 
     ``max_item_tokens`` is at most the model's context. The queue must hold
     at least one item of ``max_item_tokens``, or such items could never be
     admitted. ``max_response_bytes`` is at most ``max_message_bytes`` (what gRPC sends).
+    ``max_preparing_chars`` (server-wide) is at least ``max_request_chars``.
     """
     item = max_context
     if max_item_tokens is not None:
@@ -85,4 +96,6 @@ def resolve_limits(
         max_message_bytes=max_message_bytes,
         max_queue_tokens=queue,
         max_response_bytes=min(max_response_bytes, max_message_bytes),
+        max_request_chars=max_request_chars,
+        max_preparing_chars=max(max_preparing_chars, max_request_chars),
     )

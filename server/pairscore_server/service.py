@@ -11,8 +11,8 @@ Which limit gives which error:
 * a prompt or response longer than ``max_text_chars`` code points: an
   ``INVALID_ARGUMENT`` item error for that pair, before tokenizing;
 * a pair needing more than ``max_item_tokens`` tokens: an
-  ``INVALID_ARGUMENT`` item error (past the model's context the engine
-  already says ``CONTEXT_LENGTH_EXCEEDED``);
+  ``INVALID_ARGUMENT`` item error, from the engine's ``prepare`` (its
+  ``max_tokens``; past the model's context ``CONTEXT_LENGTH_EXCEEDED``);
 * the admission queue is full: :class:`QueueFullError`
   (RESOURCE_EXHAUSTED), checked once before tokenizing (one token per pair
   is a lower bound) and again with the real token count;
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -49,13 +48,30 @@ from pairscore.types import (
     ScoreOptions,
     ScoreOutcome,
 )
-from pairscore_server.batcher import DROP_DEADLINE, REJECT_REQUEST_LIMIT, Batcher
+from pairscore_server.accounting import (
+    DROP_DEADLINE,
+    REJECT_QUEUE_FULL,
+    REJECT_REQUEST_LIMIT,
+    REJECT_RESPONSE_SIZE,
+    PairCounters,
+    leave_reason,
+)
+from pairscore_server.batcher import Batcher
 from pairscore_server.errors import (
     DeadlineExceededError,
+    QueueFullError,
     RequestLimitError,
     failure_for,
 )
 from pairscore_server.limits import Limits, resolve_limits
+from pairscore_server.preparing import (
+    DEFAULT_INLINE_PAIRS,
+    PrepareStage,
+    in_order,
+    pair_chunks,
+    request_chars,
+    text_chunks,
+)
 
 if TYPE_CHECKING:
     from pairscore_server.engine import Engine, PreparedPair
@@ -63,28 +79,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: ``reason`` of pairscore_rejected_pairs_total for a request whose answer would be too large.
-REJECT_RESPONSE_SIZE = "response_too_large"
-
 #: Bounds of a TokenizeResponse's parts, in bytes: one id (a varint of up to 5 bytes)
 #: and one TokenIds entry (its tag, length prefix and the ids' packed-field header).
 _TOKEN_ID_BYTES = 5
 _TOKEN_IDS_BYTES = 12
 
-#: Requests with more pairs, or more characters in all, than these are
-#: tokenized on a worker thread instead of on the event loop.
-DEFAULT_INLINE_PREPARE_PAIRS = 16
 #: An upper bound of a CandidateSetResult's size besides its id and results: its tag and
 #: length prefix in the response, the id's tag and length, the index's tag and varint.
 _SET_RESULT_BYTES = 1 + 5 + 1 + 5 + 1 + 5
-DEFAULT_INLINE_PREPARE_CHARS = 16_384
-
-
-def _pair_size(pair: Pair) -> int:
-    """How much tokenizing ``pair`` costs, in characters (an id counts as one)."""
-    size = len(pair.prompt) + len(pair.response)
-    size += len(pair.prompt_ids or ()) + len(pair.response_ids or ())
-    return size + sum(len(m.content) for m in pair.prompt_messages or ())
 
 
 def _as_item_error(exc: Exception) -> ItemError | None:
@@ -101,7 +103,8 @@ class ScoringService:
 
     ``prepare_executor`` runs tokenization of large requests off the event
     loop (the engine's ``prepare`` is thread-safe); ``None`` uses the loop's
-    default executor. ``limits`` defaults to the default limits resolved
+    default executor. Large requests use ``prepare_workers`` of its threads at
+    most; it should have one more, for small requests (preparing.py). ``limits`` defaults to the default limits resolved
     against the engine.
     """
 
@@ -112,18 +115,25 @@ class ScoringService:
         batcher: Batcher,
         metrics: Metrics | None = None,
         prepare_executor: Executor | None = None,
-        inline_prepare_pairs: int = DEFAULT_INLINE_PREPARE_PAIRS,
+        inline_prepare_pairs: int = DEFAULT_INLINE_PAIRS,
         limits: Limits | None = None,
+        prepare_workers: int = 1,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
         self._metrics = metrics
-        self._prepare_executor = prepare_executor
-        self._inline_prepare_pairs = inline_prepare_pairs
+        self._counters = PairCounters(metrics)
         self._engine_info: ModelInfo = engine.info
-        self.limits = limits or resolve_limits(
+        self.limits = limits = limits or resolve_limits(
             max_context=self._engine_info.max_context_tokens,
             max_batch_tokens=engine.max_batch_tokens,
+        )
+        self.prepare_stage = PrepareStage(
+            prepare_executor,
+            max_request_chars=limits.max_request_chars,
+            max_preparing_chars=limits.max_preparing_chars,
+            inline_pairs=inline_prepare_pairs,
+            large_workers=prepare_workers,
         )
         self._info: ModelInfo | None = None
 
@@ -189,6 +199,8 @@ class ScoringService:
             if deadline is not None and time.monotonic() >= deadline:
                 self._count_rejected(DROP_DEADLINE, n)
                 raise DeadlineExceededError("the deadline passed before scoring started")
+            chars = request_chars(pairs)
+            self._check_chars_budget(chars, n)
             # >= 1 token a pair; the batcher counts what it refuses
             self._batcher.check_admission(tokens=n, pairs=n, at_least=True, deadline=deadline)
         except Exception as exc:
@@ -196,7 +208,18 @@ class ScoringService:
             if item is None:
                 raise
             return self._finish(pairs, [item] * n, counted=False)
-        prepared = await self._prepare(pairs, options)
+        started = time.monotonic()
+        try:
+            prepared = await self._prepare(pairs, options, chars=chars, deadline=deadline)
+        except asyncio.CancelledError:  # the caller left while its pairs were tokenized
+            self._counters.dropped(leave_reason(deadline, started, time.monotonic()), n)
+            raise
+        except DeadlineExceededError as exc:
+            self._counters.dropped(DROP_DEADLINE, n)
+            item = _as_item_error(exc) if errors_as_items else None
+            if item is None:
+                raise
+            return self._finish(pairs, [item] * n, counted=False)
         try:
             self._check_response_size(
                 pairs, prepared, options, extra_bytes=extra_response_bytes, size_bound=size_bound
@@ -331,8 +354,18 @@ class ScoringService:
         return self._engine.token_texts(ids)
 
     def _count_rejected(self, reason: str, pairs: int) -> None:
-        if self._metrics is not None:
-            self._metrics.rejected_pairs.labels(reason=reason).inc(pairs)
+        self._counters.rejected(reason, pairs)
+
+    def _check_chars_budget(self, chars: int, pairs: int) -> None:
+        """The prepare stage's character budgets (preparing.py), counting refused pairs."""
+        try:
+            self.prepare_stage.check(chars)
+        except RequestLimitError:
+            self._count_rejected(REJECT_REQUEST_LIMIT, pairs)
+            raise
+        except QueueFullError:
+            self._count_rejected(REJECT_QUEUE_FULL, pairs)
+            raise
 
     def _observe(self, outcomes: Sequence[ScoreOutcome]) -> None:
         if self._metrics is not None and outcomes:
@@ -363,17 +396,27 @@ class ScoringService:
 
     # --- tokenization and per-item limits -------------------------------------------
 
-    async def _prepare(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[PreparedPair | ItemError]:
-        chars = sum(_pair_size(p) for p in pairs)
-        if len(pairs) <= self._inline_prepare_pairs and chars <= DEFAULT_INLINE_PREPARE_CHARS:
+    async def _prepare(
+        self, pairs: Sequence[Pair], options: ScoreOptions, *, chars: int, deadline: float | None
+    ) -> list[PreparedPair | ItemError]:
+        """Tokenize ``pairs`` in the prepare stage: inline when small, else in chunks that
+        see the deadline and the caller's cancellation (preparing.py)."""
+        stage = self.prepare_stage
+        if stage.inline(len(pairs), chars):
             return self._prepare_checked(pairs, options)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prepare_executor, self._prepare_checked, pairs, options)
+        done = await stage.run(
+            pair_chunks(pairs, stage.chunk_chars),
+            lambda chunk: self._prepare_checked([pairs[i] for i in chunk], options),
+            chars=chars,
+            deadline=deadline,
+        )
+        return in_order(len(pairs), done)
 
     def _prepare_checked(
         self, pairs: Sequence[Pair], options: ScoreOptions
     ) -> list[PreparedPair | ItemError]:
-        """Character limits, then the engine's tokenization, then the token limit."""
+        """Character limits, then the engine's tokenization, which also applies the per-pair
+        token limit (``max_tokens``: the one place it is checked, engine/preparation.py)."""
         out: list[PreparedPair | ItemError | None] = [self._check_chars(p) for p in pairs]
         todo = [i for i, item in enumerate(out) if item is None]
         limit = self.limits.max_item_tokens
@@ -381,15 +424,6 @@ class ScoringService:
         if len(prepared) != len(todo):
             raise RuntimeError(f"engine prepared {len(prepared)} items for {len(todo)} pairs")
         for i, item in zip(todo, prepared, strict=True):
-            if not isinstance(item, ItemError) and item.num_tokens > limit:
-                item = ItemError(
-                    ItemErrorCode.INVALID_ARGUMENT,
-                    f"pair needs {item.num_tokens} tokens (1 prefix or context + {item.prompt_tokens} "
-                    f"prompt + {item.response_tokens} response); this server takes at most "
-                    f"{limit} tokens per pair (max_item_tokens); nothing is truncated "
-                    "(truncation LEFT would drop prompt tokens)",
-                    pairs[i].id,
-                )
             out[i] = item
         return out  # type: ignore[return-value]
 
@@ -412,14 +446,18 @@ class ScoringService:
     # --- Tokenize -------------------------------------------------------------------
 
     async def tokenize(
-        self, texts: Sequence[str], *, parse_special_tokens: bool = False
+        self, texts: Sequence[str], *, parse_special_tokens: bool = False, deadline: float | None = None
     ) -> list[tuple[int, ...]]:
         """Each text's ids with the served tokenizer (the Tokenize RPC).
 
         The request limits apply as to Score: more than ``max_pairs_per_request``
-        texts, a text over ``max_text_chars``, or an answer that could be over
-        ``max_response_bytes`` raise RequestLimitError (INVALID_ARGUMENT) for
-        the whole call. Large requests are tokenized off the event loop.
+        texts, a text over ``max_text_chars``, more than ``max_request_chars``
+        characters, or an answer that could be over ``max_response_bytes`` raise
+        RequestLimitError (INVALID_ARGUMENT) for the whole call. Large requests
+        are tokenized off the event loop in chunks (preparing.py); the answer's
+        size is checked after each chunk, so a request whose answer is too large
+        stops at the first chunk past the limit, and ``deadline`` is checked
+        between chunks (DeadlineExceededError).
         """
         lim = self.limits
         if len(texts) > lim.max_pairs_per_request:
@@ -434,19 +472,28 @@ class ScoringService:
                     f"{lim.max_text_chars} characters per text (max_text_chars)"
                 )
         chars = sum(len(t) for t in texts)
-        if len(texts) <= self._inline_prepare_pairs and chars <= DEFAULT_INLINE_PREPARE_CHARS:
-            ids = self._engine.tokenize(texts, parse_special_tokens=parse_special_tokens)
-        else:
-            loop = asyncio.get_running_loop()
-            ids = await loop.run_in_executor(
-                self._prepare_executor,
-                functools.partial(self._engine.tokenize, texts, parse_special_tokens=parse_special_tokens),
-            )
-        size = sum(_TOKEN_IDS_BYTES + _TOKEN_ID_BYTES * len(i) for i in ids)
-        if size > lim.max_response_bytes:
-            raise RequestLimitError(
-                f"the answer to this request could take up to {size} bytes, over this server's "
-                f"{lim.max_response_bytes}-byte answer limit (max_response_bytes); send fewer "
-                "or shorter texts per request"
-            )
-        return ids
+        stage = self.prepare_stage
+        stage.check(chars, "Tokenize request")
+        size = 0
+
+        def count(ids: Sequence[tuple[int, ...]]) -> None:
+            nonlocal size
+            size += sum(_TOKEN_IDS_BYTES + _TOKEN_ID_BYTES * len(i) for i in ids)
+            if size > lim.max_response_bytes:
+                raise RequestLimitError(
+                    f"the answer to this request could take up to {size} bytes (counted "
+                    f"so far), over this server's {lim.max_response_bytes}-byte answer limit "
+                    "(max_response_bytes); send fewer or shorter texts per request"
+                )
+
+        def work(chunk: list[int]) -> list[tuple[int, ...]]:
+            return self._engine.tokenize([texts[i] for i in chunk], parse_special_tokens=parse_special_tokens)
+
+        if stage.inline(len(texts), chars):
+            ids = work(list(range(len(texts))))
+            count(ids)
+            return ids
+        done = await stage.run(
+            text_chunks(texts, stage.chunk_chars), work, chars=chars, deadline=deadline, after_chunk=count
+        )
+        return in_order(len(texts), done)

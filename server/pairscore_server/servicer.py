@@ -47,7 +47,7 @@ from pairscore.convert import (
 from pairscore.types import CandidateSet, ItemError, ItemErrorCode, Pair, ScoreOptions, ScoreOutcome
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
-from pairscore_server.batcher import counts_as_deadline
+from pairscore_server.accounting import REJECT_INVALID, counts_as_deadline
 from pairscore_server.errors import BatcherClosedError, QueueFullError, failure_for
 
 if TYPE_CHECKING:
@@ -62,9 +62,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
 #: Request messages of one ScoreStream call that may be in work at once.
 DEFAULT_STREAM_MAX_IN_FLIGHT = 4
 
-
-#: ``reason`` of pairscore_rejected_pairs_total for pairs of a message that cannot be converted.
-REJECT_INVALID = "invalid_request"
 
 #: Trailing metadata key of gRPC's retry pushback (milliseconds), see gRFC A6.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -301,7 +298,9 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
             service = self._require_service()
             texts, parse_special_tokens = tokenize_request_from_pb(request)
             return tokenize_response_to_pb(
-                await service.tokenize(texts, parse_special_tokens=parse_special_tokens)
+                await service.tokenize(
+                    texts, parse_special_tokens=parse_special_tokens, deadline=_deadline(context)
+                )
             )
 
     def _convert(self, message: pb.ScoreRequest) -> tuple[list[Pair], ScoreOptions]:

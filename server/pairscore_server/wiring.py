@@ -48,7 +48,8 @@ def wire(
     """Build and start the serving stack for ``engine``; call it inside the running event loop.
 
     ``model_executor`` is the single thread every forward pass runs on;
-    ``prepare_executor`` tokenizes large requests off the event loop.
+    ``prepare_executor`` tokenizes requests off the event loop: ``prepare_workers``
+    threads for large requests and one more for small ones.
     """
     limits = resolve_limits(
         max_context=engine.info.max_context_tokens,
@@ -59,6 +60,8 @@ def wire(
         max_queue_tokens=config.max_queue_tokens,
         max_message_bytes=config.max_message_bytes,
         max_response_bytes=config.max_response_bytes,
+        max_request_chars=config.max_request_chars,
+        max_preparing_chars=config.max_preparing_chars,
     )
     batcher = Batcher(
         engine,
@@ -75,6 +78,7 @@ def wire(
         metrics=metrics,
         prepare_executor=prepare_executor,
         limits=limits,
+        prepare_workers=config.prepare_workers,
     )
     serving = Serving(limits=limits, batcher=batcher, service=service)
     _log_serving(serving, engine, config)
@@ -99,11 +103,14 @@ def _log_serving(serving: Serving, engine: Engine, config: ServerConfig) -> None
     )
     log.info(
         "limits: %d pairs per request, %d characters per text, %d tokens per pair, "
-        "%d bytes per message, %d queued tokens, %s concurrent RPCs",
+        "%d bytes per message, %d queued tokens, %s concurrent RPCs; %d characters "
+        "tokenized per request (%d at once)",
         limits.max_pairs_per_request,
         limits.max_text_chars,
         limits.max_item_tokens,
         limits.max_message_bytes,
         limits.max_queue_tokens,
         config.max_concurrent_rpcs or "unbounded",
+        limits.max_request_chars,
+        limits.max_preparing_chars,
     )

@@ -11,13 +11,14 @@ batch's requests.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pairscore.types import ItemError, ItemErrorCode, ScoreOutcome
-from pairscore_server.engine.interface import Engine, ForwardStats, ScoredBatch
+from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, ScoredBatch
 from pairscore_server.engine.memory import is_out_of_memory, release_memory
 from pairscore_server.engine.prepared import PreparedPair
 
@@ -46,18 +47,33 @@ class Forward:
     seconds: float
 
 
+def _takes_cancelled(engine: Engine) -> bool:
+    """Whether ``engine.score`` takes the ``cancelled`` keyword (older engines do not)."""
+    try:
+        parameters = inspect.signature(engine.score).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cancelled" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
 class ModelWorker:
     """Runs batches through ``engine`` (from one thread at a time), splitting on out-of-memory."""
 
     def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
         self._engine = engine
         self._metrics = metrics
+        self._cancellable = _takes_cancelled(engine)
 
-    def run(self, prepared: list[PreparedPair]) -> Forward:
-        """Score the batch (splitting on out-of-memory), timed. Call it on the model thread."""
+    def run(self, prepared: list[PreparedPair], cancelled: Cancelled | None = None) -> Forward:
+        """Score the batch (splitting on out-of-memory), timed. Call it on the model thread.
+
+        ``cancelled`` goes to ``engine.score``: when every caller of the batch has
+        left, the engine stops at its next forward chunk (ScoreCancelled)."""
         started = time.perf_counter()
         measured: list[ScoredBatch] = []
-        outcomes = self._score_splitting(prepared, measured)
+        outcomes = self._score_splitting(prepared, measured, cancelled)
         seconds = time.perf_counter() - started
         stats = sum((m.stats for m in measured), ForwardStats())
         replicas = [0.0] * max((len(m.replica_seconds) for m in measured), default=0)
@@ -67,11 +83,14 @@ class ModelWorker:
         return Forward(outcomes, stats, tuple(replicas), seconds)
 
     def _score_splitting(
-        self, prepared: list[PreparedPair], measured: list[ScoredBatch]
+        self, prepared: list[PreparedPair], measured: list[ScoredBatch], cancelled: Cancelled | None
     ) -> list[ScoreOutcome]:
         """engine.score; on out-of-memory, score each half, down to single pairs."""
         try:
-            scored = self._engine.score(prepared)
+            if self._cancellable:
+                scored = self._engine.score(prepared, cancelled=cancelled)
+            else:  # an engine written before score() took ``cancelled``: it runs to the end
+                scored = self._engine.score(prepared)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -102,6 +121,6 @@ class ModelWorker:
         if self._metrics is not None:
             self._metrics.oom_splits.inc()
         mid = len(prepared) // 2
-        return self._score_splitting(prepared[:mid], measured) + self._score_splitting(
-            prepared[mid:], measured
+        return self._score_splitting(prepared[:mid], measured, cancelled) + self._score_splitting(
+            prepared[mid:], measured, cancelled
         )

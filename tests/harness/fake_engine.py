@@ -44,13 +44,15 @@ from pairscore.types import (
     TokenizationMode,
     TokenScore,
 )
-from pairscore_server.engine.interface import Engine, ForwardStats, ScoredBatch
+from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, ScoreCancelled, ScoredBatch
 from pairscore_server.engine.prepared import PreparedPair
 
 FAIL_PROMPT = "FAIL"
 PREFIX_ID = 0
 PROMPT_TOKEN_LOGPROB = -0.5
 RESPONSE_TOKEN_LOGPROB = -0.25
+#: The fake's forward "chunk": how often a forward delay checks for cancellation.
+FORWARD_CHUNK_S = 0.01
 
 
 class FakeEngineError(RuntimeError):
@@ -88,6 +90,8 @@ class FakeEngine(Engine):
         max_context: int = 64,
         max_batch_tokens: int = 4096,
         forward_delay_s: float = 0.0,
+        prepare_delay_s: float = 0.0,
+        forward_chunk_s: float = FORWARD_CHUNK_S,
         warmup_gate: threading.Event | None = None,
         score_gate: threading.Event | None = None,
         oom_above_tokens: int | None = None,
@@ -96,6 +100,8 @@ class FakeEngine(Engine):
         self.max_context = max_context
         self._max_batch_tokens = max_batch_tokens
         self.forward_delay_s = forward_delay_s
+        self.prepare_delay_s = prepare_delay_s  # per pair: a slow tokenizer
+        self.forward_chunk_s = forward_chunk_s  # how often a forward delay checks cancellation
         self.warmup_gate = warmup_gate
         self.score_gate = score_gate
         self.oom_above_tokens = oom_above_tokens
@@ -104,6 +110,7 @@ class FakeEngine(Engine):
         self.batches: list[tuple[str, ...]] = []
         self.batch_lengths: list[tuple[int, ...]] = []
         self.score_threads: set[str] = set()
+        self.cancelled_batches: list[tuple[str, ...]] = []
         self.warmups = 0
         self._lock = threading.Lock()
 
@@ -140,8 +147,12 @@ class FakeEngine(Engine):
     def prepare(
         self, pairs: Sequence[Pair], options: ScoreOptions, *, max_tokens: int | None = None
     ) -> list[PreparedPair | ItemError]:
-        """One token per character; pairs over ``max_context`` become ItemErrors (the
-        fake takes text pairs only, and neither truncates nor drops the prefix)."""
+        """One token per character; pairs over ``max_tokens`` (at most ``max_context``) become
+        ItemErrors, INVALID_ARGUMENT below the context (the
+        fake takes text pairs only, and neither truncates nor drops the prefix). Takes
+        ``prepare_delay_s`` per pair, as a slow tokenizer would."""
+        if self.prepare_delay_s:
+            time.sleep(self.prepare_delay_s * len(pairs))
         out: list[PreparedPair | ItemError] = []
         for pair in pairs:
             if pair.form_problem or (pair.prompt_messages, pair.prompt_ids, pair.response_ids) != (
@@ -158,13 +169,14 @@ class FakeEngine(Engine):
                 )
                 continue
             m, n = len(pair.prompt), len(pair.response)
-            if 1 + m + n > self.max_context:
+            limit = self.max_context if max_tokens is None else min(max_tokens, self.max_context)
+            if 1 + m + n > limit:
+                code, where = ItemErrorCode.CONTEXT_LENGTH_EXCEEDED, f"the context is {limit}"
+                if limit < self.max_context:
+                    code = ItemErrorCode.INVALID_ARGUMENT
+                    where = f"this server takes at most {limit} tokens per pair (max_item_tokens)"
                 out.append(
-                    ItemError(
-                        code=ItemErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                        message=f"pair needs {1 + m + n} tokens; the context is {self.max_context}",
-                        id=pair.id,
-                    )
+                    ItemError(code=code, message=f"pair needs {1 + m + n} tokens; {where}", id=pair.id)
                 )
                 continue
             offsets = tuple((i, i + 1) for i in range(m)) + tuple((j, j + 1) for j in range(n))
@@ -194,10 +206,12 @@ class FakeEngine(Engine):
         """The prompt text a prepared pair was made from."""
         return "".join(map(chr, prepared.input_ids[1 : 1 + prepared.prompt_tokens]))
 
-    def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
+    def score(self, prepared: Sequence[PreparedPair], *, cancelled: Cancelled | None = None) -> ScoredBatch:
         """Sleep ``forward_delay_s``, record the batch, and score it (or raise on FAIL / OOM).
 
         Its stats are those of one padded batch: every pair padded to the longest.
+        The delay is slept in forward "chunks" of ``forward_chunk_s``, checking
+        ``cancelled`` before each (ScoreCancelled), as the real engine does between rows.
         """
         started = time.perf_counter()
         prompts = tuple(self.prompt_of(p) for p in prepared)
@@ -212,8 +226,13 @@ class FakeEngine(Engine):
             self.batches.append(prompts)
             self.batch_lengths.append(tuple(p.num_tokens for p in prepared))
             self.score_threads.add(threading.current_thread().name)
-        if self.forward_delay_s:
-            time.sleep(self.forward_delay_s)
+        end = time.monotonic() + self.forward_delay_s
+        while (left := end - time.monotonic()) > 0:
+            if cancelled is not None and cancelled():
+                with self._lock:
+                    self.cancelled_batches.append(prompts)
+                raise ScoreCancelled("every caller of this batch left")
+            time.sleep(min(left, self.forward_chunk_s))
         if FAIL_PROMPT in prompts:
             raise FakeEngineError("injected failure: the batch holds a FAIL pair")
         scores = [self._score_one(p) for p in prepared]
@@ -256,6 +275,8 @@ def _serve_main(argv: Sequence[str]) -> int:
     """Serve a FakeEngine through ``pairscore_server.main.main`` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="fake_engine.py")
     parser.add_argument("--forward-delay", type=float, default=0.0)
+    parser.add_argument("--prepare-delay", type=float, default=0.0)
+    parser.add_argument("--forward-chunk", type=float, default=FORWARD_CHUNK_S)
     parser.add_argument("--max-context", type=int, default=64)
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
     parser.add_argument("--load-error", choices=("oom", "crash"))
@@ -273,6 +294,8 @@ def _serve_main(argv: Sequence[str]) -> int:
             max_context=args.max_context,
             max_batch_tokens=args.max_batch_tokens,
             forward_delay_s=args.forward_delay,
+            prepare_delay_s=args.prepare_delay,
+            forward_chunk_s=args.forward_chunk,
         )
 
     from pairscore_server.main import main

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pairscore_server.engine.interface import Engine, ForwardStats, ScoredBatch, score_pairs
+from pairscore_server.engine.interface import Engine, ForwardStats, ScoreCancelled, ScoredBatch, score_pairs
 from pairscore_server.engine.prepared import PreparedPair, TokenSpan
 from pairscore_server.engine.spec import ModelSpec
 
@@ -25,6 +25,7 @@ __all__ = [
     "Engine",
     "EngineLimits",
     "ForwardStats",
+    "ScoreCancelled",
     "ModelSpec",
     "PreparedPair",
     "ScoredBatch",

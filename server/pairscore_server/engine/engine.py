@@ -12,21 +12,22 @@ import torch
 
 from pairscore.types import (
     ItemError,
-    ItemErrorCode,
     ModelInfo,
     Pair,
-    PairScore,
-    PrefixMode,
     ScoreOptions,
     ScoreOutcome,
-    TokenAlternative,
     TokenizationMode,
-    TokenScore,
-    Truncation,
-    data_selection_scores,
 )
-from pairscore_server.engine.chat import ChatError, ChatRenderer
-from pairscore_server.engine.interface import CausalLM, Engine, ForwardStats, ScoredBatch, score_pairs
+from pairscore_server.engine.chat import ChatRenderer
+from pairscore_server.engine.interface import (
+    Cancelled,
+    CausalLM,
+    Engine,
+    ForwardStats,
+    ScoreCancelled,
+    ScoredBatch,
+    score_pairs,
+)
 from pairscore_server.engine.kernels import fuse_activations, stabilize_gemm_rows
 from pairscore_server.engine.logprobs import (
     DEFAULT_CHUNK_BYTES,
@@ -50,8 +51,10 @@ from pairscore_server.engine.packing import (
     row_items,
 )
 from pairscore_server.engine.prefix import Prefix, resolve_prefix
+from pairscore_server.engine.preparation import Preparation
 from pairscore_server.engine.prepared import PreparedPair
-from pairscore_server.engine.tokenization import PairTokenizer, TokenizedPair
+from pairscore_server.engine.results import ResultBuilder
+from pairscore_server.engine.tokenization import PairTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +65,6 @@ MAX_TOP_K = 20
 #: Where a pair's unconditional log-probs come from (see ScoringEngine.score):
 #: an index into the scored sequences, or EMPTY_RESPONSE (nothing to score).
 EMPTY_RESPONSE = -1
-
-#: One side of a pair, tokenized: its ids and each one's span in the side's text.
-Encoded = tuple[list[int], list[tuple[int, int]]]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,16 @@ class ModelDescription:
     source: str
     revision: str = ""
     server_version: str = ""
+
+
+def _never() -> bool:
+    return False
+
+
+def _check(cancelled: Cancelled) -> None:
+    """Raise ScoreCancelled when nobody waits for the call's results any more."""
+    if cancelled():
+        raise ScoreCancelled("every caller of this batch left; the rest was not run")
 
 
 def model_context_length(model: Any, tokenizer: Any) -> int:
@@ -165,7 +175,15 @@ class ScoringEngine(Engine):
             self._logprobs.use_full_logits()
         self.packing = limits.packing and self._enable_packing()
         self.max_top_k = min(MAX_TOP_K, self._logprobs.vocab_size)
-        self._alternative_texts: dict[int, str] = {}
+        self.preparation = Preparation(
+            self.pair_tokenizer,
+            self.chat,
+            self.prefix,
+            max_context=self.max_context,
+            vocab_size=self._logprobs.vocab_size,
+            max_top_k=self.max_top_k,
+        )
+        self._results = ResultBuilder(self.pair_tokenizer, self.prefix.token_id)
         self._token_text_bytes = self._max_token_text_bytes()
         if not self.pair_tokenizer.separate_supported:
             log.warning("SEPARATE tokenization unavailable: %s", self.pair_tokenizer.separate_problem)
@@ -235,225 +253,8 @@ class ScoringEngine(Engine):
     def prepare(
         self, pairs: Sequence[Pair], options: ScoreOptions, *, max_tokens: int | None = None
     ) -> list[PreparedPair | ItemError]:
-        """Tokenize pairs (in batched tokenizer calls); a pair that cannot be scored
-        becomes an ItemError.
-
-        Each side is text, token ids or (the prompt) a conversation; see
-        docs/contract.md. ``max_tokens`` (at most the model's context) is the
-        most tokens one pair may take, c ⊕ x ⊕ y: with ``Truncation.LEFT`` the
-        prompt is cut from the start to fit it; otherwise the caller enforces it.
-        """
-        if not 0 <= options.top_k <= self.max_top_k:
-            message = f"top_k must be between 0 and {self.max_top_k} (max_top_k), got {options.top_k}"
-            return [ItemError(ItemErrorCode.INVALID_ARGUMENT, message, p.id) for p in pairs]
-        limit = self.max_context if max_tokens is None else min(max_tokens, self.max_context)
-        tokenized = self._tokenize_pairs(pairs, options)
-        return [
-            tok if isinstance(tok, ItemError) else self._prepared(pair, tok, options, limit)
-            for pair, tok in zip(pairs, tokenized, strict=True)
-        ]
-
-    def _tokenize_pairs(
-        self, pairs: Sequence[Pair], options: ScoreOptions
-    ) -> list[TokenizedPair | ItemError]:
-        """Each pair's x ⊕ y ids (no prefix) with spans, or why it cannot be scored.
-
-        Text-only pairs go through the tokenization mode; a pair with a side
-        given as ids or as a conversation has each side tokenized on its own
-        (text prompt: start of a document; text response: a continuation, as
-        in SEPARATE mode).
-        """
-        out: list[TokenizedPair | ItemError | None] = [None] * len(pairs)
-        plain: list[int] = []
-        sided: list[int] = []
-        for i, pair in enumerate(pairs):
-            problem = pair.form_problem
-            if problem:
-                out[i] = ItemError(ItemErrorCode.INVALID_ARGUMENT, problem, pair.id)
-            elif pair.prompt_messages is None and pair.prompt_ids is None and pair.response_ids is None:
-                plain.append(i)
-            else:
-                sided.append(i)
-        if plain:
-            try:
-                encoded = self.pair_tokenizer.encode_many(
-                    [(pairs[i].prompt, pairs[i].response) for i in plain], options.tokenization
-                )
-            except ValueError as exc:  # the mode is unavailable for this tokenizer
-                for i in plain:
-                    out[i] = ItemError(ItemErrorCode.INVALID_ARGUMENT, str(exc), pairs[i].id)
-            else:
-                for i, tok in zip(plain, encoded, strict=True):
-                    out[i] = tok
-        if sided:
-            sides = self._tokenize_sides([pairs[i] for i in sided], options)
-            for i, outcome in zip(sided, sides, strict=True):
-                out[i] = outcome
-        return out  # type: ignore[return-value]
-
-    def _tokenize_sides(
-        self, pairs: Sequence[Pair], options: ScoreOptions
-    ) -> list[TokenizedPair | ItemError]:
-        """Pairs with a side given as ids or a conversation: each side on its own."""
-        prompts: list[Encoded | ItemError | None] = [None] * len(pairs)
-        responses: list[Encoded | ItemError | None] = [None] * len(pairs)
-        text_prompts = [i for i, p in enumerate(pairs) if p.prompt_ids is None and p.prompt_messages is None]
-        text_responses = [
-            i for i, p in enumerate(pairs) if p.response_ids is None and p.prompt_messages is None
-        ]
-        for i, side in zip(
-            text_prompts,
-            self.pair_tokenizer.encode_prompts([pairs[i].prompt for i in text_prompts]),
-            strict=True,
-        ):
-            prompts[i] = side
-        for i, side in zip(
-            text_responses,
-            self.pair_tokenizer.encode_responses([pairs[i].response for i in text_responses]),
-            strict=True,
-        ):
-            responses[i] = side
-        out: list[TokenizedPair | ItemError] = []
-        for i, pair in enumerate(pairs):
-            if pair.prompt_ids is not None:
-                prompts[i] = self._given_ids(pair, "prompt_ids", pair.prompt_ids)
-            if pair.response_ids is not None:
-                responses[i] = self._given_ids(pair, "response_ids", pair.response_ids)
-            if pair.prompt_messages is not None:
-                out.append(self._tokenize_chat(pair, options))
-                continue
-            x, y = prompts[i], responses[i]
-            if isinstance(x, ItemError):
-                out.append(x)
-            elif isinstance(y, ItemError):
-                out.append(y)
-            else:
-                assert x is not None and y is not None
-                out.append(TokenizedPair(tuple(x[0] + y[0]), len(x[0]), tuple(x[1] + y[1]), False))
-        return out
-
-    def _given_ids(self, pair: Pair, field: str, ids: Sequence[int]) -> Encoded | ItemError:
-        """Ids sent by the caller, checked against the vocabulary; no spans ((0, 0) each)."""
-        vocab = self._logprobs.vocab_size
-        for k, tid in enumerate(ids):
-            if not 0 <= tid < vocab:
-                return ItemError(
-                    ItemErrorCode.INVALID_ARGUMENT,
-                    f"{field}[{k}] is {tid}, outside the model's vocabulary of {vocab} ids "
-                    f"(0 .. {vocab - 1}); send ids of this model's tokenizer (the Tokenize RPC gives them)",
-                    pair.id,
-                )
-        return list(ids), [(0, 0)] * len(ids)
-
-    def _tokenize_chat(self, pair: Pair, options: ScoreOptions) -> TokenizedPair | ItemError:
-        """A pair whose prompt is a conversation: rendered with the model's chat template
-        (chat.py); y is the assistant's reply as the template renders it."""
-        assert pair.prompt_messages is not None
-        if pair.response_ids is not None:
-            return ItemError(
-                ItemErrorCode.INVALID_ARGUMENT,
-                "a conversation's response must be text (the assistant's reply, which the chat "
-                "template renders), not response_ids",
-                pair.id,
-            )
-        try:
-            chat = self.chat.render(pair.prompt_messages, pair.response, options.end_of_turn)
-        except ChatError as exc:
-            return ItemError(ItemErrorCode.INVALID_ARGUMENT, str(exc), pair.id)
-        ids, offsets, m = chat.ids, chat.offsets, chat.prompt_tokens
-        context = -1
-        if chat.opens_with_control:
-            # The rendering opens with a control token (<|im_start|>, BOS): it is the context,
-            # not scored, and nothing goes before it (docs/contract.md, chat prompts).
-            context, ids, offsets, m = ids[0], ids[1:], offsets[1:], m - 1
-        return TokenizedPair(
-            ids,
-            m,
-            offsets,
-            False,
-            rendered_prompt=chat.prompt,
-            rendered_response=chat.response,
-            context_id=context,
-        )
-
-    def _prepared(
-        self, pair: Pair, tok: TokenizedPair, options: ScoreOptions, limit: int
-    ) -> PreparedPair | ItemError:
-        """Prefix mode and truncation applied to a tokenized pair (see PreparedPair.input_ids)."""
-        ids, offsets, m, straddle = tok.ids, tok.offsets, tok.prompt_tokens, tok.straddle_index
-        n = len(ids) - m
-        # A conversation that opens with a control token brings its own context c (the
-        # prefix mode does not apply: that token is the first prompt token, the context
-        # under NONE too); anything else is conditioned on the prefix token p.
-        own = tok.context_id >= 0
-        context = tok.context_id if own else self.prefix.token_id
-        head = "1 context (the conversation's opening token)" if own else "1 prefix"
-        no_prefix = options.prefix is PrefixMode.NONE and not own
-
-        def needed(kept: int) -> int:  # c ⊕ x ⊕ y with ``kept`` prompt tokens
-            return kept + n if no_prefix and kept > 0 else 1 + kept + n
-
-        dropped = 0
-        if options.truncation is Truncation.LEFT and needed(m) > limit:
-            if 1 + n > limit:
-                return self._too_long(pair, 1 + n, f"{head} + {n} response", limit, truncated=True)
-            dropped = m + n - limit + (0 if no_prefix else 1)
-            ids, offsets, m = ids[dropped:], offsets[dropped:], m - dropped
-            straddle = straddle - dropped if straddle >= 0 else -1
-        if no_prefix and m > 0:
-            # x_1 is the context: input_ids[0], not scored, not counted.
-            input_ids, offsets, m = ids, offsets[1:], m - 1
-            straddle = straddle - 1 if straddle >= 0 else -1
-            parts = f"1 context (the first prompt token) + {m} prompt + {n} response"
-        else:
-            input_ids = (context, *ids)
-            parts = f"{head} + {m} prompt + {n} response"
-        if len(input_ids) > limit:
-            if 1 + n > limit:  # no truncation could help: say what would
-                return self._too_long(pair, 1 + n, f"{head} + {n} response", limit, truncated=True)
-            return self._too_long(pair, len(input_ids), parts, limit, truncated=False)
-        return PreparedPair(
-            id=pair.id,
-            input_ids=input_ids,
-            prompt_tokens=m,
-            response_tokens=n,
-            offsets=offsets,
-            boundary_straddled=tok.boundary_straddled,
-            return_tokens=options.wants_tokens,
-            straddle_index=straddle,
-            unconditional=options.unconditional,
-            greedy=options.greedy,
-            top_k=options.top_k,
-            prefix_id=self.prefix.token_id,
-            prompt_tokens_dropped=dropped,
-            rendered_prompt=tok.rendered_prompt if options.wants_tokens else "",
-            rendered_response=tok.rendered_response if options.wants_tokens else "",
-        )
-
-    def _too_long(self, pair: Pair, total: int, parts: str, limit: int, *, truncated: bool) -> ItemError:
-        """The item error of a pair longer than ``limit``: CONTEXT_LENGTH_EXCEEDED past the
-        model's context, INVALID_ARGUMENT past a smaller per-pair limit of the server."""
-        if limit < self.max_context:
-            where = f"this server takes at most {limit} tokens per pair (max_item_tokens)"
-        else:
-            where = f"the model's context is {limit} tokens"
-        if truncated:
-            what = (
-                f"the response alone needs {total} tokens ({parts}) but {where}: even the "
-                "whole prompt dropped is not enough (truncation LEFT drops only prompt tokens); "
-                "shorten the response"
-            )
-        else:
-            what = (
-                f"pair needs {total} tokens ({parts}) but {where}; nothing is truncated "
-                "(truncation LEFT would drop tokens from the start of the prompt)"
-            )
-        code = (
-            ItemErrorCode.INVALID_ARGUMENT
-            if limit < self.max_context
-            else ItemErrorCode.CONTEXT_LENGTH_EXCEEDED
-        )
-        return ItemError(code, what, pair.id)
+        """Tokenize pairs: see :meth:`Preparation.prepare <pairscore_server.engine.preparation.Preparation.prepare>`."""
+        return self.preparation.prepare(pairs, options, max_tokens=max_tokens)
 
     def tokenize(self, texts: Sequence[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:
         """Each text's ids (see :meth:`PairTokenizer.tokenize`)."""
@@ -538,13 +339,15 @@ class ScoringEngine(Engine):
                 sources.append(known[alone])
         return seqs, prompt_lens, sources
 
-    def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
+    def score(self, prepared: Sequence[PreparedPair], *, cancelled: Cancelled | None = None) -> ScoredBatch:
         """Run the forward passes for ``prepared``: scores in the same order, the call's
         token accounting and how long it took.
 
         The unconditional p ⊕ y rows of the pairs that ask for them run in the
         same forward passes as the pairs (:meth:`sequences`). Ranks and top-k
         are computed for the whole call when any of its pairs asks.
+        ``cancelled`` is checked before each packed row or padded batch
+        (:class:`ScoreCancelled` when it says stop).
         """
         started = time.perf_counter()
         seqs, prompt_lens, sources = self.sequences(prepared)
@@ -552,20 +355,25 @@ class ScoringEngine(Engine):
             ranks=any(p.greedy for p in prepared), top_k=max((p.top_k for p in prepared), default=0)
         )
         run = self._logprobs_packed if self.packing else self._logprobs_padded
-        lps, stats = run(seqs, prompt_lens, detail)
+        lps, stats = run(seqs, prompt_lens, detail, cancelled or _never)
         scores = [
-            self._result(p, lps[i], None if src is None else lps[src] if src >= 0 else lps[i][:0])
+            self._results.result(p, lps[i], None if src is None else lps[src] if src >= 0 else lps[i][:0])
             for i, (p, src) in enumerate(zip(prepared, sources, strict=True))
         ]
         return ScoredBatch(scores, stats, (time.perf_counter() - started,))
 
     def _logprobs_packed(
-        self, seqs: Sequence[tuple[int, ...]], prompt_lens: Sequence[int], detail: HeadDetail
+        self,
+        seqs: Sequence[tuple[int, ...]],
+        prompt_lens: Sequence[int],
+        detail: HeadDetail,
+        cancelled: Cancelled,
     ) -> tuple[list[torch.Tensor], ForwardStats]:
         items, rows = self._plan_rows(seqs, prompt_lens)
         lps: list[torch.Tensor | None] = [None] * len(seqs)
         computed = positions = reused = 0
         for members in rows:
+            _check(cancelled)
             row = pack_row([items[j] for j in members], device=self.device, align=self.row_align)
             for i, seq_lps in row.split(self._logprobs.packed(row, detail).cpu()):
                 lps[i] = seq_lps
@@ -581,7 +389,11 @@ class ScoringEngine(Engine):
         return [none if x is None else x for x in lps], ForwardStats(computed, positions, reused)
 
     def _logprobs_padded(
-        self, seqs: Sequence[tuple[int, ...]], prompt_lens: Sequence[int], detail: HeadDetail
+        self,
+        seqs: Sequence[tuple[int, ...]],
+        prompt_lens: Sequence[int],
+        detail: HeadDetail,
+        cancelled: Cancelled,
     ) -> tuple[list[torch.Tensor], ForwardStats]:
         results: list[torch.Tensor | None] = [None] * len(seqs)
         real = padded = reused = 0
@@ -595,6 +407,7 @@ class ScoringEngine(Engine):
                 copies.append(member.indices)
                 reused += everyone - member.length
                 continue
+            _check(cancelled)
             blocks, positions = self._logprobs.trie(
                 trie,
                 max_batch_tokens=self.max_batch_tokens,
@@ -615,6 +428,7 @@ class ScoringEngine(Engine):
             max_tokens=self.max_batch_tokens,
             min_efficiency=self.limits.min_batch_efficiency,
         ):
+            _check(cancelled)
             indices = [rest[j] for j in sub]
             batch = make_batch([seqs[i] for i in indices], pad_id=self.prefix.token_id, device=self.device)
             real += sum(batch.lengths)
@@ -625,87 +439,6 @@ class ScoringEngine(Engine):
             for i in same[1:]:
                 results[i] = results[same[0]]
         return results, ForwardStats(real, padded, reused)  # type: ignore[return-value]
-
-    def _result(self, pair: PreparedPair, lps: torch.Tensor, alone: torch.Tensor | None = None) -> PairScore:
-        """A pair's scores from its log-probs (or detail matrix, see logprobs.py) and, with
-        ``unconditional``, the log-probs of its p ⊕ y (``alone``)."""
-        detail = lps if lps.dim() == 2 else None
-        if detail is not None:
-            lps = detail[:, 0]
-        m = pair.prompt_tokens
-        sums = lps.double()
-        prompt_lp = float(sums[:m].sum())
-        cond_lp = float(sums[m:].sum())
-        uncond_lp = pmi = ifd = None
-        if alone is not None:
-            alone_lps = alone[:, 0] if alone.dim() == 2 else alone
-            uncond_lp = float(alone_lps.double().sum())
-            pmi, ifd = data_selection_scores(cond_lp, uncond_lp)
-        greedy = None
-        if pair.greedy and detail is not None:
-            greedy = bool((detail[m:, 1] == 1).all())
-        tokens: tuple[TokenScore, ...] = ()
-        if pair.return_tokens:
-            ids = pair.input_ids[1:]
-            texts = self.pair_tokenizer.token_texts(self.prefix.token_id, ids)
-            ranks = [0] * len(ids)
-            alternatives: list[tuple[TokenAlternative, ...]] = [()] * len(ids)
-            if detail is not None and pair.greedy:
-                ranks = [int(r) for r in detail[:, 1].tolist()]
-            if detail is not None and pair.top_k:
-                alternatives = self._alternatives(detail, pair.top_k)
-            tokens = tuple(
-                TokenScore(
-                    token_id=tid,
-                    text=text,
-                    logprob=float(lp),
-                    side=span.side,
-                    char_start=span.char_start,
-                    char_end=span.char_end,
-                    straddles_boundary=span.straddles_boundary,
-                    rank=rank,
-                    top_k=alts,
-                )
-                for tid, text, lp, span, rank, alts in zip(
-                    ids, texts, lps.tolist(), pair.spans, ranks, alternatives, strict=True
-                )
-            )
-        return PairScore(
-            joint_logprob=prompt_lp + cond_lp,
-            prompt_logprob=prompt_lp,
-            conditional_logprob=cond_lp,
-            prompt_tokens=m,
-            response_tokens=pair.response_tokens,
-            boundary_straddled=pair.boundary_straddled,
-            tokens=tokens,
-            id=pair.id,
-            unconditional_logprob=uncond_lp,
-            pmi=pmi,
-            ifd=ifd,
-            response_is_greedy=greedy,
-            prompt_tokens_dropped=pair.prompt_tokens_dropped,
-            rendered_prompt=pair.rendered_prompt,
-            rendered_response=pair.rendered_response,
-        )
-
-    def _alternatives(self, detail: torch.Tensor, k: int) -> list[tuple[TokenAlternative, ...]]:
-        """The top ``k`` of each row of a detail matrix (whose top-k may be wider)."""
-        width = (detail.shape[1] - 2) // 2
-        ids = detail[:, 2 : 2 + k].long().tolist()
-        values = detail[:, 2 + width : 2 + width + k].tolist()
-        texts = self._texts_of({t for row in ids for t in row})
-        return [
-            tuple(TokenAlternative(t, texts[t], v) for t, v in zip(row_ids, row_values, strict=True))
-            for row_ids, row_values in zip(ids, values, strict=True)
-        ]
-
-    def _texts_of(self, ids: set[int]) -> dict[int, str]:
-        """Token texts, as TokenScore.text, decoded once per id and kept."""
-        missing = tuple(sorted(ids - self._alternative_texts.keys()))
-        if missing:
-            texts = self.pair_tokenizer.token_texts(self.prefix.token_id, missing)
-            self._alternative_texts.update(zip(missing, texts, strict=True))
-        return self._alternative_texts
 
     def score_pairs(self, pairs: Sequence[Pair], options: ScoreOptions | None = None) -> list[ScoreOutcome]:
         """prepare + score in one call, for in-process use (see :func:`interface.score_pairs`)."""

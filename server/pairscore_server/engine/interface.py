@@ -13,7 +13,7 @@ passes and each replica's busy time, instead of leaving them on the engine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
@@ -65,6 +65,15 @@ class ScoredBatch:
     replica_seconds: tuple[float, ...] = ()
 
 
+#: What ``Engine.score`` polls between forward chunks: True when nobody waits for the
+#: call's results any more (every caller left), so the rest is not worth running.
+Cancelled: TypeAlias = Callable[[], bool]
+
+
+class ScoreCancelled(Exception):
+    """Raised by :meth:`Engine.score` when its ``cancelled`` check said stop."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A scoring engine: tokenization and batched forward passes, no gRPC.
@@ -96,7 +105,9 @@ class Engine(Protocol):
         """Tokenize ``pairs``; one PreparedPair, or an ItemError for a pair that cannot be
         scored, per pair, in order. ``max_tokens``: the most tokens a pair may take (at most
         the model's context; ``None``: the context), which ``Truncation.LEFT`` cuts prompts
-        to fit."""
+        to fit; a longer pair is an ItemError (INVALID_ARGUMENT naming max_item_tokens
+        below the context, CONTEXT_LENGTH_EXCEEDED at it): the one place the per-pair token
+        limit is checked."""
         ...
 
     def tokenize(self, texts: Sequence[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:
@@ -111,8 +122,12 @@ class Engine(Protocol):
         (decoded on its own, leading space kept), from the tokenizer alone; ids in the vocabulary."""
         ...
 
-    def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
-        """Run the forward passes for ``prepared``; scores in the same order, with what was measured."""
+    def score(self, prepared: Sequence[PreparedPair], *, cancelled: Cancelled | None = None) -> ScoredBatch:
+        """Run the forward passes for ``prepared``; scores in the same order, with what was measured.
+
+        ``cancelled`` is checked before each forward chunk (a packed row, a
+        padded batch); when it returns True the call raises
+        :class:`ScoreCancelled` instead of running the rest."""
         ...
 
     def warmup(self) -> None:

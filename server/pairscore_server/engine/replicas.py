@@ -10,13 +10,14 @@ groups go first, each to the least-loaded replica.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
 from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions, ScoreOutcome
 from pairscore_server.engine.engine import ScoringEngine
-from pairscore_server.engine.interface import Engine, ForwardStats, ScoredBatch, score_pairs
+from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, ScoredBatch, score_pairs
 from pairscore_server.engine.packing import group_by_prompt
 from pairscore_server.engine.prefix import Prefix
 from pairscore_server.engine.prepared import PreparedPair
@@ -82,7 +83,7 @@ class ReplicatedEngine(Engine):
             load[target] += cost[key]
         return parts
 
-    def score(self, prepared: Sequence[PreparedPair]) -> ScoredBatch:
+    def score(self, prepared: Sequence[PreparedPair], *, cancelled: Cancelled | None = None) -> ScoredBatch:
         """Score on all replicas at once; raises the first replica's failure, if any.
 
         The stats add up every replica's; ``replica_seconds`` holds each
@@ -90,7 +91,11 @@ class ReplicatedEngine(Engine):
         """
         parts = self.split(prepared)
         futures: list[Future[ScoredBatch] | None] = [
-            self._pool.submit(engine.score, [prepared[i] for i in idx]) if idx else None
+            self._pool.submit(
+                functools.partial(engine.score, cancelled=cancelled), [prepared[i] for i in idx]
+            )
+            if idx
+            else None
             for engine, idx in zip(self.engines, parts, strict=True)
         ]
         results: list[PairScore | None] = [None] * len(prepared)
