@@ -36,8 +36,7 @@ from pairscore.types import (
     TokenizationMode,
     Truncation,
 )
-from pairscore_server.engine.interface import Engine
-from pairscore_server.engine.prepared import PreparedPair
+from pairscore_server.engine.interface import Engine, score_pairs
 from pairscore_server.engine.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -180,21 +179,6 @@ class Scorer:
         return self._engine.tokenize(list(texts), parse_special_tokens=parse_special_tokens)
 
     def _score_chunk(self, pairs: Sequence[Pair], options: ScoreOptions) -> list[ScoreOutcome]:
-        """Tokenize, then run the ready pairs in engine calls of at most ``max_call_tokens``
-        padded tokens (longest pair x pairs), the size a server's batcher builds."""
-        prepared = self._engine.prepare(pairs, options)
-        ready = [p for p in prepared if isinstance(p, PreparedPair)]
-        scores = []
-        budget = self._engine.max_call_tokens
-        call: list[PreparedPair] = []
-        longest = 0
-        for p in ready:
-            if call and max(longest, p.num_tokens) * (len(call) + 1) > budget:
-                scores += self._engine.score(call).scores
-                call, longest = [], 0
-            call.append(p)
-            longest = max(longest, p.num_tokens)
-        if call:
-            scores += self._engine.score(call).scores
-        it = iter(scores)
-        return [next(it) if isinstance(p, PreparedPair) else p for p in prepared]
+        """prepare -> score -> merge (:func:`score_pairs`), in engine calls of at most
+        ``max_call_tokens`` padded tokens, the size a server's batcher builds."""
+        return score_pairs(self._engine, pairs, options, max_call_tokens=self._engine.max_call_tokens)

@@ -57,6 +57,7 @@ from pairscore_server.accounting import (
     leave_reason,
 )
 from pairscore_server.batcher import Batcher
+from pairscore_server.engine.interface import merge_outcomes
 from pairscore_server.errors import (
     DeadlineExceededError,
     QueueFullError,
@@ -231,7 +232,7 @@ class ScoringService:
             return self._finish(pairs, [item] * n, counted=False)
         ready = [p for p in prepared if not isinstance(p, ItemError)]
         try:
-            scores = iter(await self._batcher.submit(ready, deadline=deadline) if ready else [])
+            scores = await self._batcher.submit(ready, deadline=deadline) if ready else []
         except Exception as exc:
             # The batcher counted the ready pairs; the ones prepare() answered are counted here.
             item = _as_item_error(exc) if errors_as_items else None
@@ -240,8 +241,7 @@ class ScoringService:
                 raise
             failed: list[ScoreOutcome] = [p if isinstance(p, ItemError) else item for p in prepared]
             return self._finish(pairs, failed, counted=[isinstance(p, ItemError) for p in prepared])
-        merged: list[ScoreOutcome] = [p if isinstance(p, ItemError) else next(scores) for p in prepared]
-        return self._finish(pairs, merged)
+        return self._finish(pairs, merge_outcomes(prepared, scores))
 
     async def score_candidates(
         self,

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pairscore_server.engine.interface import Engine, ForwardStats, ScoreCancelled, ScoredBatch, score_pairs
+from pairscore_server.engine.interface import (
+    Engine,
+    ForwardStats,
+    ScoreCancelled,
+    ScoredBatch,
+    merge_outcomes,
+    score_pairs,
+)
 from pairscore_server.engine.prepared import PreparedPair, TokenSpan
 from pairscore_server.engine.spec import ModelSpec
 
@@ -31,6 +38,7 @@ __all__ = [
     "ScoredBatch",
     "ScoringEngine",
     "TokenSpan",
+    "merge_outcomes",
     "score_pairs",
 ]
 

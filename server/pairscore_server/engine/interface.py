@@ -13,7 +13,7 @@ passes and each replica's busy time, instead of leaving them on the engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
@@ -135,11 +135,52 @@ class Engine(Protocol):
         ...
 
 
-def score_pairs(
-    engine: Engine, pairs: Sequence[Pair], options: ScoreOptions | None = None
+def merge_outcomes(
+    prepared: Sequence[PreparedPair | ItemError], scores: Iterable[ScoreOutcome]
 ) -> list[ScoreOutcome]:
-    """``prepare`` + ``score`` in one call, for in-process use: one PairScore or ItemError per pair."""
+    """The one merge of every scoring path (the service, the in-process Scorer,
+    :func:`score_pairs`): the ready pairs' scores, in order, put back among the item
+    errors that preparation answered, so each pair gets its outcome in request order."""
+    scores = list(scores)
+    ready = sum(isinstance(p, PreparedPair) for p in prepared)
+    if len(scores) != ready:
+        raise RuntimeError(f"the engine returned {len(scores)} scores for {ready} ready pairs")
+    it = iter(scores)
+    return [next(it) if isinstance(p, PreparedPair) else p for p in prepared]
+
+
+def engine_calls(ready: Sequence[PreparedPair], max_call_tokens: int | None) -> list[list[PreparedPair]]:
+    """``ready`` in order, cut into engine calls of at most ``max_call_tokens`` padded
+    tokens (longest pair x pairs, the size the server's batcher builds); ``None``: one call."""
+    if max_call_tokens is None:
+        return [list(ready)] if ready else []
+    calls: list[list[PreparedPair]] = []
+    call: list[PreparedPair] = []
+    longest = 0
+    for p in ready:
+        if call and max(longest, p.num_tokens) * (len(call) + 1) > max_call_tokens:
+            calls.append(call)
+            call, longest = [], 0
+        call.append(p)
+        longest = max(longest, p.num_tokens)
+    if call:
+        calls.append(call)
+    return calls
+
+
+def score_pairs(
+    engine: Engine,
+    pairs: Sequence[Pair],
+    options: ScoreOptions | None = None,
+    *,
+    max_call_tokens: int | None = None,
+) -> list[ScoreOutcome]:
+    """prepare -> score -> merge in one call, for in-process use: one PairScore or
+    ItemError per pair, in order. ``max_call_tokens`` cuts the ready pairs into engine
+    calls of at most that many padded tokens (``None``: one call)."""
     prepared = engine.prepare(pairs, options or ScoreOptions())
     ready = [p for p in prepared if isinstance(p, PreparedPair)]
-    scored = iter(engine.score(ready).scores if ready else [])
-    return [next(scored) if isinstance(p, PreparedPair) else p for p in prepared]
+    scores: list[PairScore] = []
+    for call in engine_calls(ready, max_call_tokens):
+        scores += engine.score(call).scores
+    return merge_outcomes(prepared, scores)
