@@ -45,11 +45,13 @@ def test_benchmark_runs_and_methods_agree(bpe_tokenizer, tmp_path):
             "--shared",
             "2x3",
             "--workloads",
-            "distinct,shared,fewshot,chat",
+            "distinct,shared,fewshot,chat,chatrows",
             "--fewshot",
             "2x3",
             "--chat",
             "3",
+            "--chat-rows",
+            "2",
             "--methods",
             "naive_one,naive_two,engine,engine_padded,engine_packed,engine_bf16,engine_uncond,engine_topk,vllm",
             "--shared-methods",
@@ -73,11 +75,12 @@ def test_benchmark_runs_and_methods_agree(bpe_tokenizer, tmp_path):
         "shared prompts (6 pairs)",
         "few-shot 2 items x 3 choices (6 pairs)",
         "chat, one system prompt (3 pairs)",
+        "chat rows of ~200 tokens, a 32-token system prompt (2 pairs)",
     )
     for label in labels:
         assert f"== {label} ==" in out
-    assert out.count("engine / engine_padded:") == 4
-    # the prefix trie against whole-prompt sharing, in every workload but the first
+    assert out.count("engine / engine_padded:") == 5
+    # the prefix trie against whole-prompt sharing, in every shared-prompt workload
     assert out.count("engine / engine_prompts:") == 3
     assert "engine: " in out and "x naive_one, " in out and "x naive_two" in out
     assert "engine_uncond / engine:" in out and "engine_topk / engine:" in out
@@ -85,7 +88,8 @@ def test_benchmark_runs_and_methods_agree(bpe_tokenizer, tmp_path):
     diffs = re.findall(r"max \|(\w+) - engine\|: joint (\S+), conditional (\S+) nats", out)
     found = [m for m, _, _ in diffs]
     assert sorted(found) == sorted(
-        [*FP32_METHODS, "naive_two", "engine_bf16"] + ["engine_padded", "engine_prompts"] * 3
+        # distinct-prompt workloads (distinct, chatrows): every method; shared ones: three
+        [*FP32_METHODS, "naive_two", "engine_bf16"] * 2 + ["engine_padded", "engine_prompts"] * 3
     )
     for method, joint, conditional in diffs:
         if method == "engine_bf16":  # bfloat16 weights: close, not equal
@@ -100,5 +104,5 @@ def test_benchmark_runs_and_methods_agree(bpe_tokenizer, tmp_path):
         assert f"max |{method} - engine|: joint 0.00e+00, conditional 0.00e+00 nats" in out
 
     summary = json.loads(out_json.read_text())
-    assert set(summary) == {"meta", "distinct", "shared", "fewshot", "chat"}
+    assert set(summary) == {"meta", "distinct", "shared", "fewshot", "chat", "chatrows"}
     assert summary["distinct"]["engine"]["tokens_per_s"] > 0
