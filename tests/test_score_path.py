@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pairscore.types import ItemError, ItemErrorCode, Pair, ScoreOptions
-from pairscore_server.engine.interface import engine_calls, merge_outcomes, score_pairs
+from pairscore_server.engine.interface import engine_calls, merge_outcomes, score_pairs, top_k_problem
 
 from harness.fake_engine import FakeEngine, expected_score
 
@@ -42,3 +42,11 @@ def test_merge_refuses_a_count_mismatch():
         merge_outcomes(prepared, [score, score])
     with pytest.raises(RuntimeError, match="0 scores for 1 ready pairs"):
         merge_outcomes(prepared, [])
+
+
+def test_top_k_is_one_rule_for_the_service_and_the_engine():
+    assert top_k_problem(0, 0) is None and top_k_problem(20, 20) is None
+    assert "between 0 and 20" in (top_k_problem(21, 20) or "") and "got 21" in (top_k_problem(21, 20) or "")
+    assert "not available" in (top_k_problem(1, 0) or "")
+    # The engine's item error (test_data_selection) and the service's request error
+    # (test_data_selection_e2e) both carry this text.

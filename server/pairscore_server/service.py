@@ -57,7 +57,7 @@ from pairscore_server.accounting import (
     leave_reason,
 )
 from pairscore_server.batcher import Batcher
-from pairscore_server.engine.interface import merge_outcomes
+from pairscore_server.engine.interface import merge_outcomes, top_k_problem
 from pairscore_server.errors import (
     DeadlineExceededError,
     QueueFullError,
@@ -189,14 +189,10 @@ class ScoringService:
                     f"{self.limits.max_pairs_per_request} pairs per request "
                     "(max_pairs_per_request); split it"
                 )
-            max_top_k = self._engine_info.max_top_k
-            if not 0 <= options.top_k <= max_top_k:
+            problem = top_k_problem(options.top_k, self._engine_info.max_top_k)
+            if problem:
                 self._count_rejected(REJECT_REQUEST_LIMIT, n)
-                raise RequestLimitError(
-                    f"top_k must be between 0 and {max_top_k}, this server's max_top_k"
-                    f"{' (top-k alternatives are not available)' if max_top_k == 0 else ''}; "
-                    f"got {options.top_k}"
-                )
+                raise RequestLimitError(problem)
             if deadline is not None and time.monotonic() >= deadline:
                 self._count_rejected(DROP_DEADLINE, n)
                 raise DeadlineExceededError("the deadline passed before scoring started")

@@ -135,6 +135,16 @@ class Engine(Protocol):
         ...
 
 
+def top_k_problem(top_k: int, max_top_k: int) -> str | None:
+    """The one rule for ``ScoreOptions.top_k`` against a model's ``max_top_k``: why a
+    value is refused, or None. The gRPC/HTTP service (a whole request) and the engine's
+    ``prepare`` (in-process callers, one item error a pair) both apply it."""
+    if 0 <= top_k <= max_top_k:
+        return None
+    unavailable = " (top-k alternatives are not available)" if max_top_k == 0 else ""
+    return f"top_k must be between 0 and {max_top_k}, this server's max_top_k{unavailable}; got {top_k}"
+
+
 def merge_outcomes(
     prepared: Sequence[PreparedPair | ItemError], scores: Iterable[ScoreOutcome]
 ) -> list[ScoreOutcome]:

@@ -26,6 +26,7 @@ from pairscore.types import (
     Truncation,
 )
 from pairscore_server.engine.chat import ChatError, ChatRenderer
+from pairscore_server.engine.interface import top_k_problem
 from pairscore_server.engine.prefix import Prefix
 from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.tokenization import PairTokenizer, TokenizedPair
@@ -71,9 +72,9 @@ class Preparation:
         prompt is cut from the start to fit it; otherwise a longer pair is an ItemError
         (the one place the per-pair token limit is checked).
         """
-        if not 0 <= options.top_k <= self.max_top_k:
-            message = f"top_k must be between 0 and {self.max_top_k} (max_top_k), got {options.top_k}"
-            return [ItemError(ItemErrorCode.INVALID_ARGUMENT, message, p.id) for p in pairs]
+        problem = top_k_problem(options.top_k, self.max_top_k)
+        if problem:
+            return [ItemError(ItemErrorCode.INVALID_ARGUMENT, problem, p.id) for p in pairs]
         limit = self.max_context if max_tokens is None else min(max_tokens, self.max_context)
         tokenized = self._tokenize_pairs(pairs, options)
         return [
