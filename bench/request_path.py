@@ -10,7 +10,6 @@ docs/reliability.md come from it::
     PYTHONPATH=client:server .venv/bin/python bench/request_path.py .
 """
 
-import random
 import sys
 import tempfile
 import threading
@@ -26,70 +25,15 @@ from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 
 from harness.models import build_bpe_tokenizer, build_gpt2_model, make_engine
 from harness.servers import ServerThread
-
-W = ("alpha", "beta", "gamma", "delta", "the", "of", "and", "score", "model", "token", "river")
-
-
-def text(chars, seed):
-    rng = random.Random(seed)
-    out = []
-    size = 0
-    while size < chars:
-        w = rng.choice(W) + str(rng.randrange(1000))
-        out.append(w)
-        size += len(w) + 1
-    return " ".join(out)[:chars]
-
-
-class Spy:
-    def __init__(self, e):
-        self.e = e
-        self.last_end = 0.0
-        self.busy = 0
-
-    def __getattr__(self, n):
-        return getattr(self.e, n)
-
-    @property
-    def info(self):
-        return self.e.info
-
-    @property
-    def max_batch_tokens(self):
-        return self.e.max_batch_tokens
-
-    @property
-    def max_call_tokens(self):
-        return self.e.max_call_tokens
-
-    def _wrap(self, f, *a, **k):
-        self.busy += 1
-        try:
-            return f(*a, **k)
-        finally:
-            self.busy -= 1
-            self.last_end = time.monotonic()
-
-    def prepare(self, pairs, options, *, max_tokens=None):
-        return self._wrap(self.e.prepare, pairs, options, max_tokens=max_tokens)
-
-    def tokenize(self, texts, *, parse_special_tokens=False):
-        return self._wrap(self.e.tokenize, texts, parse_special_tokens=parse_special_tokens)
-
-    def score(self, prepared, **kw):
-        return self.e.score(prepared, **kw)
-
-    def warmup(self):
-        self.e.warmup()
-
+from harness.spy_engine import SpyEngine, word_salad
 
 tok = build_bpe_tokenizer(Path(tempfile.mkdtemp()))
-spy = Spy(make_engine(build_gpt2_model(len(tok)), tok))
+spy = SpyEngine(make_engine(build_gpt2_model(len(tok)), tok))
 st = ServerThread(spy).start()
 proc = psutil.Process()
 small = pb.ScoreRequest(pairs=[pb.Pair(prompt=f"Question {i}?", response=" Yes.") for i in range(20)])
 LEFT = pb.ScoreOptions(truncation=pb.TRUNCATION_LEFT)
-prompt = text(100_000, 0)
+prompt = word_salad(100_000, 0)
 rows = {
     "ScoreCandidates 100k-char prompt x 20 candidates, left, 3 s": (
         "ScoreCandidates",
@@ -106,13 +50,13 @@ rows = {
     "Score 24 x 100k-char prompts, left, 2 s": (
         "Score",
         pb.ScoreRequest(
-            pairs=[pb.Pair(prompt=text(100_000, i), response=" y") for i in range(24)], options=LEFT
+            pairs=[pb.Pair(prompt=word_salad(100_000, i), response=" y") for i in range(24)], options=LEFT
         ),
         2.0,
     ),
     "Tokenize 64 x 50k-char texts, 5 s": (
         "Tokenize",
-        pb.TokenizeRequest(texts=[text(50_000, i) for i in range(64)]),
+        pb.TokenizeRequest(texts=[word_salad(50_000, i) for i in range(64)]),
         5.0,
     ),
 }

@@ -11,7 +11,6 @@ as one uninterruptible call, FIFO, the prompt once per candidate).
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from typing import Any
@@ -30,75 +29,13 @@ from pairscore_server.preparing import pair_chunks, request_chars
 from harness.fake_engine import FakeEngine
 from harness.models import make_engine
 from harness.servers import metric_samples
-
-_WORDS = ("alpha", "beta", "gamma", "delta", "the", "of", "and", "score", "model", "token", "river")
-
-
-def _text(chars: int, seed: int) -> str:
-    """``chars`` characters of word salad, different for each seed."""
-    rng = random.Random(seed)
-    out: list[str] = []
-    size = 0
-    while size < chars:
-        word = rng.choice(_WORDS) + str(rng.randrange(1000))
-        out.append(word)
-        size += len(word) + 1
-    return " ".join(out)[:chars]
-
-
-class SpyEngine:
-    """Delegates to a real engine and records each prepare / tokenize call (when, how much)."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-        self.calls: list[tuple[str, float, float, int]] = []  # (first id, start, end, items)
-        self._lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    @property
-    def info(self) -> Any:
-        return self._engine.info
-
-    @property
-    def max_batch_tokens(self) -> int:
-        return int(self._engine.max_batch_tokens)
-
-    @property
-    def max_call_tokens(self) -> int:
-        return int(self._engine.max_call_tokens)
-
-    def prepare(self, pairs: Any, options: Any, *, max_tokens: Any = None) -> Any:
-        started = time.monotonic()
-        out = self._engine.prepare(pairs, options, max_tokens=max_tokens)
-        with self._lock:
-            self.calls.append((pairs[0].id if pairs else "", started, time.monotonic(), len(pairs)))
-        return out
-
-    def tokenize(self, texts: Any, *, parse_special_tokens: bool = False) -> Any:
-        started = time.monotonic()
-        out = self._engine.tokenize(texts, parse_special_tokens=parse_special_tokens)
-        with self._lock:
-            self.calls.append(("tokenize", started, time.monotonic(), sum(len(t) for t in texts)))
-        return out
-
-    def score(self, prepared: Any, *, cancelled: Any = None) -> Any:
-        return self._engine.score(prepared, cancelled=cancelled)
-
-    def warmup(self) -> None:
-        self._engine.warmup()
-
-    def prepared(self, prefix: str) -> int:
-        """Pairs of ids starting with ``prefix`` prepared so far."""
-        with self._lock:
-            return sum(n for first, _, _, n in self.calls if first.startswith(prefix))
+from harness.spy_engine import SpyEngine, word_salad
 
 
 def _giant(n: int = 64, chars: int = 20_000, *, tag: str = "giant") -> pb.ScoreRequest:
     """``n`` pairs of distinct ``chars``-character prompts (well within the default limits)."""
     return pb.ScoreRequest(
-        pairs=[pb.Pair(prompt=_text(chars, i), response=" yes", id=f"{tag}-{i}") for i in range(n)],
+        pairs=[pb.Pair(prompt=word_salad(chars, i), response=" yes", id=f"{tag}-{i}") for i in range(n)],
         options=pb.ScoreOptions(truncation=pb.TRUNCATION_LEFT),
     )
 
@@ -142,7 +79,7 @@ def test_chunks_are_bounded_and_keep_a_shared_prompt_together() -> None:
 
 
 def test_a_candidate_sets_prompt_is_tokenized_once(tiny_engine, monkeypatch) -> None:
-    prompt = _text(30_000, 1)
+    prompt = word_salad(30_000, 1)
     pairs = [Pair(prompt, f" candidate {i}", id=str(i)) for i in range(50)]
     options = ScoreOptions(truncation=Truncation.LEFT)
     alone = [tiny_engine.prepare([p], options)[0] for p in pairs[:3]]
@@ -162,7 +99,7 @@ def test_a_candidate_sets_prompt_is_tokenized_once(tiny_engine, monkeypatch) -> 
 def test_the_engine_stops_a_cancelled_batch_at_the_next_forward_chunk(gpt2_family) -> None:
     model, tokenizer = gpt2_family
     engine = make_engine(model, tokenizer, max_batch_tokens=64, share_prompts=False, share_prefixes=False)
-    prepared = engine.prepare([Pair(_text(40, i), " yes") for i in range(24)], ScoreOptions())
+    prepared = engine.prepare([Pair(word_salad(40, i), " yes") for i in range(24)], ScoreOptions())
     forwards = 0
 
     def count(*_: Any) -> None:
@@ -247,7 +184,7 @@ def test_a_small_request_is_not_stuck_behind_a_giant_one(tiny_engine, start_serv
 def test_tokenize_stops_once_its_answer_is_too_large(tiny_engine, start_server) -> None:
     spy = SpyEngine(tiny_engine)
     st = start_server(spy, max_response_bytes=64 * 1024)
-    texts = [_text(10_000, i) for i in range(200)]
+    texts = [word_salad(10_000, i) for i in range(200)]
     with grpc.insecure_channel(st.target) as channel:
         stub = pb_grpc.ScoringServiceStub(channel)
         with pytest.raises(grpc.RpcError) as big:
@@ -268,7 +205,7 @@ def test_the_character_budget_refuses_before_tokenizing(tiny_engine, start_serve
         assert big.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "max_request_chars" in (big.value.details() or "")
         # a candidate set's shared prompt counts once: 90k of prompt + 50 candidates fits
-        prompt = _text(90_000, 7)
+        prompt = word_salad(90_000, 7)
         sets = [
             pb.CandidateSet(
                 prompt=prompt, candidates=[pb.Candidate(response=f" c{i}") for i in range(50)], id="s"
@@ -285,7 +222,7 @@ def test_the_character_budget_refuses_before_tokenizing(tiny_engine, start_serve
 def test_one_large_request_grows_the_server_by_a_bounded_amount(tiny_engine, start_server) -> None:
     st = start_server(tiny_engine)
     process = psutil.Process()
-    prompt = _text(100_000, 3)
+    prompt = word_salad(100_000, 3)
     sets = [
         pb.CandidateSet(
             prompt=prompt, candidates=[pb.Candidate(response=f" candidate {i}") for i in range(200)], id="s"
