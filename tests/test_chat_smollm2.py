@@ -15,7 +15,6 @@ that test_smollm2.py measured on natural text.
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -32,6 +31,8 @@ from pairscore.types import (
 )
 from pairscore_server.engine.loading import load_engine
 from pairscore_server.engine.spec import ModelSpec
+
+from harness.scoring import Float64Errors, float64_logprobs
 
 # A pair whose batch mates share a 16+ token run with it (the prefix trie,
 # docs/contract.md) moves by float32 attention rounding. Measured on SmolLM2 over
@@ -170,11 +171,6 @@ def test_control_token_strings_in_content_are_text(smol):
 
 # --- the context: no token before the template's own ids (issue 24) --------------------------
 
-# The float32 bounds measured on natural text (test_smollm2.py, docs/contract.md
-# "Accuracy"): per token, per token of a sum, relative to the sum.
-NATURAL_TOKEN_TOL = 6e-5
-NATURAL_SUM_PER_TOKEN_TOL = 4e-5
-NATURAL_SUM_REL_TOL = 7e-5
 
 #: The issue's hostile cases: control strings typed into the reply, user and system turns.
 HOSTILE = {
@@ -189,19 +185,11 @@ def smol64(smol):
     return copy.deepcopy(smol.model).to(torch.float64).eval()
 
 
-def float64_logprobs(model64, ids) -> list[float]:
-    """log P(ids[j] | ids[:j]) for j >= 1 in float64: nothing before ids."""
-    with torch.no_grad():
-        logits = model64(torch.tensor([list(ids)])).logits[0]
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    return [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
-
-
 def test_conversations_score_on_the_template_ids_with_nothing_before_them(smol, smol64):
     tokenizer = smol.tokenizer
     cases = {**SHAPES, **HOSTILE}
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    worst_token = worst_per_token = worst_rel = 0.0
+    errors = Float64Errors()
     for end_of_turn in EndOfTurn:
         pairs = [Pair(prompt_messages=m, response=r, id=k) for k, (m, r) in sorted(cases.items())]
         options = ScoreOptions(return_tokens=True, end_of_turn=end_of_turn)
@@ -224,22 +212,5 @@ def test_conversations_score_on_the_template_ids_with_nothing_before_them(smol, 
             m = len(prompt_ids) - 1  # <|im_start|> is the context
             assert (got.prompt_tokens, got.response_tokens) == (m, len(completion_ids))
             assert [t.token_id for t in got.tokens] == seq[1:]
-            for value, part in (
-                (got.prompt_logprob, ref[:m]),
-                (got.conditional_logprob, ref[m:]),
-                (got.joint_logprob, ref),
-            ):
-                if part:
-                    err = abs(value - math.fsum(part))
-                    worst_per_token = max(worst_per_token, err / len(part))
-                    worst_rel = max(worst_rel, err / -math.fsum(part))
-            worst_token = max(
-                worst_token, *(abs(t.logprob - r) for t, r in zip(got.tokens, ref, strict=True))
-            )
-    print(
-        f"chat vs float64: worst per token {worst_token:.2e} nats, worst sum {worst_per_token:.2e} "
-        f"nats per token and {worst_rel:.2e} of the sum"
-    )
-    assert worst_token < NATURAL_TOKEN_TOL
-    assert worst_per_token < NATURAL_SUM_PER_TOKEN_TOL
-    assert worst_rel < NATURAL_SUM_REL_TOL
+            errors.add(got, ref, m)
+    errors.assert_within_natural_bounds("chat vs float64")

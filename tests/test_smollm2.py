@@ -21,6 +21,7 @@ from pairscore_server.engine.loading import load_engine
 from pairscore_server.engine.spec import ModelSpec
 
 from harness.corpus import NATURAL_PAIRS
+from harness.scoring import Float64Errors, float64_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -158,30 +159,9 @@ def test_cached_copy_loads_fast_and_scores_the_same(smol, cache_dir):
 # -- precision on natural text, float64, batch invariance (issue 11) ---------
 
 
-def float64_reference(model64, ids) -> list[float]:
-    """log P(t_j | t_<j), j = 1..L-1: one plain transformers forward in float64."""
-    with torch.no_grad():
-        logp = torch.log_softmax(model64(torch.tensor([ids])).logits[0].double(), -1)
-    return [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
-
-
 @pytest.fixture(scope="module")
 def model64(smol):
     return copy.deepcopy(smol.model).to(torch.float64).eval()
-
-
-# The real model in float32 is further from float64 than the random-weight
-# test models: a plain transformers fp32 forward is as far off as the engine.
-# Measured on NATURAL_PAIRS (26 pairs, 76 prompt/conditional/joint sums of 1-72
-# tokens, packed and padded alike): per token up to 3.2e-5 nats; per sum up to
-# 6.2e-4 nats (39 of the 76 sums over 1e-4), which is at most 2.0e-5 nats per
-# token of the sum (token errors share their sign, so they add up) and at most
-# 3.4e-5 of the sum. The bounds are those figures with ~2x margin, per token,
-# per token of a sum and relative to the sum: an absolute bound per sum would
-# grow with its length.
-NATURAL_TOKEN_TOL = 6e-5
-NATURAL_SUM_PER_TOKEN_TOL = 4e-5
-NATURAL_SUM_REL_TOL = 7e-5
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
@@ -193,28 +173,11 @@ def test_natural_text_within_measured_float32_bounds(smol, model64, packing):
         limits=dataclasses.replace(smol.limits, packing=packing),
     )
     options = ScoreOptions(return_tokens=True)
-    worst_token = worst_per_token = worst_rel = 0.0
+    errors = Float64Errors()
     for pair, got in zip(NATURAL_PAIRS, engine.score_pairs(NATURAL_PAIRS, options), strict=True):
         [prep] = engine.prepare([pair], options)
-        ref = float64_reference(model64, prep.input_ids)
-        m = prep.prompt_tokens
-        for value, part in (
-            (got.prompt_logprob, ref[:m]),
-            (got.conditional_logprob, ref[m:]),
-            (got.joint_logprob, ref),
-        ):
-            if part:
-                err = abs(value - math.fsum(part))
-                worst_per_token = max(worst_per_token, err / len(part))
-                worst_rel = max(worst_rel, err / -math.fsum(part))
-        worst_token = max(worst_token, *(abs(t.logprob - r) for t, r in zip(got.tokens, ref, strict=True)))
-    print(
-        f"worst per token {worst_token:.2e} nats, worst sum {worst_per_token:.2e} nats per token "
-        f"and {worst_rel:.2e} of the sum"
-    )
-    assert worst_token < NATURAL_TOKEN_TOL
-    assert worst_per_token < NATURAL_SUM_PER_TOKEN_TOL
-    assert worst_rel < NATURAL_SUM_REL_TOL
+        errors.add(got, float64_logprobs(model64, prep.input_ids), prep.prompt_tokens)
+    errors.assert_within_natural_bounds("natural text vs float64")
 
 
 # --dtype float64 on CPU: the engine (fused kernels, packed attention, float64
@@ -235,7 +198,7 @@ def test_float64_dtype_gives_reference_grade_scores(cache_dir, model64):
     worst = 0.0
     for pair, got in zip(NATURAL_PAIRS, engine.score_pairs(NATURAL_PAIRS), strict=True):
         [prep] = engine.prepare([pair], ScoreOptions())
-        ref = float64_reference(model64, prep.input_ids)
+        ref = float64_logprobs(model64, prep.input_ids)
         m = prep.prompt_tokens
         worst = max(
             worst,
