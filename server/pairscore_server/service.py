@@ -178,7 +178,8 @@ class ScoringService:
         ``size_bound``: a scored pair's share of the answer, for an answer that is not a
         ScoreResponse (the OpenAI port's JSON); None: its ScoreResponse bound.
         """
-        if not pairs:
+        if not pairs:  # what the answer holds besides results (empty candidate sets) still counts
+            self._check_response_size([], [], options, extra_bytes=extra_response_bytes)
             return []
         n = len(pairs)
         try:
@@ -268,8 +269,6 @@ class ScoringService:
         pairs = [pair for s in sets for pair in s.pairs()]
         # CandidateSetResult wrapper: id, index, length prefixes and tags
         wrappers = sum(len(s.id.encode()) + _SET_RESULT_BYTES for s in sets)
-        if not pairs:  # empty sets only: their wrappers are the whole answer, and count too
-            self._check_response_size([], [], options, extra_bytes=wrappers)
         outcomes = iter(await self.score(pairs, options, deadline=deadline, extra_response_bytes=wrappers))
         return [
             CandidateSetResult(results=tuple(next(outcomes) for _ in s.candidates), id=s.id) for s in sets
