@@ -1,4 +1,4 @@
-"""How short a shared run of token ids is still worth a trie node (packing.MIN_SHARED_TOKENS).
+"""How short a shared run of token ids is still worth a trie node (tries.MIN_SHARED_TOKENS).
 
 Sharing a run of k tokens between n sequences saves (n - 1) x k token positions
 but costs every sequence below the cut one more attention call (and a key/value

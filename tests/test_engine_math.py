@@ -133,7 +133,7 @@ def test_packed_rows_are_bitwise_batch_invariant(family, mode):
     long runs with each other (not with it) and in a mixed batch: GEMMs under 16
     rows are padded (kernels.RowStableLinear) and a pair that shares no run of
     MIN_SHARED_TOKENS beyond its whole prompt is always laid out as prompt +
-    response segments (packing.build_tries)."""
+    response segments (tries.build_tries)."""
     eng = make_engine(*family, packing=True)
     options = ScoreOptions(tokenization=mode, return_tokens=True)
     pairs = mixed_pairs(16, seed=4) + [Pair("Hello", ""), Pair("", "Hello world."), Pair("a", "b")]

@@ -10,7 +10,8 @@ import torch
 
 from pairscore.types import Pair, ScoreOptions
 from pairscore_server.engine import packed_attention
-from pairscore_server.engine.packing import build_tries, pack_row, plan_rows, row_items
+from pairscore_server.engine.packing import pack_row
+from pairscore_server.engine.tries import build_tries, plan_rows, row_items
 
 from harness.models import make_engine
 from harness.scoring import assert_same_scores, mixed_pairs

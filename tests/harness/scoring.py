@@ -56,7 +56,7 @@ def mixed_pairs(n: int, seed: int = 0) -> list[Pair]:
 
 
 #: A run long enough (> 16 tokens in each tiny tokenizer) to be shared below whole
-#: prompts (packing.MIN_SHARED_TOKENS), as few-shot exemplars or a system prompt are.
+#: prompts (tries.MIN_SHARED_TOKENS), as few-shot exemplars or a system prompt are.
 PREAMBLE = (
     "The capital of France is Paris. The capital of Italy is Rome.\n"
     "Question: what is two plus two? Answer: four.\n"

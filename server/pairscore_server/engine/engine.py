@@ -40,21 +40,20 @@ from pairscore_server.engine.packed_attention import (
     disable_packed_attention,
     enable_packed_attention,
 )
-from pairscore_server.engine.packing import (
-    MIN_SHARED_TOKENS,
-    ROW_ALIGN,
-    RowItem,
-    Trie,
-    build_tries,
-    pack_row,
-    plan_rows,
-    row_items,
-)
+from pairscore_server.engine.packing import ROW_ALIGN, pack_row
 from pairscore_server.engine.prefix import Prefix, resolve_prefix
 from pairscore_server.engine.preparation import Preparation
 from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.results import ResultBuilder
 from pairscore_server.engine.tokenization import PairTokenizer
+from pairscore_server.engine.tries import (
+    MIN_SHARED_TOKENS,
+    RowItem,
+    Trie,
+    build_tries,
+    plan_rows,
+    row_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +272,13 @@ class ScoringEngine(Engine):
         )
 
     def plan_tries(self, prepared: Sequence[PreparedPair]) -> list[Trie]:
-        """The tries (shared runs of token ids, packing.py) of ``prepared``'s p ⊕ x ⊕ y,
+        """The tries (shared runs of token ids, tries.py) of ``prepared``'s p ⊕ x ⊕ y,
         as the padded layout runs them (packed rows also cut at every prompt end)."""
         return self._tries([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared], False)
 
     def plan_packed_rows(self, prepared: Sequence[PreparedPair]) -> tuple[list[RowItem], list[list[int]]]:
         """The packed layout of ``prepared``: its row items (parts of tries, see
-        packing.py) and the item indices of each row."""
+        tries.py: row_items, plan_rows) and the item indices of each row."""
         return self._plan_rows([p.input_ids for p in prepared], [1 + p.prompt_tokens for p in prepared])
 
     def _tries(

@@ -34,7 +34,7 @@ class ForwardStats:
     including padding (real / padded is the padding efficiency);
     ``reused_tokens``: tokens not computed again because several sequences
     of the call begin with the same run of token ids (a shared prompt,
-    few-shot exemplars, a system prompt: the prefix trie of packing.py) or
+    few-shot exemplars, a system prompt: the prefix trie of tries.py) or
     are identical: every sequence's length, less what was run.
     """
 

@@ -49,7 +49,8 @@ import torch
 
 from pairscore_server.engine.interface import CausalLM
 from pairscore_server.engine.packed_attention import SEGMENTS_KWARG
-from pairscore_server.engine.packing import PackedRow, Trie, build_tries, pack_row, row_items
+from pairscore_server.engine.packing import PackedRow, pack_row
+from pairscore_server.engine.tries import Trie, build_tries, row_items
 
 #: Default memory for one chunk of float32 logits on CPU. The chunk is written
 #: by the output GEMM and read back by the log-softmax, so it should stay in
@@ -336,7 +337,7 @@ class LogprobComputer:
         min_efficiency: float = 0.0,
         detail: HeadDetail = NO_DETAIL,
     ) -> tuple[list[torch.Tensor], int]:
-        """Score the sequences of a trie (packing.py), running each node once on a
+        """Score the sequences of a trie (tries.py), running each node once on a
         key/value cache of its ancestors.
 
         The root runs alone and keeps its cache; a node with children runs on

@@ -18,10 +18,10 @@ from dataclasses import replace
 from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions, ScoreOutcome
 from pairscore_server.engine.engine import ScoringEngine
 from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, ScoredBatch, score_pairs
-from pairscore_server.engine.packing import group_by_prompt
 from pairscore_server.engine.prefix import Prefix
 from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.tokenization import PairTokenizer
+from pairscore_server.engine.tries import group_by_prompt
 
 
 class ReplicatedEngine(Engine):
