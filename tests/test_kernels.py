@@ -36,10 +36,29 @@ def test_llama_norms_and_mlps_are_swapped_and_logits_stay_bitwise():
     assert x.grad is not None
 
 
-def test_bfloat16_keeps_the_original_norm_formula():
+def test_bfloat16_norms_are_fused_and_logits_stay_bitwise():
+    # bfloat16 rounds the float32-normalised activations before the weight: the fused
+    # form normalises with one kernel in float32 and rounds at the same place
     model = build_llama_model(64).to(torch.bfloat16)
     reference = copy.deepcopy(model)
-    assert fuse_norms_and_mlps(model) > 0
+    layers = model.config.num_hidden_layers
+    assert fuse_norms_and_mlps(model) == 3 * layers + 1
+    assert [type(m) for m in model.modules()].count(FusedRMSNorm) == 2 * layers + 1
+    ids = torch.arange(1, 30)[None] % 64
+    assert torch.equal(_logits(reference, ids), _logits(model, ids))
+    norm = next(m for m in model.modules() if isinstance(m, FusedRMSNorm))
+    x = torch.randn(4, 37, norm.weight.shape[0], generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.inference_mode():
+        normalised = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        assert torch.equal(norm(x), norm.weight * normalised.to(torch.bfloat16))
+
+
+def test_float64_keeps_the_original_norm_formula():
+    # transformers' Llama computes the statistics in float32 even for a float64 model;
+    # the swapped module does the same (so float64 logits do not move either)
+    model = build_llama_model(64).to(torch.float64)
+    reference = copy.deepcopy(model)
+    fuse_norms_and_mlps(model)
     ids = torch.arange(1, 30)[None] % 64
     assert torch.equal(_logits(reference, ids), _logits(model, ids))
 

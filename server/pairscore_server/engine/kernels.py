@@ -98,8 +98,10 @@ class FusedRMSNorm(torch.nn.Module):
     """An RMSNorm (see :data:`_RMS_NORMS`) whose float32 inputs go through
     ``torch.nn.functional.rms_norm``: one kernel instead of pow, mean, add, rsqrt and
     two multiplies, each a pass over the activations. The same function, bit for bit
-    in float32 (checked on a probe by :func:`fuse_norms_and_mlps`); other dtypes keep
-    the original formula (it rounds to the input dtype before the weight)."""
+    (checked on a probe by :func:`fuse_norms_and_mlps`): float32 inputs in one call;
+    bfloat16 and float16 ones normalised in float32 by the same kernel and rounded to
+    their dtype before the weight, as the original; float64 keeps the original formula
+    (it computes the statistics in float32)."""
 
     weight: torch.nn.Parameter
     variance_epsilon: float
@@ -110,6 +112,13 @@ class FusedRMSNorm(torch.nn.Module):
                 hidden_states, self.weight.shape, self.weight, self.variance_epsilon
             )
         input_dtype = hidden_states.dtype
+        if input_dtype in (torch.bfloat16, torch.float16):
+            # the statistics in float32 as the original, one kernel; rounded to the
+            # input dtype before the weight, as the original
+            normed = torch.nn.functional.rms_norm(
+                hidden_states.to(torch.float32), self.weight.shape, None, self.variance_epsilon
+            )
+            return self.weight * normed.to(input_dtype)
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
