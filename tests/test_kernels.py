@@ -47,7 +47,9 @@ def test_bfloat16_norms_are_fused_and_logits_stay_bitwise():
     ids = torch.arange(1, 30)[None] % 64
     assert torch.equal(_logits(reference, ids), _logits(model, ids))
     norm = next(m for m in model.modules() if isinstance(m, FusedRMSNorm))
-    x = torch.randn(4, 37, norm.weight.shape[0], generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x = torch.randn(4, 37, norm.weight.shape[0], generator=torch.Generator().manual_seed(2)).to(
+        torch.bfloat16
+    )
     with torch.inference_mode():
         normalised = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         assert torch.equal(norm(x), norm.weight * normalised.to(torch.bfloat16))
