@@ -9,7 +9,10 @@ stopped at the first chunk after which it cannot fit.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import time
+from typing import Any
 
 import pytest
 
@@ -21,7 +24,10 @@ from pairscore.v1 import scoring_pb2 as pb
 from pairscore_server.preparing import DEFAULT_CHUNK_CHARS, text_chunks
 from pairscore_server.tokenizing import answer_bytes, answer_bytes_at_least, entry_bytes, max_token_chars
 
+from harness.fake_engine import FakeEngine
 from harness.models import make_engine
+from harness.openai_http import parse_raw_answer, raw_connection, read_until_closed
+from harness.servers import metric_samples
 from harness.spy_engine import SpyEngine, word_salad
 
 BUDGETS = {"max_request_chars": 50_000, "max_preparing_chars": 200_000, "max_response_bytes": 64 * 1024}
@@ -186,3 +192,55 @@ def test_tokenize_stops_at_the_first_chunk_after_which_the_answer_cannot_fit(
         client.tokenize(texts)
     assert _tokenize_calls(spy) == expected
     assert "tokenization stopped there" in str(refused.value)
+
+
+# --- the OpenAI port's refusals, counted ---------------------------------------------------
+
+HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+GOOD = {"model": "fake-model", "prompt": "hello", "echo": True, "max_tokens": 0, "logprobs": 0}
+
+
+def _refusals(st: Any) -> dict[str, float]:
+    return {
+        dict(labels)["reason"]: value
+        for (name, labels), value in metric_samples(st.metrics_text()).items()
+        if name == "pairscore_http_refusals_total"
+    }
+
+
+def test_http_refusals_are_counted_by_reason(start_server) -> None:
+    st = start_server(
+        FakeEngine(),
+        openai_port=0,
+        max_concurrent_rpcs=6,
+        openai_header_timeout_s=1.0,
+        openai_body_timeout_s=1.0,
+    )
+    port = st.server.openai_port
+    assert _refusals(st) == {"connection_cap": 0, "header_timeout": 0, "body_timeout": 0}
+    # an idle keep-alive connection that was served and then closed by the header timer
+    # owes nothing: not counted
+    served = raw_connection(
+        port, HEAD + f"Content-Length: {len(json.dumps(GOOD))}\r\n\r\n".encode() + json.dumps(GOOD).encode()
+    )
+    partial = [raw_connection(port, HEAD) for _ in range(2)]  # part of a head
+    silent = [raw_connection(port) for _ in range(2)]  # nothing at all
+    stalled = raw_connection(port, HEAD + b"Content-Length: 1000\r\n\r\n{")  # half a body
+    time.sleep(0.3)
+    over = [raw_connection(port) for _ in range(3)]  # 6 open: these are over the cap
+    for sock in over:
+        data, closed = read_until_closed(sock, timeout=10)
+        assert closed and parse_raw_answer(data)[0] == 503
+    data, _ = read_until_closed(stalled, timeout=20)
+    assert parse_raw_answer(data)[0] == 408
+    answer, closed = read_until_closed(served, timeout=20)
+    assert closed and parse_raw_answer(answer)[0] == 200
+    for sock in partial + silent:
+        assert read_until_closed(sock, timeout=20)[1]
+    for sock in [served, stalled, *partial, *silent, *over]:
+        sock.close()
+    deadline = time.monotonic() + 10
+    while _refusals(st)["header_timeout"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert _refusals(st) == {"connection_cap": 3, "header_timeout": 4, "body_timeout": 1}
