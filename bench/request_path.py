@@ -20,11 +20,14 @@ and the issue's 1024, which that budget refuses before any work)::
 """
 
 import argparse
+import gzip
+import json
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, sys.argv[1] + "/tests")
 import grpc
@@ -34,6 +37,7 @@ from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 
 from harness.models import build_bpe_tokenizer, build_gpt2_model, make_engine
+from harness.openai_http import http_call, openai_url
 from harness.servers import ServerThread
 from harness.spy_engine import SpyEngine, word_salad
 
@@ -52,7 +56,7 @@ else:
     engine = load_engine(ModelSpec(device="cpu", dtype="float32"))
     candidates, prompts, texts = 200, 150, 320
 spy = SpyEngine(engine)
-st = ServerThread(spy).start()
+st = ServerThread(spy, openai_port=0).start()
 proc = psutil.Process()
 small = pb.ScoreRequest(pairs=[pb.Pair(prompt=f"Question {i}?", response=" Yes.") for i in range(20)])
 LEFT = pb.ScoreOptions(truncation=pb.TRUNCATION_LEFT)
@@ -138,4 +142,41 @@ with grpc.insecure_channel(st.target) as ch:
             flush=True,
         )
     print("\n".join(details))
+
+# The issue's OpenAI row: a 50 MB body of 500 prompts x 100000 characters (distinct, and
+# one prompt 500 times), and 5 of them gzip'd (small on the wire). How each ended, when, and the process's RSS growth.
+url = f"{openai_url(st)}/completions"
+body = {"model": engine.info.model_name, "echo": True, "max_tokens": 0, "logprobs": 0}
+big = json.dumps({**body, "prompt": [word_salad(100_000, i) for i in range(500)]}).encode()
+same = json.dumps({**body, "prompt": ["a" * 100_000] * 500}).encode()
+small_gz = gzip.compress(json.dumps({**body, "prompt": ["a" * 100_000] * 5}).encode())
+for name, raw, headers in (
+    (f"OpenAI: {len(big) / 1e6:.0f} MB body, 500 distinct prompts x 100k chars", big, {}),
+    (f"OpenAI: {len(same) / 1e6:.0f} MB body, one 100k-char prompt 500 times", same, {}),
+    (f"OpenAI: {len(small_gz)} bytes gzip'd, 5 prompts x 100k chars", small_gz, {"Content-Encoding": "gzip"}),
+):
+    time.sleep(1.0)
+    before = peak = proc.memory_info().rss
+    start = time.monotonic()
+    result: list[object] = []
+    th = threading.Thread(
+        target=lambda result=result, raw=raw, headers=headers: result.append(
+            http_call(url, raw=raw, headers=headers, timeout=120)
+        )
+    )
+    th.start()
+    while th.is_alive():
+        peak = max(peak, proc.memory_info().rss)
+        time.sleep(0.01)
+    answer: Any = result[0]
+    took = time.monotonic() - start
+    while spy.busy:
+        time.sleep(0.01)
+    work = max(0.0, spy.last_end - start)
+    error = answer.body.get("error", {}) if isinstance(answer.body, dict) else {}
+    print(
+        f"| {name} | {answer.status} {error.get('code', '')} at {took:.1f} s | tokenizer work ended "
+        f"{work:.1f} s after the start | {(peak - before) / 2**20:.0f} MiB | {str(error.get('message', ''))[:160]} |",
+        flush=True,
+    )
 st.stop()
