@@ -259,6 +259,9 @@ def test_model_info_describes_the_engine_and_the_limits(
         max_item_tokens=limits.max_item_tokens,
         max_message_bytes=limits.max_message_bytes,
         max_queue_tokens=limits.max_queue_tokens,
+        max_request_chars=limits.max_request_chars,
+        max_preparing_chars=limits.max_preparing_chars,
+        max_response_bytes=limits.max_response_bytes,
     )
     config = ServerConfig()
     assert info.max_pairs_per_request == config.max_pairs_per_request

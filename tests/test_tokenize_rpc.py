@@ -72,12 +72,15 @@ def test_tokenize_obeys_the_request_limits_and_the_server_goes_on(start_server):
     assert samples[("pairscore_requests_total", (("code", "INVALID_ARGUMENT"), ("method", "Tokenize")))] == 2
 
 
-def test_tokenize_answer_bound_is_refused_before_it_is_too_large(start_server):
+def test_tokenize_answer_over_the_limit_is_refused_one_that_fits_is_not(start_server):
+    # The fake engine's ids are code points: "x" is one byte, so 1000 of them encode to
+    # 1006 bytes (1 + 2 + 1 + 2 + 1000) and fit 1024; 1100 do not. (The answer used to
+    # be bounded at 5 bytes an id, which refused 300 of them.)
     st = start_server(FakeEngine(), max_response_bytes=1024)
     with st.client() as client:
-        assert len(client.tokenize(["x" * 150])[0]) == 150
+        assert len(client.tokenize(["x" * 1000])[0]) == 1000
         with pytest.raises(InvalidArgumentError, match=r"max_response_bytes"):
-            client.tokenize(["x" * 300])
+            client.tokenize(["x" * 1100])
 
 
 def test_tokenize_needs_the_bearer_token(start_server):

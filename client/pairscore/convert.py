@@ -379,6 +379,9 @@ def model_info_to_pb(info: ModelInfo) -> pb.GetModelInfoResponse:
         max_message_bytes=info.max_message_bytes,
         max_queue_tokens=info.max_queue_tokens,
         max_top_k=info.max_top_k,
+        max_request_chars=info.max_request_chars,
+        max_preparing_chars=info.max_preparing_chars,
+        max_response_bytes=info.max_response_bytes,
         tokenizer_normalizes=info.tokenizer_normalizes,
         chat_template=info.chat_template,
     )
@@ -407,6 +410,9 @@ def model_info_from_pb(msg: pb.GetModelInfoResponse) -> ModelInfo:
         max_message_bytes=msg.max_message_bytes,
         max_queue_tokens=msg.max_queue_tokens,
         max_top_k=msg.max_top_k,
+        max_request_chars=msg.max_request_chars,
+        max_preparing_chars=msg.max_preparing_chars,
+        max_response_bytes=msg.max_response_bytes,
         tokenizer_normalizes=msg.tokenizer_normalizes,
         chat_template=msg.chat_template,
     )

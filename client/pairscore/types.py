@@ -315,6 +315,11 @@ class ModelInfo:
     max_message_bytes: int = 0
     max_queue_tokens: int = 0
     max_top_k: int = 0
+    #: Characters one request may have tokenized (a shared prompt once), the
+    #: characters the server tokenizes at once, and the largest answer in bytes.
+    max_request_chars: int = 0
+    max_preparing_chars: int = 0
+    max_response_bytes: int = 0
     # The tokenizer normalizes text (NFC, ...): ids decode to the normalized
     # text, spans index the text sent (docs/contract.md).
     tokenizer_normalizes: bool = False

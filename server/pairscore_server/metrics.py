@@ -64,6 +64,13 @@ class _MetricsHTTPServerV6(_MetricsHTTPServer):
     address_family = socket.AF_INET6
 
 
+#: ``pairscore_http_refusals_total{reason}``: why the OpenAI HTTP port refused a
+#: connection or request (openai_listener.py, openai_http.py).
+REFUSED_CONNECTION_CAP = "connection_cap"
+REFUSED_HEADER_TIMEOUT = "header_timeout"
+REFUSED_BODY_TIMEOUT = "body_timeout"
+REFUSAL_REASONS = (REFUSED_CONNECTION_CAP, REFUSED_HEADER_TIMEOUT, REFUSED_BODY_TIMEOUT)
+
 #: The one path the metrics HTTP server answers on; every other path is 404.
 METRICS_PATH = "/metrics"
 
@@ -180,6 +187,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.http_refusals = Counter(
+            "pairscore_http_refusals",
+            "Connections and requests the OpenAI HTTP port refused, by reason: connection_cap "
+            "(a connection over --max-concurrent-rpcs, answered 503 before its request was "
+            "read), header_timeout (a connection closed after --openai-header-timeout without "
+            "a complete request head), body_timeout (a request answered 408: its body did not "
+            "arrive within --openai-body-timeout).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REFUSAL_REASONS:
+            self.http_refusals.labels(reason=reason)
         self.oom_splits = Counter(
             "pairscore_oom_splits",
             "Batches that ran out of memory and were split in two to be retried.",
@@ -209,6 +228,10 @@ class Metrics:
         """Record one finished RPC: its method, final status name and duration."""
         self.requests.labels(method=method, code=code).inc()
         self.request_duration.labels(method=method).observe(seconds)
+
+    def observe_http_refusal(self, reason: str) -> None:
+        """Count one refusal of the OpenAI HTTP port (openai_listener.REFUSAL_REASONS)."""
+        self.http_refusals.labels(reason=reason).inc()
 
     def observe_outcomes(self, outcomes: Iterable[PairScore | ItemError]) -> None:
         """Count answered pairs by outcome and the tokens of the scored ones."""

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from pairscore_server.auth import TokenSet, bearer_token
 from pairscore_server.errors import QueueFullError, failure_for
+from pairscore_server.metrics import REFUSED_BODY_TIMEOUT
 from pairscore_server.openai_json import (
     ANSWER_BYTES,
     answer_bytes_bound,
@@ -35,7 +36,11 @@ from pairscore_server.openai_json import (
     encode_answer,
     inflate_body,
 )
-from pairscore_server.openai_listener import CappedSite, ConnectionCap, listen_sockets
+from pairscore_server.openai_listener import (
+    CappedSite,
+    ConnectionCap,
+    listen_sockets,
+)
 from pairscore_server.openai_protocol import (
     GRPC_TO_HTTP,
     OpenAIError,
@@ -162,7 +167,11 @@ class OpenAIEndpoint:
         self._tokens = tokens
         self._header_timeout_s = header_timeout_s
         self._body_timeout_s = body_timeout_s
-        self.connections = ConnectionCap(max_connections)
+        self.connections = ConnectionCap(
+            max_connections,
+            header_timeout_s=header_timeout_s,
+            on_refused=metrics.observe_http_refusal if metrics is not None else None,
+        )
         self._service: ScoringService | None = None
         self._created = int(time.time())
         self._in_flight = 0
@@ -262,6 +271,7 @@ class OpenAIEndpoint:
         status = 500
         self._in_flight += 1
         self._idle.clear()
+        self.connections.request_started(request.transport)
         try:
             response = await self._guarded(request, handler)
             status = response.status
@@ -270,6 +280,7 @@ class OpenAIEndpoint:
             status = 499  # the client went away (or the server stopped)
             raise
         finally:
+            self.connections.request_ended(request.transport)
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
@@ -325,6 +336,7 @@ class OpenAIEndpoint:
         try:
             raw = await asyncio.wait_for(request.read(), self._body_timeout_s)
         except asyncio.TimeoutError as exc:
+            self.connections.refuse(REFUSED_BODY_TIMEOUT)
             raise OpenAIError(
                 408,
                 f"the request body did not arrive within {self._body_timeout_s:g} s of its head "

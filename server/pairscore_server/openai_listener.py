@@ -10,6 +10,13 @@ socket where the host has no IPv6; ``0.0.0.0`` as IPv4 only; a name such as
 more is answered ``503`` with a ``Retry-After`` hint before its request is
 read, and closed. Slow clients are bounded elsewhere: the request head by
 aiohttp's keep-alive timer (openai_http.py), the body by the handler.
+
+Every refusal is reported to ``on_refused`` with its reason (the
+``pairscore_http_refusals_total`` counter): :data:`REFUSED_CONNECTION_CAP`
+here; :data:`REFUSED_HEADER_TIMEOUT` for a connection the header timer closed
+while it owed a request head (it had sent part of one, or nothing at all since
+it opened), not for an idle keep-alive connection closed after its answers; the
+handler reports :data:`REFUSED_BODY_TIMEOUT` (its 408).
 """
 
 from __future__ import annotations
@@ -22,6 +29,12 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+
+from pairscore_server.metrics import (
+    REFUSAL_REASONS,
+    REFUSED_CONNECTION_CAP,
+    REFUSED_HEADER_TIMEOUT,
+)
 
 #: How long a refused connection may stay open while its 503 is delivered.
 REFUSED_LINGER_S = 1.0
@@ -111,12 +124,19 @@ class _Connection(asyncio.Protocol):
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # what the header timer needs: requests in progress, whether a request head is
+        # owed (bytes since the last request, or none ever), since when it is owed
+        self.requests = 0
+        self.served = 0
+        self.partial = False
+        self.idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
         cap = self._cap
+        self.idle_since = asyncio.get_running_loop().time()
         if cap.limit is not None and cap.open >= cap.limit:
-            cap.refused += 1
+            cap.refuse(REFUSED_CONNECTION_CAP)
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(cap.busy_answer)
             if transport.can_write_eof():
@@ -124,12 +144,24 @@ class _Connection(asyncio.Protocol):
             self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
             return
         cap.open += 1
+        cap.connections[transport] = self
         self._inner = self._factory()
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
+            if not self.requests:
+                self.partial = True
             self._inner.data_received(data)
+
+    def owes_a_head(self) -> bool:
+        """Whether the connection waits for a request head it was given time to send:
+        none in progress, and part of one received or none ever, for the header timeout."""
+        timeout = self._cap.header_timeout_s
+        if timeout is None or self.requests or not (self.partial or not self.served):
+            return False
+        waited = asyncio.get_running_loop().time() - self.idle_since
+        return waited >= timeout * 0.99
 
     def eof_received(self) -> bool | None:
         if self._inner is not None:
@@ -142,7 +174,11 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         if self._inner is not None:
-            self._cap.open -= 1
+            cap = self._cap
+            cap.open -= 1
+            cap.connections.pop(self._transport, None)
+            if exc is None and self.owes_a_head():
+                cap.refuse(REFUSED_HEADER_TIMEOUT)
             inner, self._inner = self._inner, None
             inner.connection_lost(exc)
 
@@ -156,13 +192,46 @@ class _Connection(asyncio.Protocol):
 
 
 class ConnectionCap:
-    """At most ``limit`` open connections (None: no cap); ``refused`` counts the others."""
+    """At most ``limit`` open connections (None: no cap); ``refused`` counts refusals by
+    reason, each also reported to ``on_refused``. ``header_timeout_s``: the header timer
+    of the connections (None: no header timeouts are told apart). The handler tells it
+    when each request starts and ends (:meth:`request_started`, :meth:`request_ended`)."""
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(
+        self,
+        limit: int | None,
+        *,
+        header_timeout_s: float | None = None,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self.limit = limit
         self.open = 0
-        self.refused = 0
+        self.header_timeout_s = header_timeout_s
+        self.refused = dict.fromkeys(REFUSAL_REASONS, 0)
+        self._on_refused = on_refused
         self.busy_answer = _busy_answer(limit or 0)
+        self.connections: dict[asyncio.BaseTransport | None, _Connection] = {}
+
+    def refuse(self, reason: str) -> None:
+        """Count one refusal for ``reason`` (one of :data:`REFUSAL_REASONS`)."""
+        self.refused[reason] += 1
+        if self._on_refused is not None:
+            self._on_refused(reason)
+
+    def request_started(self, transport: asyncio.BaseTransport | None) -> None:
+        """A request's head arrived on the connection of ``transport``."""
+        conn = self.connections.get(transport) if transport is not None else None
+        if conn is not None:
+            conn.requests += 1
+            conn.partial = False
+
+    def request_ended(self, transport: asyncio.BaseTransport | None) -> None:
+        """The request's handler returned: the connection's header timer starts again."""
+        conn = self.connections.get(transport) if transport is not None else None
+        if conn is not None:
+            conn.requests -= 1
+            conn.served += 1
+            conn.idle_since = asyncio.get_running_loop().time()
 
     def protocol(self, factory: Callable[[], asyncio.Protocol]) -> asyncio.Protocol:
         """The protocol for a new connection (``factory``'s unless the cap is reached)."""

@@ -71,19 +71,14 @@ from pairscore_server.preparing import (
     in_order,
     pair_chunks,
     request_chars,
-    text_chunks,
 )
+from pairscore_server.tokenizing import max_token_chars, tokenize_texts
 
 if TYPE_CHECKING:
     from pairscore_server.engine import Engine, PreparedPair
     from pairscore_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-#: Bounds of a TokenizeResponse's parts, in bytes: one id (a varint of up to 5 bytes)
-#: and one TokenIds entry (its tag, length prefix and the ids' packed-field header).
-_TOKEN_ID_BYTES = 5
-_TOKEN_IDS_BYTES = 12
 
 #: An upper bound of a CandidateSetResult's size besides its id and results: its tag and
 #: length prefix in the response, the id's tag and length, the index's tag and varint.
@@ -149,6 +144,9 @@ class ScoringService:
                 max_item_tokens=lim.max_item_tokens,
                 max_message_bytes=lim.max_message_bytes,
                 max_queue_tokens=lim.max_queue_tokens,
+                max_request_chars=lim.max_request_chars,
+                max_preparing_chars=lim.max_preparing_chars,
+                max_response_bytes=lim.max_response_bytes,
             )
         return self._info
 
@@ -443,52 +441,16 @@ class ScoringService:
     async def tokenize(
         self, texts: Sequence[str], *, parse_special_tokens: bool = False, deadline: float | None = None
     ) -> list[tuple[int, ...]]:
-        """Each text's ids with the served tokenizer (the Tokenize RPC).
-
-        The request limits apply as to Score: more than ``max_pairs_per_request``
-        texts, a text over ``max_text_chars``, more than ``max_request_chars``
-        characters, or an answer that could be over ``max_response_bytes`` raise
-        RequestLimitError (INVALID_ARGUMENT) for the whole call. Large requests
-        are tokenized off the event loop in chunks (preparing.py); the answer's
-        size is checked after each chunk, so a request whose answer is too large
-        stops at the first chunk past the limit, and ``deadline`` is checked
-        between chunks (DeadlineExceededError).
-        """
-        lim = self.limits
-        if len(texts) > lim.max_pairs_per_request:
-            raise RequestLimitError(
-                f"request has {len(texts)} texts; this server takes at most {lim.max_pairs_per_request} "
-                "texts per Tokenize request (max_pairs_per_request); split it"
-            )
-        for i, text in enumerate(texts):
-            if len(text) > lim.max_text_chars:
-                raise RequestLimitError(
-                    f"texts[{i}] has {len(text)} characters; this server takes at most "
-                    f"{lim.max_text_chars} characters per text (max_text_chars)"
-                )
-        chars = sum(len(t) for t in texts)
-        stage = self.prepare_stage
-        stage.check(chars, "Tokenize request")
-        size = 0
-
-        def count(ids: Sequence[tuple[int, ...]]) -> None:
-            nonlocal size
-            size += sum(_TOKEN_IDS_BYTES + _TOKEN_ID_BYTES * len(i) for i in ids)
-            if size > lim.max_response_bytes:
-                raise RequestLimitError(
-                    f"the answer to this request could take up to {size} bytes (counted "
-                    f"so far), over this server's {lim.max_response_bytes}-byte answer limit "
-                    "(max_response_bytes); send fewer or shorter texts per request"
-                )
-
-        def work(chunk: list[int]) -> list[tuple[int, ...]]:
-            return self._engine.tokenize([texts[i] for i in chunk], parse_special_tokens=parse_special_tokens)
-
-        if stage.inline(len(texts), chars):
-            ids = work(list(range(len(texts))))
-            count(ids)
-            return ids
-        done = await stage.run(
-            text_chunks(texts, stage.chunk_chars), work, chars=chars, deadline=deadline, after_chunk=count
+        """Each text's ids with the served tokenizer (the Tokenize RPC): the limits, the
+        chunks and the answer-size checks of :func:`pairscore_server.tokenizing.tokenize_texts`."""
+        info = self._engine_info
+        return await tokenize_texts(
+            texts,
+            work=lambda chunk: self._engine.tokenize(chunk, parse_special_tokens=parse_special_tokens),
+            stage=self.prepare_stage,
+            limits=self.limits,
+            max_token_chars=max_token_chars(
+                normalizes=info.tokenizer_normalizes, max_token_text_bytes=info.max_token_text_bytes
+            ),
+            deadline=deadline,
         )
-        return in_order(len(texts), done)

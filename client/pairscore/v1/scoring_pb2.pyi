@@ -237,7 +237,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_source", "revision", "dtype", "device", "max_context_tokens", "vocab_size", "prefix_policy", "prefix_token_id", "prefix_token", "tokenizer_class", "server_version", "default_tokenization", "architecture", "max_pairs_per_request", "max_text_chars", "max_item_tokens", "max_message_bytes", "max_queue_tokens", "tokenizer_normalizes", "max_top_k", "chat_template")
+    __slots__ = ("model_name", "model_source", "revision", "dtype", "device", "max_context_tokens", "vocab_size", "prefix_policy", "prefix_token_id", "prefix_token", "tokenizer_class", "server_version", "default_tokenization", "architecture", "max_pairs_per_request", "max_text_chars", "max_item_tokens", "max_message_bytes", "max_queue_tokens", "tokenizer_normalizes", "max_top_k", "chat_template", "max_request_chars", "max_preparing_chars", "max_response_bytes")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_SOURCE_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,9 @@ class GetModelInfoResponse(_message.Message):
     TOKENIZER_NORMALIZES_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PREPARING_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_source: str
     revision: str
@@ -282,7 +285,10 @@ class GetModelInfoResponse(_message.Message):
     tokenizer_normalizes: bool
     max_top_k: int
     chat_template: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefix_policy: _Optional[_Union[PrefixPolicy, str]] = ..., prefix_token_id: _Optional[int] = ..., prefix_token: _Optional[str] = ..., tokenizer_class: _Optional[str] = ..., server_version: _Optional[str] = ..., default_tokenization: _Optional[_Union[TokenizationMode, str]] = ..., architecture: _Optional[str] = ..., max_pairs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_item_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., tokenizer_normalizes: _Optional[bool] = ..., max_top_k: _Optional[int] = ..., chat_template: _Optional[bool] = ...) -> None: ...
+    max_request_chars: int
+    max_preparing_chars: int
+    max_response_bytes: int
+    def __init__(self, model_name: _Optional[str] = ..., model_source: _Optional[str] = ..., revision: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., prefix_policy: _Optional[_Union[PrefixPolicy, str]] = ..., prefix_token_id: _Optional[int] = ..., prefix_token: _Optional[str] = ..., tokenizer_class: _Optional[str] = ..., server_version: _Optional[str] = ..., default_tokenization: _Optional[_Union[TokenizationMode, str]] = ..., architecture: _Optional[str] = ..., max_pairs_per_request: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., max_item_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., tokenizer_normalizes: _Optional[bool] = ..., max_top_k: _Optional[int] = ..., chat_template: _Optional[bool] = ..., max_request_chars: _Optional[int] = ..., max_preparing_chars: _Optional[int] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("id", "response", "response_ids")
