@@ -252,6 +252,45 @@ def test_a_token_straddling_the_generation_prompt_fails_clearly(chat_engine):
         renderer.render((USER,), "ital", EndOfTurn.INCLUDED)
 
 
+def test_the_longest_conversation_is_the_templates_own_and_one_more_message_is_refused(chat_engine):
+    from pairscore_server.engine.chat import MAX_MESSAGES
+
+    # alternating turns, some empty (an empty message still costs a template pass)
+    turns = [
+        ChatMessage("user" if i % 2 == 0 else "assistant", "" if i % 7 == 3 else f"turn {i}")
+        for i in range(MAX_MESSAGES - 1)
+    ]
+    messages = (SYSTEM, *turns)
+    assert len(messages) == MAX_MESSAGES and messages[-1].role == "user"
+    tokenizer = chat_engine.tokenizer
+    rendered = chat_engine.chat.render(messages, "Paris.", EndOfTurn.INCLUDED)
+    prompt_ids, completion_ids = trl_completion(tokenizer, messages, "Paris.")
+    assert list(rendered.ids) == prompt_ids + completion_ids
+    assert rendered.prompt_tokens == len(prompt_ids)
+    too_long = Pair(prompt_messages=(SYSTEM, ChatMessage("assistant", "hi"), *turns), response="x")
+    [refused] = chat_engine.score_pairs([too_long])
+    assert isinstance(refused, ItemError) and refused.code is ItemErrorCode.INVALID_ARGUMENT
+    assert f"prompt_messages has {MAX_MESSAGES + 1} messages" in refused.message
+    assert f"at most {MAX_MESSAGES}: keep its system message and last turns" in refused.message
+
+
+def test_a_template_that_renders_a_content_twice_or_drops_one_fails_naming_it(chat_engine):
+    from pairscore_server.engine.chat import ChatError, ChatRenderer
+
+    for body, content in (
+        ("{{ m['content'] }}{{ m['content'] }}", 0),  # every content twice
+        ("{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}", 0),  # the system one dropped
+    ):
+        tokenizer = copy.deepcopy(chat_engine.tokenizer)
+        tokenizer.chat_template = (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n" + body + "<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+        renderer = ChatRenderer(tokenizer, chat_engine.pair_tokenizer)
+        with pytest.raises(ChatError, match=rf"exactly once, in order \(content {content}\)"):
+            renderer.render((SYSTEM, USER), "Paris.", EndOfTurn.INCLUDED)
+
+
 # --- through the real server ----------------------------------------------------------
 
 

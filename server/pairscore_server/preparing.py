@@ -57,11 +57,12 @@ _MAX_RETRY_S = 30.0
 
 
 def pair_chars(pair: Pair, *, prompt: bool = True) -> int:
-    """What tokenizing ``pair`` costs, in characters (an id counts as one); without
-    its text prompt when ``prompt`` is false."""
+    """What tokenizing ``pair`` costs, in characters (an id counts as one, a message
+    its role and content); without its text prompt when ``prompt`` is false."""
     size = (len(pair.prompt) if prompt else 0) + len(pair.response)
     size += len(pair.prompt_ids or ()) + len(pair.response_ids or ())
-    return size + sum(len(m.content) for m in pair.prompt_messages or ())
+    # a message's role counts too: an empty message is not free to render and tokenize
+    return size + sum(len(m.role) + len(m.content) for m in pair.prompt_messages or ())
 
 
 def request_chars(pairs: Sequence[Pair]) -> int:

@@ -37,6 +37,7 @@ keeps the prefix token, as a text prompt does.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,13 @@ from pairscore_server.engine.tokenization import PairTokenizer
 
 #: Placeholder for the i-th content: private-use characters no template trims or escapes.
 _PLACEHOLDER = "\ue000pairscore-content-{}\ue001"
+_PLACEHOLDER_RE = re.compile("\ue000pairscore-content-[0-9]+\ue001")
+
+#: Most messages in one conversation. Rendering and tokenizing a conversation is one
+#: call on a prepare thread that nothing interrupts, and its cost grows with the
+#: number of messages beyond their characters (a template pass and a tokenizer call
+#: per message); 1,024 empty messages take ~0.1 s on a CPU (docs/reliability.md).
+MAX_MESSAGES = 1024
 
 
 class ChatError(ValueError):
@@ -123,6 +131,11 @@ class ChatRenderer:
         """Raise ChatError for a conversation no template should be asked to render."""
         if not messages:
             raise ChatError("prompt_messages is empty; send at least one message (e.g. the user's)")
+        if len(messages) > MAX_MESSAGES:
+            raise ChatError(
+                f"prompt_messages has {len(messages)} messages; a conversation has at most "
+                f"{MAX_MESSAGES}: keep its system message and last turns, or score it in parts"
+            )
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
                 raise ChatError(
@@ -199,17 +212,25 @@ class ChatRenderer:
         marked = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(convo)]
         marked.append({"role": "assistant", "content": _PLACEHOLDER.format(len(convo))})
         shape = self._apply(marked, generation_prompt=False)
+        # one pass over the rendered shape (a scan per message was quadratic in messages)
         pieces: list[str] = []
-        rest = shape
-        for i in range(len(contents)):
-            before, found, rest = rest.partition(_PLACEHOLDER.format(i))
-            if not found or _PLACEHOLDER.format(i) in rest:
+        pos = 0
+        for i, found in enumerate(_PLACEHOLDER_RE.finditer(shape)):
+            if found.group() != _PLACEHOLDER.format(i):
+                # a content again (the one found) or one skipped (the one expected)
+                culprit = min(i, int(found.group()[len("\ue000pairscore-content-") : -1]))
                 raise ChatError(
                     f"{self.name} does not render every message's content exactly once, in order "
-                    f"(content {i}), so its control tokens cannot be told from the content"
+                    f"(content {culprit}), so its control tokens cannot be told from the content"
                 )
-            pieces.append(before)
-        pieces.append(rest)
+            pieces.append(shape[pos : found.start()])
+            pos = found.end()
+        if len(pieces) != len(contents):
+            raise ChatError(
+                f"{self.name} does not render every message's content exactly once, in order "
+                f"(content {len(pieces)}), so its control tokens cannot be told from the content"
+            )
+        pieces.append(shape[pos:])
         segments: list[_Segment] = []
         pos = 0
         reply_end = -1
