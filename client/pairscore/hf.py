@@ -35,11 +35,10 @@ from pairscore.inputs import RowFields, input_options
 from pairscore.pipeline.columns import (
     SCORE_COLUMN_TYPES,
     SELECTION_COLUMN_TYPES,
-    batch_options,
     column_names,
     normalize_scores,
-    score_batch,
 )
+from pairscore.pipeline.row_batches import batch_options, score_batch
 from pairscore.types import Pair
 
 

@@ -48,7 +48,8 @@ from typing import Any
 
 from pairscore.hf import ScoreColumns
 from pairscore.inputs import RowFields
-from pairscore.pipeline.columns import batch_options, normalize_scores, score_batch
+from pairscore.pipeline.columns import normalize_scores
+from pairscore.pipeline.row_batches import batch_options, score_batch
 
 __all__ = ["EngineScorer", "FilesOutcome", "ServiceScorer", "main", "score_dataset", "score_files"]
 

@@ -8,6 +8,8 @@
 * :mod:`~pairscore.pipeline.compression` - gzip, zstd, bz2, xz: written one member per
   checkpoint, read with every member checked
 * :mod:`~pairscore.pipeline.columns` - the score columns added to each row, the metrics
+* :mod:`~pairscore.pipeline.row_batches` - a batch of table rows in, its score columns out
+  (what :mod:`pairscore.hf` and :mod:`pairscore.ray` map over a dataset)
 * :mod:`~pairscore.pipeline.selection` - thresholds and the exact top fraction;
   :mod:`~pairscore.pipeline.top_fraction` - its two passes over the scored file
 * :mod:`~pairscore.pipeline.parts` / :mod:`~pairscore.pipeline.chunked_part` - outputs written

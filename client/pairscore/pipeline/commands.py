@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pairscore.connect_args import add_connection_args, client_kwargs, target_of
-from pairscore.pipeline.columns import INPUT_OPTIONS, METRICS
+from pairscore.inputs import INPUT_OPTIONS
+from pairscore.pipeline.columns import METRICS
 from pairscore.pipeline.compression import COMPRESSIONS
 from pairscore.pipeline.formats import FORMATS
 from pairscore.pipeline.progress import MODES

@@ -36,16 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pairscore.pipeline.columns import (
-    CANDIDATE_INDEX,
-    INVALID_ROW,
-    error_columns,
-    input_options,
-    metric,
-    score_columns,
-    score_options,
-    value_of,
-)
+from pairscore.inputs import CANDIDATE_INDEX, INVALID_ROW, input_options
+from pairscore.pipeline.columns import error_columns, metric, score_columns, score_options, value_of
 from pairscore.pipeline.formats import STDIO, Row
 from pairscore.pipeline.job import Job
 from pairscore.pipeline.parts import ChunkedPart, LinePart, open_part
