@@ -349,7 +349,8 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from pairscore.errors import ConnectionFailedError, ScoringError
     from pairscore.pipeline.formats import FormatError
     from pairscore.pipeline.reach import reach_server
-    from pairscore.pipeline.runner import ResumeError, Runner
+    from pairscore.pipeline.run_record import ResumeError
+    from pairscore.pipeline.runner import Runner
     from pairscore.pipeline.state_file import completed_run
     from pairscore.pipeline.summary import summary_lines
 
