@@ -47,6 +47,8 @@ from pairscore_server.openai_protocol import (
     parse_prompts,
     to_pairs,
 )
+from pairscore_server.response_size import error_result_bytes
+from pairscore_server.service import AnswerBound
 
 if TYPE_CHECKING:
     from pairscore_server.metrics import Metrics
@@ -356,12 +358,13 @@ class OpenAIEndpoint:
         limit = service.limits.max_response_bytes
         bound = answer_bytes_bound(parsed, max_token_text_bytes=info.max_token_text_bytes)
         try:
-            outcomes = await service.score(
-                pairs,
-                options,
-                extra_response_bytes=ANSWER_BYTES + len(info.model_name.encode()),
-                size_bound=bound,
+            answer = AnswerBound(
+                scored=bound,
+                refused=error_result_bytes,
+                extra_bytes=ANSWER_BYTES + len(info.model_name.encode()),
+                less_detail="ask for less per-token detail",
             )
+            outcomes = await service.score(pairs, options, answer=answer)
             check_outcomes(outcomes)
             # an echo of ids shows each prompt's first id, which was context only: its text
             # comes from the tokenizer (the scoring above checked that it is in the vocabulary)
