@@ -196,11 +196,10 @@ def parse_prompts(value: Any) -> tuple[Prompt, ...]:
 
 
 def _ids(values: list[int], where: str) -> tuple[int, ...]:
+    """A prompt's token ids; whether each is in the vocabulary is the engine's one rule (an item
+    error naming the prompt, the position and the range)."""
     if not values:
         raise _invalid(f"{where} is an empty list of token ids: send at least one token", "prompt")
-    negative = [v for v in values if v < 0]
-    if negative:
-        raise _invalid(f"{where} holds a negative token id ({negative[0]})", "prompt")
     return tuple(values)
 
 
