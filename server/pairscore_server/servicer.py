@@ -62,10 +62,6 @@ log = logging.getLogger(__name__)
 #: Full name of the gRPC service, as health checks and reflection know it.
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
 
-#: Request messages of one ScoreStream call that may be in work at once.
-DEFAULT_STREAM_MAX_IN_FLIGHT = 4
-
-
 #: Trailing metadata key of gRPC's retry pushback (milliseconds), see gRFC A6.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
@@ -184,17 +180,17 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
     It answers ``UNAVAILABLE`` until :meth:`set_service` hands it a ready
     :class:`~pairscore_server.service.ScoringService` (the model loads after
     the server has started, so health checks can be answered meanwhile).
+    ``stream_max_in_flight``: request messages of one ScoreStream call in work at
+    once (``ServerConfig.stream_max_in_flight``, its default and its check).
     """
 
     def __init__(
         self,
         *,
+        stream_max_in_flight: int,
         service: ScoringService | None = None,
         metrics: Metrics | None = None,
-        stream_max_in_flight: int = DEFAULT_STREAM_MAX_IN_FLIGHT,
     ) -> None:
-        if stream_max_in_flight < 1:
-            raise ValueError(f"stream_max_in_flight must be >= 1, got {stream_max_in_flight}")
         self._service = service
         self._metrics = metrics
         self._stream_max_in_flight = stream_max_in_flight
