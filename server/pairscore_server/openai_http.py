@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from pairscore_server.answer_bound import AnswerBound
 from pairscore_server.auth import TokenSet, bearer_token
 from pairscore_server.errors import QueueFullError, failure_for
 from pairscore_server.openai_json import (
@@ -48,7 +49,6 @@ from pairscore_server.openai_protocol import (
     to_pairs,
 )
 from pairscore_server.response_size import error_result_bytes
-from pairscore_server.service import AnswerBound
 
 if TYPE_CHECKING:
     from pairscore_server.metrics import Metrics
@@ -356,15 +356,14 @@ class OpenAIEndpoint:
             raise
         pairs, options = to_pairs(parsed)
         limit = service.limits.max_response_bytes
-        bound = answer_bytes_bound(parsed, max_token_text_bytes=info.max_token_text_bytes)
+        answer_size = AnswerBound(
+            scored=answer_bytes_bound(parsed, max_token_text_bytes=info.max_token_text_bytes),
+            refused=error_result_bytes,
+            extra_bytes=ANSWER_BYTES + len(info.model_name.encode()),
+            less_detail="ask for less per-token detail",
+        )
         try:
-            answer = AnswerBound(
-                scored=bound,
-                refused=error_result_bytes,
-                extra_bytes=ANSWER_BYTES + len(info.model_name.encode()),
-                less_detail="ask for less per-token detail",
-            )
-            outcomes = await service.score(pairs, options, answer=answer)
+            outcomes = await service.score(pairs, options, answer=answer_size)
             check_outcomes(outcomes)
             # an echo of ids shows each prompt's first id, which was context only: its text
             # comes from the tokenizer (the scoring above checked that it is in the vocabulary)

@@ -2,8 +2,8 @@
 
 The service refuses a request whose answer could be over
 ``max_response_bytes`` before any scoring (service.py); it knows no wire
-format, so the servicer hands it the :class:`~pairscore_server.service.AnswerBound`
-built here from the encoded size of a ScoreResponse's parts:
+format, so the servicer hands it the :class:`~pairscore_server.answer_bound.AnswerBound`
+(answer_bound.py) built here from the encoded size of a ScoreResponse's parts:
 :func:`score_response_bound` for Score and ScoreStream,
 :func:`candidates_response_bound` for ScoreCandidates (each set's wrapper
 too). :func:`result_bytes_bound` is one result's share.
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pairscore.types import CandidateSet, ItemError, Pair, ScoreOptions
-from pairscore_server.service import AnswerBound
+from pairscore_server.answer_bound import AnswerBound
 
 if TYPE_CHECKING:
     from pairscore_server.engine import PreparedPair

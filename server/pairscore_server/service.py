@@ -34,9 +34,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pairscore.types import (
@@ -57,6 +56,7 @@ from pairscore_server.accounting import (
     PairCounters,
     leave_reason,
 )
+from pairscore_server.answer_bound import AnswerBound
 from pairscore_server.batcher import Batcher
 from pairscore_server.engine.interface import merge_outcomes, top_k_problem
 from pairscore_server.errors import (
@@ -85,23 +85,6 @@ log = logging.getLogger(__name__)
 #: and one TokenIds entry (its tag, length prefix and the ids' packed-field header).
 _TOKEN_ID_BYTES = 5
 _TOKEN_IDS_BYTES = 12
-
-
-@dataclass(frozen=True)
-class AnswerBound:
-    """How large the answer to one scoring request can be, as the port that encodes it
-    counts its own wire format (the gRPC port: response_size.py; the OpenAI port:
-    openai_json.py). The service adds it up before any scoring and refuses a request
-    whose answer could be over ``max_response_bytes``."""
-
-    #: A scored pair's share of the answer, at most, from the pair and its tokenization.
-    scored: Callable[[Pair, PreparedPair], int]
-    #: The share of a pair that preparation answered with an item error.
-    refused: Callable[[Pair, ItemError], int]
-    #: What the answer holds besides its results (the set wrappers of ScoreCandidates...).
-    extra_bytes: int = 0
-    #: How a caller asks for less per-token detail, said in the refusal ("" where it did not).
-    less_detail: str = ""
 
 
 def _as_item_error(exc: Exception) -> ItemError | None:
@@ -289,25 +272,12 @@ class ScoringService:
         options: ScoreOptions,
         answer: AnswerBound,
     ) -> None:
-        """Refuse, before any scoring, a request whose answer could not be sent: its
-        bounded size is over ``max_response_bytes`` (per-token detail is the large part): the
-        caller, not a client's receive limit, learns why."""
-        size = answer.extra_bytes
-        for pair, item in zip(pairs, prepared, strict=True):
-            size += answer.refused(pair, item) if isinstance(item, ItemError) else answer.scored(pair, item)
-        limit = self.limits.max_response_bytes
-        if size > limit:
+        """Refuse, before any scoring, a request whose answer could not be sent
+        (answer_bound.py): the caller, not a client's receive limit, learns why."""
+        problem = answer.refusal(pairs, prepared, options, limit=self.limits.max_response_bytes)
+        if problem:
             self._count_rejected(REJECT_RESPONSE_SIZE, len(pairs))
-            fix = "send fewer pairs per request"
-            if answer.less_detail:
-                fix += f" or {answer.less_detail}"
-            if options.top_k:
-                fix += f" or ask for fewer top-k alternatives (top_k={options.top_k})"
-            raise RequestLimitError(
-                f"the answer to this request could take up to {size} bytes, over this server's "
-                f"{limit}-byte answer limit (max_response_bytes, the default receive limit of "
-                f"gRPC clients); {fix}; nothing was scored"
-            )
+            raise RequestLimitError(problem)
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token's text as a result's per-token detail shows it, from the tokenizer

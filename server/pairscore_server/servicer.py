@@ -54,8 +54,9 @@ from pairscore_server.errors import BatcherClosedError, QueueFullError, failure_
 from pairscore_server.response_size import candidates_response_bound, score_response_bound
 
 if TYPE_CHECKING:
+    from pairscore_server.answer_bound import AnswerBound
     from pairscore_server.metrics import Metrics
-    from pairscore_server.service import AnswerBound, ScoringService
+    from pairscore_server.service import ScoringService
 
 log = logging.getLogger(__name__)
 
