@@ -176,13 +176,7 @@ class ScoringService:
             return []
         n = len(pairs)
         try:
-            if n > self.limits.max_pairs_per_request:
-                self._count_rejected(REJECT_REQUEST_LIMIT, n)
-                raise RequestLimitError(
-                    f"request has {n} pairs; this server takes at most "
-                    f"{self.limits.max_pairs_per_request} pairs per request "
-                    "(max_pairs_per_request); split it"
-                )
+            self._check_pairs_per_request(n, f"{n} pairs", "pairs per request", "split it")
             problem = top_k_problem(options.top_k, self._engine_info.max_top_k)
             if problem:
                 self._count_rejected(REJECT_REQUEST_LIMIT, n)
@@ -252,13 +246,12 @@ class ScoringService:
         counts the sets' wrappers in its ``extra_bytes``.
         """
         n = sum(len(s.candidates) for s in sets)
-        if n > self.limits.max_pairs_per_request:
-            self._count_rejected(REJECT_REQUEST_LIMIT, n)
-            raise RequestLimitError(
-                f"request has {n} candidates in {len(sets)} sets; this server takes at most "
-                f"{self.limits.max_pairs_per_request} candidates per request, all sets together "
-                "(max_pairs_per_request); send the sets in several requests"
-            )
+        self._check_pairs_per_request(
+            n,
+            f"{n} candidates in {len(sets)} sets",
+            "candidates per request, all sets together",
+            "send the sets in several requests",
+        )
         pairs = [pair for s in sets for pair in s.pairs()]
         outcomes = iter(await self.score(pairs, options, answer=answer, deadline=deadline))
         return [
@@ -283,6 +276,16 @@ class ScoringService:
         """Each token's text as a result's per-token detail shows it, from the tokenizer
         (no forward pass); the ids must be in the vocabulary."""
         return self._engine.token_texts(ids)
+
+    def _check_pairs_per_request(self, n: int, has: str, per: str, fix: str) -> None:
+        """``max_pairs_per_request``, for a request of ``n`` pairs (``has`` and ``per`` say
+        them in the caller's words), counting a refused request's pairs."""
+        limit = self.limits.max_pairs_per_request
+        if n > limit:
+            self._count_rejected(REJECT_REQUEST_LIMIT, n)
+            raise RequestLimitError(
+                f"request has {has}; this server takes at most {limit} {per} (max_pairs_per_request); {fix}"
+            )
 
     def _count_rejected(self, reason: str, pairs: int) -> None:
         self._counters.rejected(reason, pairs)
