@@ -15,7 +15,8 @@
 * :mod:`~pairscore.pipeline.parts` / :mod:`~pairscore.pipeline.chunked_part` - outputs written
   beside their final path (or as chunk files, for Parquet, URLs and directories), then renamed
   or committed
-* :mod:`~pairscore.pipeline.job` / :mod:`~pairscore.pipeline.runner` - one run, resumable;
+* :mod:`~pairscore.pipeline.job` / :mod:`~pairscore.pipeline.runner` - one run, resumable
+  (:mod:`~pairscore.pipeline.run_record`: whether it resumes, what it saves);
   :mod:`~pairscore.pipeline.state_file` - its checkpoint, and the record of a complete run
 * :mod:`~pairscore.pipeline.progress`, :mod:`~pairscore.pipeline.stats`,
   :mod:`~pairscore.pipeline.summary` - what the user sees while and after it runs
