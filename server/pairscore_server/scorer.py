@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from pairscore.inputs import resolve_options, to_pair
+from pairscore.inputs import check_candidate_sets, resolve_options, to_pair
 from pairscore.types import CandidateSet, CandidateSetResult, ModelInfo, Pair, ScoreOptions, ScoreOutcome
 from pairscore_server.engine.interface import Engine, score_pairs
 from pairscore_server.engine.spec import ModelSpec
@@ -138,9 +138,7 @@ class Scorer:
         one :class:`~pairscore.types.CandidateSetResult` per set, in order, as the
         ``ScoreCandidates`` RPC answers. Options as in :meth:`score`."""
         sets = list(sets)
-        for s in sets:
-            if not isinstance(s, CandidateSet):
-                raise TypeError(f"a candidate set must be a pairscore.CandidateSet, got {type(s).__name__}")
+        check_candidate_sets(sets)
         pairs = [p for s in sets for p in s.pairs()]
         flat = iter(self.score(pairs, options, **keywords))
         return [CandidateSetResult(results=tuple(next(flat) for _ in s.candidates), id=s.id) for s in sets]
