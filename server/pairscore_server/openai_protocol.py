@@ -215,9 +215,8 @@ def _optional_int(body: dict[str, Any], name: str) -> int | None:
 def parse_completion_request(body: Any, *, max_top_k: int) -> CompletionRequest:
     """Validate a ``/v1/completions`` body; :class:`OpenAIError` (400) names what is wrong.
 
-    ``max_top_k`` is the server's largest ``logprobs``, checked by the service's
-    own rule (``engine.interface.top_k_problem``), here with the field's name and
-    an OpenAI-shaped 400. What generates more
+    ``max_top_k`` is the server's largest ``logprobs``, checked by top_k's one rule
+    (``engine.interface.top_k_problem``), in a 400 naming the field. What generates more
     than one token (``max_tokens`` > 1, ``n`` > 1, ``best_of`` > 1,
     ``stream``), samples (``temperature`` > 0 with ``max_tokens`` 1) or
     changes the text (``suffix``, ``logit_bias``) is refused; other sampling
@@ -267,8 +266,7 @@ def parse_completion_request(body: Any, *, max_top_k: int) -> CompletionRequest:
             "echo",
         )
     logprobs = _optional_int(body, "logprobs")
-    problem = top_k_problem(logprobs, max_top_k) if logprobs is not None else None
-    if problem:
+    if logprobs is not None and (problem := top_k_problem(logprobs, max_top_k)):
         raise _invalid(f"logprobs is {logprobs} (alternatives per token, top_k): {problem}", "logprobs")
     temperature = body.get("temperature")
     if temperature is not None:
@@ -291,13 +289,9 @@ def parse_completion_request(body: Any, *, max_top_k: int) -> CompletionRequest:
     request = CompletionRequest(
         prompts=prompts, echo=echo, max_tokens=max_tokens, logprobs=logprobs, model=model
     )
-    problem = top_k_problem(request.top_k, max_top_k)
-    if problem:  # the greedy next token is the top-1 alternative
-        raise _invalid(
-            f"max_tokens is {max_tokens}: the greedy next token is the top-1 alternative at the "
-            f"prompt's end, and {problem}; send max_tokens 0",
-            "max_tokens",
-        )
+    if problem := top_k_problem(request.top_k, max_top_k):  # max_tokens 1 asks for the top-1
+        message = f"max_tokens is {max_tokens}: the greedy next token is the top-1 alternative, and {problem}"
+        raise _invalid(f"{message}; send max_tokens 0", "max_tokens")
     return request
 
 
