@@ -37,8 +37,9 @@ from pairscore.pipeline.columns import (
     SELECTION_COLUMN_TYPES,
     column_names,
     normalize_scores,
+    request_options,
 )
-from pairscore.pipeline.row_batches import batch_options, score_batch
+from pairscore.pipeline.row_batches import score_batch
 from pairscore.types import Pair
 
 
@@ -139,7 +140,7 @@ class ScoreColumns:
         """
         client = self._get_client()
 
-        options = batch_options(self.scores, self.tokenization, **self.input_options)
+        options = request_options(self.scores, self.tokenization, **self.input_options)
 
         def score(pairs: list[Pair]) -> Any:
             return client.score_iter(

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
-from pairscore.types import ItemError, PairScore, ScoreOutcome
+from pairscore.inputs import input_options, resolve_options
+from pairscore.types import ItemError, PairScore, ScoreOptions, ScoreOutcome
 
 SCORE_COLUMNS = (
     "joint_logprob",
@@ -104,6 +105,24 @@ class ScoreGroupOptions(TypedDict):
 def score_options(scores: Sequence[str]) -> ScoreGroupOptions:
     """The request options (``unconditional``, ``greedy``) that the score groups ``scores`` need."""
     return {"unconditional": "unconditional" in scores, "greedy": "greedy" in scores}
+
+
+def request_options(
+    scores: Sequence[str],
+    tokenization: str = "separate",
+    truncation: str = "none",
+    end_of_turn: str = "included",
+    prefix: str = "server",
+) -> ScoreOptions:
+    """The request options of a run (``pairscore score|filter``) or a table helper
+    (:mod:`pairscore.hf`, :mod:`pairscore.ray`): those the score groups ``scores`` need, the
+    tokenization and the input-form options; ValueError naming the choices for an unknown value."""
+    return resolve_options(
+        None,
+        tokenization=tokenization,
+        **score_options(scores),
+        **input_options(truncation, end_of_turn, prefix),
+    )
 
 
 def group_of(column: str) -> str:

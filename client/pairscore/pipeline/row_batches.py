@@ -1,8 +1,7 @@
 """A batch of table rows in, its score columns out: what :mod:`pairscore.hf` and
 :mod:`pairscore.ray` map over a dataset.
 
-:func:`batch_options` gives the request options of such a helper,
-:func:`score_batch` the score columns of one batch of rows (column lists, any
+:func:`score_batch` gives the score columns of one batch of rows (column lists, any
 input form but candidate lists), :func:`score_rows` the same for two columns
 of text. A row that cannot be sent gets error ``invalid_row`` naming the
 field (:class:`~pairscore.inputs.RowFields`); the others are scored.
@@ -13,27 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from pairscore.inputs import INVALID_ROW, RowFields, input_options, resolve_options
-from pairscore.pipeline.columns import column_wise, error_columns, score_columns, score_options
-from pairscore.types import Pair, ScoreOptions, ScoreOutcome
-
-
-def batch_options(
-    scores: Sequence[str],
-    tokenization: str = "separate",
-    truncation: str = "none",
-    end_of_turn: str = "included",
-    prefix: str = "server",
-) -> ScoreOptions:
-    """The request options of a table helper (:mod:`pairscore.hf`, :mod:`pairscore.ray`): those
-    the score groups ``scores`` need, the tokenization and the input-form options; ValueError
-    naming the choices for an unknown value."""
-    return resolve_options(
-        None,
-        tokenization=tokenization,
-        **score_options(scores),
-        **input_options(truncation, end_of_turn, prefix),
-    )
+from pairscore.inputs import INVALID_ROW, RowFields
+from pairscore.pipeline.columns import column_wise, error_columns, score_columns
+from pairscore.types import Pair, ScoreOutcome
 
 
 def score_batch(

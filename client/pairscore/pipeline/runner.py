@@ -36,8 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pairscore.inputs import CANDIDATE_INDEX, INVALID_ROW, input_options
-from pairscore.pipeline.columns import error_columns, metric, score_columns, score_options, value_of
+from pairscore.inputs import CANDIDATE_INDEX, INVALID_ROW
+from pairscore.pipeline.columns import error_columns, metric, request_options, score_columns, value_of
 from pairscore.pipeline.formats import STDIO, Row
 from pairscore.pipeline.job import Job
 from pairscore.pipeline.parts import ChunkedPart, LinePart, open_part
@@ -213,9 +213,9 @@ class Runner:
             batch_size=job.batch_size,
             max_in_flight=job.max_in_flight,
             streams=job.concurrency,
-            tokenization=job.tokenization,
-            **score_options(job.scores),
-            **input_options(job.truncation, job.end_of_turn, job.prefix),
+            options=request_options(
+                job.scores, job.tokenization, job.truncation, job.end_of_turn, job.prefix
+            ),
             on_retry=on_retry,
         )
         try:
