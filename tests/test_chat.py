@@ -357,8 +357,9 @@ def test_rendered_texts_count_toward_the_answer_size_bound(gpt2_chat_engine, sta
     """A chat result carries rendered_prompt / rendered_response and token texts
     decoded from them, not from Pair.prompt: the service's answer bound counts
     them (twice the rendered bytes), holds, and refuses a request just over it."""
-    from pairscore.convert import response_to_pb, result_bytes_bound
+    from pairscore.convert import response_to_pb
     from pairscore.errors import InvalidArgumentError
+    from pairscore_server.response_size import result_bytes_bound
 
     engine = gpt2_chat_engine
     pair = Pair(

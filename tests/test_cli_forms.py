@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from pairscore import ChatMessage, Pair, PairScore, cli
+from pairscore.inputs import RowFields
 from pairscore.pipeline import runner as runner_module
-from pairscore.pipeline.columns import RowFields, score_batch
+from pairscore.pipeline.row_batches import score_batch
 
 from harness.models import make_engine
 from harness.servers import ServerThread

@@ -71,7 +71,8 @@ def test_nothing_reaches_the_server_for_a_pair_with_none(tmp_path: Path) -> None
 
 
 def test_score_rows_marks_missing_texts_invalid_and_scores_the_rest() -> None:
-    from pairscore.pipeline.columns import pair_problem, score_rows
+    from pairscore.inputs import pair_problem
+    from pairscore.pipeline.row_batches import score_rows
 
     sent: list[Pair] = []
 

@@ -279,9 +279,10 @@ def test_the_head_stays_chunked_with_ranks_and_top_k(family, monkeypatch):
 
 
 def test_response_size_bound_covers_top_k(engine):
-    """The bound the server checks before scoring (convert.result_bytes_bound) holds with
+    """The bound the server checks before scoring (response_size.result_bytes_bound) holds with
     top-20 alternatives, ranks and the data-selection scores on."""
-    from pairscore.convert import response_to_pb, result_bytes_bound
+    from pairscore.convert import response_to_pb
+    from pairscore_server.response_size import result_bytes_bound
 
     pairs = [*mixed_pairs(12, seed=19), Pair("e\u0301 😀 你好", " naïve\n\t", id="x" * 50)]
     outcomes = engine.score_pairs(pairs, ScoreOptions(top_k=20, greedy=True, unconditional=True))

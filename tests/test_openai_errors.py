@@ -63,7 +63,8 @@ BAD_REQUESTS = [
     ({**GOOD, "prompt": [[]]}, 400, ["prompt[0] is an empty list of token ids"], "prompt"),
     ({**GOOD, "prompt": [[1], 1.5]}, 400, ["prompt[1] must be a string or a list of token ids"], "prompt"),
     ({**GOOD, "prompt": ["ok", [1, 2]]}, 400, ["mixes strings and token-id lists"], "prompt"),
-    ({**GOOD, "prompt": [[1, -2]]}, 400, ["negative token id"], "prompt"),
+    # a negative id: the engine's vocabulary rule (the fake engine takes text only), as a 400 naming prompt 0
+    ({**GOOD, "prompt": [[1, -2]]}, 400, ["prompt 0:"], "prompt"),
     ({**GOOD, "max_tokens": None}, 400, ["'max_tokens' is required", "max_tokens 0"], "max_tokens"),
     ({**GOOD, "max_tokens": 5}, 400, ["max_tokens is 5", "at most 1 token"], "max_tokens"),
     ({**GOOD, "max_tokens": "1"}, 400, ["'max_tokens' must be an integer"], "max_tokens"),
@@ -72,8 +73,16 @@ BAD_REQUESTS = [
     ({**GOOD, "stream": True}, 400, ["stream is not supported"], "stream"),
     ({**GOOD, "echo": "yes"}, 400, ["'echo' must be a boolean"], "echo"),
     ({**GOOD, "echo": False}, 400, ["nothing to return"], "echo"),
-    ({**GOOD, "logprobs": 1}, 400, ["logprobs is 1", "at most 0 alternatives", "max_top_k"], "logprobs"),
-    ({**GOOD, "logprobs": -1}, 400, ["logprobs is -1"], "logprobs"),
+    # top_k's one rule (engine.interface.top_k_problem), named by the OpenAI field that asked for it
+    ({**GOOD, "logprobs": 1}, 400, ["logprobs is 1", "between 0 and 0", "max_top_k", "got 1"], "logprobs"),
+    ({**GOOD, "logprobs": -1}, 400, ["logprobs is -1", "between 0 and 0"], "logprobs"),
+    (
+        {**GOOD, "max_tokens": 1, "logprobs": None},
+        400,
+        ["max_tokens is 1", "top-1", "max_top_k"],
+        "max_tokens",
+    ),
+    ({**GOOD, "max_tokens": 1, "logprobs": -1}, 400, ["logprobs is -1"], "logprobs"),
     ({**GOOD, "suffix": "!"}, 400, ["suffix"], "suffix"),
     ({**GOOD, "model": "gpt-4"}, 404, ["'gpt-4' does not exist", "'fake-model'"], "model"),
     # longer than the fake model's 64-token context: the item's error fails the request
@@ -106,7 +115,7 @@ def test_the_server_limits_apply_to_the_http_port(shared: ServerThread) -> None:
         completions(shared, {**GOOD, "prompt": ["a", "b", "c", "d"]}),
         400,
         "4 pairs",
-        "at most 3 pairs per request (max_pairs_per_request)",
+        "at most 3 pairs per request (max_pairs_per_request, --max-pairs-per-request)",
     )
     assert error["code"] == "invalid_argument"
     assert_error(
@@ -114,7 +123,7 @@ def test_the_server_limits_apply_to_the_http_port(shared: ServerThread) -> None:
         400,
         "prompt 1:",
         "71 characters",
-        "(max_text_chars)",
+        "(max_text_chars, --max-text-chars); shorten or split it",
         param="prompt",
     )
     assert_serves(shared)

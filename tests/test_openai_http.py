@@ -221,6 +221,15 @@ def test_an_id_outside_the_vocabulary_fails_the_request_naming_prompt_and_id(ser
         error["message"].startswith("prompt 1: prompt_ids[1] is")
         and "outside the model's vocabulary" in error["message"]
     )
+    # a negative id: the same rule (one place, the engine's), not a check of the port's own
+    answer = http_call(
+        f"{openai_base(server)}/completions",
+        body={"prompt": [[5, 6], [7, -2]], "echo": True, "max_tokens": 0, "logprobs": 0},
+    )
+    assert answer.status == 400 and answer.body["error"]["param"] == "prompt"
+    assert answer.body["error"]["message"].startswith(
+        "prompt 1: prompt_ids[1] is -2, outside the model's vocabulary"
+    )
     # the first id too, though it is context only (its text is shown with echo)
     answer = http_call(
         f"{openai_base(server)}/completions",

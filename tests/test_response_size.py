@@ -11,10 +11,11 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from pairscore.convert import response_to_pb, result_bytes_bound
+from pairscore.convert import response_to_pb
 from pairscore.types import ItemError, Pair, PairScore, ScoreOptions
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
+from pairscore_server.response_size import result_bytes_bound
 
 from harness.fake_engine import FakeEngine
 from harness.scoring import mixed_pairs

@@ -118,6 +118,9 @@ def test_options_as_an_object_or_as_keywords_not_both(scorer: Any) -> None:
         scorer.score(PAIRS[:1], prefix="sometimes")
     with pytest.raises(ValueError, match="top_k"):
         scorer.score(PAIRS[:1], top_k=-1)
+    # the keywords are the clients' sugar, read by their one resolver (pairscore.inputs)
+    with pytest.raises(TypeError, match="unknown option 'temperature'; the options are tokenization"):
+        scorer.score(PAIRS[:1], temperature=0)  # type: ignore[call-arg]
 
 
 def test_tuples_are_pairs_and_a_missing_text_is_refused(scorer: Any) -> None:

@@ -416,39 +416,3 @@ def model_info_from_pb(msg: pb.GetModelInfoResponse) -> ModelInfo:
         tokenizer_normalizes=msg.tokenizer_normalizes,
         chat_template=msg.chat_template,
     )
-
-
-#: Upper bounds of the encoded size of a ScoreResponse's parts, in bytes (field tags,
-#: varints at their widest, doubles, the length prefixes of nested messages).
-_RESULT_BYTES = 80  # a ScoreResult with its PairScores or ItemError, without id / tokens / message
-_TOKEN_BYTES = 40  # a TokenScore without its text
-_PARTIAL_UTF8_BYTES = 3  # a token cut inside a character decodes to U+FFFD
-_SELECTION_BYTES = 3 * 9 + 2 + 6  # unconditional_logprob, pmi, ifd (tag + double), response_is_greedy,
-# prompt_tokens_dropped (tag + int32 varint)
-_RANK_BYTES = 6  # TokenScore.rank: tag + int32 varint
-_ALTERNATIVE_BYTES = 2 + 6 + 2 + 9  # one TokenAlternative: length prefix, id, text tag+length, logprob
-
-
-def result_bytes_bound(
-    *,
-    id: str,
-    tokens: int = 0,
-    text_bytes: int = 0,
-    message: str = "",
-    top_k: int = 0,
-    max_token_text_bytes: int = 0,
-) -> int:
-    """An upper bound of one result's size in a ScoreResponse.
-
-    ``tokens``: the per-token detail it carries (0 without ``return_tokens``);
-    ``text_bytes``: the UTF-8 size of the texts those tokens come from.
-    ``message``: an item error's message. ``top_k``: alternatives per token;
-    each one's text is at most ``max_token_text_bytes`` (the longest token of
-    the vocabulary, decoded). Rank and the data-selection scores are always
-    counted (a few bytes).
-    """
-    size = _RESULT_BYTES + _SELECTION_BYTES + len(id.encode()) + len(message.encode())
-    if tokens:
-        size += tokens * (_TOKEN_BYTES + _RANK_BYTES + _PARTIAL_UTF8_BYTES) + text_bytes
-        size += tokens * top_k * (_ALTERNATIVE_BYTES + max_token_text_bytes)
-    return size

@@ -35,11 +35,11 @@ from pairscore.inputs import RowFields, input_options
 from pairscore.pipeline.columns import (
     SCORE_COLUMN_TYPES,
     SELECTION_COLUMN_TYPES,
-    batch_options,
     column_names,
     normalize_scores,
-    score_batch,
+    request_options,
 )
+from pairscore.pipeline.row_batches import score_batch
 from pairscore.types import Pair
 
 
@@ -140,7 +140,7 @@ class ScoreColumns:
         """
         client = self._get_client()
 
-        options = batch_options(self.scores, self.tokenization, **self.input_options)
+        options = request_options(self.scores, self.tokenization, **self.input_options)
 
         def score(pairs: list[Pair]) -> Any:
             return client.score_iter(

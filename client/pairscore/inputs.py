@@ -224,7 +224,8 @@ def check_candidate_sets(sets: Sequence[object]) -> None:
         if not isinstance(s, CandidateSet):
             raise TypeError(
                 f"a candidate set must be a pairscore.CandidateSet, got {type(s).__name__} "
-                "(score_responses(prompt, responses) builds one)"
+                "(pairscore.inputs.candidate_set(prompt, responses) builds one, as the clients' "
+                "score_responses does)"
             )
 
 

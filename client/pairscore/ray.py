@@ -48,7 +48,8 @@ from typing import Any
 
 from pairscore.hf import ScoreColumns
 from pairscore.inputs import RowFields
-from pairscore.pipeline.columns import batch_options, normalize_scores, score_batch
+from pairscore.pipeline.columns import normalize_scores, request_options
+from pairscore.pipeline.row_batches import score_batch
 
 __all__ = ["EngineScorer", "FilesOutcome", "ServiceScorer", "main", "score_dataset", "score_files"]
 
@@ -118,7 +119,7 @@ class EngineScorer:
         )
         self.scores = normalize_scores(scores)
         # an unknown value: ValueError naming the choices, before the model loads
-        options = batch_options(self.scores, "separate", truncation, end_of_turn, prefix)
+        options = request_options(self.scores, "separate", truncation, end_of_turn, prefix)
         self.scorer = Scorer(model, device=device, dtype=dtype)
         self._score_pairs = functools.partial(self.scorer.score, options=options)
         self.prompt_field = prompt_field

@@ -24,7 +24,8 @@ DEFAULT_MAX_PREPARING_CHARS = 64 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Limits:
-    """Effective limits of one server (every value resolved, none None)."""
+    """Effective limits of one server (every value resolved, none None). The configured values
+    are checked once, by :class:`~pairscore_server.config.ServerConfig`."""
 
     max_pairs_per_request: int
     max_text_chars: int
@@ -34,20 +35,6 @@ class Limits:
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     max_request_chars: int = DEFAULT_MAX_REQUEST_CHARS
     max_preparing_chars: int = DEFAULT_MAX_PREPARING_CHARS
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_pairs_per_request",
-            "max_text_chars",
-            "max_item_tokens",
-            "max_message_bytes",
-            "max_queue_tokens",
-            "max_response_bytes",
-            "max_request_chars",
-            "max_preparing_chars",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def resolve_limits(

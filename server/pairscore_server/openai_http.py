@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from pairscore_server.answer_bound import AnswerBound
 from pairscore_server.auth import TokenSet, bearer_token
 from pairscore_server.errors import QueueFullError, failure_for
 from pairscore_server.metrics import REFUSED_BODY_TIMEOUT
@@ -52,6 +53,7 @@ from pairscore_server.openai_protocol import (
     parse_prompts,
     to_pairs,
 )
+from pairscore_server.response_size import error_result_bytes
 
 if TYPE_CHECKING:
     from pairscore_server.metrics import Metrics
@@ -366,14 +368,14 @@ class OpenAIEndpoint:
             raise
         pairs, options = to_pairs(parsed)
         limit = service.limits.max_response_bytes
-        bound = answer_bytes_bound(parsed, max_token_text_bytes=info.max_token_text_bytes)
+        answer_size = AnswerBound(
+            scored=answer_bytes_bound(parsed, max_token_text_bytes=info.max_token_text_bytes),
+            refused=error_result_bytes,
+            extra_bytes=ANSWER_BYTES + len(info.model_name.encode()),
+            less_detail="ask for less per-token detail",
+        )
         try:
-            outcomes = await service.score(
-                pairs,
-                options,
-                extra_response_bytes=ANSWER_BYTES + len(info.model_name.encode()),
-                size_bound=bound,
-            )
+            outcomes = await service.score(pairs, options, answer=answer_size)
             check_outcomes(outcomes)
             # an echo of ids shows each prompt's first id, which was context only: its text
             # comes from the tokenizer (the scoring above checked that it is in the vocabulary)

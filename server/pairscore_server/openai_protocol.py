@@ -37,6 +37,7 @@ from pairscore.types import (
     Side,
     TokenScore,
 )
+from pairscore_server.engine.interface import top_k_problem
 
 #: Most tokens this endpoint generates per prompt: it scores, it does not generate text.
 MAX_GENERATED_TOKENS = 1
@@ -138,6 +139,13 @@ class CompletionRequest:
     model: str | None = None
 
     @property
+    def top_k(self) -> int:
+        """The alternatives scored per position (``ScoreOptions.top_k``): ``logprobs``, and
+        at least 1 with ``max_tokens`` 1 (the greedy token is the probe position's top-1)."""
+        top_k = self.logprobs or 0
+        return max(top_k, 1) if self.max_tokens > 0 else top_k
+
+    @property
     def token_ids(self) -> bool:
         """Whether the prompts are token ids (scored as given: the first id is context only)."""
         return isinstance(self.prompts[0], tuple)
@@ -188,11 +196,10 @@ def parse_prompts(value: Any) -> tuple[Prompt, ...]:
 
 
 def _ids(values: list[int], where: str) -> tuple[int, ...]:
+    """A prompt's token ids; whether each is in the vocabulary is the engine's one rule (an item
+    error naming the prompt, the position and the range)."""
     if not values:
         raise _invalid(f"{where} is an empty list of token ids: send at least one token", "prompt")
-    negative = [v for v in values if v < 0]
-    if negative:
-        raise _invalid(f"{where} holds a negative token id ({negative[0]})", "prompt")
     return tuple(values)
 
 
@@ -208,7 +215,8 @@ def _optional_int(body: dict[str, Any], name: str) -> int | None:
 def parse_completion_request(body: Any, *, max_top_k: int) -> CompletionRequest:
     """Validate a ``/v1/completions`` body; :class:`OpenAIError` (400) names what is wrong.
 
-    ``max_top_k`` is the server's largest ``logprobs``. What generates more
+    ``max_top_k`` is the server's largest ``logprobs``, checked by top_k's one rule
+    (``engine.interface.top_k_problem``), in a 400 naming the field. What generates more
     than one token (``max_tokens`` > 1, ``n`` > 1, ``best_of`` > 1,
     ``stream``), samples (``temperature`` > 0 with ``max_tokens`` 1) or
     changes the text (``suffix``, ``logit_bias``) is refused; other sampling
@@ -258,12 +266,8 @@ def parse_completion_request(body: Any, *, max_top_k: int) -> CompletionRequest:
             "echo",
         )
     logprobs = _optional_int(body, "logprobs")
-    if logprobs is not None and not 0 <= logprobs <= max_top_k:
-        raise _invalid(
-            f"logprobs is {logprobs}; this server returns at most {max_top_k} alternatives per "
-            "token (max_top_k)",
-            "logprobs",
-        )
+    if logprobs is not None and (problem := top_k_problem(logprobs, max_top_k)):
+        raise _invalid(f"logprobs is {logprobs} (alternatives per token, top_k): {problem}", "logprobs")
     temperature = body.get("temperature")
     if temperature is not None:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -282,9 +286,13 @@ def parse_completion_request(body: Any, *, max_top_k: int) -> CompletionRequest:
         raise _invalid("suffix is not supported: nothing is inserted after the completion", "suffix")
     if body.get("logit_bias") not in (None, {}):
         raise _invalid("logit_bias is not supported: the scores are the model's own", "logit_bias")
-    return CompletionRequest(
+    request = CompletionRequest(
         prompts=prompts, echo=echo, max_tokens=max_tokens, logprobs=logprobs, model=model
     )
+    if problem := top_k_problem(request.top_k, max_top_k):  # max_tokens 1 asks for the top-1
+        message = f"max_tokens is {max_tokens}: the greedy next token is the top-1 alternative, and {problem}"
+        raise _invalid(f"{message}; send max_tokens 0", "max_tokens")
+    return request
 
 
 def to_pairs(request: CompletionRequest) -> tuple[list[Pair], ScoreOptions]:
@@ -303,11 +311,8 @@ def to_pairs(request: CompletionRequest) -> tuple[list[Pair], ScoreOptions]:
         else Pair(prompt_ids=p, response=probe, id=str(i))
         for i, p in enumerate(request.prompts)
     ]
-    top_k = request.logprobs or 0
-    if request.max_tokens > 0:
-        top_k = max(top_k, 1)
     prefix = PrefixMode.NONE if request.token_ids else PrefixMode.SERVER
-    return pairs, ScoreOptions(return_tokens=True, top_k=top_k, prefix=prefix)
+    return pairs, ScoreOptions(return_tokens=True, top_k=request.top_k, prefix=prefix)
 
 
 def first_token_ids(request: CompletionRequest) -> list[int]:

@@ -23,24 +23,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from pairscore.inputs import resolve_options, to_pair
-from pairscore.types import (
-    CandidateSet,
-    CandidateSetResult,
-    EndOfTurn,
-    ModelInfo,
-    Pair,
-    PrefixMode,
-    ScoreOptions,
-    ScoreOutcome,
-    TokenizationMode,
-    Truncation,
-)
+from pairscore.inputs import check_candidate_sets, resolve_options, to_pair
+from pairscore.types import CandidateSet, CandidateSetResult, ModelInfo, Pair, ScoreOptions, ScoreOutcome
 from pairscore_server.engine.interface import Engine, score_pairs
 from pairscore_server.engine.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from pairscore.inputs import PairLike
+    from typing_extensions import Unpack
+
+    from pairscore.inputs import OptionKeywords, PairLike
 
 __all__ = ["Scorer"]
 
@@ -117,15 +108,7 @@ class Scorer:
         self,
         pairs: Iterable[PairLike],
         options: ScoreOptions | None = None,
-        *,
-        tokenization: TokenizationMode | str = TokenizationMode.SEPARATE,
-        return_tokens: bool = False,
-        unconditional: bool = False,
-        greedy: bool = False,
-        top_k: int = 0,
-        end_of_turn: EndOfTurn | str = EndOfTurn.INCLUDED,
-        truncation: Truncation | str = Truncation.NONE,
-        prefix: PrefixMode | str = PrefixMode.SERVER,
+        **keywords: Unpack[OptionKeywords],
     ) -> list[ScoreOutcome]:
         """Score pairs: one :class:`~pairscore.types.PairScore` or
         :class:`~pairscore.types.ItemError` per pair, in order.
@@ -134,20 +117,11 @@ class Scorer:
         or token ids) or a ``(prompt, response)`` tuple. The options are
         those of the ``Score`` RPC (docs/api.md, docs/scores.md): give a
         :class:`~pairscore.types.ScoreOptions` as ``options``, or the same
-        fields as keywords (not both). Any number of pairs: they are
+        fields as keywords (not both; :func:`pairscore.inputs.resolve_options`,
+        the clients' one resolver, reads them). Any number of pairs: they are
         tokenized in chunks and run in forward passes of the engine's size.
         """
-        resolved = resolve_options(
-            options,
-            tokenization=tokenization,
-            return_tokens=return_tokens,
-            unconditional=unconditional,
-            greedy=greedy,
-            top_k=top_k,
-            end_of_turn=end_of_turn,
-            truncation=truncation,
-            prefix=prefix,
-        )
+        resolved = resolve_options(options, **keywords)
         items = [to_pair(p) for p in pairs]
         out: list[ScoreOutcome] = []
         for start in range(0, len(items), PREPARE_CHUNK):
@@ -158,17 +132,15 @@ class Scorer:
         self,
         sets: Iterable[CandidateSet],
         options: ScoreOptions | None = None,
-        **keywords: object,
+        **keywords: Unpack[OptionKeywords],
     ) -> list[CandidateSetResult]:
         """Score each :class:`~pairscore.types.CandidateSet`'s responses against its prompt:
         one :class:`~pairscore.types.CandidateSetResult` per set, in order, as the
         ``ScoreCandidates`` RPC answers. Options as in :meth:`score`."""
         sets = list(sets)
-        for s in sets:
-            if not isinstance(s, CandidateSet):
-                raise TypeError(f"a candidate set must be a pairscore.CandidateSet, got {type(s).__name__}")
+        check_candidate_sets(sets)
         pairs = [p for s in sets for p in s.pairs()]
-        flat = iter(self.score(pairs, options, **keywords))  # type: ignore[arg-type]
+        flat = iter(self.score(pairs, options, **keywords))
         return [CandidateSetResult(results=tuple(next(flat) for _ in s.candidates), id=s.id) for s in sets]
 
     def tokenize(self, texts: Iterable[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:

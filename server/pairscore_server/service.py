@@ -17,7 +17,8 @@ Which limit gives which error:
   (RESOURCE_EXHAUSTED), checked once before tokenizing (one token per pair
   is a lower bound) and again with the real token count;
 * the answer could be larger than ``max_response_bytes`` (a bound from the
-  token counts and top_k, before any scoring): :class:`RequestLimitError`
+  token counts and top_k, before any scoring, as the caller's
+  :class:`AnswerBound` counts its wire format): :class:`RequestLimitError`
   (INVALID_ARGUMENT: retrying it unchanged cannot succeed);
 * ``ScoreOptions.top_k`` negative or above the engine's ``max_top_k``:
   :class:`RequestLimitError` (INVALID_ARGUMENT, naming the limit).
@@ -33,11 +34,10 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
-from pairscore.convert import result_bytes_bound
 from pairscore.types import (
     CandidateSet,
     CandidateSetResult,
@@ -56,6 +56,7 @@ from pairscore_server.accounting import (
     PairCounters,
     leave_reason,
 )
+from pairscore_server.answer_bound import AnswerBound
 from pairscore_server.batcher import Batcher
 from pairscore_server.engine.interface import merge_outcomes, top_k_problem
 from pairscore_server.errors import (
@@ -79,10 +80,6 @@ if TYPE_CHECKING:
     from pairscore_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-#: An upper bound of a CandidateSetResult's size besides its id and results: its tag and
-#: length prefix in the response, the id's tag and length, the index's tag and varint.
-_SET_RESULT_BYTES = 1 + 5 + 1 + 5 + 1 + 5
 
 
 def _as_item_error(exc: Exception) -> ItemError | None:
@@ -155,10 +152,9 @@ class ScoringService:
         pairs: Sequence[Pair],
         options: ScoreOptions,
         *,
+        answer: AnswerBound,
         deadline: float | None = None,
         errors_as_items: bool = False,
-        extra_response_bytes: int = 0,
-        size_bound: Callable[[Pair, PreparedPair], int] | None = None,
     ) -> list[ScoreOutcome]:
         """Score ``pairs``; one PairScore or ItemError per pair, in order.
 
@@ -171,23 +167,14 @@ class ScoringService:
         always raises. Each pair is counted once: its own outcome in
         ``pairscore_pairs_total``, or the request's fate in
         ``pairscore_rejected_pairs_total`` / ``pairscore_dropped_pairs_total``.
-        ``extra_response_bytes``: what the answer holds besides the results (the
-        set wrappers of ScoreCandidates), counted in the response-size bound.
-        ``size_bound``: a scored pair's share of the answer, for an answer that is not a
-        ScoreResponse (the OpenAI port's JSON); None: its ScoreResponse bound.
+        ``answer``: how large the caller's answer can be (its wire format's bound).
         """
         if not pairs:  # what the answer holds besides results (empty candidate sets) still counts
-            self._check_response_size([], [], options, extra_bytes=extra_response_bytes)
+            self._check_response_size([], [], options, answer)
             return []
         n = len(pairs)
         try:
-            if n > self.limits.max_pairs_per_request:
-                self._count_rejected(REJECT_REQUEST_LIMIT, n)
-                raise RequestLimitError(
-                    f"request has {n} pairs; this server takes at most "
-                    f"{self.limits.max_pairs_per_request} pairs per request "
-                    "(max_pairs_per_request); split it"
-                )
+            self._check_pairs_per_request(n, f"{n} pairs", "pairs per request", "split it")
             problem = top_k_problem(options.top_k, self._engine_info.max_top_k)
             if problem:
                 self._count_rejected(REJECT_REQUEST_LIMIT, n)
@@ -217,9 +204,7 @@ class ScoringService:
                 raise
             return self._finish(pairs, [item] * n, counted=False)
         try:
-            self._check_response_size(
-                pairs, prepared, options, extra_bytes=extra_response_bytes, size_bound=size_bound
-            )
+            self._check_response_size(pairs, prepared, options, answer)
         except RequestLimitError as exc:
             item = _as_item_error(exc) if errors_as_items else None
             if item is None:
@@ -243,6 +228,7 @@ class ScoringService:
         sets: Sequence[CandidateSet],
         options: ScoreOptions,
         *,
+        answer: AnswerBound,
         deadline: float | None = None,
     ) -> list[CandidateSetResult]:
         """Score each set's candidates against its prompt; one CandidateSetResult per set, in order.
@@ -254,20 +240,18 @@ class ScoringService:
         candidate) of :meth:`score`; ``max_pairs_per_request`` bounds the
         candidates of all sets together. A set whose prompt cannot be used
         gives each of its candidates the item error; the other sets are
-        unaffected. Request-level failures raise as in :meth:`score`.
+        unaffected. Request-level failures raise as in :meth:`score`. ``answer``
+        counts the sets' wrappers in its ``extra_bytes``.
         """
         n = sum(len(s.candidates) for s in sets)
-        if n > self.limits.max_pairs_per_request:
-            self._count_rejected(REJECT_REQUEST_LIMIT, n)
-            raise RequestLimitError(
-                f"request has {n} candidates in {len(sets)} sets; this server takes at most "
-                f"{self.limits.max_pairs_per_request} candidates per request, all sets together "
-                "(max_pairs_per_request); send the sets in several requests"
-            )
+        self._check_pairs_per_request(
+            n,
+            f"{n} candidates in {len(sets)} sets",
+            "candidates per request, all sets together",
+            "send the sets in several requests",
+        )
         pairs = [pair for s in sets for pair in s.pairs()]
-        # CandidateSetResult wrapper: id, index, length prefixes and tags
-        wrappers = sum(len(s.id.encode()) + _SET_RESULT_BYTES for s in sets)
-        outcomes = iter(await self.score(pairs, options, deadline=deadline, extra_response_bytes=wrappers))
+        outcomes = iter(await self.score(pairs, options, answer=answer, deadline=deadline))
         return [
             CandidateSetResult(results=tuple(next(outcomes) for _ in s.candidates), id=s.id) for s in sets
         ]
@@ -277,74 +261,30 @@ class ScoringService:
         pairs: Sequence[Pair],
         prepared: Sequence[PreparedPair | ItemError],
         options: ScoreOptions,
-        *,
-        extra_bytes: int = 0,
-        size_bound: Callable[[Pair, PreparedPair], int] | None = None,
+        answer: AnswerBound,
     ) -> None:
-        """Refuse, before any scoring, a request whose answer could not be sent: its
-        bounded size is over ``max_response_bytes`` (per-token detail is the large part): the
-        caller, not a client's receive limit, learns why."""
-        size = extra_bytes
-        for pair, item in zip(pairs, prepared, strict=True):
-            if isinstance(item, ItemError):
-                size += result_bytes_bound(id=pair.id, message=item.message)
-            elif size_bound is not None:
-                size += size_bound(pair, item)
-            elif item.return_tokens:
-                text_bytes = self._detail_text_bytes(pair, item)
-                tokens = item.prompt_tokens + item.response_tokens
-                size += result_bytes_bound(
-                    id=pair.id,
-                    tokens=tokens,
-                    text_bytes=text_bytes,
-                    top_k=item.top_k,
-                    max_token_text_bytes=self._engine_info.max_token_text_bytes,
-                )
-            else:
-                size += result_bytes_bound(id=pair.id)
-        limit = self.limits.max_response_bytes
-        if size > limit:
+        """Refuse, before any scoring, a request whose answer could not be sent
+        (answer_bound.py): the caller, not a client's receive limit, learns why."""
+        problem = answer.refusal(pairs, prepared, options, limit=self.limits.max_response_bytes)
+        if problem:
             self._count_rejected(REJECT_RESPONSE_SIZE, len(pairs))
-            fix = "send fewer pairs per request"
-            if size_bound is not None:
-                fix += " or ask for less per-token detail"
-            elif options.return_tokens:
-                fix += " or leave out the per-token detail (return_tokens)"
-            if options.top_k:
-                fix += f" or ask for fewer top-k alternatives (top_k={options.top_k})"
-            raise RequestLimitError(
-                f"the answer to this request could take up to {size} bytes, over this server's "
-                f"{limit}-byte answer limit (max_response_bytes, the default receive limit of "
-                f"gRPC clients); {fix}; nothing was scored"
-            )
-
-    def _detail_text_bytes(self, pair: Pair, item: PreparedPair) -> int:
-        """A bound of the UTF-8 bytes of a result's per-token texts and rendered texts.
-
-        Tokens of a text side decode to at most that text (plus U+FFFD,
-        counted per token by ``result_bytes_bound``); tokens of a side given
-        as ids are bounded by the longest token of the vocabulary each; a
-        chat item's tokens decode to its rendered texts, which it also
-        carries (``rendered_prompt`` / ``rendered_response``).
-        """
-        per_token = self._engine_info.max_token_text_bytes
-        if item.rendered_prompt or item.rendered_response:
-            rendered = len(item.rendered_prompt.encode()) + len(item.rendered_response.encode())
-            return 2 * rendered
-        prompt = (
-            len(pair.prompt_ids) * per_token if pair.prompt_ids is not None else len(pair.prompt.encode())
-        )
-        response = (
-            len(pair.response_ids) * per_token
-            if pair.response_ids is not None
-            else len(pair.response.encode())
-        )
-        return prompt + response
+            raise RequestLimitError(problem)
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token's text as a result's per-token detail shows it, from the tokenizer
         (no forward pass); the ids must be in the vocabulary."""
         return self._engine.token_texts(ids)
+
+    def _check_pairs_per_request(self, n: int, has: str, per: str, fix: str) -> None:
+        """``max_pairs_per_request``, for a request of ``n`` pairs (``has`` and ``per`` say
+        them in the caller's words), counting a refused request's pairs."""
+        limit = self.limits.max_pairs_per_request
+        if n > limit:
+            self._count_rejected(REJECT_REQUEST_LIMIT, n)
+            raise RequestLimitError(
+                f"request has {has}; this server takes at most {limit} {per} "
+                f"(max_pairs_per_request, --max-pairs-per-request); {fix}"
+            )
 
     def _count_rejected(self, reason: str, pairs: int) -> None:
         self._counters.rejected(reason, pairs)
@@ -431,7 +371,8 @@ class ScoringService:
                 return ItemError(
                     ItemErrorCode.INVALID_ARGUMENT,
                     f"{side} has {len(text)} characters; this server takes at most {limit} "
-                    "characters per prompt, response or chat message (max_text_chars)",
+                    "characters per prompt, response or chat message (max_text_chars, "
+                    "--max-text-chars); shorten or split it",
                     pair.id,
                 )
         return None

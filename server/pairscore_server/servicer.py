@@ -1,8 +1,10 @@
 """gRPC face of the scoring service: message conversion and status codes only.
 
 All scoring logic lives in :class:`pairscore_server.service.ScoringService`;
-all protobuf <-> dataclass conversion in :mod:`pairscore.convert`. This
-module maps failures to gRPC status codes and records per-RPC metrics.
+all protobuf <-> dataclass conversion in :mod:`pairscore.convert`, and the
+bound of an answer's encoded size, which the service checks before scoring,
+in :mod:`pairscore_server.response_size`. This module maps failures to gRPC
+status codes and records per-RPC metrics.
 
 Status codes: the table in :mod:`pairscore_server.errors` (``FAILURES``)
 maps each failure the service raises to one; besides it, ``INVALID_ARGUMENT``
@@ -49,8 +51,10 @@ from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 from pairscore_server.accounting import REJECT_INVALID, counts_as_deadline
 from pairscore_server.errors import BatcherClosedError, QueueFullError, failure_for
+from pairscore_server.response_size import candidates_response_bound, score_response_bound
 
 if TYPE_CHECKING:
+    from pairscore_server.answer_bound import AnswerBound
     from pairscore_server.metrics import Metrics
     from pairscore_server.service import ScoringService
 
@@ -58,10 +62,6 @@ log = logging.getLogger(__name__)
 
 #: Full name of the gRPC service, as health checks and reflection know it.
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScoringService"].full_name
-
-#: Request messages of one ScoreStream call that may be in work at once.
-DEFAULT_STREAM_MAX_IN_FLIGHT = 4
-
 
 #: Trailing metadata key of gRPC's retry pushback (milliseconds), see gRFC A6.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -181,17 +181,17 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
     It answers ``UNAVAILABLE`` until :meth:`set_service` hands it a ready
     :class:`~pairscore_server.service.ScoringService` (the model loads after
     the server has started, so health checks can be answered meanwhile).
+    ``stream_max_in_flight``: request messages of one ScoreStream call in work at
+    once (``ServerConfig.stream_max_in_flight``, its default and its check).
     """
 
     def __init__(
         self,
         *,
+        stream_max_in_flight: int,
         service: ScoringService | None = None,
         metrics: Metrics | None = None,
-        stream_max_in_flight: int = DEFAULT_STREAM_MAX_IN_FLIGHT,
     ) -> None:
-        if stream_max_in_flight < 1:
-            raise ValueError(f"stream_max_in_flight must be >= 1, got {stream_max_in_flight}")
         self._service = service
         self._metrics = metrics
         self._stream_max_in_flight = stream_max_in_flight
@@ -219,7 +219,9 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                 raise request.error()
             service = self._require_service()
             pairs, options = self._convert(request)
-            outcomes = await service.score(pairs, options, deadline=_deadline(context))
+            outcomes = await service.score(
+                pairs, options, answer=_response_bound(service, options), deadline=_deadline(context)
+            )
             return response_to_pb(outcomes)
 
     async def ScoreStream(  # noqa: N802 - gRPC method name
@@ -272,7 +274,11 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                 raise request.error()
             service = self._require_service()
             sets, options = self._convert_candidates(request)
-            results = await service.score_candidates(sets, options, deadline=_deadline(context))
+            bytes_per_token = service.model_info().max_token_text_bytes
+            answer = candidates_response_bound(sets, options, max_token_text_bytes=bytes_per_token)
+            results = await service.score_candidates(
+                sets, options, answer=answer, deadline=_deadline(context)
+            )
             return candidates_response_to_pb(results)
 
     def _convert_candidates(
@@ -358,7 +364,13 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                 )
             )
         try:
-            outcomes = await service.score(pairs, options, deadline=deadline, errors_as_items=True)
+            outcomes = await service.score(
+                pairs,
+                options,
+                answer=_response_bound(service, options),
+                deadline=deadline,
+                errors_as_items=True,
+            )
         except BatcherClosedError:
             raise
         except Exception as exc:
@@ -407,3 +419,8 @@ def add_to_server(servicer: ScoringServicer, server: grpc.aio.Server) -> None:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _response_bound(service: ScoringService, options: ScoreOptions) -> AnswerBound:
+    """How large the ScoreResponse to a request with ``options`` can be (response_size.py)."""
+    return score_response_bound(options, max_token_text_bytes=service.model_info().max_token_text_bytes)

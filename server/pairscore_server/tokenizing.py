@@ -96,13 +96,13 @@ async def tokenize_texts(
     if n > limits.max_pairs_per_request:
         raise RequestLimitError(
             f"request has {n} texts; this server takes at most {limits.max_pairs_per_request} "
-            "texts per Tokenize request (max_pairs_per_request); split it"
+            "texts per Tokenize request (max_pairs_per_request, --max-pairs-per-request); split it"
         )
     for i, text in enumerate(texts):
         if len(text) > limits.max_text_chars:
             raise RequestLimitError(
                 f"texts[{i}] has {len(text)} characters; this server takes at most "
-                f"{limits.max_text_chars} characters per text (max_text_chars, --max-text-chars)"
+                f"{limits.max_text_chars} characters per text (max_text_chars, --max-text-chars); shorten or split it"
             )
     chars = sum(len(t) for t in texts)
     stage.check(chars, "Tokenize request")

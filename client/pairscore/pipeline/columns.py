@@ -29,20 +29,12 @@ Asked for with ``--scores`` (docs/scores.md), before ``error``:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import TypedDict
 
-# Row parsing lives in pairscore.inputs (the client core's input side); these names stay
-# importable from here for the pipeline modules that read them with the columns.
-from pairscore.inputs import CANDIDATE_INDEX as CANDIDATE_INDEX
-from pairscore.inputs import INPUT_OPTIONS as INPUT_OPTIONS
-from pairscore.inputs import INVALID_ROW as INVALID_ROW
-from pairscore.inputs import RowFields as RowFields
-from pairscore.inputs import input_options as input_options
-from pairscore.inputs import pair_problem as pair_problem
-from pairscore.inputs import resolve_options
-from pairscore.types import ItemError, Pair, PairScore, ScoreOptions, ScoreOutcome
+from pairscore.inputs import input_options, resolve_options
+from pairscore.types import ItemError, PairScore, ScoreOptions, ScoreOutcome
 
 SCORE_COLUMNS = (
     "joint_logprob",
@@ -115,16 +107,16 @@ def score_options(scores: Sequence[str]) -> ScoreGroupOptions:
     return {"unconditional": "unconditional" in scores, "greedy": "greedy" in scores}
 
 
-def batch_options(
+def request_options(
     scores: Sequence[str],
     tokenization: str = "separate",
     truncation: str = "none",
     end_of_turn: str = "included",
     prefix: str = "server",
 ) -> ScoreOptions:
-    """The request options of a table helper (:mod:`pairscore.hf`, :mod:`pairscore.ray`): those
-    the score groups ``scores`` need, the tokenization and the input-form options; ValueError
-    naming the choices for an unknown value."""
+    """The request options of a run (``pairscore score|filter``) or a table helper
+    (:mod:`pairscore.hf`, :mod:`pairscore.ray`): those the score groups ``scores`` need, the
+    tokenization and the input-form options; ValueError naming the choices for an unknown value."""
     return resolve_options(
         None,
         tokenization=tokenization,
@@ -232,9 +224,15 @@ def score_columns(outcome: ScoreOutcome, scores: Sequence[str] = ()) -> dict[str
 def score_table(outcomes: Sequence[ScoreOutcome], scores: Sequence[str] = ()) -> dict[str, list[object]]:
     """The added columns for many outcomes, column-wise (what ``Dataset.map(batched=True)`` and
     Ray's ``map_batches`` want)."""
+    return column_wise([score_columns(outcome, scores) for outcome in outcomes], scores)
+
+
+def column_wise(rows: Sequence[dict[str, object]], scores: Sequence[str] = ()) -> dict[str, list[object]]:
+    """The added columns of many rows (each a :func:`score_columns` or :func:`error_columns`
+    dict) as one list per column."""
     table: dict[str, list[object]] = {name: [] for name in column_names(scores)}
-    for outcome in outcomes:
-        for name, value in score_columns(outcome, scores).items():
+    for columns in rows:
+        for name, value in columns.items():
             table[name].append(value)
     return table
 
@@ -265,56 +263,3 @@ def value_of(row: dict[str, object], column: str) -> float:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return math.nan
-
-
-# --- a batch of table rows in, its score columns out (pairscore.hf, pairscore.ray) -------------
-
-
-def score_batch(
-    score: Callable[[list[Pair]], Iterable[ScoreOutcome]],
-    batch: Mapping[str, Sequence[Any]],
-    fields: RowFields,
-    *,
-    scores: Sequence[str] = (),
-) -> dict[str, list[object]]:
-    """The score columns of a batch of rows (column lists), one row each, for any input form
-    but candidate lists (what ``Dataset.map`` and Ray's ``map_batches`` want).
-
-    ``score`` gets the pairs of the rows that can be scored (in order) and
-    returns one outcome per pair; a row that cannot be sent (a missing or
-    malformed field, :class:`~pairscore.inputs.RowFields`) gets error
-    ``invalid_row`` naming the field, the others are scored. ``scores``: the
-    extra score groups (SCORE_GROUPS) whose columns to add.
-    """
-    if fields.responses_field is not None:
-        raise ValueError(
-            "a responses list gives several output rows per input row; score it with `pairscore score "
-            "--responses-field` or ScoringClient.score_candidates"
-        )
-    pairs, problems = fields.batch_pairs(batch)
-    outcomes = iter(score(pairs) if pairs else ())
-    table: dict[str, list[object]] = {name: [] for name in column_names(scores)}
-    for problem in problems:
-        columns = (
-            error_columns(INVALID_ROW, problem, scores) if problem else score_columns(next(outcomes), scores)
-        )
-        for name, value in columns.items():
-            table[name].append(value)
-    return table
-
-
-def score_rows(
-    score: Callable[[list[Pair]], Iterable[ScoreOutcome]],
-    prompts: Iterable[Any],
-    responses: Iterable[Any],
-    *,
-    prompt_field: str = "prompt",
-    response_field: str = "response",
-    scores: Sequence[str] = (),
-) -> dict[str, list[object]]:
-    """:func:`score_batch` of text prompts and responses given as two columns."""
-    prompts, responses = list(prompts), list(responses)
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    fields = RowFields(prompt_field=prompt_field, response_field=response_field)
-    return score_batch(score, {prompt_field: prompts, response_field: responses}, fields, scores=scores)

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pairscore.connect_args import add_connection_args, client_kwargs, target_of
-from pairscore.pipeline.columns import INPUT_OPTIONS, METRICS
+from pairscore.inputs import INPUT_OPTIONS
+from pairscore.pipeline.columns import METRICS
 from pairscore.pipeline.compression import COMPRESSIONS
 from pairscore.pipeline.formats import FORMATS
 from pairscore.pipeline.progress import MODES
@@ -348,7 +349,8 @@ def _run_pipeline(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from pairscore.errors import ConnectionFailedError, ScoringError
     from pairscore.pipeline.formats import FormatError
     from pairscore.pipeline.reach import reach_server
-    from pairscore.pipeline.runner import ResumeError, Runner
+    from pairscore.pipeline.run_record import ResumeError
+    from pairscore.pipeline.runner import Runner
     from pairscore.pipeline.state_file import completed_run
     from pairscore.pipeline.summary import summary_lines
 

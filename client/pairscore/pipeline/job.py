@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from pairscore.pipeline.columns import RowFields, input_options
+from pairscore.inputs import RowFields, input_options
 from pairscore.pipeline.compression import COMPRESSION_SUFFIX, compression_of, split_compression
 from pairscore.pipeline.formats import STDIO, SourceFile, _format_by_name, detect_format, input_files
 from pairscore.pipeline.row_reader import BAD_ROW_POLICIES
@@ -103,7 +103,7 @@ class Job:
     #: Which rows --top-fraction ranks: "all" scored rows (then thresholds apply on top),
     #: or only those "passing" the thresholds (IFD selection: --max ifd=1 among passing).
     top_among: str = "all"
-    #: Other input forms (columns.RowFields): a conversation or token ids as the prompt,
+    #: Other input forms (inputs.RowFields): a conversation or token ids as the prompt,
     #: token ids or a list of candidate responses as the response.
     messages_field: str | None = None
     prompt_ids_field: str | None = None

@@ -36,34 +36,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pairscore.pipeline.columns import (
-    CANDIDATE_INDEX,
-    INVALID_ROW,
-    error_columns,
-    input_options,
-    metric,
-    score_columns,
-    score_options,
-    value_of,
-)
+from pairscore.inputs import CANDIDATE_INDEX, INVALID_ROW
+from pairscore.pipeline.columns import error_columns, metric, request_options, score_columns, value_of
 from pairscore.pipeline.formats import STDIO, Row
 from pairscore.pipeline.job import Job
 from pairscore.pipeline.parts import ChunkedPart, LinePart, open_part
 from pairscore.pipeline.progress import Progress
 from pairscore.pipeline.row_reader import BadRow, RowReader, count_rows
-from pairscore.pipeline.state_file import COMPLETE, STATE_VERSION, StateFile, model_identity
+from pairscore.pipeline.run_record import RunRecord, phase1_outputs
+from pairscore.pipeline.state_file import model_identity
 from pairscore.pipeline.stats import RunStats
-from pairscore.pipeline.storage import exists, remove, signature
+from pairscore.pipeline.storage import remove
 from pairscore.pipeline.top_fraction import PARQUET_CHUNK_ROWS, write_top_fraction
 from pairscore.types import ItemError, Pair, PairScore, ScoreOutcome
-
-
-class ResumeError(RuntimeError):
-    """--resume cannot continue the earlier run (different arguments, input or model)."""
-
-
-class OutputExistsError(FileExistsError):
-    """An output file exists and neither --overwrite nor a run to resume allows replacing it."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +68,6 @@ class Runner:
         self.job = job
         self.client = client
         self.stderr = stderr if stderr is not None else sys.stderr
-        self.state_file = StateFile(job.state_path) if job.output != STDIO else None
         self.metric = metric(job.by)
         self._emitting = False
         #: Some but not all output rows of an input row's candidates are written.
@@ -96,94 +80,32 @@ class Runner:
     def run(self) -> Outcome:
         """Do the job; returns the Outcome. Raises ResumeError, FormatError, ScoringError."""
         started = time.monotonic()
-        fingerprint = self.job.fingerprint()
-        model = model_identity(self.client.model_info())
-        state = self._load_state(fingerprint, model)
-        if state is None:
-            self._refuse_to_overwrite()
+        self.record = RunRecord(self.job, self.job.fingerprint(), model_identity(self.client.model_info()))
+        state = self.record.start()
         try:
-            return self._run(state, fingerprint, model, started)
+            return self._run(state, started)
         except BaseException:
-            if not self.job.resume and self.state_file is not None:
-                self._discard_leftovers(None)  # nothing can resume it: leave no part files behind
+            if not self.job.resume and self.record.kept:
+                self.record.discard_leftovers(None)  # nothing can resume it: leave no part files behind
             raise
 
-    def _refuse_to_overwrite(self) -> None:
-        if self.job.overwrite:
-            return
-        existing = [p for p, _ in self.job.outputs().values() if p != STDIO and exists(p)]
-        if existing:
-            raise OutputExistsError(
-                f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
-                "pass --overwrite to replace, or choose another output"
-            )
-
-    def _run(
-        self,
-        state: dict[str, Any] | None,
-        fingerprint: dict[str, object],
-        model: dict[str, str],
-        started: float,
-    ) -> Outcome:
+    def _run(self, state: dict[str, Any] | None, started: float) -> Outcome:
         resumed_from = state["stats"]["rows"] if state else 0
         top = self.job.top_fraction is not None
         if state is not None and state["phase"] == "finishing":
             self._finish(state["finishing"])
             stats = RunStats.from_state(state["stats"])
-            if not (top and "scored" in state["finishing"]):
-                self._drop_empty_default_errors(stats)
-                self._complete(stats, fingerprint, model)
-                return Outcome(stats, self.job.outputs(), time.monotonic() - started, resumed_from)
+            top = top and "scored" in state["finishing"]  # else that was phase 2's finish
         elif state is None or state["phase"] == 1:
-            stats = self._phase1(state, fingerprint, model)
+            stats = self._phase1(state)
         else:
             stats = RunStats.from_state(state["stats"])
         if top:
-            self._save({"phase": 2, "fingerprint": fingerprint, "model": model, "stats": stats.to_state()})
-            self._phase2(stats, fingerprint, model)
+            self.record.save(2, stats)
+            write_top_fraction(self.job, self.metric, stats, lambda roles: self._finishing(roles, stats))
         self._drop_empty_default_errors(stats)
-        self._complete(stats, fingerprint, model)
+        self.record.complete(stats)
         return Outcome(stats, self.job.outputs(), time.monotonic() - started, resumed_from)
-
-    # --- state ------------------------------------------------------------------------
-
-    def _load_state(self, fingerprint: dict[str, object], model: dict[str, str]) -> dict[str, Any] | None:
-        if self.state_file is None:
-            return None
-        state = self.state_file.load()
-        if state is None:
-            return None
-        if state.get("phase") == COMPLETE and self.job.resume:
-            return None  # complete, but not this run's outputs (see completed_run): a run of its own
-        if not self.job.resume:
-            self._discard_leftovers(state)
-            return None
-        if state.get("version") != STATE_VERSION:
-            raise ResumeError(f"{self.state_file.path} was written by another version of pairscore")
-        if state["fingerprint"] != fingerprint:
-            changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
-            raise ResumeError(
-                f"cannot resume: {', '.join(changed)} differ from the interrupted run "
-                f"(see {self.state_file.path}); run without --resume to start again"
-            )
-        if state["model"] != model:
-            raise ResumeError(
-                f"cannot resume: the server now serves {model}, the interrupted run was scored "
-                f"with {state['model']}; run without --resume to start again"
-            )
-        return state
-
-    def _discard_leftovers(self, state: dict[str, Any] | None) -> None:
-        """Without --resume an earlier unfinished run is thrown away (final files are kept)."""
-        for path, fmt in [*self._phase1_outputs().values(), *self.job.outputs().values()]:
-            open_part(path, fmt, compression=self.job.compression_for(path)).discard()
-        recorded = state.get("fingerprint", {}).get("outputs", {}) if state else {}
-        for path, fmt in recorded.values():  # an earlier run with other outputs (--errors...)
-            if path != STDIO:
-                open_part(path, fmt).discard()  # a part's name does not depend on its compression
-        if self.job.top_fraction is not None:
-            remove(self.job.scored_path)
-        self._remove_state()
 
     def _drop_empty_default_errors(self, stats: RunStats) -> None:
         """The errors file filter names by itself only stays when a row failed."""
@@ -192,38 +114,7 @@ class Runner:
             if default is not None:
                 remove(default)
 
-    def _complete(self, stats: RunStats, fingerprint: dict[str, object], model: dict[str, str]) -> None:
-        """The run is complete: a --resume run records what it wrote (so that running it again
-        can say so, see :func:`completed_run`); another run leaves no state behind."""
-        if not self.job.resume:
-            self._remove_state()
-            return
-        outputs = {path: signature(path) for path, _ in self.job.outputs().values()}
-        self._save(
-            {
-                "phase": COMPLETE,
-                "fingerprint": fingerprint,
-                "model": model,
-                "stats": stats.to_state(),
-                "outputs": outputs,
-            }
-        )
-
-    def _remove_state(self) -> None:
-        if self.state_file is not None:
-            self.state_file.remove()
-
-    def _save(self, state: dict[str, Any]) -> None:
-        if self.state_file is not None:
-            self.state_file.save({"version": STATE_VERSION, **state})
-
     # --- phase 1: score -------------------------------------------------------------
-
-    def _phase1_outputs(self) -> dict[str, tuple[str, str]]:
-        """Role -> (final path, format) of what phase 1 writes."""
-        if self.job.top_fraction is not None:
-            return {"scored": (self.job.scored_path, self.job.out_format)}
-        return self.job.outputs()
 
     def _route(self, row: Row, failed: bool, kept: bool) -> str | None:
         outs = self._parts
@@ -249,9 +140,7 @@ class Runner:
             ({**base, fields.response_field: p.response, CANDIDATE_INDEX: i}, p) for i, p in enumerate(pairs)
         ], None
 
-    def _phase1(
-        self, state: dict[str, Any] | None, fingerprint: dict[str, object], model: dict[str, str]
-    ) -> RunStats:
+    def _phase1(self, state: dict[str, Any] | None) -> RunStats:
         job = self.job
         stats = RunStats.from_state(state["stats"]) if state else RunStats()
         first_row, end_row = 0, None
@@ -267,7 +156,7 @@ class Runner:
             files=job.input_files if job.input != STDIO else None,
         )
         self._parts: dict[str, LinePart | ChunkedPart] = {}
-        for role, (path, fmt) in self._phase1_outputs().items():
+        for role, (path, fmt) in phase1_outputs(job).items():
             part = open_part(path, fmt, reader.parquet_schema(), job.compression_for(path))
             part.open(state["parts"][role] if state else None)
             self._parts[role] = part
@@ -310,15 +199,7 @@ class Runner:
                     yield pair
 
         def checkpoint() -> None:
-            self._save(
-                {
-                    "phase": 1,
-                    "fingerprint": fingerprint,
-                    "model": model,
-                    "parts": {role: part.checkpoint() for role, part in self._parts.items()},
-                    "stats": stats.to_state(),
-                }
-            )
+            self.record.save(1, stats, parts={role: part.checkpoint() for role, part in self._parts.items()})
             self._last_checkpoint = time.monotonic()
 
         self._last_checkpoint = time.monotonic()
@@ -332,9 +213,9 @@ class Runner:
             batch_size=job.batch_size,
             max_in_flight=job.max_in_flight,
             streams=job.concurrency,
-            tokenization=job.tokenization,
-            **score_options(job.scores),
-            **input_options(job.truncation, job.end_of_turn, job.prefix),
+            options=request_options(
+                job.scores, job.tokenization, job.truncation, job.end_of_turn, job.prefix
+            ),
             on_retry=on_retry,
         )
         try:
@@ -355,7 +236,7 @@ class Runner:
                 self._emit(row, None, problem, stats, progress)
         except BaseException:
             results.close()  # cancels the streams
-            if job.resume and not self._emitting and not self._mid_row and self.state_file is not None:
+            if job.resume and not self._emitting and not self._mid_row and self.record.kept:
                 checkpoint()  # keep what is done for --resume
             for part in self._parts.values():
                 part.close()
@@ -364,16 +245,7 @@ class Runner:
             progress.close()
             reader.close()
         checkpoint()
-        roles = list(self._parts)
-        self._save(
-            {
-                "phase": "finishing",
-                "finishing": roles,
-                "fingerprint": fingerprint,
-                "model": model,
-                "stats": stats.to_state(),
-            }
-        )
+        self._finishing(list(self._parts), stats)
         for part in self._parts.values():
             part.finish()
         return stats
@@ -430,20 +302,16 @@ class Runner:
         progress.update(rows=int(ends_row), tokens=tokens, errors=int(code is not None))
         self._emitting = False
 
-    # --- phase 2: exact top fraction ------------------------------------------------
+    # --- finishing ------------------------------------------------------------------
 
-    def _phase2(self, stats: RunStats, fingerprint: dict[str, object], model: dict[str, str]) -> None:
-        def finishing(roles: list[str]) -> None:
-            state = {"phase": "finishing", "finishing": roles, "fingerprint": fingerprint, "model": model}
-            self._save({**state, "stats": stats.to_state()})
-
-        write_top_fraction(self.job, self.metric, stats, finishing)
-
-    # --- finishing after an interruption ------------------------------------------
+    def _finishing(self, roles: list[str], stats: RunStats) -> None:
+        """Record that the parts of ``roles`` are being moved into place, so that a resume
+        completes an interrupted finish (:meth:`_finish`)."""
+        self.record.save("finishing", stats, finishing=roles)
 
     def _finish(self, roles: list[str]) -> None:
         """Complete a finish that was interrupted: move what is left into place (idempotent)."""
-        outputs = {**self._phase1_outputs(), **self.job.outputs()}
+        outputs = {**phase1_outputs(self.job), **self.job.outputs()}
         for role in roles:
             path, fmt = outputs[role]
             open_part(path, fmt, compression=self.job.compression_for(path)).complete()
