@@ -23,6 +23,7 @@ from pairscore.types import (
     CHAT_ROLES,
     Candidate,
     CandidateSet,
+    CandidateSetResult,
     ChatMessage,
     EndOfTurn,
     Pair,
@@ -42,6 +43,8 @@ __all__ = [
     "ResponseLike",
     "RowFields",
     "candidate_set",
+    "check_candidate_sets",
+    "group_by_set",
     "input_options",
     "pair_problem",
     "parse_ids",
@@ -227,6 +230,14 @@ def check_candidate_sets(sets: Sequence[object]) -> None:
                 "(pairscore.inputs.candidate_set(prompt, responses) builds one, as the clients' "
                 "score_responses does)"
             )
+
+
+def group_by_set(sets: Sequence[CandidateSet], outcomes: Iterable[Any]) -> list[CandidateSetResult]:
+    """The flat outcomes of every set's ``pairs()``, end to end, back into one
+    :class:`~pairscore.types.CandidateSetResult` per set, in order (what ``ScoreCandidates``
+    answers; the server's service and the in-process Scorer both score sets this way)."""
+    flat = iter(outcomes)
+    return [CandidateSetResult(results=tuple(next(flat) for _ in s.candidates), id=s.id) for s in sets]
 
 
 # --- table rows: the one null rule of every batch entry point ---------------------------------

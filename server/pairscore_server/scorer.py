@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from pairscore.inputs import check_candidate_sets, resolve_options, to_pair
+from pairscore.inputs import check_candidate_sets, group_by_set, resolve_options, to_pair
 from pairscore.types import CandidateSet, CandidateSetResult, ModelInfo, Pair, ScoreOptions, ScoreOutcome
 from pairscore_server.engine.interface import Engine, score_pairs
 from pairscore_server.engine.spec import ModelSpec
@@ -140,8 +140,7 @@ class Scorer:
         sets = list(sets)
         check_candidate_sets(sets)
         pairs = [p for s in sets for p in s.pairs()]
-        flat = iter(self.score(pairs, options, **keywords))
-        return [CandidateSetResult(results=tuple(next(flat) for _ in s.candidates), id=s.id) for s in sets]
+        return group_by_set(sets, self.score(pairs, options, **keywords))
 
     def tokenize(self, texts: Iterable[str], *, parse_special_tokens: bool = False) -> list[tuple[int, ...]]:
         """Each text's token ids, as the ``Tokenize`` RPC gives them: by default the ids a

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
+from pairscore.inputs import group_by_set
 from pairscore.types import (
     CandidateSet,
     CandidateSetResult,
@@ -251,10 +252,7 @@ class ScoringService:
             "send the sets in several requests",
         )
         pairs = [pair for s in sets for pair in s.pairs()]
-        outcomes = iter(await self.score(pairs, options, answer=answer, deadline=deadline))
-        return [
-            CandidateSetResult(results=tuple(next(outcomes) for _ in s.candidates), id=s.id) for s in sets
-        ]
+        return group_by_set(sets, await self.score(pairs, options, answer=answer, deadline=deadline))
 
     def _check_response_size(
         self,
