@@ -15,7 +15,7 @@ pair and :meth:`FairQueue.take` to take it.
    none is, at the level the last pair was taken at): no credit for the time
    it was not queued, no debt for the work done before it came.
 3. The next pair comes from the lane with the least ``served``. Among lanes
-   tied at that level, the first that has a pair sharing a group key with the
+   tied at that level, the oldest that has a pair sharing a group key with the
    batch being formed wins, else the oldest lane (arrival order).
 4. From that lane: its first pair, among its next :data:`GROUP_LOOKAHEAD`,
    that shares a group key with the batch; else its oldest pair.
@@ -120,7 +120,8 @@ class FairQueue(Generic[R, T]):
     def __init__(self) -> None:
         self._lanes: dict[R, _Lane[R, T]] = {}
         self._heap: list[tuple[int, int, _Lane[R, T]]] = []  # (served, seq, lane); stale ones skipped
-        self._keys: collections.Counter[Key] = collections.Counter()  # of all queued pairs
+        # The lanes with a queued pair of each group key, oldest first.
+        self._by_key: dict[Key, dict[_Lane[R, T], None]] = {}
         self._seq = itertools.count()
         self._level = 0  # the level the last pair was taken at
         self._batch = 0
@@ -152,7 +153,8 @@ class FairQueue(Generic[R, T]):
         lane = _Lane(owner, listed, level, next(self._seq))
         self._lanes[owner] = lane
         heapq.heappush(self._heap, (lane.served, lane.seq, lane))
-        self._keys.update(lane.keys)
+        for key in lane.keys:
+            self._by_key.setdefault(key, {})[lane] = None
         self.pairs += len(listed)
         self.tokens += lane.tokens
 
@@ -161,10 +163,8 @@ class FairQueue(Generic[R, T]):
         lane = self._lanes.pop(owner, None)
         if lane is None:
             return 0, 0
-        self._keys.subtract(lane.keys)
         for key in lane.keys:
-            if self._keys[key] <= 0:
-                del self._keys[key]
+            self._unindex(key, lane)
         pairs, tokens = len(lane.items), lane.tokens
         self.pairs -= pairs
         self.tokens -= tokens
@@ -181,13 +181,10 @@ class FairQueue(Generic[R, T]):
         top = self._top()
         if top is None:
             return None
-        if keys and any(key in self._keys for key in keys):
-            position = top.mate(keys, self._batch)
-            if position is not None:
-                return Pick(top.items[position], top, position)
-            for lane in self._tied(top):
-                position = lane.mate(keys, self._batch)
-                if position is not None:
+        if keys:
+            for lane in (top, self._tied_mate(top, keys)):
+                position = None if lane is None else lane.mate(keys, self._batch)
+                if lane is not None and position is not None:
                     return Pick(lane.items[position], lane, position)
         return Pick(top.items[0], top, 0)
 
@@ -207,10 +204,10 @@ class FairQueue(Generic[R, T]):
         self.pairs -= 1
         self.tokens -= item.tokens
         if item.key is not None:
-            for counter in (lane.keys, self._keys):
-                counter[item.key] -= 1
-                if not counter[item.key]:
-                    del counter[item.key]
+            lane.keys[item.key] -= 1
+            if not lane.keys[item.key]:
+                del lane.keys[item.key]
+                self._unindex(item.key, lane)
         if lane.items:
             heapq.heappush(self._heap, (lane.served, lane.seq, lane))
         else:
@@ -230,8 +227,19 @@ class FairQueue(Generic[R, T]):
             heapq.heappop(heap)
         return heap[0][2] if heap else None
 
-    def _tied(self, top: _Lane[R, T]) -> list[_Lane[R, T]]:
-        """The other lanes at ``top``'s level, oldest first."""
-        tied = [e[2] for e in self._heap if e[0] == top.served and e[2] is not top and self._live(e)]
-        tied.sort(key=lambda lane: lane.seq)
-        return tied
+    def _tied_mate(self, top: _Lane[R, T], keys: Set[Key]) -> _Lane[R, T] | None:
+        """The oldest other lane at ``top``'s level with a queued pair of one of ``keys``."""
+        best: _Lane[R, T] | None = None
+        for key in keys:
+            for lane in self._by_key.get(key, ()):  # oldest first
+                if lane.served == top.served and lane is not top:
+                    if best is None or lane.seq < best.seq:
+                        best = lane
+                    break
+        return best
+
+    def _unindex(self, key: Key, lane: _Lane[R, T]) -> None:
+        lanes = self._by_key[key]
+        del lanes[lane]
+        if not lanes:
+            del self._by_key[key]
