@@ -12,6 +12,7 @@ put the small request's pairs after all of the giant one's (batch ~32 of 33).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -230,3 +231,31 @@ def test_grouping_stays_as_good_for_one_big_request_of_shared_prompts(with_small
         assert batches_with(engine, "small")[0] <= 4  # it did not wait for the big one
     else:
         assert templates_per_batch == [1] * 16
+
+
+def test_admission_counts_only_the_work_the_fair_queue_serves_first() -> None:
+    """A small request with a deadline that the giant request's whole queue would miss,
+    but its fair share meets, is admitted and answered in time (before, admission
+    assumed first come, first served and refused it: DeadlineUnmeetableError)."""
+
+    async def body() -> None:
+        engine = FakeEngine(forward_delay_s=0.05)
+        executor = ThreadPoolExecutor(1)
+        batcher = Batcher(engine, executor, max_batch_pairs=64, max_wait_s=0.0)
+        batcher.start()
+        try:
+            giant = [Pair(f"giant {i:04d}", " y") for i in range(4000)]
+            big = asyncio.ensure_future(batcher.submit(engine.prepare(giant, ScoreOptions())))
+            while len(engine.batches) < 3:  # the throughput is measured
+                await asyncio.sleep(0.005)
+            assert batcher.retry_after_s() > 1.5  # the whole queue, at the measured rate
+            small = [Pair(f"small {i}", " y") for i in range(3)]
+            deadline = time.monotonic() + 1.0
+            result = await batcher.submit(engine.prepare(small, ScoreOptions()), deadline=deadline)
+            assert result == [expected_score(p) for p in small]
+            big.cancel()
+        finally:
+            await batcher.stop()
+            executor.shutdown(wait=True)
+
+    run(body)

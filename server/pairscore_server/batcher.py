@@ -31,8 +31,9 @@ Overload, time and faults:
   from the measured throughput; one larger than the whole queue raises
   :class:`RequestLimitError`. Memory held by queued work is thus bounded.
 * **Deadlines and cancellation.** A request whose deadline the measured
-  throughput cannot meet (the queue ahead of it and its own tokens take
-  longer than it has left) is refused at admission with
+  throughput cannot meet (the queued work the fair queue serves before all of
+  it, :meth:`FairQueue.ahead_of <pairscore_server.request_queue.FairQueue.ahead_of>`,
+  and its own tokens take longer than it has left) is refused at admission with
   :class:`QueueFullError`. Pairs of a caller that cancelled, or whose
   deadline passed, are dropped before they reach the model; their batch
   mates are scored. A batch whose callers have all left stops at the
@@ -243,6 +244,8 @@ class Batcher:
             deadline=deadline,
             closed=self._closing or not self.running,
             stalled_s=self.busy_seconds if self.stalled else None,
+            # The fair queue serves it before all of the others' queued work:
+            ahead_tokens=None if deadline is None else self._queue.ahead_of(tokens),
         )
 
     def _count(self, counter: str, reason: str, pairs: int) -> None:

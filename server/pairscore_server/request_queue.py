@@ -27,7 +27,10 @@ below its join level plus W until its last pair is taken; so before that,
 each other request gets at most W + M tokens taken: B's pairs are all taken
 within (N + 1) x W + N x M tokens of work, however much the others have
 queued. With one giant request ahead, that is about twice B's own work plus
-one pair: the next batch formed, if it has room for that much.
+one pair: B's pairs go into the next batch formed after it arrives if that
+batch has room for so much (``max_batch_pairs``, the engine's call budget),
+else into the one after; B waits for the batch already in the model and about
+one more, not for the giant request.
 
 Grouping (issue 15): pairs whose first token ids are the same (a shared
 system prompt, few-shot exemplars; the group key, see
@@ -72,7 +75,17 @@ R = TypeVar("R", bound=Hashable)
 class _Lane(Generic[R, T]):
     """One request's queued pairs and how much was taken from it."""
 
-    __slots__ = ("items", "keys", "owner", "searched", "searched_in", "seq", "served", "tokens")
+    __slots__ = (
+        "items",
+        "keys",
+        "largest",
+        "owner",
+        "searched",
+        "searched_in",
+        "seq",
+        "served",
+        "tokens",
+    )
 
     def __init__(self, owner: R, items: list[T], level: int, seq: int) -> None:
         self.owner = owner
@@ -81,6 +94,7 @@ class _Lane(Generic[R, T]):
             item.key for item in items if item.key is not None
         )
         self.tokens = sum(item.tokens for item in items)
+        self.largest = max(item.tokens for item in items)  # at least the largest still queued
         self.served = level
         self.seq = seq  # arrival order, for ties
         self.searched: set[Key] = set()  # keys with no pair in the lookahead, this batch
@@ -170,6 +184,12 @@ class FairQueue(Generic[R, T]):
         self.tokens -= tokens
         lane.items.clear()
         return pairs, tokens
+
+    def ahead_of(self, tokens: int) -> int:
+        """At most how many queued tokens are taken before all of a request of ``tokens``
+        tokens that joins now: from each queued request, its own W + M bound of the
+        module docstring, or all it has queued if that is less."""
+        return sum(min(lane.tokens, tokens + lane.largest) for lane in self._lanes.values())
 
     def start_batch(self) -> None:
         """A new batch is being formed: grouping searches start afresh."""
