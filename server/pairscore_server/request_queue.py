@@ -20,13 +20,14 @@ pair and :meth:`FairQueue.take` to take it.
 4. From that lane: its first pair, among its next :data:`GROUP_LOOKAHEAD`,
    that shares a group key with the batch; else its oldest pair.
 
-**What it guarantees.** Say request B joins with W tokens while N other
-requests are queued, the largest pair of any of them having M tokens. Another
-lane is taken from only while its ``served`` is at most B's, and B's stays
-below its join level plus W until its last pair is taken; so before that,
-each other request gets at most W + M tokens taken: B's pairs are all taken
-within (N + 1) x W + N x M tokens of work, however much the others have
-queued. With one giant request ahead, that is about twice B's own work plus
+**What it guarantees.** Say request B joins with W tokens, and N other
+requests have pairs queued at some time before B's last pair is taken (those
+queued when it joins, and those that come later: they join at a level no
+lower), the largest pair of any of them having M tokens. Another lane is
+taken from only while its ``served`` is at most B's, and B's stays below its
+join level plus W until its last pair is taken; so before that, each other
+request gets at most W + M tokens taken: B's pairs are all taken within
+(N + 1) x W + N x M tokens of work, however much the others have queued. With one giant request ahead, that is about twice B's own work plus
 one pair: B's pairs go into the next batch formed after it arrives if that
 batch has room for so much (``max_batch_pairs``, the engine's call budget),
 else into the one after; B waits for the batch already in the model and about
