@@ -95,6 +95,22 @@ def test_the_bound_holds_for_any_number_of_large_requests() -> None:
     assert work <= (n + 1) * w + n * m
 
 
+def test_ahead_of_bounds_the_work_served_before_a_new_request() -> None:
+    queue: FairQueue[str, Item] = FairQueue()
+    queue.add("giant", [Item(f"g{i}", tokens=10 + i % 3) for i in range(1000)])  # largest 12
+    queue.add("little", [Item("l0", tokens=4)])
+    ahead = queue.ahead_of(30)
+    assert ahead == (30 + 12) + 4  # the giant's W + M, and all of the little one
+    queue.add("B", [Item(f"B{i}", tokens=10) for i in range(3)])
+    others = 0  # tokens of other requests taken before B's last pair
+    while (pick := queue.peek(frozenset())) is not None:
+        item = queue.take(pick)
+        if item.name == "B2":
+            break
+        others += 0 if pick.owner == "B" else item.tokens
+    assert 0 < others <= ahead  # what admission counted ahead of B was enough
+
+
 def test_grouping_picks_a_mate_within_the_request_and_between_tied_requests() -> None:
     k, other = (1, 2), (3, 4)
     queue: FairQueue[str, Item] = FairQueue()
@@ -123,8 +139,9 @@ def test_discard_removes_a_request_and_a_stale_pick_is_refused() -> None:
         queue.take(pick)
     assert queue.owners() == ["b"] and "a" not in queue
     assert drain(queue) == ["b0"]
+    queue.add("c", [Item("c0")])
     with pytest.raises(ValueError, match="already"):
-        queue.add("c", [Item("c0")]) or queue.add("c", [Item("c1")])
+        queue.add("c", [Item("c1")])
 
 
 # --- through the batcher ---------------------------------------------------------------
