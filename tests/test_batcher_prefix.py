@@ -35,9 +35,28 @@ async def score_all(engine: FakeEngine, requests: list[list[Pair]], **batcher) -
 
 
 def test_pairs_sharing_a_prefix_from_different_requests_share_a_batch():
-    """Arrival order would put the two few-shot requests in different batches; grouping
-    pulls the second one's pairs ahead of the unrelated request, which then gets the
-    next batch, starting with its oldest pair."""
+    """Requests of one pair each, all queued at once, are tied in the fair queue
+    (request_queue.py): arrival order would put the two few-shot pairs in different
+    batches; grouping pulls the second one ahead of the unrelated request, which then
+    gets the next batch."""
+    shared_a = [Pair(PREAMBLE + "Question 0?", " 0", id="a")]
+    other = [[Pair(f"An unrelated prompt number {i}, long enough", " y", id=f"o{i}")] for i in range(2)]
+    shared_b = [Pair(PREAMBLE + "Question 1?", " 1", id="b")]
+    engine = FakeEngine(max_context=128)
+    requests = [shared_a, other[0], shared_b, other[1]]
+    results = asyncio.run(score_all(engine, requests, max_batch_pairs=2, max_wait_s=0.2))
+    for request, got in zip(requests, results, strict=True):
+        assert got == [expected_score(p) for p in request]
+    assert engine.batches == [
+        tuple(p.prompt for p in shared_a + shared_b),
+        tuple(r[0].prompt for r in other),
+    ]
+
+
+def test_fair_shares_come_before_grouping_between_requests():
+    """Requests of several pairs each get their fair share of every batch (the unrelated
+    request is not pushed back behind the few-shot ones); within that share, the
+    few-shot requests' pairs are still taken together."""
     shared_a = [Pair(PREAMBLE + f"Question {i}?", f" {i}", id=f"a{i}") for i in range(2)]
     other = [Pair(f"An unrelated prompt number {i}, long enough", " y", id=f"o{i}") for i in range(3)]
     shared_b = [Pair(PREAMBLE + f"Question {i}?", f" {i}!", id=f"b{i}") for i in range(2, 4)]
@@ -46,9 +65,12 @@ def test_pairs_sharing_a_prefix_from_different_requests_share_a_batch():
     results = asyncio.run(score_all(engine, requests, max_batch_pairs=4, max_wait_s=0.2))
     for request, got in zip(requests, results, strict=True):
         assert got == [expected_score(p) for p in request]
+    # a0 (oldest), b2 (tied with the unrelated request at nothing served, and sharing a0's
+    # prefix), then the unrelated request, least served (its pairs are shorter), twice.
+    first = [shared_a[0], shared_b[0], other[0], other[1]]
     assert engine.batches == [
-        tuple(p.prompt for p in shared_a + shared_b),
-        tuple(p.prompt for p in other),
+        tuple(p.prompt for p in first),
+        tuple(p.prompt for p in (shared_a[1], shared_b[1], other[2])),
     ]
 
 

@@ -108,19 +108,28 @@ class Admission:
         deadline: float | None = None,
         closed: bool = False,
         stalled_s: float | None = None,
+        ahead_tokens: int | None = None,
     ) -> None:
         """Raise if a request of ``tokens`` tokens / ``pairs`` pairs cannot be queued now,
         counting the refused pairs. ``closed``: the server takes no work;
         ``stalled_s``: how long a stuck model worker has not answered (None: it is fine).
-        ``at_least``: ``tokens`` is a lower bound (before tokenizing)."""
+        ``at_least``: ``tokens`` is a lower bound (before tokenizing). ``ahead_tokens``:
+        how many queued tokens the queue's order can serve before the request's own
+        (default: all of them)."""
         try:
-            self._check(tokens, at_least, deadline, closed, stalled_s)
+            self._check(tokens, at_least, deadline, closed, stalled_s, ahead_tokens)
         except _REFUSALS as exc:
             self.counters.rejected(refusal_reason(exc), pairs)
             raise
 
     def _check(
-        self, tokens: int, at_least: bool, deadline: float | None, closed: bool, stalled_s: float | None
+        self,
+        tokens: int,
+        at_least: bool,
+        deadline: float | None,
+        closed: bool,
+        stalled_s: float | None,
+        ahead_tokens: int | None,
     ) -> None:
         if closed:
             raise BatcherClosedError("the server is shutting down and takes no new work")
@@ -145,7 +154,8 @@ class Admission:
             )
         rate = self.tokens_per_s
         if deadline is not None and rate:
-            ahead = self.queued_tokens + self.in_flight_tokens
+            queued = self.queued_tokens if ahead_tokens is None else ahead_tokens
+            ahead = queued + self.in_flight_tokens
             wait = (ahead + tokens) / rate
             left = deadline - time.monotonic()
             if 0 < left < wait:  # one already past is DeadlineExceededError, in submit()

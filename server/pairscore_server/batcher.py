@@ -4,17 +4,22 @@ One asyncio task collects queued pairs into a batch and hands it to the
 engine on a single-thread executor, so the event loop never runs model code
 and the (not thread-safe) engine is only ever used from one thread.
 
-A batch closes when the next queued pair would push its padded size
-(longest pair x number of pairs) over ``engine.max_call_tokens`` (several
-forward passes' worth, for the engine to group by length and shared
-prompt), when it holds ``max_batch_pairs`` pairs, or when its oldest pair has waited
-``max_wait_s``. A batch starts with the oldest queued pair; then queued pairs
-that begin with the same :data:`GROUP_PREFIX_TOKENS` token ids as a pair
+Batch formation is fair between requests (request_queue.py states the rule
+and what it guarantees): each request's pairs queue in a lane of their own,
+and a batch takes, pair after pair, from the request that has had the fewest
+tokens taken so far (a request joins level with the least-served one still
+queued); within the chosen request, and between requests tied at that level,
+a pair beginning with the same :data:`GROUP_PREFIX_TOKENS` token ids as a pair
 already in the batch (few-shot exemplars, a system prompt: the engine computes
-such a run once, see engine/packing.py) are taken first, from any request,
-among the next :data:`GROUP_LOOKAHEAD` queued pairs; the rest come in arrival
-order. A request may span several batches; it completes when its last pair is
-scored.
+such a run once, see engine/packing.py) comes first. So a small request's pairs
+go into the next batch formed after it arrives, whatever is queued before it:
+it waits for about one batch of model work, not for every large request ahead
+of it. A batch closes when the next pair so chosen would push its padded size
+(longest pair x number of pairs) over ``engine.max_call_tokens`` (several
+forward passes' worth, for the engine to group by length and shared prompt),
+when it holds ``max_batch_pairs`` pairs, or when the queue is empty and its
+oldest pair has waited ``max_wait_s``. A request may span several batches; it
+completes when its last pair is scored.
 
 Overload, time and faults:
 
@@ -26,8 +31,9 @@ Overload, time and faults:
   from the measured throughput; one larger than the whole queue raises
   :class:`RequestLimitError`. Memory held by queued work is thus bounded.
 * **Deadlines and cancellation.** A request whose deadline the measured
-  throughput cannot meet (the queue ahead of it and its own tokens take
-  longer than it has left) is refused at admission with
+  throughput cannot meet (the queued work the fair queue serves before all of
+  it, :meth:`FairQueue.ahead_of <pairscore_server.request_queue.FairQueue.ahead_of>`,
+  and its own tokens take longer than it has left) is refused at admission with
   :class:`QueueFullError`. Pairs of a caller that cancelled, or whose
   deadline passed, are dropped before they reach the model; their batch
   mates are scored. A batch whose callers have all left stops at the
@@ -55,34 +61,30 @@ Overload, time and faults:
 from __future__ import annotations
 
 import asyncio
-import collections
-import functools
-import itertools
 import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pairscore.types import ScoreOutcome
 from pairscore_server.accounting import (
     DROP_DEADLINE,
-    DROP_FAILED,
     DROP_SHUTDOWN,
     DROP_WORKER,
     leave_reason,
 )
 from pairscore_server.admission import Admission
-from pairscore_server.engine.interface import ScoreCancelled
+from pairscore_server.batch_run import BatchRunner, PendingRequest, QueuedPair
 from pairscore_server.errors import (
     BatcherClosedError,
-    BatchFailedError,
+    BatchFailedError,  # re-exported
     DeadlineExceededError,
     QueueFullError,
     RequestLimitError,
     WorkerUnavailableError,
 )
+from pairscore_server.request_queue import FairQueue, Pick
 from pairscore_server.worker import ModelWorker, short_reason
 
 if TYPE_CHECKING:
@@ -105,25 +107,6 @@ log = logging.getLogger(__name__)
 #: prompts of at least this length, are grouped into one batch: the engine's
 #: trie shares runs from packing.MIN_SHARED_TOKENS (the same number) on.
 GROUP_PREFIX_TOKENS = 16
-#: How many queued pairs a batch looks through for pairs sharing its prefixes.
-GROUP_LOOKAHEAD = 4096
-
-
-@dataclass(eq=False)
-class _Request:
-    """One submit() call: its pairs, its future and the results gathered so far."""
-
-    future: asyncio.Future[list[ScoreOutcome]]
-    results: list[ScoreOutcome | None]
-    pairs: int  # all its pairs
-    remaining: int  # pairs not scored yet
-    queued: int  # pairs still in the queue
-    queued_tokens: int  # their tokens
-    deadline: float | None = None  # time.monotonic() after which the caller no longer waits
-    dropped: bool = False  # finished early (failed/cancelled): its pairs are dead and counted
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
 
 
 def group_key(prepared: PreparedPair) -> tuple[int, ...] | None:
@@ -132,22 +115,6 @@ def group_key(prepared: PreparedPair) -> tuple[int, ...] | None:
     if 1 + prepared.prompt_tokens < GROUP_PREFIX_TOKENS:
         return None
     return prepared.input_ids[:GROUP_PREFIX_TOKENS]
-
-
-@dataclass(eq=False)
-class _Item:
-    """One queued pair and where its result goes."""
-
-    request: _Request
-    index: int
-    prepared: PreparedPair
-    enqueued_at: float = field(default_factory=time.monotonic)
-    key: tuple[int, ...] | None = None  # group_key(prepared)
-
-
-def _all_left(batch: Sequence[_Item]) -> bool:
-    """Whether no caller of ``batch`` waits any more (polled by the engine, on the model thread)."""
-    return all(item.request.future.done() for item in batch)
 
 
 class Batcher:
@@ -174,21 +141,25 @@ class Batcher:
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self._engine = engine
-        self._worker = ModelWorker(engine, metrics)
-        self._executor = executor
         self._max_batch_pairs = max_batch_pairs
         self._max_wait_s = max_wait_s
         self._metrics = metrics
         self._admission = Admission(max_queue_tokens, metrics)
-        self._queue: collections.deque[_Item] = collections.deque()
-        self._queued_keys: collections.Counter[tuple[int, ...]] = collections.Counter()  # of queued pairs
+        self._runner = BatchRunner(
+            ModelWorker(engine, metrics),
+            executor,
+            self._admission,
+            metrics,
+            drop=self._drop,
+            expire=self._expire,
+        )
+        self._queue: FairQueue[PendingRequest, QueuedPair] = (
+            FairQueue()
+        )  # the queued pairs, one lane a request
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self._collecting: list[_Item] = []  # the batch being gathered (popped from the queue)
-        self._in_flight: list[_Item] = []  # the batch the model is scoring now
-        self._forward_started: float | None = None
-        self._stalled = False
+        self._collecting: list[QueuedPair] = []  # the batch being gathered (taken from the queue)
 
     # --- public API ----------------------------------------------------------------
 
@@ -215,13 +186,12 @@ class Batcher:
     @property
     def stalled(self) -> bool:
         """Whether the model worker was declared stuck and has not answered since."""
-        return self._stalled
+        return self._runner.stalled
 
     @property
     def busy_seconds(self) -> float:
         """How long the forward pass now running has taken so far (0 when idle)."""
-        started = self._forward_started
-        return 0.0 if started is None else time.monotonic() - started
+        return self._runner.busy_seconds
 
     def start(self) -> None:
         """Start the batching loop in the running event loop."""
@@ -273,7 +243,9 @@ class Batcher:
             at_least=at_least,
             deadline=deadline,
             closed=self._closing or not self.running,
-            stalled_s=self.busy_seconds if self._stalled else None,
+            stalled_s=self.busy_seconds if self.stalled else None,
+            # The fair queue serves it before all of the others' queued work:
+            ahead_tokens=None if deadline is None else self._queue.ahead_of(tokens),
         )
 
     def _count(self, counter: str, reason: str, pairs: int) -> None:
@@ -311,21 +283,20 @@ class Batcher:
             self._count("dropped", DROP_DEADLINE, n)
             raise DeadlineExceededError("the deadline passed before the pairs were queued")
         loop = asyncio.get_running_loop()
-        request = _Request(
+        request = PendingRequest(
             future=loop.create_future(),
             results=[None] * n,
             pairs=n,
             remaining=n,
-            queued=n,
-            queued_tokens=tokens,
             deadline=deadline,
         )
-        items = [
-            _Item(request=request, index=i, prepared=p, enqueued_at=now, key=group_key(p))
-            for i, p in enumerate(prepared)
-        ]
-        self._queue.extend(items)
-        self._queued_keys.update(item.key for item in items if item.key is not None)
+        self._queue.add(
+            request,
+            (
+                QueuedPair(request=request, index=i, prepared=p, enqueued_at=now, key=group_key(p))
+                for i, p in enumerate(prepared)
+            ),
+        )
         self._admission.queued(n, tokens)
         self._queue_changed()
         self._wakeup.set()
@@ -342,9 +313,9 @@ class Batcher:
         Work is refused (WorkerUnavailableError) until the stuck forward pass
         returns, if it ever does.
         """
-        if self._stalled:
+        if self._runner.stalled:
             return
-        self._stalled = True
+        self._runner.stalled = True
         exc = WorkerUnavailableError(reason)
         self._fail_in_flight(exc, DROP_WORKER)
         self._fail_pending(exc, DROP_WORKER)
@@ -354,64 +325,41 @@ class Batcher:
     def _queue_changed(self) -> None:
         self._admission.publish()
 
-    def _drop(self, request: _Request, reason: str) -> None:
+    def _drop(self, request: PendingRequest, reason: str) -> None:
         """Mark a request that finished early (failed, cancelled, expired): its pairs are dead.
 
         All its pairs count as dropped for ``reason``, once, wherever they
-        are. Dead pairs stay in the deque (removing them would cost O(queue)
-        per request) and are skipped when they reach its head; results of
-        ones in the model are thrown away.
+        are. Its queued pairs leave the queue; results of ones in the model
+        are thrown away.
         """
         if not request.dropped:
             request.dropped = True
-            self._admission.queued(-request.queued, -request.queued_tokens)
+            pairs, tokens = self._queue.discard(request)
+            self._admission.queued(-pairs, -tokens)
             self._count("dropped", reason, request.pairs)
             self._queue_changed()
 
-    def _expire(self, request: _Request) -> None:
+    def _expire(self, request: PendingRequest) -> None:
         """Fail a request whose deadline passed; its queued pairs never reach the model."""
-        if not request.future.done():
-            request.future.set_exception(
-                DeadlineExceededError("the deadline passed while the pairs were queued")
-            )
+        request.fail(DeadlineExceededError("the deadline passed while the pairs were queued"))
         self._drop(request, DROP_DEADLINE)
 
-    def _popleft(self, position: int = 0) -> _Item:
-        """Take the queued pair at ``position`` (the oldest by default) out of the queue."""
-        if position:
-            item = self._queue[position]
-            del self._queue[position]
-        else:
-            item = self._queue.popleft()
-        if item.key is not None:
-            self._queued_keys[item.key] -= 1
-            if not self._queued_keys[item.key]:
-                del self._queued_keys[item.key]
-        request = item.request
-        request.queued -= 1
-        request.queued_tokens -= item.prepared.work_tokens
-        if not request.dropped:
-            self._admission.queued(-1, -item.prepared.work_tokens)
-        return item
-
-    def _usable(self, item: _Item, now: float) -> bool:
-        """Whether a just-popped pair should be scored; expires its request if overdue."""
-        request = item.request
-        if request.future.done():
-            return False
-        if request.expired(now):
-            self._expire(request)
-            return False
-        return True
-
-    def _pop_live(self) -> _Item | None:
-        """Pop the oldest queued pair whose request still waits, or None."""
+    def _pick(self, keys: set[tuple[int, ...]]) -> Pick[PendingRequest, QueuedPair] | None:
+        """The queued pair the fair queue hands out next (expiring overdue requests on the
+        way), or None when nothing is queued. Valid until the next await."""
         now = time.monotonic()
-        while self._queue:
-            item = self._popleft()
-            if self._usable(item, now):
-                return item
+        while (pick := self._queue.peek(keys)) is not None:
+            request = pick.item.request
+            if not request.expired(now):
+                return pick
+            self._expire(request)
         return None
+
+    def _take(self, pick: Pick[PendingRequest, QueuedPair]) -> QueuedPair:
+        """Take a picked pair out of the queue (and out of the admission count)."""
+        item = self._queue.take(pick)
+        self._admission.queued(-1, -item.tokens)
+        return item
 
     async def _wait_for_work(self, timeout: float | None) -> bool:
         """Wait until something is queued (or closing); False on timeout."""
@@ -424,131 +372,39 @@ class Batcher:
             return False
         return True
 
-    async def _collect(self) -> list[_Item]:
-        """Wait for the first pair, then gather a batch under the limits."""
-        while True:
-            first = self._pop_live()
-            if first is not None:
-                break
+    async def _collect(self) -> list[QueuedPair]:
+        """Wait for the first pair, then gather a batch under the limits, in fair order."""
+        self._queue.start_batch()
+        while (pick := self._pick(set())) is None:
             self._queue_changed()
             if self._closing:
                 return []
             await self._wait_for_work(None)
+        first = self._take(pick)
         self._collecting = batch = [first]
         longest = first.prepared.num_tokens
         budget = self._engine.max_call_tokens
-        deadline = first.enqueued_at + self._max_wait_s
+        oldest = first.enqueued_at
         keys = {first.key} if first.key is not None else set()
-        searched: set[tuple[int, ...]] = set()  # keys with no mate in the lookahead
         while len(batch) < self._max_batch_pairs:
-            if not self._queue:
-                remaining = deadline - time.monotonic()
-                if self._closing or remaining <= 0:
+            pick = self._pick(keys)
+            if pick is None:
+                remaining = oldest + self._max_wait_s - time.monotonic()
+                if self._closing or remaining <= 0 or not await self._wait_for_work(remaining):
                     break
-                if not await self._wait_for_work(remaining):
-                    break
-                searched.clear()  # new pairs came
                 continue
-            position = self._find_mate(keys - searched)
-            if not position and self._queue[0].key not in keys:
-                searched |= keys
-            nxt = self._queue[position]
-            if nxt.request.future.done() or nxt.request.expired(time.monotonic()):
-                self._usable(self._popleft(position), time.monotonic())
-                continue
+            nxt = pick.item
             new_longest = max(longest, nxt.prepared.num_tokens)
             if new_longest * (len(batch) + 1) > budget:
                 break
-            self._popleft(position)
-            batch.append(nxt)
+            batch.append(self._take(pick))
             if nxt.key is not None:
                 keys.add(nxt.key)
             longest = new_longest
+            oldest = min(oldest, nxt.enqueued_at)
         self._queue_changed()
         self._collecting = []
         return batch
-
-    def _find_mate(self, keys: set[tuple[int, ...]]) -> int:
-        """Position in the queue of the first pair (among the next GROUP_LOOKAHEAD) that
-        shares a group key with the batch; 0 (the oldest) when none does."""
-        if not keys or not any(key in self._queued_keys for key in keys):
-            return 0
-        for position, item in enumerate(itertools.islice(self._queue, GROUP_LOOKAHEAD)):
-            if item.key in keys:
-                return position
-        return 0
-
-    def _live_batch(self, batch: list[_Item]) -> list[_Item]:
-        """The batch without pairs whose caller left or whose deadline passed meanwhile."""
-        now = time.monotonic()
-        live = []
-        for item in batch:
-            request = item.request
-            if not request.future.done() and request.expired(now):
-                self._expire(request)
-            if request.future.done():
-                continue
-            live.append(item)
-        return live
-
-    async def _run_batch(self, batch: list[_Item]) -> None:
-        """Score one batch and hand results (or the failure) to its requests."""
-        self._in_flight = batch
-        batch = self._live_batch(batch)
-        if not batch:
-            self._in_flight = []
-            return
-        prepared = [item.prepared for item in batch]
-        tokens = sum(p.work_tokens for p in prepared)
-        loop = asyncio.get_running_loop()
-        self._in_flight, self._admission.in_flight_tokens = batch, tokens
-        self._forward_started = time.monotonic()
-        try:
-            forward = await loop.run_in_executor(
-                self._executor, self._worker.run, prepared, functools.partial(_all_left, batch)
-            )
-        except ScoreCancelled:  # every caller left: their pairs are already dropped and counted
-            log.debug("a batch of %d pairs stopped early: all its callers left", len(batch))
-            return
-        except Exception as exc:  # the whole batch failed: fail exactly its requests
-            log.error("a batch of %d pairs failed: %s", len(batch), short_reason(exc), exc_info=exc)
-            failed = {id(item.request): item.request for item in batch}
-            for request in failed.values():
-                if not request.future.done():
-                    err = BatchFailedError(f"scoring failed: {short_reason(exc)}")
-                    err.__cause__ = exc
-                    request.future.set_exception(err)
-                self._drop(request, DROP_FAILED)
-            return
-        finally:
-            if self._stalled:
-                log.warning(
-                    "the model worker answered again after %.0f s; taking work again",
-                    self.busy_seconds,
-                )
-                self._stalled = False
-            self._in_flight, self._admission.in_flight_tokens = [], 0
-            self._forward_started = None
-        seconds = forward.seconds
-        self._admission.measured(tokens, seconds)
-        if self._metrics is not None:
-            stats = forward.stats
-            self._metrics.observe_batch(
-                pairs=len(prepared),
-                padded_tokens=stats.padded_tokens,
-                seconds=seconds,
-                real_tokens=stats.real_tokens,
-                reused_tokens=stats.reused_tokens,
-                replica_seconds=forward.replica_seconds,
-            )
-        for item, outcome in zip(batch, forward.outcomes, strict=True):
-            request = item.request
-            if request.future.done():  # cancelled (or abandoned) while its batch ran
-                continue
-            request.results[item.index] = outcome
-            request.remaining -= 1
-            if request.remaining == 0:
-                request.future.set_result(request.results)  # type: ignore[arg-type]
 
     async def _loop(self) -> None:
         try:
@@ -556,7 +412,7 @@ class Batcher:
                 batch = await self._collect()
                 if not batch:  # closing and nothing left
                     return
-                await self._run_batch(batch)
+                await self._runner.run(batch)
         except asyncio.CancelledError:
             closed = BatcherClosedError("the batcher was cancelled")
             self._fail_in_flight(closed, DROP_SHUTDOWN)
@@ -573,20 +429,13 @@ class Batcher:
 
     def _fail_in_flight(self, exc: Exception, reason: str) -> None:
         """Fail the requests of the batch being gathered or in the model (results are ignored)."""
-        for item in (*self._collecting, *self._in_flight):
-            request = item.request
-            if not request.future.done():
-                request.future.set_exception(exc)
-            self._drop(request, reason)
+        for item in (*self._collecting, *self._runner.in_flight):
+            item.request.fail(exc)
+            self._drop(item.request, reason)
 
     def _fail_pending(self, exc: Exception, reason: str) -> None:
         """Fail every request that still has pairs queued, and empty the queue."""
-        for item in self._queue:
-            request = item.request
-            if not request.dropped:
-                if not request.future.done():
-                    request.future.set_exception(exc)
-                self._drop(request, reason)
-        while self._queue:
-            self._popleft()
+        for request in self._queue.owners():
+            request.fail(exc)
+            self._drop(request, reason)
         self._queue_changed()
