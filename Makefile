@@ -49,12 +49,14 @@ tools: $(STAMP)
 	chmod +x $(BIN)/promtool.part; mv $(BIN)/promtool.part $(BIN)/promtool; \
 	$(BIN)/promtool --version 2>&1 | head -n 1
 
-# Lint and the GPU rehearsal's venv build run side by side (each keeps one core busy for
-# about a minute: mypy from a cold cache, pip unpacking torch), with nothing else running;
-# then the tests, then the rehearsal itself. The same steps as one after another.
+# Lint, the GPU rehearsal's venv build, gpu_prepare and promtool run two at a time (mypy
+# from a cold cache and pip unpacking torch each keep one core busy for about a minute),
+# with nothing else running; then the tests, then the rehearsal itself. The same steps as
+# one by one.
 check: $(STAMP)
-	@$(MAKE) --no-print-directory -j2 lint $(GPU_STAMP)
-	@$(MAKE) --no-print-directory test gpu-rehearsal
+	@$(MAKE) --no-print-directory -j2 lint $(GPU_STAMP) gpu-prepare tools
+	@$(MAKE) --no-print-directory test
+	@$(GPU_CHECK_CPU)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -107,5 +109,7 @@ $(GPU_STAMP): $(GPU_REQS)
 gpu-prepare: $(GPU_PREPARE_DEPS)
 	@PYTHON=$(GPU_PREPARE_PYTHON) $(STEP) gpu_prepare bash bench/gpu_prepare.sh
 
+GPU_CHECK_CPU = PYTHON=$(GPU_VENV)/bin/python $(STEP) gpu_check bash bench/gpu_check.sh --device cpu --out gpu-check-out
+
 gpu-rehearsal: $(GPU_STAMP) gpu-prepare
-	@PYTHON=$(GPU_VENV)/bin/python $(STEP) gpu_check bash bench/gpu_check.sh --device cpu --out gpu-check-out
+	@$(GPU_CHECK_CPU)
