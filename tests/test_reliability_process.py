@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,29 @@ def wait_health(proc: Proc, want: str, timeout: float = 30.0) -> None:
     raise AssertionError(f"health never became {want}:\n{proc.text()}")
 
 
+def logged_seconds(text: str, first: str, last: str) -> float:
+    """Seconds between the server's log lines holding ``first`` and ``last``, on its own clock
+    (the log's timestamps): what the server did, without the signal's delivery and the
+    interpreter's exit around it."""
+
+    def at(words: str) -> datetime:
+        [line] = [line for line in text.splitlines() if words in line]
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+    return (at(last) - at(first)).total_seconds()
+
+
+#: Half of the 60 s that a forward pass, a load or a grace period lasts in the tests below: a
+#: process that exits within it did not wait for them, however slow a loaded machine is.
+NOT_WAITING_S = 30.0
+#: SIGTERM sent to process gone, beyond the grace period: signal delivery and the
+#: interpreter's exit. 0.02 s over a 2 s grace at load 10 (2 cores); the server's own part is
+#: checked on its log's clock, to the original 0.35 s (it took grace + 2.7 s before issue 22).
+EXIT_MARGIN_S = 1.5
+STOPPED = "server stopped"
+SIGTERM_SEEN = "SIGTERM received: shutting down"
+
+
 def score_code(target: str, prompt: str, timeout: float = 15.0) -> grpc.StatusCode:
     """One Score call on a fresh channel; its final status code."""
     request = pb.ScoreRequest(pairs=[pb.Pair(id=prompt, prompt=prompt, response="!")])
@@ -174,10 +198,9 @@ def test_a_second_signal_exits_at_once_even_with_a_busy_model_thread(
     proc.signal(signal.SIGTERM)
     time.sleep(0.3)
     assert proc.popen.poll() is None  # still draining: the grace period is 60 s
-    started = time.monotonic()
     proc.signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 1
-    assert time.monotonic() - started < 5
+    # At once: not after the 60 s forward pass nor the 60 s grace (a bound of 5 s stood here).
+    assert proc.wait(timeout=NOT_WAITING_S) == 1
     thread.join(timeout=10)
     assert codes and codes[0] in (grpc.StatusCode.CANCELLED, UNAVAILABLE)
     text = proc.text()
@@ -192,13 +215,14 @@ def test_when_the_grace_period_runs_out_the_process_exits_0_promptly(
     wait_health(proc, "SERVING")
     thread, codes = in_background(lambda: score_code(proc.target, "slow", timeout=60))
     time.sleep(0.3)
-    started = time.monotonic()
     proc.signal(signal.SIGTERM)
-    assert proc.wait(timeout=15) == 0
-    assert time.monotonic() - started < 6
+    # Promptly: not after the 60 s forward pass (a bound of 6 s stood here), and on the
+    # server's own clock the stop took the grace period, not more.
+    assert proc.wait(timeout=NOT_WAITING_S) == 0
     thread.join(timeout=10)
     assert codes and codes[0] in (grpc.StatusCode.CANCELLED, UNAVAILABLE)
     assert "grace period of 0.5 s ran out" in proc.text()
+    assert logged_seconds(proc.text(), SIGTERM_SEEN, STOPPED) <= 0.5 + 0.35, proc.text()
 
 
 def test_sigterm_while_the_model_loads_exits_0_without_waiting_for_the_load(
@@ -211,10 +235,9 @@ def test_sigterm_while_the_model_loads_exits_0_without_waiting_for_the_load(
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.ScoringServiceStub(channel).Score(request, timeout=5)
     assert info.value.code() is UNAVAILABLE and "loading" in info.value.details()
-    started = time.monotonic()
     proc.signal(signal.SIGTERM)
-    assert proc.wait(timeout=15) == 0
-    assert time.monotonic() - started < 5
+    # Not after the 60 s load (a bound of 5 s stood here).
+    assert proc.wait(timeout=NOT_WAITING_S) == 0
 
 
 # --- a model that cannot be loaded ---------------------------------------------------------------
@@ -305,7 +328,10 @@ def test_the_whole_shutdown_fits_the_grace_period(spawn: Callable[..., Proc]) ->
         took = time.monotonic() - started
         reader.join(10)
     assert ended and ended[0] is not OK
-    assert took <= grace + 0.35, f"shutdown took {took:.2f} s for a {grace} s grace period"
+    text = proc.text()
+    stopping = logged_seconds(text, SIGTERM_SEEN, STOPPED)  # 1.6 s at load 10
+    assert stopping <= grace + 0.35, f"the stop took {stopping:.2f} s for a {grace} s grace period"
+    assert took <= grace + EXIT_MARGIN_S, f"shutdown took {took:.2f} s for a {grace} s grace period"
 
 
 def test_shutdown_fits_the_grace_period_during_a_long_tokenization(spawn: Callable[..., Proc]) -> None:
@@ -327,4 +353,7 @@ def test_shutdown_fits_the_grace_period_during_a_long_tokenization(spawn: Callab
         took = time.monotonic() - started
         with pytest.raises(grpc.RpcError):
             call.result(timeout=10)
-    assert took <= grace + 0.6, f"shutdown took {took:.2f} s for a {grace} s grace period"
+    text = proc.text()
+    stopping = logged_seconds(text, SIGTERM_SEEN, STOPPED)  # 1.6 s at load 10
+    assert stopping <= grace + 0.6, f"the stop took {stopping:.2f} s for a {grace} s grace period"
+    assert took <= grace + EXIT_MARGIN_S, f"shutdown took {took:.2f} s for a {grace} s grace period"

@@ -15,6 +15,8 @@
   127.0.0.1, and a CLI run killed with SIGKILL at a checkpoint (pipeline I/O).
 * :mod:`harness.deploy` - the deploy/ tests' tools (kubectl, promtool,
   hadolint), built kustomize overlays, the parsed Dockerfile, PromQL queries.
+* :mod:`harness.progress` - the pytest plugin that prints a progress line at
+  least every minute (registered in ``tests/conftest.py``).
 
 Fixtures live in ``tests/conftest.py``; the slow tier (the real SmolLM2
 model) is marked ``slow``.
