@@ -1,0 +1,122 @@
+"""One method on one workload, measured (the child process of bench/throughput.py,
+or the run itself with ``--in-process``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from bench_methods import SELECTION_METHODS, run_engine, run_grpc, run_lmeval, run_naive, run_vllm
+from bench_models import build_model, flops_per_token, ideal_tokens_per_s, smollm2_dir
+from bench_workloads import make_chat, make_chat_rows, make_fewshot, make_workload
+
+
+def child(args) -> None:
+    """One method on one workload, in this (child) process: its measurement as a JSON line."""
+    print(json.dumps(measure(args)))
+
+
+def measure(args) -> dict:
+    """Run ``args.run_method`` on ``args.run_workload`` and measure it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    from pairscore.types import Pair, ScoreOptions
+    from pairscore_server.engine.engine import ModelDescription, ScoringEngine
+    from pairscore_server.engine.loading import ModelSpec, engine_limits, resolve_device, resolve_dtype
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or smollm2_dir())
+    if args.run_workload == "fewshot":
+        pairs = make_fewshot(tokenizer, items=args.fewshot[0], choices=args.fewshot[1], seed=args.seed)
+    elif args.run_workload == "chat":
+        pairs = make_chat(tokenizer, conversations=args.chat, seed=args.seed)
+    elif args.run_workload == "chatrows":
+        pairs = make_chat_rows(tokenizer, rows=args.chat_rows, seed=args.seed)
+    else:
+        pairs = make_workload(tokenizer, pairs=args.pairs, shared=args.shared, seed=args.seed)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model = build_model(args.model, len(tokenizer), device).to(device=device, dtype=dtype)
+    packing = {"engine_padded": "off", "engine_packed": "on"}.get(args.run_method, args.packing)
+    limits = engine_limits(ModelSpec(packing=packing), device)
+    if args.run_method == "engine_prompts":
+        limits = dataclasses.replace(limits, share_prefixes=False)
+    engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"), limits=limits)
+    prepared = engine.prepare([Pair(x, y) for x, y in pairs], ScoreOptions())
+    tokens = sum(p.num_tokens for p in prepared)
+    # the unconditional rows add 1 + n per pair with a response (p + y): the expected extra work
+    extra = sum(1 + p.response_tokens for p in prepared if p.response_tokens)
+    # --gemm-seconds 0 (smoke runs): no GEMM rate, "% ideal" is not measured
+    ideal = ideal_tokens_per_s(model, seconds=args.gemm_seconds) if args.gemm_seconds > 0 else float("nan")
+    engine.warmup()  # first-call costs (allocator, kernels) are not throughput
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    method = args.run_method
+    start = time.perf_counter()
+    rss = None
+    startup = None
+    if method in ("naive_one", "naive_two"):
+        results = run_naive(model, prepared, two_passes=method == "naive_two")
+    elif method == "lmeval":
+        results = run_lmeval(
+            model, tokenizer, pairs, engine.prefix.token, "auto" if device.type == "cuda" else 1
+        )
+    elif method in ("engine", "engine_padded", "engine_packed", "engine_prompts"):
+        results = run_engine(engine, pairs)
+    elif method in SELECTION_METHODS:
+        results = run_engine(engine, pairs, **SELECTION_METHODS[method])
+    elif method == "engine_bf16":
+        engine = ScoringEngine(
+            model.to(torch.bfloat16), tokenizer, description=ModelDescription("bench", "bench"), limits=limits
+        )
+        start = time.perf_counter()
+        results = run_engine(engine, pairs)
+    elif method == "grpc":
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            # Saved in the run's dtype (the server loads it with the same --dtype): a 1B
+            # model in bfloat16 writes half the bytes of a float32 copy.
+            model.save_pretrained(tmp)
+            results, seconds, rss = run_grpc(
+                tmp,
+                pairs,
+                streams=args.streams,
+                chunk=args.chunk,
+                log_path=Path(tmp) / "server.log",
+                device=args.device,
+                dtype=args.dtype,
+                packing=args.packing,
+            )
+        start = time.perf_counter() - seconds
+    elif method == "vllm":
+        with tempfile.TemporaryDirectory() as tmp:
+            results, seconds, rss, startup = run_vllm(args, model, tokenizer, prepared, tmp=tmp)
+        start = time.perf_counter() - seconds
+    else:
+        raise SystemExit(f"unknown method {method}")
+    seconds = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cuda_peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "cuda_max_allocated": cuda_peak,
+        "method": method,
+        "seconds": seconds,
+        "tokens": tokens,
+        "pairs": len(pairs),
+        "tokens_per_s": tokens / seconds,
+        "pairs_per_s": len(pairs) / seconds,
+        "ideal_tokens_per_s": ideal,
+        "gemm_gflops": ideal * flops_per_token(model) / 1e9,
+        "flops_per_token": flops_per_token(model),
+        "peak_rss": rss or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before": rss_before,
+        "weights_bytes": weights,
+        "results": results,
+        "unconditional_extra_tokens": extra,
+        "startup_seconds": startup,
+    }
