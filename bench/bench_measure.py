@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench_methods import SELECTION_METHODS, run_engine, run_grpc, run_lmeval, run_naive, run_vllm
 from bench_models import build_model, flops_per_token, ideal_tokens_per_s, smollm2_dir
-from bench_workloads import make_chat, make_chat_rows, make_fewshot, make_workload
+from bench_workloads import CHAT_WORKLOADS, SCORE_OPTIONS, chat_ids, make_pairs
 
 
 def child(args) -> None:
@@ -26,19 +26,12 @@ def measure(args) -> dict:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    from pairscore.types import Pair, ScoreOptions
+    from pairscore.types import ItemError
     from pairscore_server.engine.engine import ModelDescription, ScoringEngine
     from pairscore_server.engine.loading import ModelSpec, engine_limits, resolve_device, resolve_dtype
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or smollm2_dir())
-    if args.run_workload == "fewshot":
-        pairs = make_fewshot(tokenizer, items=args.fewshot[0], choices=args.fewshot[1], seed=args.seed)
-    elif args.run_workload == "chat":
-        pairs = make_chat(tokenizer, conversations=args.chat, seed=args.seed)
-    elif args.run_workload == "chatrows":
-        pairs = make_chat_rows(tokenizer, rows=args.chat_rows, seed=args.seed)
-    else:
-        pairs = make_workload(tokenizer, pairs=args.pairs, shared=args.shared, seed=args.seed)
+    pairs = make_pairs(args, tokenizer)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model = build_model(args.model, len(tokenizer), device).to(device=device, dtype=dtype)
@@ -47,7 +40,12 @@ def measure(args) -> dict:
     if args.run_method == "engine_prompts":
         limits = dataclasses.replace(limits, share_prefixes=False)
     engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"), limits=limits)
-    prepared = engine.prepare([Pair(x, y) for x, y in pairs], ScoreOptions())
+    prepared = engine.prepare(pairs, SCORE_OPTIONS)
+    for i, prep in enumerate(prepared):
+        if isinstance(prep, ItemError):
+            raise SystemExit(f"pair {i} of the {args.run_workload} workload cannot be scored: {prep.message}")
+    if args.run_workload in CHAT_WORKLOADS:
+        check_chat_ids(tokenizer, pairs, prepared)
     tokens = sum(p.num_tokens for p in prepared)
     # the unconditional rows add 1 + n per pair with a response (p + y): the expected extra work
     extra = sum(1 + p.response_tokens for p in prepared if p.response_tokens)
@@ -63,7 +61,7 @@ def measure(args) -> dict:
         results = run_naive(model, prepared, two_passes=method == "naive_two")
     elif method == "lmeval":
         results = run_lmeval(
-            model, tokenizer, pairs, engine.prefix.token, "auto" if device.type == "cuda" else 1
+            model, tokenizer, pairs, prepared, engine.prefix.token, "auto" if device.type == "cuda" else 1
         )
     elif method in ("engine", "engine_padded", "engine_packed", "engine_prompts"):
         results = run_engine(engine, pairs)
@@ -120,3 +118,22 @@ def measure(args) -> dict:
         "unconditional_extra_tokens": extra,
         "startup_seconds": startup,
     }
+
+
+def check_chat_ids(tokenizer, pairs, prepared) -> None:
+    """Every method is given the engine's ids (vLLM, the naive loops) or checks against
+    them (lm-eval): they must be what a user's own code scores, the ids of
+    ``apply_chat_template(messages, add_generation_prompt=True)`` then the reply's,
+    with y starting right after the generation prompt."""
+    for i, (pair, prep) in enumerate(zip(pairs, prepared, strict=True)):
+        prompt, whole = chat_ids(tokenizer, pair)
+        if (
+            whole[: len(prompt)] != prompt
+            or list(prep.input_ids) != whole
+            or 1 + prep.prompt_tokens != len(prompt)
+        ):
+            raise SystemExit(
+                f"pair {i}: the engine scores other ids than apply_chat_template's "
+                f"({len(prep.input_ids)} ids, {prep.prompt_tokens} in the prompt; the template: "
+                f"{len(whole)} ids, {len(prompt)} in the generation prompt)"
+            )

@@ -58,24 +58,53 @@ def run_naive(model, prepared, *, two_passes: bool):
     return out
 
 
-def run_lmeval(model, tokenizer, pairs, prefix_text, batch_size):
+def run_lmeval(model, tokenizer, pairs, prepared, prefix_text, batch_size):
+    """lm-eval's HF backend, ``loglikelihood`` of each pair: text pairs as lm-eval's
+    (context, continuation) strings, the prefix token's text in front (lm-eval then
+    tokenizes it as that token); conversations rendered by lm-eval's own
+    ``apply_chat_template`` and scored on the engine's ids, which are checked to be
+    what lm-eval's tokenizer makes of that rendering. (Through its string path lm-eval
+    would move the generation prompt's trailing newline onto the continuation and score
+    one token more than y.)"""
+    import dataclasses
+
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    requests = [
-        Instance(request_type="loglikelihood", doc={}, arguments=(prefix_text + x, y), idx=i)
-        for i, (x, y) in enumerate(pairs)
-    ]
-    results = lm.loglikelihood(requests, disable_tqdm=True)
+    if all(pair.prompt_messages is None for pair in pairs):
+        requests = [
+            Instance(
+                request_type="loglikelihood",
+                doc={},
+                arguments=(prefix_text + pair.prompt, pair.response),
+                idx=i,
+            )
+            for i, pair in enumerate(pairs)
+        ]
+        results = lm.loglikelihood(requests, disable_tqdm=True)
+    else:
+        token_requests = []
+        for i, (pair, prep) in enumerate(zip(pairs, prepared, strict=True)):
+            rendered = lm.apply_chat_template([dataclasses.asdict(m) for m in pair.prompt_messages])
+            context = list(prep.input_ids[: 1 + prep.prompt_tokens])
+            if lm.tok_encode(rendered) != context:
+                raise SystemExit(
+                    f"pair {i}: lm-eval's rendering of the conversation has other ids than the engine's"
+                )
+            token_requests.append(((rendered, pair.response), context, list(prep.input_ids[len(context) :])))
+        results = lm._loglikelihood_tokens(token_requests, disable_tqdm=True)
     return [(float("nan"), float(r[0])) for r in results]
 
 
 def run_engine(engine, pairs, **options):
-    from pairscore.types import Pair, ScoreOptions
+    """The engine in-process: ``score_pairs`` with the workload's options (and ``options``)."""
+    import dataclasses
 
-    scored = engine.score_pairs([Pair(x, y) for x, y in pairs], ScoreOptions(**options))
+    from bench_workloads import SCORE_OPTIONS
+
+    scored = engine.score_pairs(pairs, dataclasses.replace(SCORE_OPTIONS, **options))
     return [(s.joint_logprob, s.conditional_logprob) for s in scored]
 
 
@@ -93,7 +122,9 @@ def run_grpc(
     Returns (results, seconds, server peak RSS in bytes); server start-up and
     warm-up are not timed.
     """
-    from pairscore import Pair, ScoringClient
+    from bench_workloads import SCORE_OPTIONS
+
+    from pairscore import ScoringClient
 
     port = free_port()
     server = subprocess.Popen(
@@ -139,8 +170,8 @@ def run_grpc(
 
         def worker(mine):
             with ScoringClient(f"127.0.0.1:{port}", timeout=3600) as c:
-                batches = ([Pair(*pairs[i]) for i in idx] for idx in mine)
-                for idx, response in zip(mine, c.score_stream(batches), strict=True):
+                batches = ([pairs[i] for i in idx] for idx in mine)
+                for idx, response in zip(mine, c.score_stream(batches, options=SCORE_OPTIONS), strict=True):
                     for i, s in zip(idx, response, strict=True):
                         results[i] = (s.joint_logprob, s.conditional_logprob)
 

@@ -38,10 +38,14 @@ Workloads (--workloads, default distinct,shared):
   shared    --shared PROMPTSxRESPONSES, whole prompts shared
   fewshot   --fewshot ITEMSxCHOICES (default 64x4): 5 exemplars (~400 tokens) before
             every item (~30 tokens), each item with its candidate answers
-  chat      --chat N (default 128): a ~150-token system prompt, then N distinct user
-            turns and responses in a chat template
-  chatrows  --chat-rows N (default 128): N chat rows of ~200 tokens, a 32-token system
-            prompt shared (issue 25's distinct-prompt comparison with vLLM)
+  chat      --chat N (default 128): a ~130-token system message, then N distinct user
+            turns and replies
+  chatrows  --chat-rows N (default 128): N chat rows of ~200 tokens, a 26-token system
+            message shared (issue 25's distinct-prompt comparison with vLLM)
+  The chat workloads are conversations (prompt_messages), sent as a user sends them:
+  every method scores the ids of apply_chat_template(..., add_generation_prompt=True)
+  and the reply's (checked; the end of turn is not scored), so they need a tokenizer
+  with a chat template (SmolLM2's has one).
 
 Models: the GPT-2 shapes (tiny, gpt2-small) and the Llama shapes (*-random) get
 random weights, so only the tokenizer has to exist: SmolLM2's, from the
