@@ -216,7 +216,7 @@ def venv_check() -> int:
 def save_tokenizer(target: Path) -> int:
     """SmolLM2's tokenizer from the embedded GGUF, and its config checked against the preset."""
     sys.path[:0] = [str(REPO / "client"), str(REPO / "server"), str(HERE)]
-    from throughput import LLAMA_PRESETS, llama_config
+    from bench_models import LLAMA_PRESETS, llama_config
     from transformers import AutoConfig, AutoTokenizer
 
     from pairscore_server.engine.loading import embedded_gguf_path

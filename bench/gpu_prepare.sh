@@ -19,7 +19,7 @@ carry=${GPU_CARRY:-.gpu-carry}
 export PYTHONPATH="$PWD/client:$PWD/server${PYTHONPATH:+:$PYTHONPATH}"
 start=$SECONDS
 
-key=$(cat bench/gpu_prepare.sh bench/gpu_carry.py bench/throughput.py | sha256sum | cut -c1-16)
+key=$(cat bench/gpu_prepare.sh bench/gpu_carry.py bench/bench_models.py | sha256sum | cut -c1-16)
 if [ -f "$carry/.prepared" ] && [ "$(cat "$carry/.prepared")" = "$key" ]; then
     echo "gpu_prepare: $carry is up to date (stamp $key)"
 else

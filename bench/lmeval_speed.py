@@ -1,22 +1,39 @@
-"""lm-evaluation-harness through pairscore vs lm-eval's own hf backend, on the same model.
+"""lm-evaluation-harness's own command line: ``--model pairscore`` against ``--model hf``.
 
 Runs the local few-shot multiple-choice task of tests/harness/lmeval.py (and
-its rolling-perplexity task) with lm-eval twice per repeat, alternating the
-order: once with ``--model hf`` on the model directory, once with ``--model
-pairscore`` against ``pairscore serve`` on the same directory in a child
-process. Both LMs are built before the clock starts: the times cover
-tokenization, scoring and lm-eval's own work, not loading. Prints accuracy,
-the largest per-request difference (nats), is_greedy mismatches and the
-median times and their ratio, with the load average (the machine is shared)::
+its rolling-perplexity task, unless ``--no-rolling``) through lm-eval's CLI
+(``pairscore-lm-eval``: lm-eval's ``cli_evaluate`` with the ``pairscore``
+model type registered), once per backend and repeat, in a
+fresh process each, alternating the order: ``--model hf`` on the model
+directory (``--batch_size 1`` by default, as issue 25 compares), and
+``--model pairscore`` against ``pairscore serve`` on the same directory
+(started once, and warmed by one untimed CLI run). Each CLI process carries a
+timing hook that only reads the clock: the **request phase** is the time
+spent inside the model's request methods (``loglikelihood``,
+``loglikelihood_rolling``: tokenization and scoring), **start-up** the time
+from the process's start to lm-eval's evaluation (imports, building the LM:
+loading the weights for hf, connecting for pairscore), both reported
+separately (``evaluate()``, also reported, adds lm-eval's own work: building
+requests, metrics, bootstrap standard errors). ``--model hf`` runs through
+lm-eval's own ``lm-eval`` entry point: with the pairscore model type
+registered first, lm-eval 0.4.13's registry no longer finds its built-in
+``hf``, so ``pairscore-lm-eval --model hf`` fails. Prints accuracy, the largest per-request difference (nats),
+is_greedy mismatches, the median times and their ratios, with the load
+average (the machine is shared)::
 
     python bench/lmeval_speed.py                       # the embedded SmolLM2, 40 docs, 5-shot
     python bench/lmeval_speed.py --docs 12 --repeats 1 --json out.json
     python bench/lmeval_speed.py --sentences           # several-token choices
+    python bench/lmeval_speed.py --no-rolling          # the multiple-choice task alone
     python bench/lmeval_speed.py --model /models/my-model --hf-batch-size 32
 
 For SmolLM2-Instruct, lm-eval's hf backend conditions an empty context on
 the tokenizer's BOS ``<|im_start|>``; pairscore's prefix token is
 ``<|endoftext|>``, so the script passes ``prefix_token=<|im_start|>``.
+Chat (``--apply_chat_template``) is not measured here: the ``pairscore``
+model type does not implement lm-eval's ``apply_chat_template``;
+bench/throughput.py's ``chat`` workload compares lm-eval's hf backend and the
+engine on conversations.
 """
 
 from __future__ import annotations
@@ -36,7 +53,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the task lives in the tests' harness
 
-from harness.lmeval import MC_TASK, ROLLING_TASK, run_lmeval, write_tasks  # noqa: E402
+from harness.lmeval import MC_TASK, ROLLING_TASK, write_tasks  # noqa: E402
+
+#: The model methods whose time is the request phase.
+REQUEST_METHODS = ("loglikelihood", "loglikelihood_rolling")
 
 
 def smollm2_dir() -> str:
@@ -75,7 +95,103 @@ def start_server(model_dir: str, log: Path) -> tuple[subprocess.Popen[bytes], st
             time.sleep(0.3)
 
 
+def max_length(target: str) -> int:
+    """lm-eval's ``max_length`` that the ``pairscore`` model type takes by default."""
+    from pairscore import ScoringClient
+
+    with ScoringClient(target, timeout=30) as client:
+        info = client.model_info()
+    limit = min(info.max_context_tokens, info.max_item_tokens or info.max_context_tokens)
+    return limit - 1
+
+
+# --- the CLI process (--cli-child) -----------------------------------------------------
+
+
+def cli_child(timings_path: Path, cli_args: list[str]) -> None:
+    """lm-eval's command line with a hook on ``lm_eval.evaluator.evaluate`` that times
+    the model's request methods and keeps every request's result; writes them to
+    ``timings_path``. ``--model pairscore`` runs ``pairscore-lm-eval``
+    (``pairscore.lmeval.main``), any other model lm-eval's own ``lm-eval``: with the
+    pairscore model registered first, lm-eval 0.4.13's registry no longer finds its
+    built-in ``hf``."""
+    started = time.perf_counter()
+    import lm_eval.evaluator
+
+    if cli_args[cli_args.index("--model") + 1] == "pairscore":
+        from pairscore.lmeval import main
+    else:
+        from lm_eval.__main__ import cli_evaluate
+
+        def main(argv: list[str]) -> None:
+            sys.argv = ["lm-eval", *argv]
+            cli_evaluate()
+
+    inner = lm_eval.evaluator.evaluate
+    record: dict = {"request_seconds": 0.0}
+
+    def timed_evaluate(lm, *args, **kwargs):
+        record["startup_seconds"] = time.perf_counter() - started
+        for name in REQUEST_METHODS:
+            method = getattr(lm, name)
+
+            def timed(requests, *a, _method=method, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _method(requests, *a, **kw)
+                finally:
+                    record["request_seconds"] += time.perf_counter() - t0
+
+            setattr(lm, name, timed)
+        t0 = time.perf_counter()
+        out = inner(lm, *args, **kwargs)
+        record["evaluate_seconds"] = time.perf_counter() - t0
+        record["accuracy"] = {t: r.get("acc,none") for t, r in out["results"].items()}
+        record["requests"] = sorted(
+            [task, sample["doc_id"], i, _value(resp[0])]
+            for task, samples in out["samples"].items()
+            for sample in samples
+            for i, resp in enumerate(sample["resps"])
+        )
+        return out
+
+    lm_eval.evaluator.evaluate = timed_evaluate
+    main(cli_args)
+    timings_path.write_text(json.dumps(record))
+
+
+def _value(value) -> list:
+    """[logprob, is_greedy] (is_greedy None for rolling requests)."""
+    if isinstance(value, (tuple, list)):
+        return [float(value[0]), bool(value[1])]
+    return [float(value), None]
+
+
+# --- the parent ---------------------------------------------------------------------
+
+
+def run_cli(
+    name: str, model_args: str, batch_size: str, tasks: list[str], task_dir: Path, tmp: Path, extra=()
+):
+    """One lm-eval CLI run in its own process; returns its timings and results."""
+    timings = tmp / f"{name}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, __file__, "--cli-child", str(timings), "--"]
+    cmd += ["--model", name, "--model_args", model_args, "--tasks", ",".join(tasks)]
+    cmd += ["--include_path", str(task_dir), "--batch_size", batch_size, "--log_samples"]
+    cmd += ["--output_path", str(tmp / "lm-eval-out"), "--device", "cpu", *extra]
+    wall = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - wall
+    if proc.returncode != 0:
+        raise RuntimeError(f"lm-eval --model {name} failed:\n{proc.stderr[-3000:]}")
+    return {**json.loads(timings.read_text()), "wall_seconds": wall}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--cli-child"]:
+        cli_child(Path(argv[1]), argv[3:])
+        return 0
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -86,74 +202,106 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sentences", action="store_true", help="choices are short sentences (several tokens), not one word"
     )
-    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument(
+        "--no-rolling",
+        action="store_true",
+        help="the multiple-choice task alone (default: + rolling perplexity)",
+    )
+    parser.add_argument("--hf-batch-size", default="1", help="lm-eval's --batch_size for hf (default 1)")
     parser.add_argument("--prefix-token", default=None, help="default: <|im_start|> for smollm2")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
 
-    import torch
-    from lm_eval.models.huggingface import HFLM
-
-    from pairscore.lmeval import PairscoreLM
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a killed run stops its server too
+    threads = os.environ.get("BENCH_THREADS", "2")
+    os.environ.update(OMP_NUM_THREADS=threads, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     model_dir = smollm2_dir() if args.model == "smollm2" else args.model
     prefix = args.prefix_token or ("<|im_start|>" if args.model == "smollm2" else None)
-    tasks = [MC_TASK, ROLLING_TASK]
-    with tempfile.TemporaryDirectory() as tmp:
+    tasks = [MC_TASK, *([] if args.no_rolling else [ROLLING_TASK])]
+    load_start = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         task_dir = write_tasks(
-            Path(tmp) / "tasks", n_test=args.docs, num_fewshot=args.fewshot, sentences=args.sentences
+            tmp / "tasks", n_test=args.docs, num_fewshot=args.fewshot, sentences=args.sentences
         )
-        proc, target = start_server(model_dir, Path(tmp) / "server.log")
+        proc, target = start_server(model_dir, tmp / "server.log")
         try:
-            ps_lm = PairscoreLM(target, prefix_token=prefix)
-            hf_lm = HFLM(
-                pretrained=model_dir,
-                device="cpu",
-                dtype="float32",
-                batch_size=args.hf_batch_size,
-                max_length=ps_lm.max_length,
-            )
-            for lm in (hf_lm, ps_lm):  # warm-up, untimed: first-call costs are not the method's
-                run_lmeval(lm, None, task_dir, [MC_TASK], limit=2)
+            # hf's max_length is the pairscore model type's default (the server's context less
+            # one), so that long requests and rolling windows are cut the same way
+            backends = {
+                "hf": (
+                    f"pretrained={model_dir},dtype=float32,max_length={max_length(target)}",
+                    args.hf_batch_size,
+                ),
+                "pairscore": (f"target={target}" + (f",prefix_token={prefix}" if prefix else ""), "1"),
+            }
+            # warm-up, untimed: the server's first requests (the hf process starts cold every run)
+            run_cli("pairscore", *backends["pairscore"], [MC_TASK], task_dir, tmp, ["--limit", "2"])
             runs: dict[str, list] = {"hf": [], "pairscore": []}
             for repeat in range(args.repeats):
-                order = [("hf", hf_lm), ("pairscore", ps_lm)]
-                for name, lm in order if repeat % 2 == 0 else order[::-1]:
-                    runs[name].append(run_lmeval(lm, None, task_dir, tasks))
+                order = ["hf", "pairscore"] if repeat % 2 == 0 else ["pairscore", "hf"]
+                for name in order:
+                    runs[name].append(run_cli(name, *backends[name], tasks, task_dir, tmp))
+                    print(f"  {name}: request phase {runs[name][-1]['request_seconds']:.2f} s", flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     hf, ps = runs["hf"][-1], runs["pairscore"][-1]
-    diffs = [abs(a.logprob - b.logprob) for a, b in zip(ps.requests, hf.requests, strict=True)]
-    greedy = sum(a.is_greedy != b.is_greedy for a, b in zip(ps.requests, hf.requests, strict=True))
-    hf_s = statistics.median(r.seconds for r in runs["hf"])
-    ps_s = statistics.median(r.seconds for r in runs["pairscore"])
+    pairs = list(zip(ps["requests"], hf["requests"], strict=True))
+    if any(a[:3] != b[:3] for a, b in pairs):
+        raise SystemExit("the two backends answered different requests")
+    diffs = [abs(a[3][0] - b[3][0]) for a, b in pairs]
+    by_task = {t: max(d for d, (a, _) in zip(diffs, pairs, strict=True) if a[0] == t) for t in tasks}
+    greedy = sum(a[3][1] != b[3][1] for a, b in pairs)
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
     figures = {
         "model": args.model,
         "docs": args.docs,
         "fewshot": args.fewshot,
         "sentences": args.sentences,
-        "requests": len(ps.requests),
-        "accuracy_hf": hf.accuracy(),
-        "accuracy_pairscore": ps.accuracy(),
+        "tasks": tasks,
+        "requests": len(pairs),
+        "accuracy_hf": hf["accuracy"][MC_TASK],
+        "accuracy_pairscore": ps["accuracy"][MC_TASK],
         "max_abs_diff_nats": max(diffs),
+        "max_abs_diff_nats_by_task": by_task,
         "is_greedy_mismatches": greedy,
-        "hf_seconds": hf_s,
-        "pairscore_seconds": ps_s,
-        "speedup": hf_s / ps_s,
         "hf_batch_size": args.hf_batch_size,
         "repeats": args.repeats,
-        "loadavg": os.getloadavg(),
+        "threads": int(threads),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
     }
-    print(f"{figures['requests']} requests ({args.docs} docs x 4 choices, {args.fewshot}-shot, + rolling)")
-    print(f"accuracy      hf {hf.accuracy():.4f}   pairscore {ps.accuracy():.4f}")
-    print(f"largest |diff| {max(diffs):.2e} nats; is_greedy mismatches {greedy}")
+    for name in ("hf", "pairscore"):
+        for key in ("request_seconds", "startup_seconds", "evaluate_seconds", "wall_seconds"):
+            figures[f"{name}_{key}"] = median(name, key)
+    figures["request_speedup"] = figures["hf_request_seconds"] / figures["pairscore_request_seconds"]
+    figures["evaluate_speedup"] = figures["hf_evaluate_seconds"] / figures["pairscore_evaluate_seconds"]
     print(
-        f"time (median of {args.repeats})  hf {hf_s:.2f} s   pairscore {ps_s:.2f} s   hf/pairscore {hf_s / ps_s:.2f}x"
+        f"{len(pairs)} requests ({args.docs} docs x 4 choices, {args.fewshot}-shot"
+        f"{'' if args.no_rolling else ', + rolling'}), lm-eval's CLI, hf --batch_size {args.hf_batch_size}"
     )
-    print("load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"accuracy      hf {figures['accuracy_hf']:.4f}   pairscore {figures['accuracy_pairscore']:.4f}")
+    per_task = ", ".join(f"{t} {d:.2e}" for t, d in by_task.items())
+    print(f"largest |diff| {max(diffs):.2e} nats ({per_task}); is_greedy mismatches {greedy}")
+    print(f"median of {args.repeats}    {'hf':>9} {'pairscore':>10} {'hf/pairscore':>13}")
+    for key, label in (
+        ("request_seconds", "request phase"),
+        ("evaluate_seconds", "evaluate()"),
+        ("startup_seconds", "start-up"),
+        ("wall_seconds", "whole CLI run"),
+    ):
+        a, b = figures[f"hf_{key}"], figures[f"pairscore_{key}"]
+        print(f"{label:<16} {a:8.2f}s {b:9.2f}s {a / b:12.2f}x")
+    print(
+        "load average at start "
+        + " ".join(f"{x:.2f}" for x in load_start)
+        + ", at end "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

@@ -9,6 +9,12 @@ harness's 555-token BPE tokenizer keep the forward passes cheap;
 ``--in-process`` pays for one Python start-up instead of one per method, and
 ``--gemm-seconds 0`` leaves out the GEMM rate ("% ideal"). The vllm peer
 needs its own virtual environment, so here only its skip message is checked.
+
+The tokenizer has the tests' ChatML template, so the chat workloads send
+conversations (``prompt_messages``) as a user would: every method then scores
+the ids of ``apply_chat_template(..., add_generation_prompt=True)`` and the
+reply (the benchmark refuses to measure a method given other ids), and
+lm-eval, rendering the conversation itself, agrees with the engine.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
+from harness.models import with_chat_template
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
 # fp32 methods that compute the same sums (packed, padded, no trie, the naive loop)
@@ -27,7 +37,8 @@ FP32_METHODS = ("naive_one", "engine_padded", "engine_packed", "engine_uncond", 
 
 def test_benchmark_runs_and_methods_agree(bpe_tokenizer, tmp_path):
     tokenizer_dir = tmp_path / "tokenizer"
-    bpe_tokenizer.save_pretrained(tokenizer_dir)
+    bpe_tokenizer.save_pretrained(tokenizer_dir)  # a copy with the chat template (the fixture is shared)
+    with_chat_template(AutoTokenizer.from_pretrained(tokenizer_dir)).save_pretrained(tokenizer_dir)
     out_json = tmp_path / "out.json"
     proc = subprocess.run(
         [
@@ -53,9 +64,9 @@ def test_benchmark_runs_and_methods_agree(bpe_tokenizer, tmp_path):
             "--chat-rows",
             "2",
             "--methods",
-            "naive_one,naive_two,engine,engine_padded,engine_packed,engine_bf16,engine_uncond,engine_topk,vllm",
+            "naive_one,naive_two,engine,engine_padded,engine_packed,engine_bf16,engine_uncond,engine_topk,lmeval,vllm",
             "--shared-methods",
-            "engine,engine_padded,engine_prompts",
+            "engine,engine_padded,engine_prompts,lmeval",
             "--gemm-seconds",
             "0",
             "--json",
@@ -89,13 +100,17 @@ def test_benchmark_runs_and_methods_agree(bpe_tokenizer, tmp_path):
     found = [m for m, _, _ in diffs]
     assert sorted(found) == sorted(
         # distinct-prompt workloads (distinct, chatrows): every method; shared ones: three
-        [*FP32_METHODS, "naive_two", "engine_bf16"] * 2 + ["engine_padded", "engine_prompts"] * 3
+        [*FP32_METHODS, "naive_two", "engine_bf16", "lmeval"] * 2
+        + ["engine_padded", "engine_prompts", "lmeval"] * 3
     )
     for method, joint, conditional in diffs:
         if method == "engine_bf16":  # bfloat16 weights: close, not equal
             assert float(joint) < 1.0 and float(conditional) < 1.0
         elif method == "naive_two":  # its conditional subtracts two float32 passes
             assert float(joint) < 1e-4 and float(conditional) < 1e-3
+        elif method == "lmeval":  # the conditional only (as lm-eval returns), on the same ids: the
+            # chat workloads too (their text sent as text differed by 5.5 and 8.2 nats here)
+            assert joint == "nan" and float(conditional) < 1e-3, (method, conditional)
         else:
             assert float(joint) < 1e-4 and float(conditional) < 1e-4, (method, joint, conditional)
     # packed rows are the CPU default: the same layout bit for bit, and the
