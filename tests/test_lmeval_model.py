@@ -154,6 +154,20 @@ def test_rolling_perplexity_matches_the_hf_backend(model_dir: Path, server: Any,
         assert ps.metrics[ROLLING_TASK][metric] == pytest.approx(hf.metrics[ROLLING_TASK][metric], rel=1e-4)
 
 
+def test_registering_pairscore_keeps_lm_evals_own_backends() -> None:
+    # lm-eval loads its backends only into an empty registry: pairscore must not hide them
+    # (a fresh interpreter: in this one other tests may have filled the registry already)
+    probe = (
+        "import pairscore.lmeval\n"
+        "from lm_eval.api.registry import get_model\n"
+        "assert get_model('pairscore') is pairscore.lmeval.PairscoreLM\n"
+        "print(get_model('hf').__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "HFLM"
+
+
 def test_generation_is_refused_with_the_reason(server: Any) -> None:
     lm = PairscoreLM(server.target)
     with pytest.raises(NotImplementedError, match="does not generate"):

@@ -345,4 +345,9 @@ if __name__ == "__main__":
 
     _main()
 else:
+    # lm-eval fills its model registry with its own backends (hf, vllm, ...) only when it
+    # finds the registry empty; load them first, or registering pairscore would hide them
+    # (``pairscore-lm-eval --model hf`` would find no such model).
+    import lm_eval.models  # noqa: F401
+
     register_model("pairscore")(PairscoreLM)
