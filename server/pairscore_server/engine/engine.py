@@ -33,14 +33,13 @@ from pairscore_server.engine.logprobs import (
     DEFAULT_CHUNK_BYTES,
     HeadDetail,
     LogprobComputer,
-    make_batch,
-    plan_padded_batches,
 )
 from pairscore_server.engine.packed_attention import (
     disable_packed_attention,
     enable_packed_attention,
 )
 from pairscore_server.engine.packing import ROW_ALIGN, pack_row
+from pairscore_server.engine.padding import make_batch, plan_padded_batches
 from pairscore_server.engine.prefix import Prefix, resolve_prefix
 from pairscore_server.engine.preparation import Preparation
 from pairscore_server.engine.prepared import PreparedPair

@@ -50,6 +50,7 @@ import torch
 from pairscore_server.engine.interface import CausalLM
 from pairscore_server.engine.packed_attention import SEGMENTS_KWARG
 from pairscore_server.engine.packing import PackedRow, pack_row
+from pairscore_server.engine.padding import Batch, make_batch, plan_padded_batches
 from pairscore_server.engine.tries import Trie, build_tries, row_items
 
 #: Default memory for one chunk of float32 logits on CPU. The chunk is written
@@ -61,67 +62,6 @@ DEFAULT_CHUNK_BYTES = 24 * 2**20
 
 #: On CUDA a chunk is a few kernel launches; bigger chunks launch fewer.
 CUDA_CHUNK_BYTES = 256 * 2**20
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Right-padded model inputs for several sequences."""
-
-    input_ids: torch.Tensor  # [B, T] long
-    attention_mask: torch.Tensor  # [B, T] long, 1 = real token
-    position_ids: torch.Tensor  # [B, T] long
-    lengths: tuple[int, ...]
-
-    @property
-    def padded_tokens(self) -> int:
-        return self.input_ids.numel()
-
-
-def make_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, device: torch.device) -> Batch:
-    """Right-pad ``sequences`` (each at least one token) into one batch."""
-    lengths = tuple(len(s) for s in sequences)
-    width = max(lengths)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    positions = torch.arange(width, dtype=torch.long).expand(len(sequences), width)
-    return Batch(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.contiguous().to(device),
-        lengths=lengths,
-    )
-
-
-def plan_padded_batches(
-    lengths: Sequence[int], *, max_tokens: int, min_efficiency: float = 0.0
-) -> list[list[int]]:
-    """Group sequence indices into right-padded batches, longest first.
-
-    A batch closes when one more sequence would make rows x longest exceed
-    ``max_tokens``, or push its padding efficiency (real tokens / padded
-    tokens) below ``min_efficiency``. A sequence longer than the budget runs
-    alone. On CPU, where padding is pure waste, a high ``min_efficiency``
-    keeps batches to sequences of nearly equal length.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for i in order:
-        if current:
-            width = lengths[current[0]]
-            padded = (len(current) + 1) * width
-            if padded > max_tokens or (real + lengths[i]) < min_efficiency * padded:
-                batches.append(current)
-                current, real = [], 0
-        current.append(i)
-        real += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
 
 
 @dataclass(frozen=True)
