@@ -24,6 +24,7 @@ average (the machine is shared)::
     python bench/lmeval_speed.py                       # the embedded SmolLM2, 40 docs, 5-shot
     python bench/lmeval_speed.py --docs 12 --repeats 1 --json out.json
     python bench/lmeval_speed.py --sentences           # several-token choices
+    python bench/lmeval_speed.py --first-n             # the same exemplars for every question (MMLU-style)
     python bench/lmeval_speed.py --no-rolling          # the multiple-choice task alone
     python bench/lmeval_speed.py --model /models/my-model --hf-batch-size 32
 
@@ -203,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         "--sentences", action="store_true", help="choices are short sentences (several tokens), not one word"
     )
     parser.add_argument(
+        "--first-n",
+        action="store_true",
+        help="every document gets the same exemplars (lm-eval's first_n sampler, as MMLU); "
+        "default: lm-eval samples each document's own",
+    )
+    parser.add_argument(
         "--no-rolling",
         action="store_true",
         help="the multiple-choice task alone (default: + rolling perplexity)",
@@ -222,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         task_dir = write_tasks(
-            tmp / "tasks", n_test=args.docs, num_fewshot=args.fewshot, sentences=args.sentences
+            tmp / "tasks",
+            n_test=args.docs,
+            n_train=max(10, args.fewshot),
+            num_fewshot=args.fewshot,
+            sentences=args.sentences,
+            first_n=args.first_n,
         )
         proc, target = start_server(model_dir, tmp / "server.log")
         try:
@@ -262,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "docs": args.docs,
         "fewshot": args.fewshot,
         "sentences": args.sentences,
+        "first_n": args.first_n,
         "tasks": tasks,
         "requests": len(pairs),
         "accuracy_hf": hf["accuracy"][MC_TASK],

@@ -88,12 +88,16 @@ def write_tasks(
     trailing_space: bool = False,
     long_chars: int = 1500,
     sentences: bool = False,
+    first_n: bool = False,
 ) -> Path:
     """Write the two tasks (:data:`MC_TASK`, :data:`ROLLING_TASK`) and their data
     into ``directory``; returns it, for ``TaskManager(include_path=...)``.
 
     The data are a pure function of the arguments (seeded), so two runs, or two
-    engineers, get the same documents and the same few-shot exemplars.
+    engineers, get the same documents and the same few-shot exemplars. lm-eval
+    samples each document's exemplars from the train split on its own; with
+    ``first_n`` every document gets the first ``num_fewshot`` (lm-eval's
+    ``first_n`` sampler, as MMLU's 5-shot prompts take the dev split's first five).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -118,7 +122,7 @@ training_split: train
 test_split: test
 fewshot_split: train
 num_fewshot: {num_fewshot}
-doc_to_text: "{doc_to_text}"
+{"fewshot_config:" + chr(10) + "  sampler: first_n" + chr(10) if first_n else ""}doc_to_text: "{doc_to_text}"
 target_delimiter: {json.dumps(delimiter)}
 fewshot_delimiter: "\\n\\n"
 doc_to_choice: "{{{{choices}}}}"
