@@ -176,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from throughput import build_model, smollm2_dir
+    from bench_models import build_model, smollm2_dir
     from transformers import AutoTokenizer
 
     from pairscore import ScoringClient

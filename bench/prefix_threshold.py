@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import throughput  # noqa: E402
+import bench_models  # noqa: E402
 
 
 def prepared_group(vocab: int, *, run: int, sequences: int, rest: int, response: int, seed: int, prefix: int):
@@ -55,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tiny", choices=throughput.MODELS)
+    parser.add_argument("--model", default="tiny", choices=bench_models.MODELS)
     parser.add_argument("--runs", default="2,4,8,16,32", help="shared run lengths k to measure")
     parser.add_argument("--sequences", type=int, default=16, help="sequences sharing each run")
     parser.add_argument("--groups", type=int, default=4, help="groups (distinct runs) per call")
@@ -73,8 +73,8 @@ def main() -> None:
     from pairscore_server.engine.loading import ModelSpec, engine_limits
 
     torch.set_num_threads(args.threads)
-    tokenizer = AutoTokenizer.from_pretrained(throughput.smollm2_dir())
-    model = throughput.build_model(args.model, len(tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(bench_models.smollm2_dir())
+    model = bench_models.build_model(args.model, len(tokenizer))
     limits = engine_limits(ModelSpec(packing=args.packing), torch.device("cpu"))
     engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"), limits=limits)
     engine.warmup()

@@ -32,7 +32,7 @@ def child(model_name: str, tokens: int, variant: str) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from throughput import build_model, smollm2_dir
+    from bench_models import build_model, smollm2_dir
     from transformers import AutoTokenizer
 
     from pairscore.types import Pair, ScoreOptions
