@@ -36,6 +36,27 @@ class Limits:
     max_request_chars: int = DEFAULT_MAX_REQUEST_CHARS
     max_preparing_chars: int = DEFAULT_MAX_PREPARING_CHARS
 
+    def too_many_pairs(self, n: int, has: str, per: str, fix: str) -> str | None:
+        """Why a request of ``n`` pairs (or texts) is over ``max_pairs_per_request``, in the
+        caller's words (``has``, ``per``, ``fix``); None within the limit. One wording for
+        every RPC that counts its items."""
+        if n <= self.max_pairs_per_request:
+            return None
+        return (
+            f"request has {has}; this server takes at most {self.max_pairs_per_request} {per} "
+            f"(max_pairs_per_request, --max-pairs-per-request); {fix}"
+        )
+
+    def text_too_long(self, what: str, text: str, per: str) -> str | None:
+        """Why ``text`` (named ``what``) is over ``max_text_chars`` (``per``: which texts the
+        limit counts); None within it."""
+        if len(text) <= self.max_text_chars:
+            return None
+        return (
+            f"{what} has {len(text)} characters; this server takes at most {self.max_text_chars} "
+            f"characters per {per} (max_text_chars, --max-text-chars); shorten or split it"
+        )
+
 
 def resolve_limits(
     *,

@@ -276,13 +276,10 @@ class ScoringService:
     def _check_pairs_per_request(self, n: int, has: str, per: str, fix: str) -> None:
         """``max_pairs_per_request``, for a request of ``n`` pairs (``has`` and ``per`` say
         them in the caller's words), counting a refused request's pairs."""
-        limit = self.limits.max_pairs_per_request
-        if n > limit:
+        problem = self.limits.too_many_pairs(n, has, per, fix)
+        if problem:
             self._count_rejected(REJECT_REQUEST_LIMIT, n)
-            raise RequestLimitError(
-                f"request has {has}; this server takes at most {limit} {per} "
-                f"(max_pairs_per_request, --max-pairs-per-request); {fix}"
-            )
+            raise RequestLimitError(problem)
 
     def _count_rejected(self, reason: str, pairs: int) -> None:
         self._counters.rejected(reason, pairs)
@@ -359,20 +356,14 @@ class ScoringService:
         return out  # type: ignore[return-value]
 
     def _check_chars(self, pair: Pair) -> ItemError | None:
-        limit = self.limits.max_text_chars
         texts = [("prompt", pair.prompt), ("response", pair.response)]
         texts += [
             (f"prompt_messages[{i}].content", m.content) for i, m in enumerate(pair.prompt_messages or ())
         ]
         for side, text in texts:
-            if len(text) > limit:
-                return ItemError(
-                    ItemErrorCode.INVALID_ARGUMENT,
-                    f"{side} has {len(text)} characters; this server takes at most {limit} "
-                    "characters per prompt, response or chat message (max_text_chars, "
-                    "--max-text-chars); shorten or split it",
-                    pair.id,
-                )
+            problem = self.limits.text_too_long(side, text, "prompt, response or chat message")
+            if problem:
+                return ItemError(ItemErrorCode.INVALID_ARGUMENT, problem, pair.id)
         return None
 
     # --- Tokenize -------------------------------------------------------------------

@@ -93,17 +93,11 @@ async def tokenize_texts(
     chunks), stopping with RequestLimitError at the first chunk after which the
     answer cannot fit (the module docstring)."""
     n = len(texts)
-    if n > limits.max_pairs_per_request:
-        raise RequestLimitError(
-            f"request has {n} texts; this server takes at most {limits.max_pairs_per_request} "
-            "texts per Tokenize request (max_pairs_per_request, --max-pairs-per-request); split it"
-        )
+    problem = limits.too_many_pairs(n, f"{n} texts", "texts per Tokenize request", "split it")
     for i, text in enumerate(texts):
-        if len(text) > limits.max_text_chars:
-            raise RequestLimitError(
-                f"texts[{i}] has {len(text)} characters; this server takes at most "
-                f"{limits.max_text_chars} characters per text (max_text_chars, --max-text-chars); shorten or split it"
-            )
+        problem = problem or limits.text_too_long(f"texts[{i}]", text, "text")
+    if problem:
+        raise RequestLimitError(problem)
     chars = sum(len(t) for t in texts)
     stage.check(chars, "Tokenize request")
     limit = limits.max_response_bytes
