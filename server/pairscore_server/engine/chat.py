@@ -47,7 +47,7 @@ from pairscore_server.engine.tokenization import PairTokenizer
 
 #: Placeholder for the i-th content: private-use characters no template trims or escapes.
 _PLACEHOLDER = "\ue000pairscore-content-{}\ue001"
-_PLACEHOLDER_RE = re.compile("\ue000pairscore-content-[0-9]+\ue001")
+_PLACEHOLDER_RE = re.compile("\ue000pairscore-content-([0-9]+)\ue001")
 
 #: Most messages in one conversation. Rendering and tokenizing a conversation is one
 #: call on a prepare thread that nothing interrupts, and its cost grows with the
@@ -216,9 +216,10 @@ class ChatRenderer:
         pieces: list[str] = []
         pos = 0
         for i, found in enumerate(_PLACEHOLDER_RE.finditer(shape)):
-            if found.group() != _PLACEHOLDER.format(i):
+            index = int(found.group(1))
+            if index != i:
                 # a content again (the one found) or one skipped (the one expected)
-                culprit = min(i, int(found.group()[len("\ue000pairscore-content-") : -1]))
+                culprit = min(i, index)
                 raise ChatError(
                     f"{self.name} does not render every message's content exactly once, in order "
                     f"(content {culprit}), so its control tokens cannot be told from the content"
