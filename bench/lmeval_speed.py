@@ -54,18 +54,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the task lives in the tests' harness
 
+from bench_models import smollm2_dir  # noqa: E402  (bench/, the script's own directory)
+
 from harness.lmeval import MC_TASK, ROLLING_TASK, write_tasks  # noqa: E402
 
 #: The model methods whose time is the request phase.
 REQUEST_METHODS = ("loglikelihood", "loglikelihood_rolling")
-
-
-def smollm2_dir() -> str:
-    """The dequantised embedded SmolLM2 (made once)."""
-    from pairscore_server.engine import loading
-
-    cache = Path(os.environ.get("PAIRSCORE_CACHE_DIR") or loading.default_cache_dir())
-    return str(loading._dequantised_copy(loading.embedded_gguf_path(), cache))
 
 
 def free_port() -> int:
