@@ -126,7 +126,7 @@ def test_concurrent_requests_share_a_batch_and_results_keep_their_order() -> Non
     run(body)
 
 
-def test_batches_stay_under_the_padded_token_budget_and_pair_limit() -> None:
+def test_batches_stay_under_the_token_budget_and_pair_limit() -> None:
     async def body() -> None:
         engine = FakeEngine(max_batch_tokens=40, max_context=64)
         async with Harness(engine, max_batch_pairs=5, max_wait_s=0.05) as h:
@@ -136,7 +136,7 @@ def test_batches_stay_under_the_padded_token_budget_and_pair_limit() -> None:
         assert sum(len(b) for b in engine.batch_lengths) == 40
         for lengths in engine.batch_lengths:
             assert len(lengths) <= 5
-            assert max(lengths) * len(lengths) <= 40
+            assert sum(lengths) <= 40 or len(lengths) == 1  # the fake engine shares no run
         assert len(engine.batch_lengths) >= 8  # 40 pairs, at most 5 per batch
         # Taken in arrival order: each batch continues where the previous one stopped.
         seen = [prompt for batch in engine.batches for prompt in batch]

@@ -74,6 +74,22 @@ def test_fair_shares_come_before_grouping_between_requests():
     ]
 
 
+def test_a_shared_preamble_counts_once_in_the_call_budget():
+    """The batch budget counts the positions the engine computes (engine/tries.py
+    CallSize): 30 few-shot pairs of ~60 tokens, ~5 of them their own, fit one 400-token
+    call; sized as pairs x longest pair (the old rule) they took six calls, each
+    computing the shared preamble again."""
+    pairs = [Pair(PREAMBLE + f"Question {i}?", f" {i}", id=f"q{i}") for i in range(30)]
+    sharing = FakeEngine(max_context=128, max_batch_tokens=400, shares_runs=True)
+    [got] = asyncio.run(score_all(sharing, [pairs], max_batch_pairs=64, max_wait_s=0.2))
+    assert got == [expected_score(p) for p in pairs]
+    assert len(sharing.batches) == 1
+    plain = FakeEngine(max_context=128, max_batch_tokens=400)  # nothing shared: every token counts
+    asyncio.run(score_all(plain, [pairs], max_batch_pairs=64, max_wait_s=0.2))
+    assert len(plain.batches) == 5  # 30 pairs x ~60 tokens, <= 400 a call
+    assert all(sum(lengths) <= 400 for lengths in plain.batch_lengths)
+
+
 def test_pairs_without_a_long_prompt_keep_arrival_order():
     """A prompt shorter than the group key is never moved ahead: same prompts of a few
     tokens, interleaved, are taken in the order they came."""

@@ -12,16 +12,17 @@ from pairscore_server.engine.interface import engine_calls, merge_outcomes, scor
 from harness.fake_engine import FakeEngine, expected_score
 
 
-def test_engine_calls_stay_within_the_padded_budget_and_keep_order():
-    engine = FakeEngine()
+def test_engine_calls_stay_within_the_budget_and_keep_order():
+    engine = FakeEngine()  # shares nothing: a call costs the sum of its pairs' tokens
     pairs = [Pair("p" * k, "r" * (k % 5), id=str(k)) for k in range(1, 40)]
     prepared = engine.prepare(pairs, ScoreOptions())
-    calls = engine_calls(prepared, 64)
+    calls = engine_calls(engine, prepared, 64)
     assert [p for call in calls for p in call] == prepared
-    for call in calls:
-        assert max(p.num_tokens for p in call) * len(call) <= 64 or len(call) == 1
-    assert engine_calls(prepared, None) == [prepared]
-    assert engine_calls([], 64) == [] and engine_calls([], None) == []
+    for call, after in zip(calls, calls[1:], strict=False):
+        assert sum(p.num_tokens for p in call) <= 64 or len(call) == 1
+        assert sum(p.num_tokens for p in call) + after[0].num_tokens > 64  # full before the next call
+    assert engine_calls(engine, prepared, None) == [prepared]
+    assert engine_calls(engine, [], 64) == [] and engine_calls(engine, [], None) == []
 
 
 def test_score_pairs_merges_item_errors_in_order_and_splits_calls():
@@ -30,7 +31,7 @@ def test_score_pairs_merges_item_errors_in_order_and_splits_calls():
     out = score_pairs(engine, pairs, max_call_tokens=4)
     assert out[0] == expected_score(pairs[0]) and out[2] == expected_score(pairs[2])
     assert isinstance(out[1], ItemError) and out[1].code is ItemErrorCode.CONTEXT_LENGTH_EXCEEDED
-    assert len(engine.batches) == 2  # 4 padded tokens cannot hold both ready pairs
+    assert len(engine.batches) == 2  # 4 positions cannot hold both ready pairs
     assert score_pairs(FakeEngine(max_context=12), pairs) == out  # one call: the same outcomes
 
 

@@ -14,9 +14,11 @@ already in the batch (few-shot exemplars, a system prompt: the engine computes
 such a run once, see engine/packing.py) comes first. So a small request's pairs
 go into the next batch formed after it arrives, whatever is queued before it:
 it waits for about one batch of model work, not for every large request ahead
-of it. A batch closes when the next pair so chosen would push its padded size
-(longest pair x number of pairs) over ``engine.max_call_tokens`` (several
-forward passes' worth, for the engine to group by length and shared prompt),
+of it. A batch closes when the next pair so chosen would push the positions the
+engine computes for it over ``engine.max_call_tokens`` (several forward passes'
+worth, for the engine to group by length and shared prompt; counted by
+:func:`~pairscore_server.engine.interface.add_to_call`, so a run that many
+pairs share, such as few-shot exemplars, counts once, not once a pair),
 when it holds ``max_batch_pairs`` pairs, or when the queue is empty and its
 oldest pair has waited ``max_wait_s``. A request may span several batches; it
 completes when its last pair is scored.
@@ -76,6 +78,7 @@ from pairscore_server.accounting import (
 )
 from pairscore_server.admission import Admission
 from pairscore_server.batch_run import BatchRunner, PendingRequest, QueuedPair
+from pairscore_server.engine.interface import add_to_call
 from pairscore_server.errors import (
     BatcherClosedError,
     BatchFailedError,  # re-exported
@@ -382,7 +385,8 @@ class Batcher:
             await self._wait_for_work(None)
         first = self._take(pick)
         self._collecting = batch = [first]
-        longest = first.prepared.num_tokens
+        size = self._engine.call_size()
+        add_to_call(size, first.prepared, None)
         budget = self._engine.max_call_tokens
         oldest = first.enqueued_at
         keys = {first.key} if first.key is not None else set()
@@ -394,13 +398,11 @@ class Batcher:
                     break
                 continue
             nxt = pick.item
-            new_longest = max(longest, nxt.prepared.num_tokens)
-            if new_longest * (len(batch) + 1) > budget:
+            if not add_to_call(size, nxt.prepared, budget):
                 break
             batch.append(self._take(pick))
             if nxt.key is not None:
                 keys.add(nxt.key)
-            longest = new_longest
             oldest = min(oldest, nxt.enqueued_at)
         self._queue_changed()
         self._collecting = []

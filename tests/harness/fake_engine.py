@@ -10,7 +10,9 @@ Knobs: ``max_context`` (longer pairs become CONTEXT_LENGTH_EXCEEDED items),
 ``warmup_gate`` (warmup() blocks until the event is set), ``score_gate``
 (score() blocks until the event is set: a stuck worker), ``oom_above_tokens``
 (score() raises an out-of-memory error, like torch's, when its padded size,
-longest pair x pairs, is larger), and a pair whose prompt is ``FAIL_PROMPT``
+longest pair x pairs, is larger), ``shares_runs`` (the batcher sizes calls as the
+real engine's trie computes them, a run shared by several pairs counted once;
+by default every pair costs all its tokens), and a pair whose prompt is ``FAIL_PROMPT``
 makes the whole score() call raise. Every score() call is recorded in
 ``batches`` (the prompts it saw), ``batch_lengths`` (their token counts) and
 ``score_threads`` (the thread it ran on); calls that ran out of memory are
@@ -46,6 +48,7 @@ from pairscore.types import (
 )
 from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, ScoreCancelled, ScoredBatch
 from pairscore_server.engine.prepared import PreparedPair
+from pairscore_server.engine.tries import CallSize
 
 FAIL_PROMPT = "FAIL"
 PREFIX_ID = 0
@@ -96,8 +99,10 @@ class FakeEngine(Engine):
         score_gate: threading.Event | None = None,
         oom_above_tokens: int | None = None,
         oom_error: Callable[[int], BaseException] = cuda_oom,
+        shares_runs: bool = False,
     ) -> None:
         self.max_context = max_context
+        self.shares_runs = shares_runs  # size calls as the real engine's trie computes them
         self._max_batch_tokens = max_batch_tokens
         self.forward_delay_s = forward_delay_s
         self.prepare_delay_s = prepare_delay_s  # per pair: a slow tokenizer
@@ -123,6 +128,11 @@ class FakeEngine(Engine):
     def max_call_tokens(self) -> int:
         """One forward pass per call: a batcher's batch is exactly one score() call."""
         return self._max_batch_tokens
+
+    def call_size(self) -> CallSize:
+        """With ``shares_runs``, calls sized as the real engine's trie computes them (a run
+        shared by several pairs counts once); else every pair costs all its tokens."""
+        return CallSize() if self.shares_runs else CallSize(share_prompts=False)
 
     @property
     def info(self) -> ModelInfo:

@@ -47,6 +47,7 @@ from pairscore_server.engine.results import ResultBuilder
 from pairscore_server.engine.tokenization import PairTokenizer
 from pairscore_server.engine.tries import (
     MIN_SHARED_TOKENS,
+    CallSize,
     RowItem,
     Trie,
     build_tries,
@@ -81,7 +82,8 @@ class EngineLimits:
     least this high (padding buys nothing on CPU, a lot on GPU).
     ``call_batches``: one ``score`` call may hold this many forward passes'
     worth of tokens, so the engine has pairs to group by length and shared
-    prompts to find (a server's batcher sizes its calls by it).
+    prompts to find (a server's batcher sizes its calls by it, counting the
+    positions computed: a run shared by several pairs counts once).
     ``chunk_bytes`` bounds the float32 logits held at once by the log-prob head.
     ``share_prompts``: pairs of one ``score`` call with the same prompt run
     the prompt once and reuse its key/value cache for every response.
@@ -208,8 +210,16 @@ class ScoringEngine(Engine):
 
     @property
     def max_call_tokens(self) -> int:
-        """Padded-token size of one ``score`` call: ``call_batches`` forward passes."""
+        """Size of one ``score`` call in positions computed: ``call_batches`` forward passes."""
         return self.limits.max_batch_tokens * self.limits.call_batches
+
+    def call_size(self) -> CallSize:
+        """An empty tally of a call's positions, sharing runs as :meth:`_tries` does."""
+        limits = self.limits
+        return CallSize(
+            min_shared=limits.min_shared_tokens if limits.share_prefixes else None,
+            share_prompts=limits.share_prompts and self._logprobs.split_head,
+        )
 
     @property
     def device(self) -> torch.device:

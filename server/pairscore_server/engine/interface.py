@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions, ScoreOutcome
 from pairscore_server.engine.prepared import PreparedPair
+from pairscore_server.engine.tries import CallSize
 
 #: The model an engine wraps: a transformers causal LM (``PreTrainedModel``). Typed
 #: ``Any``: torch types every attribute of a ``torch.nn.Module`` as ``Tensor | Module``,
@@ -95,8 +96,14 @@ class Engine(Protocol):
 
     @property
     def max_call_tokens(self) -> int:
-        """Padded-token size (pairs x longest pair) of one ``score`` call a batcher should build:
-        several forward passes' worth, so the engine can group by length and shared prompt."""
+        """Size of one ``score`` call a batcher should build, in the positions it computes
+        (:meth:`call_size` counts them): several forward passes' worth, so the engine can
+        group by length and shared prompt."""
+        ...
+
+    def call_size(self) -> CallSize:
+        """An empty tally of the positions a ``score`` call computes, counting shared runs
+        as this engine shares them (:func:`add_to_call` adds a pair)."""
         ...
 
     def prepare(
@@ -159,20 +166,38 @@ def merge_outcomes(
     return [next(it) if isinstance(p, PreparedPair) else p for p in prepared]
 
 
-def engine_calls(ready: Sequence[PreparedPair], max_call_tokens: int | None) -> list[list[PreparedPair]]:
-    """``ready`` in order, cut into engine calls of at most ``max_call_tokens`` padded
-    tokens (longest pair x pairs, the size the server's batcher builds); ``None``: one call."""
-    if max_call_tokens is None:
-        return [list(ready)] if ready else []
+def add_to_call(size: CallSize, pair: PreparedPair, max_call_tokens: int | None) -> bool:
+    """Add ``pair`` to the call ``size`` tallies when the positions it adds (its p ⊕ x ⊕ y,
+    and its p ⊕ y when it asked for its unconditional score, beyond the runs they share
+    with the call: :class:`~pairscore_server.engine.tries.CallSize`) keep the call within
+    ``max_call_tokens`` (``None``: no limit); the first pair of a call is always added.
+    The one rule by which the batcher and :func:`engine_calls` cut calls."""
+    sequences = [(pair.input_ids, 1 + pair.prompt_tokens)]
+    if pair.unconditional and pair.response_tokens and not pair.is_own_alone:
+        sequences.append((pair.alone_ids, 1))
+    cost = sum(size.cost(seq, plen) for seq, plen in sequences)
+    if max_call_tokens is not None and size.positions and size.positions + cost > max_call_tokens:
+        return False
+    for seq, plen in sequences:
+        size.add(seq, plen)
+    return True
+
+
+def engine_calls(
+    engine: Engine, ready: Sequence[PreparedPair], max_call_tokens: int | None
+) -> list[list[PreparedPair]]:
+    """``ready`` in order, cut into calls of at most ``max_call_tokens`` positions as
+    ``engine`` computes them (:func:`add_to_call`, the rule the server's batcher builds
+    calls by); ``None``: one call."""
     calls: list[list[PreparedPair]] = []
     call: list[PreparedPair] = []
-    longest = 0
+    size = engine.call_size()
     for p in ready:
-        if call and max(longest, p.num_tokens) * (len(call) + 1) > max_call_tokens:
+        if not add_to_call(size, p, max_call_tokens):
             calls.append(call)
-            call, longest = [], 0
+            call, size = [], engine.call_size()
+            add_to_call(size, p, None)
         call.append(p)
-        longest = max(longest, p.num_tokens)
     if call:
         calls.append(call)
     return calls
@@ -187,10 +212,10 @@ def score_pairs(
 ) -> list[ScoreOutcome]:
     """prepare -> score -> merge in one call, for in-process use: one PairScore or
     ItemError per pair, in order. ``max_call_tokens`` cuts the ready pairs into engine
-    calls of at most that many padded tokens (``None``: one call)."""
+    calls of at most that many positions (:func:`engine_calls`; ``None``: one call)."""
     prepared = engine.prepare(pairs, options or ScoreOptions())
     ready = [p for p in prepared if isinstance(p, PreparedPair)]
     scores: list[PairScore] = []
-    for call in engine_calls(ready, max_call_tokens):
+    for call in engine_calls(engine, ready, max_call_tokens):
         scores += engine.score(call).scores
     return merge_outcomes(prepared, scores)

@@ -21,7 +21,7 @@ from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, S
 from pairscore_server.engine.prefix import Prefix
 from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.tokenization import PairTokenizer
-from pairscore_server.engine.tries import group_by_prompt
+from pairscore_server.engine.tries import CallSize, group_by_prompt
 
 
 class ReplicatedEngine(Engine):
@@ -48,6 +48,10 @@ class ReplicatedEngine(Engine):
     def max_call_tokens(self) -> int:
         """All replicas' calls together, so one batcher call can keep each of them busy."""
         return sum(e.max_call_tokens for e in self.engines)
+
+    def call_size(self) -> CallSize:
+        """Shared runs counted as one replica shares them (the replicas are alike)."""
+        return self.engines[0].call_size()
 
     @property
     def prefix(self) -> Prefix:
