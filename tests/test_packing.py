@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pairscore.types import Pair, ScoreOptions
-from pairscore_server.engine import packed_attention
+from pairscore_server.engine import packed_attention, packing
 from pairscore_server.engine.packing import pack_row
 from pairscore_server.engine.tries import build_tries, plan_rows, row_items
 
@@ -119,10 +119,10 @@ def test_pack_row_layout_follows_the_token_shift():
     row = pack_row(row_items(lone, 100) + row_items(shared, 100), device=torch.device("cpu"))
     assert row.input_ids.tolist() == [[0, 5, 6, 0, 3, 20, 21]]
     assert row.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3]]
-    assert [(s.start, s.stop, s.context) for s in row.segments] == [
+    assert [(s.start, s.stop, s.keys) for s in row.segments] == [
         (0, 3, ()),
         (3, 5, ()),
-        (5, 7, ((3, 5),)),
+        (5, 7, ((3, 5), (5, 7))),
     ]
     assert row.segments[2].mask.tolist() == [[True, True, True, False], [True, True, True, True]]
     # lone: rows 0,1,2 predict 5,6,7; tree: row 3 predicts 3, row 4 predicts y_1 of
@@ -146,10 +146,10 @@ def test_pack_row_context_is_every_ancestor():
     row = pack_row(row_items(trie, 100), device=torch.device("cpu"))
     assert row.input_ids.tolist() == [[0, 1, 2, 3, 4, 7]]
     assert row.position_ids.tolist() == [[0, 1, 2, 3, 4, 3]]
-    assert [(s.start, s.stop, s.context) for s in row.segments] == [
+    assert [(s.start, s.stop, s.keys) for s in row.segments] == [
         (0, 3, ()),
-        (3, 5, ((0, 3),)),
-        (5, 6, ((0, 3),)),
+        (3, 5, ((0, 3), (3, 5))),
+        (5, 6, ((0, 3), (5, 6))),  # (7, 8) is a pair laid out as alone: a call of its own
     ]
     split = dict(row.split(torch.arange(len(row.targets), dtype=torch.float32)))
     targets = row.targets.tolist()
@@ -240,3 +240,42 @@ def test_identical_pairs_run_once(gpt2_family):
     want = make_engine(model, tokenizer, packing=False, share_prompts=False).score_pairs(pairs)
     for a, b in zip(got, want, strict=True):
         assert_same_scores(a, b)
+
+
+def test_attention_groups_give_each_query_its_own_nodes_pattern():
+    """Groupable nodes with the same root share one masked call in which every query sees
+    exactly what its node's own call would show it (its ancestors' rows, then its own rows
+    causally); a root and a pair laid out as alone keep calls of their own."""
+    nodes = [
+        (0, 10, (), False),  # root: a shared run
+        (10, 14, ((0, 10),), True),
+        (14, 16, ((0, 10), (10, 14)), True),  # a child of the node before
+        (16, 20, ((0, 10),), True),
+        (20, 22, ((0, 10),), False),  # laid out as alone: its own call
+    ]
+    segments = packing.attention_groups(nodes, torch.device("cpu"))
+    assert [(s.start, s.stop) for s in segments] == [(0, 10), (10, 20), (20, 22)]
+    root, group, lone = segments
+    assert root.mask is None and root.keys == ()
+    assert group.keys == ((0, 20),)
+    assert lone.keys == ((0, 10), (20, 22))
+    for start, stop, context, _ in nodes[1:4]:
+        for q in range(start, stop):
+            seen = [any(a <= k < b for a, b in context) or start <= k <= q for k in range(20)]
+            assert group.mask[q - 10].tolist() == seen
+
+
+def test_attention_groups_stay_within_their_waste_bound():
+    """Siblings below a long shared run are grouped only while the call's square stays
+    within GROUP_WASTE of their own blocks (plus the per-node slack)."""
+    nodes = [(0, 400, (), False)] + [(400 + 20 * i, 420 + 20 * i, ((0, 400),), True) for i in range(60)]
+    segments = packing.attention_groups(nodes, torch.device("cpu"))
+    assert 2 < len(segments) < 20  # 61 calls without grouping
+    own = {(s, e): (e - s) * (e - s + 400) for s, e, _, _ in nodes[1:]}
+    for seg in segments[1:]:
+        width = sum(b - a for a, b in seg.keys)
+        mine = sum(v for (s, e), v in own.items() if seg.start <= s < seg.stop)
+        members = sum(seg.start <= s < seg.stop for s, _ in own)
+        assert (seg.stop - seg.start) * width <= (
+            packing.GROUP_WASTE * mine + packing.GROUP_SLACK_SCORES * members
+        )

@@ -21,9 +21,20 @@ from pairscore.types import Pair, PairScore
 TOKEN_TOL = 1e-5
 SUM_REL_TOL = 1e-6
 
+# A pair whose sequence a batch mate cuts below its prompt end (a shared run of
+# MIN_SHARED_TOKENS or more) has its attention computed over its keys in another
+# layout: split into more calls, and in packed rows grouped with its trie siblings'
+# nodes in one masked call (packing.attention_groups), where its keys fall into
+# other blocks of the kernel's online softmax. Measured on the tiny models (packed
+# rows, every tokenization mode, prefix_pairs beside mixed_pairs): per token
+# <= 1.14e-5 nats (llama; gpt2 8.1e-6, qwen2 4.8e-6), per sum <= 5.6e-7 relative
+# (before grouping: 5.7e-6 per token). Bound: that with the same margin as above.
+SHARED_RUN_TOKEN_TOL = 2e-5
 
-def assert_same_scores(a: PairScore, b: PairScore) -> None:
-    """a and b agree up to float32 GEMM-shape noise (see the bounds above)."""
+
+def assert_same_scores(a: PairScore, b: PairScore, token_tol: float = TOKEN_TOL) -> None:
+    """a and b agree up to float32 GEMM-shape noise (see the bounds above);
+    ``token_tol``: SHARED_RUN_TOKEN_TOL for a pair a batch mate cuts below its prompt."""
     for x, y in (
         (a.joint_logprob, b.joint_logprob),
         (a.prompt_logprob, b.prompt_logprob),
@@ -33,7 +44,7 @@ def assert_same_scores(a: PairScore, b: PairScore) -> None:
     assert (a.prompt_tokens, a.response_tokens) == (b.prompt_tokens, b.response_tokens)
     assert [t.token_id for t in a.tokens] == [t.token_id for t in b.tokens]
     for x, y in zip(a.tokens, b.tokens, strict=True):
-        assert x.logprob == pytest.approx(y.logprob, abs=TOKEN_TOL)
+        assert x.logprob == pytest.approx(y.logprob, abs=token_tol)
 
 
 WORDS = (

@@ -4,11 +4,13 @@ Registered under :data:`PACKED_ATTENTION` in transformers' attention
 interface. A forward call that passes ``pairscore_segments=`` (a tuple of
 :class:`~.packing.Segment`) gets per-segment scaled-dot-product attention:
 a trie's root node attends causally to itself, any other node to its
-ancestors' rows (the segment's ``context``) and then causally to itself. Any other call (padded batches, the key/value
-cache path) is plain SDPA with the usual mask, so one model serves both.
+ancestors' rows and then causally to itself (the segment's ``keys`` and
+``mask``). Any other call (padded batches, the key/value cache path) is plain
+SDPA with the usual mask, so one model serves both.
 
-Only the segments' own blocks are computed: the cost is that of the
-sequences run one by one, not of the row's full T x T square.
+Only the segments' own blocks are computed (several nodes below a shared run
+share one call within a bounded waste: packing.attention_groups): the cost is
+about that of the sequences run one by one, not of the row's full T x T square.
 """
 
 from __future__ import annotations
@@ -67,13 +69,12 @@ def packed_sdpa_attention(
                 enable_gqa=gqa,
             )
         else:
-            own = slice(seg.start, seg.stop)
-            keys = [key[:, :, a:b] for a, b in seg.context] + [key[:, :, own]]
-            values = [value[:, :, a:b] for a, b in seg.context] + [value[:, :, own]]
-            out[:, :, own] = scaled_dot_product_attention(
+            keys = [key[:, :, a:b] for a, b in seg.keys]
+            values = [value[:, :, a:b] for a, b in seg.keys]
+            out[:, :, seg.start : seg.stop] = scaled_dot_product_attention(
                 q,
-                torch.cat(keys, dim=2),
-                torch.cat(values, dim=2),
+                torch.cat(keys, dim=2) if len(keys) > 1 else keys[0],
+                torch.cat(values, dim=2) if len(values) > 1 else values[0],
                 attn_mask=seg.mask,
                 scale=scaling,
                 enable_gqa=gqa,

@@ -38,15 +38,25 @@ from pairscore_server.engine.tries import RowItem
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows ``start:stop`` of a packed row, attending first to all of the rows in
-    ``context`` (their ancestors' ``(start, stop)`` ranges, in order) and then
-    causally to themselves. ``mask`` is that pattern as a boolean
-    [queries x (context + queries)] matrix, None without context."""
+    """Rows ``start:stop`` of a packed row and the rows they attend to: with no
+    ``keys``, causally to themselves (a trie's root); else to the rows of ``keys``
+    (``(start, stop)`` ranges, in order) as the boolean [queries x keys] ``mask`` says.
+    One node: its ancestors' rows, then its own rows causally. Several nodes of one
+    trie (:func:`attention_groups`): each query its own node's pattern, in one call."""
 
     start: int
     stop: int
-    context: tuple[tuple[int, int], ...] = ()
+    keys: tuple[tuple[int, int], ...] = ()
     mask: torch.Tensor | None = None
+
+
+#: Nodes of one trie below a shared run (few-shot exemplars, a system prompt) that lie
+#: next to each other in a row run their attention as one call (:func:`attention_groups`)
+#: while the call's [queries x keys] square stays within this factor of the nodes' own
+#: blocks, plus GROUP_SLACK_SCORES a node: one call a node and layer was most of the
+#: time of a call of many short continuations (docs/performance.md).
+GROUP_WASTE = 1.5
+GROUP_SLACK_SCORES = 2048
 
 
 @dataclass(frozen=True)
@@ -94,8 +104,10 @@ def pack_row(items: Sequence[RowItem], *, device: torch.device, align: int = 1) 
     score_rows: list[int] = []
     targets: list[int] = []
     pieces: list[tuple[int, tuple[tuple[int, int], ...]]] = []
+    nodes_of_row: list[tuple[int, int, tuple[tuple[int, int], ...], bool]] = []
     for item in items:
         nodes = item.trie.nodes
+        lone = _lone_responses(item)
         where: dict[int, tuple[int, int]] = {}  # node -> its rows
         blocks: dict[int, tuple[int, int]] = {}  # node -> its tokens' scored log-probs
         context: dict[int, tuple[tuple[int, int], ...]] = {}  # node -> its ancestors' rows
@@ -117,11 +129,12 @@ def pack_row(items: Sequence[RowItem], *, device: torch.device, align: int = 1) 
             targets += node.tokens[1:]
             blocks[i] = (first, len(targets))
             if n:
-                segments.append(_segment(start, start + n, context[i], device))
+                nodes_of_row.append((start, start + n, context[i], node.parent >= 0 and i not in lone))
         for m in item.members:
             member = item.trie.members[m]
             slices = tuple(blocks[i] for i in member.path)
             pieces += [(i, slices) for i in member.indices]
+    segments = attention_groups(nodes_of_row, device)
     filler = -len(ids) % align
     if filler and ids:
         segments.append(Segment(len(ids), len(ids) + filler))
@@ -146,10 +159,99 @@ def _merged(ranges: tuple[tuple[int, int], ...], more: tuple[int, int]) -> tuple
     return (*ranges, more)
 
 
-def _segment(start: int, stop: int, context: tuple[tuple[int, int], ...], device: torch.device) -> Segment:
-    if not context:
-        return Segment(start, stop)
+def _lone_responses(item: RowItem) -> set[int]:
+    """The response nodes of the item's pairs laid out as alone (prompt + response:
+    the trie's root is the whole prompt, the response a leaf below it). They keep
+    their own attention call, so their scores stay bit for bit the same as alone."""
+    nodes = item.trie.nodes
+    lone = set()
+    for m in item.members:
+        member = item.trie.members[m]
+        if len(member.path) == 2:
+            root, leaf = member.path
+            if len(nodes[root].tokens) == member.prompt_length and not nodes[leaf].children:
+                lone.add(leaf)
+    return lone
+
+
+def attention_groups(
+    nodes: Sequence[tuple[int, int, tuple[tuple[int, int], ...], bool]], device: torch.device
+) -> list[Segment]:
+    """The attention calls of a row's nodes (each ``(start, stop, ancestors' rows,
+    groupable)``, in row order). A root attends causally to itself; any other node to
+    its ancestors' rows, then causally to itself, in a call of its own, or, when
+    groupable (below a shared run, not laid out as alone), with the groupable nodes
+    after it that have the same root, while the call stays within GROUP_WASTE of their
+    own blocks (plus GROUP_SLACK_SCORES a node). Grouping rounds attention differently
+    (keys in other places of the call), as sharing a run below the prompt already does."""
+    out: list[Segment] = []
+    group: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
+    own_scores = 0
+
+    def close() -> None:
+        if len(group) == 1:
+            out.append(_one_node(*group[0], device))
+        elif group:
+            out.append(_grouped(group, device))
+        group.clear()
+
+    for start, stop, context, groupable in nodes:
+        if not context:
+            close()
+            out.append(Segment(start, stop))
+            continue
+        scores = (stop - start) * (stop - start + sum(b - a for a, b in context))
+        if group and groupable and context[0][0] == group[0][2][0][0]:
+            trial = [*group, (start, stop, context)]
+            keys = _union(trial)
+            width = sum(b - a for a, b in keys)
+            if (stop - group[0][0]) * width <= GROUP_WASTE * (own_scores + scores) + GROUP_SLACK_SCORES * len(
+                trial
+            ):
+                group.append((start, stop, context))
+                own_scores += scores
+                continue
+        close()
+        group.append((start, stop, context))
+        own_scores = scores
+        if not groupable:
+            close()
+    close()
+    return out
+
+
+def _union(group: Sequence[tuple[int, int, tuple[tuple[int, int], ...]]]) -> tuple[tuple[int, int], ...]:
+    """The rows any node of ``group`` attends to, as sorted, merged ranges."""
+    ranges = sorted(r for start, stop, context in group for r in (*context, (start, stop)))
+    merged: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return tuple(merged)
+
+
+def _one_node(start: int, stop: int, context: tuple[tuple[int, int], ...], device: torch.device) -> Segment:
+    """One node's call: its ancestors' rows, then its own rows causally."""
     n, ctx = stop - start, sum(b - a for a, b in context)
     mask = torch.ones(n, ctx + n, dtype=torch.bool, device=device)
     mask[:, ctx:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    return Segment(start, stop, context, mask)
+    return Segment(start, stop, (*context, (start, stop)), mask)
+
+
+def _grouped(group: Sequence[tuple[int, int, tuple[tuple[int, int], ...]]], device: torch.device) -> Segment:
+    """Consecutive nodes' calls as one: each query sees its own node's ancestors and,
+    causally, its own node's rows, among the union of the keys."""
+    keys = _union(group)
+    key_rows = torch.cat([torch.arange(a, b) for a, b in keys])
+    first, last = group[0][0], group[-1][1]
+    query_rows = torch.arange(first, last)
+    mask = torch.zeros(last - first, len(key_rows), dtype=torch.bool)
+    for start, stop, context in group:
+        seen = torch.zeros(len(key_rows), dtype=torch.bool)
+        for a, b in context:
+            seen |= (key_rows >= a) & (key_rows < b)
+        own = (key_rows >= start) & (key_rows[None, :] <= query_rows[start - first : stop - first, None])
+        mask[start - first : stop - first] = seen | own
+    return Segment(first, last, keys, mask.to(device))

@@ -59,6 +59,8 @@ class Member:
     indices: tuple[int, ...]
     path: tuple[int, ...]
     length: int
+    #: its prefix and prompt (the shortest, when identical sequences have several)
+    prompt_length: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,8 @@ def build_tries(
     """
     if not share_prompts:
         return [
-            Trie((Node(tuple(s), 0, -1, ()),), (Member((i,), (0,), len(s)),)) for i, s in enumerate(sequences)
+            Trie((Node(tuple(s), 0, -1, ()),), (Member((i,), (0,), len(s), plen),))
+            for i, (s, plen) in enumerate(zip(sequences, prompt_lengths, strict=True))
         ]
     distinct: dict[tuple[int, ...], tuple[list[int], set[int]]] = {}
     for i, (seq, plen) in enumerate(zip(sequences, prompt_lengths, strict=True)):
@@ -222,7 +225,8 @@ def _freeze(
         while walk is not None:
             path.append(ids[id(walk)][1])
             walk = walk.parent
-        members[ids[id(at)][0]].append(Member(tuple(distinct[seq][0]), tuple(reversed(path)), len(seq)))
+        indices, prompts = distinct[seq]
+        members[ids[id(at)][0]].append(Member(tuple(indices), tuple(reversed(path)), len(seq), min(prompts)))
     tries = []
     for flat, mine in zip(flats, members, strict=True):
         nodes = tuple(
