@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pairscore.types import Pair, PairScore, ScoreOptions, TokenizationMode
-from pairscore_server.engine.packing import ROW_ALIGN
+from pairscore_server.engine.packing import ROW_ALIGN, SegmentBatch, pack_row
 
 from harness.models import make_engine
 from harness.scoring import (
@@ -156,6 +156,31 @@ def test_packed_rows_are_bitwise_batch_invariant(family, mode):
                 alone.conditional_logprob,
             ), pair
             assert [t.logprob for t in got.tokens] == [t.logprob for t in alone.tokens]
+
+
+def test_calls_batched_by_shape_stay_bitwise(family):
+    """Responses of one length to prompts of one length (answers to a question, several
+    questions) run as one batched attention call a layer (packing.SegmentBatch); each
+    pair's scores are still bit for bit its scores alone."""
+    eng = make_engine(*family, packing=True)
+    vocab = len(family[1])
+    prompts = [tuple(range(5 + k, 17 + k)) for k in (0, 40)]  # two prompts of 12 ids
+    pairs = [Pair(prompt_ids=p, response_ids=(30 + j, 31 + j, 7)) for p in prompts for j in range(4)]
+    assert max(max(p.prompt_ids) for p in pairs) < vocab
+    prepared = eng.prepare(pairs, ScoreOptions())
+    items, rows = eng.plan_packed_rows(prepared)
+    [row] = [pack_row([items[j] for j in members], device=torch.device("cpu")) for members in rows]
+    batches = [s for s in row.segments if isinstance(s, SegmentBatch)]
+    assert [tuple(s.queries.shape) for s in batches] == [
+        (8, 2)
+    ]  # one call, not eight (a last token feeds nothing)
+    for pair, got in zip(pairs, eng.score_pairs(pairs, ScoreOptions(return_tokens=True)), strict=True):
+        [alone] = eng.score_pairs([pair], ScoreOptions(return_tokens=True))
+        assert [t.logprob for t in got.tokens] == [t.logprob for t in alone.tokens]
+        assert (got.prompt_logprob, got.conditional_logprob) == (
+            alone.prompt_logprob,
+            alone.conditional_logprob,
+        )
 
 
 @pytest.mark.parametrize("mode", list(TokenizationMode))

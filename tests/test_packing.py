@@ -112,6 +112,14 @@ def test_plan_rows_first_fit_decreasing():
     assert sorted(i for r in rows for i in r) == [0, 1, 2, 4, 5]  # size 0: nothing to run
 
 
+def calls(segment) -> list[tuple[list[int], list[int]]]:
+    """Each attention call of a segment as (query rows, key rows); no keys: causal."""
+    if isinstance(segment, packing.SegmentBatch):
+        return list(zip(segment.queries.tolist(), segment.keys.tolist(), strict=True))
+    keys = [k for a, b in segment.keys for k in range(a, b)]
+    return [(list(range(segment.start, segment.stop)), keys)]
+
+
 def test_pack_row_layout_follows_the_token_shift():
     lone, shared = build_tries(
         [(0, 5, 6, 7), (0, 3, 20, 21, 22), (0, 3, 30), (0, 3)], [4, 2, 2, 2], min_shared=None
@@ -119,10 +127,10 @@ def test_pack_row_layout_follows_the_token_shift():
     row = pack_row(row_items(lone, 100) + row_items(shared, 100), device=torch.device("cpu"))
     assert row.input_ids.tolist() == [[0, 5, 6, 0, 3, 20, 21]]
     assert row.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 3]]
-    assert [(s.start, s.stop, s.keys) for s in row.segments] == [
-        (0, 3, ()),
-        (3, 5, ()),
-        (5, 7, ((3, 5), (5, 7))),
+    assert [calls(s) for s in row.segments] == [
+        [([0, 1, 2], [])],
+        [([3, 4], [])],
+        [([5, 6], [3, 4, 5, 6])],
     ]
     assert row.segments[2].mask.tolist() == [[True, True, True, False], [True, True, True, True]]
     # lone: rows 0,1,2 predict 5,6,7; tree: row 3 predicts 3, row 4 predicts y_1 of
@@ -146,10 +154,10 @@ def test_pack_row_context_is_every_ancestor():
     row = pack_row(row_items(trie, 100), device=torch.device("cpu"))
     assert row.input_ids.tolist() == [[0, 1, 2, 3, 4, 7]]
     assert row.position_ids.tolist() == [[0, 1, 2, 3, 4, 3]]
-    assert [(s.start, s.stop, s.keys) for s in row.segments] == [
-        (0, 3, ()),
-        (3, 5, ((0, 3), (3, 5))),
-        (5, 6, ((0, 3), (5, 6))),  # (7, 8) is a pair laid out as alone: a call of its own
+    assert [calls(s) for s in row.segments] == [
+        [([0, 1, 2], [])],
+        [([3, 4], [0, 1, 2, 3, 4])],  # (3, 4), below the shared run: a call of its own
+        [([5], [0, 1, 2, 5])],  # (7, 8), a pair laid out as alone: a call of its own
     ]
     split = dict(row.split(torch.arange(len(row.targets), dtype=torch.float32)))
     targets = row.targets.tolist()
@@ -254,15 +262,25 @@ def test_attention_groups_give_each_query_its_own_nodes_pattern():
         (20, 22, ((0, 10),), False),  # laid out as alone: its own call
     ]
     segments = packing.attention_groups(nodes, torch.device("cpu"))
-    assert [(s.start, s.stop) for s in segments] == [(0, 10), (10, 20), (20, 22)]
     root, group, lone = segments
-    assert root.mask is None and root.keys == ()
-    assert group.keys == ((0, 20),)
-    assert lone.keys == ((0, 10), (20, 22))
+    assert calls(root) == [(list(range(10)), [])] and root.mask is None
+    assert calls(group) == [(list(range(10, 20)), list(range(20)))]
+    assert calls(lone) == [([20, 21], [*range(10), 20, 21])]
     for start, stop, context, _ in nodes[1:4]:
         for q in range(start, stop):
             seen = [any(a <= k < b for a, b in context) or start <= k <= q for k in range(20)]
             assert group.mask[q - 10].tolist() == seen
+
+
+def test_single_node_calls_of_one_shape_run_as_one_batch():
+    """Nodes left with a call of their own (four answers to one prompt, laid out as
+    alone) run as one batched call a shape, each with its own keys and the shared mask."""
+    nodes = [(0, 8, (), False)] + [(8 + 2 * i, 10 + 2 * i, ((0, 8),), False) for i in range(4)]
+    nodes.append((16, 19, ((0, 8),), False))  # another length: another batch
+    root, twos, three = packing.attention_groups(nodes, torch.device("cpu"))
+    assert calls(twos) == [([8 + 2 * i, 9 + 2 * i], [*range(8), 8 + 2 * i, 9 + 2 * i]) for i in range(4)]
+    assert twos.mask.tolist() == [[True] * 9 + [False], [True] * 10]
+    assert calls(three) == [([16, 17, 18], [*range(8), 16, 17, 18])]
 
 
 def test_attention_groups_stay_within_their_waste_bound():
@@ -273,6 +291,8 @@ def test_attention_groups_stay_within_their_waste_bound():
     assert 2 < len(segments) < 20  # 61 calls without grouping
     own = {(s, e): (e - s) * (e - s + 400) for s, e, _, _ in nodes[1:]}
     for seg in segments[1:]:
+        if isinstance(seg, packing.SegmentBatch):  # nodes left alone: their own blocks
+            continue
         width = sum(b - a for a, b in seg.keys)
         mine = sum(v for (s, e), v in own.items() if seg.start <= s < seg.stop)
         members = sum(seg.start <= s < seg.stop for s, _ in own)

@@ -21,6 +21,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 
 from pairscore_server.engine.interface import CausalLM
+from pairscore_server.engine.packing import SegmentBatch
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ def packed_sdpa_attention(
     gqa = getattr(module, "num_key_value_groups", 1) > 1
     out = query.new_empty(*query.shape[:3], value.shape[-1])
     for seg in segments:
+        if isinstance(seg, SegmentBatch):
+            _batched_calls(out, query, key, value, seg, scaling, gqa)
+            continue
         q = query[:, :, seg.start : seg.stop]
         if seg.mask is None:
             out[:, :, seg.start : seg.stop] = scaled_dot_product_attention(
@@ -80,6 +84,35 @@ def packed_sdpa_attention(
                 enable_gqa=gqa,
             )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` ([m x n]) of a [1, H, T, D] tensor as a contiguous [m, H, n, D] batch."""
+    m, n = rows.shape
+    picked = x[0].index_select(1, rows.reshape(-1))  # [H, m*n, D]
+    return picked.view(x.shape[1], m, n, x.shape[3]).transpose(0, 1).contiguous()
+
+
+def _batched_calls(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    seg: SegmentBatch,
+    scaling: float | None,
+    gqa: bool,
+) -> None:
+    """One SDPA call for a batch of single-node calls of one shape, written back to ``out``."""
+    got = scaled_dot_product_attention(
+        _rows(query, seg.queries),
+        _rows(key, seg.keys),
+        _rows(value, seg.keys),
+        attn_mask=seg.mask,
+        scale=scaling,
+        enable_gqa=gqa,
+    )  # [m, H, n, D]
+    heads, dim = got.shape[1], got.shape[3]
+    out[0].index_copy_(1, seg.queries.reshape(-1), got.transpose(0, 1).reshape(heads, -1, dim))
 
 
 def enable_packed_attention(model: CausalLM) -> str | None:

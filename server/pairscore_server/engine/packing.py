@@ -50,6 +50,21 @@ class Segment:
     mask: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class SegmentBatch:
+    """Single-node calls of one shape run as one batched SDPA call: call i's queries
+    are rows ``queries[i]`` ([m x n]), its keys rows ``keys[i]`` ([m x k]), all with
+    ``mask`` ([n x k]: the ancestors' rows, then its own causally). Each call of the
+    batch computes bit for bit what it computes alone (the kernel blocks by its
+    lengths, not by the batch), so a pair's scores do not depend on how many calls
+    of its shape its batch mates bring; it saves a concatenation and a kernel call a
+    node and layer (four short answers to one prompt: four calls)."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    mask: torch.Tensor
+
+
 #: Nodes of one trie below a shared run (few-shot exemplars, a system prompt) that lie
 #: next to each other in a row run their attention as one call (:func:`attention_groups`)
 #: while the call's [queries x keys] square stays within this factor of the nodes' own
@@ -65,7 +80,7 @@ class PackedRow:
 
     input_ids: torch.Tensor  # [1, T] long
     position_ids: torch.Tensor  # [1, T] long
-    segments: tuple[Segment, ...]
+    segments: tuple[Segment | SegmentBatch, ...]
     score_rows: torch.Tensor  # [S] hidden rows that predict a scored token
     targets: torch.Tensor  # [S] the token each of them predicts
     # per sequence: (sequence index, slices of the scored log-probs, end to end)
@@ -134,7 +149,7 @@ def pack_row(items: Sequence[RowItem], *, device: torch.device, align: int = 1) 
             member = item.trie.members[m]
             slices = tuple(blocks[i] for i in member.path)
             pieces += [(i, slices) for i in member.indices]
-    segments = attention_groups(nodes_of_row, device)
+    segments: list[Segment | SegmentBatch] = list(attention_groups(nodes_of_row, device))
     filler = -len(ids) % align
     if filler and ids:
         segments.append(Segment(len(ids), len(ids) + filler))
@@ -176,21 +191,24 @@ def _lone_responses(item: RowItem) -> set[int]:
 
 def attention_groups(
     nodes: Sequence[tuple[int, int, tuple[tuple[int, int], ...], bool]], device: torch.device
-) -> list[Segment]:
+) -> list[Segment | SegmentBatch]:
     """The attention calls of a row's nodes (each ``(start, stop, ancestors' rows,
     groupable)``, in row order). A root attends causally to itself; any other node to
     its ancestors' rows, then causally to itself, in a call of its own, or, when
     groupable (below a shared run, not laid out as alone), with the groupable nodes
     after it that have the same root, while the call stays within GROUP_WASTE of their
     own blocks (plus GROUP_SLACK_SCORES a node). Grouping rounds attention differently
-    (keys in other places of the call), as sharing a run below the prompt already does."""
-    out: list[Segment] = []
+    (keys in other places of the call), as sharing a run below the prompt already does.
+    The nodes left with a call of their own run batched by shape (:class:`SegmentBatch`)."""
+    out: list[Segment | SegmentBatch] = []
+    alone: dict[tuple[int, int], list[tuple[int, int, tuple[tuple[int, int], ...]]]] = {}
     group: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
     own_scores = 0
 
     def close() -> None:
         if len(group) == 1:
-            out.append(_one_node(*group[0], device))
+            start, stop, context = group[0]
+            alone.setdefault((stop - start, sum(b - a for a, b in context)), []).append(group[0])
         elif group:
             out.append(_grouped(group, device))
         group.clear()
@@ -217,6 +235,7 @@ def attention_groups(
         if not groupable:
             close()
     close()
+    out += [_batch_of_calls(calls, device) for calls in alone.values()]
     return out
 
 
@@ -232,12 +251,22 @@ def _union(group: Sequence[tuple[int, int, tuple[tuple[int, int], ...]]]) -> tup
     return tuple(merged)
 
 
-def _one_node(start: int, stop: int, context: tuple[tuple[int, int], ...], device: torch.device) -> Segment:
-    """One node's call: its ancestors' rows, then its own rows causally."""
+def _batch_of_calls(
+    calls: Sequence[tuple[int, int, tuple[tuple[int, int], ...]]], device: torch.device
+) -> SegmentBatch:
+    """Single-node calls of one shape (``n`` own rows after ``ctx`` ancestors' rows) as
+    one batch: each its ancestors' rows, then its own rows causally."""
+    start, stop, context = calls[0]
     n, ctx = stop - start, sum(b - a for a, b in context)
-    mask = torch.ones(n, ctx + n, dtype=torch.bool, device=device)
-    mask[:, ctx:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    return Segment(start, stop, (*context, (start, stop)), mask)
+    mask = torch.ones(n, ctx + n, dtype=torch.bool)
+    mask[:, ctx:] = torch.ones(n, n, dtype=torch.bool).tril()
+    queries = [list(range(a, b)) for a, b, _ in calls]
+    keys = [[k for x, y in (*c, (a, b)) for k in range(x, y)] for a, b, c in calls]
+    return SegmentBatch(
+        torch.tensor(queries, dtype=torch.long).to(device),
+        torch.tensor(keys, dtype=torch.long).to(device),
+        mask.to(device),
+    )
 
 
 def _grouped(group: Sequence[tuple[int, int, tuple[tuple[int, int], ...]]], device: torch.device) -> Segment:
