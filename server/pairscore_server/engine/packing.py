@@ -115,7 +115,6 @@ def pack_row(items: Sequence[RowItem], *, device: torch.device, align: int = 1) 
     multiple of ``align`` positions with a causal filler segment that is not scored."""
     ids: list[int] = []
     positions: list[int] = []
-    segments: list[Segment] = []
     score_rows: list[int] = []
     targets: list[int] = []
     pieces: list[tuple[int, tuple[tuple[int, int], ...]]] = []
@@ -149,7 +148,7 @@ def pack_row(items: Sequence[RowItem], *, device: torch.device, align: int = 1) 
             member = item.trie.members[m]
             slices = tuple(blocks[i] for i in member.path)
             pieces += [(i, slices) for i in member.indices]
-    segments: list[Segment | SegmentBatch] = list(attention_groups(nodes_of_row, device))
+    segments = attention_groups(nodes_of_row, device)
     filler = -len(ids) % align
     if filler and ids:
         segments.append(Segment(len(ids), len(ids) + filler))
