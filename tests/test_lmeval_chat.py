@@ -131,7 +131,7 @@ def test_render_chat_is_transformers_apply_chat_template(tmp_path: Path, start_s
         assert client.render_chat(messages) == client.render_chat(CONVERSATIONS[1])
         assert client.render_chat([]) == ""
         assert client.chat_template() == hf.chat_template
-        with pytest.raises(InvalidArgumentError, match=r"role is 'robot'.*one of system, user"):
+        with pytest.raises(InvalidArgumentError, match=r"messages\[0\]\.role is .robot.*one of system, user"):
             client.render_chat([{"role": "robot", "content": "x"}])
         with pytest.raises(InvalidArgumentError, match="set one of them"):
             client.render_chat(CONVERSATIONS[2], continue_final_message=True)
@@ -262,3 +262,32 @@ def test_the_command_line_with_a_chat_template(tmp_path: Path, gpt2_family: Any,
     done = _cli(plain.target, task_dir, tmp_path / "out2", "--apply_chat_template")
     assert done.returncode != 0
     assert "has no chat template" in done.stderr and "without --apply_chat_template" in done.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_chat_matches_the_hf_backend_in_the_benchmark(smol_cache_dir: Path, tmp_path: Path) -> None:
+    """bench/lmeval_speed.py --chat on the embedded SmolLM2 (its own ChatML template), small:
+    the same rendered contexts (the script stops otherwise) and log-likelihoods as hf."""
+    env = {
+        **os.environ,
+        "PAIRSCORE_CACHE_DIR": str(smol_cache_dir),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server")]),
+    }
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "lmeval_speed.py"),
+        "--chat",
+        "--docs",
+        "4",
+        "--fewshot",
+        "2",
+    ]
+    argv += ["--repeats", "1", "--json", str(tmp_path / "out.json")]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads((tmp_path / "out.json").read_text())
+    assert figures["chat"] and figures["tasks"] == [MC_TASK] and figures["requests"] == 4 * 4
+    assert 140 <= figures["system_prompt_tokens"] <= 160
+    assert figures["accuracy_pairscore"] == figures["accuracy_hf"]
+    assert figures["max_abs_diff_nats"] <= TOLERANCE
+    assert figures["is_greedy_mismatches"] == 0

@@ -192,31 +192,30 @@ class ChatRenderer:
             )
         if not messages:
             return ""
-        self._check_count_and_roles(messages)
+        self._check_count_and_roles(messages, "messages")
         convo = [{"role": m.role, "content": m.content} for m in messages]
         return self._apply(
             convo, generation_prompt=add_generation_prompt, continue_final_message=continue_final_message
         )
 
     @staticmethod
-    def _check_count_and_roles(messages: Sequence[ChatMessage]) -> None:
+    def _check_count_and_roles(messages: Sequence[ChatMessage], field: str) -> None:
+        """ChatError for too many messages or an unknown role; ``field`` names the messages."""
         if len(messages) > MAX_MESSAGES:
             raise ChatError(
-                f"prompt_messages has {len(messages)} messages; a conversation has at most "
+                f"{field} has {len(messages)} messages; a conversation has at most "
                 f"{MAX_MESSAGES}: keep its system message and last turns, or score it in parts"
             )
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
-                raise ChatError(
-                    f"prompt_messages[{i}].role is {m.role!r}; a role is one of {', '.join(CHAT_ROLES)}"
-                )
+                raise ChatError(f"{field}[{i}].role is {m.role!r}; a role is one of {', '.join(CHAT_ROLES)}")
 
     @staticmethod
     def check_messages(messages: Sequence[ChatMessage]) -> None:
         """Raise ChatError for a conversation no template should be asked to render."""
         if not messages:
             raise ChatError("prompt_messages is empty; send at least one message (e.g. the user's)")
-        ChatRenderer._check_count_and_roles(messages)
+        ChatRenderer._check_count_and_roles(messages, "prompt_messages")
         if messages[-1].role == "assistant":
             raise ChatError(
                 f"the last message (prompt_messages[{len(messages) - 1}]) is from the assistant; the "
