@@ -138,6 +138,13 @@ def test_render_chat_is_transformers_apply_chat_template(tmp_path: Path, start_s
         with pytest.raises(TypeError, match=r"messages\[0\] must be"):
             client.render_chat([("user", "Hi")])  # type: ignore[list-item]
         assert client.render_chat(CONVERSATIONS[0]).endswith("<|im_start|>assistant\n")  # still serving
+        # a long conversation renders off the event loop (the prepare stage), the same text
+        long = [
+            {"role": "user", "content": "two plus two " * 3000},
+            {"role": "assistant", "content": "x" * 40000},
+        ]
+        want = hf.apply_chat_template(long, tokenize=False, add_generation_prompt=True)
+        assert client.render_chat(long) == want and len(want) > 79000
 
     async def via_aio() -> tuple[str, str]:
         async with AsyncScoringClient(st.target, timeout=20) as aio:
@@ -160,8 +167,13 @@ def test_render_chat_refusals_name_the_cause(gpt2_family: Any, tmp_path: Path, s
             with pytest.raises(ScoringError, match="has no chat template.*serve a chat model") as info:
                 call()
             assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
-    st = start_server(load(chat_model_dir(tmp_path, "gpt2", NO_SYSTEM_TEMPLATE)), max_text_chars=60)
+    st = start_server(
+        load(chat_model_dir(tmp_path, "gpt2", NO_SYSTEM_TEMPLATE)), max_text_chars=60, max_response_bytes=1024
+    )
     with st.client() as client:
+        many = [{"role": "user", "content": "y" * 60}] * 20  # 20 x (60 + 28 template) + 22 bytes > 1024
+        with pytest.raises(InvalidArgumentError, match=r"takes 1782 bytes, over this server's 1024-byte"):
+            client.render_chat(many)
         with pytest.raises(InvalidArgumentError, match="refused the conversation: System role not supported"):
             client.render_chat(CONVERSATIONS[1])
         with pytest.raises(InvalidArgumentError, match=r"messages\[0\]\.content has 61 characters"):

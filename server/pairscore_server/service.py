@@ -382,11 +382,11 @@ class ScoringService:
         engine = self._engine
         if not isinstance(engine, ChatRendering):
             raise NoChatTemplateError(f"this server's engine ({type(engine).__name__}) renders no chat")
+        template = engine.chat_template()  # NoChatTemplateError first: the cause to fix
         for i, m in enumerate(args.messages):
             problem = self.limits.text_too_long(f"messages[{i}].content", m.content, "chat message")
             if problem:
                 raise RequestLimitError(problem)
-        template = engine.chat_template()  # NoChatTemplateError first: the cause to fix
         chars = sum(len(m.role) + len(m.content) for m in args.messages)
         stage = self.prepare_stage
         stage.check(chars, "RenderChat request")
