@@ -27,14 +27,22 @@ average (the machine is shared)::
     python bench/lmeval_speed.py --first-n             # the same exemplars for every question (MMLU-style)
     python bench/lmeval_speed.py --no-rolling          # the multiple-choice task alone
     python bench/lmeval_speed.py --model /models/my-model --hf-batch-size 32
+    python bench/lmeval_speed.py --chat                # chat template, a shared system prompt
 
 For SmolLM2-Instruct, lm-eval's hf backend conditions an empty context on
 the tokenizer's BOS ``<|im_start|>``; pairscore's prefix token is
 ``<|endoftext|>``, so the script passes ``prefix_token=<|im_start|>``.
-Chat (``--apply_chat_template``) is not measured here: the ``pairscore``
-model type does not implement lm-eval's ``apply_chat_template``;
-bench/throughput.py's ``chat`` workload compares lm-eval's hf backend and the
-engine on conversations.
+
+``--chat`` runs the multiple-choice task as a chat model is evaluated: both
+CLIs get ``--apply_chat_template`` (lm-eval then also sets
+``--fewshot_as_multiturn``: each exemplar is a user turn and an assistant
+reply) and ``--system_instruction`` with :data:`SYSTEM_PROMPT` (~150
+tokens, the same for every question), so every context is the model's chat
+template around a shared system prompt and that document's exemplars. The
+rolling task is left out (lm-eval does not template its texts). Rendering
+the template is not part of the request phase: the hf backend renders in
+its process, pairscore on the server (one ``RenderChat`` call per
+document), and that time is reported apart (``chat rendering``).
 """
 
 from __future__ import annotations
@@ -60,6 +68,19 @@ from harness.lmeval import MC_TASK, ROLLING_TASK, write_tasks  # noqa: E402
 
 #: The model methods whose time is the request phase.
 REQUEST_METHODS = ("loglikelihood", "loglikelihood_rolling")
+
+#: The shared system prompt of ``--chat`` (150 SmolLM2 tokens with its newlines).
+SYSTEM_PROMPT = (
+    "You are a careful assistant that answers short arithmetic questions written in words. "
+    "Each question names two whole numbers from zero to nine and one operation: plus, minus "
+    "or times. Work out the result exactly, then answer with the single English word for that "
+    "number, in lower case, without digits, punctuation or any explanation.\n"
+    "Rules: zero is a number like any other; the result of every question is between zero and "
+    "nine; if two answers seem possible, give the one that the arithmetic in the question "
+    "yields. Do not repeat the question, do not greet the user and do not add remarks about "
+    "your reasoning. Keep the answer to one word, and make sure it is spelled correctly, since "
+    "answers are compared letter by letter with the expected word."
+)
 
 
 def free_port() -> int:
@@ -88,6 +109,15 @@ def start_server(model_dir: str, log: Path) -> tuple[subprocess.Popen[bytes], st
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("server did not start:\n" + log.read_text())
             time.sleep(0.3)
+
+
+def chat_tokens(target: str, text: str) -> tuple[int, ...]:
+    """The ids of ``text`` as the server tokenizes it (to report the system prompt's size)."""
+    from pairscore import ScoringClient
+
+    with ScoringClient(target, timeout=30) as client:
+        [ids] = client.tokenize([text], parse_special_tokens=True)
+    return ids
 
 
 def max_length(target: str) -> int:
@@ -123,25 +153,32 @@ def cli_child(timings_path: Path, cli_args: list[str]) -> None:
             cli_evaluate()
 
     inner = lm_eval.evaluator.evaluate
-    record: dict = {"request_seconds": 0.0}
+    record: dict = {"request_seconds": 0.0, "render_seconds": 0.0}
 
     def timed_evaluate(lm, *args, **kwargs):
         record["startup_seconds"] = time.perf_counter() - started
-        for name in REQUEST_METHODS:
+        timed_methods = [(name, "request_seconds") for name in REQUEST_METHODS]
+        for name, key in [*timed_methods, ("apply_chat_template", "render_seconds")]:
             method = getattr(lm, name)
 
-            def timed(requests, *a, _method=method, **kw):
+            def timed(*a, _method=method, _key=key, **kw):
                 t0 = time.perf_counter()
                 try:
-                    return _method(requests, *a, **kw)
+                    return _method(*a, **kw)
                 finally:
-                    record["request_seconds"] += time.perf_counter() - t0
+                    record[_key] += time.perf_counter() - t0
 
             setattr(lm, name, timed)
         t0 = time.perf_counter()
         out = inner(lm, *args, **kwargs)
         record["evaluate_seconds"] = time.perf_counter() - t0
         record["accuracy"] = {t: r.get("acc,none") for t, r in out["results"].items()}
+        record["contexts"] = sorted(
+            [task, sample["doc_id"], i, args[0]]
+            for task, samples in out["samples"].items()
+            for sample in samples
+            for i, args in enumerate(sample["arguments"])
+        )
         record["requests"] = sorted(
             [task, sample["doc_id"], i, _value(resp[0])]
             for task, samples in out["samples"].items()
@@ -208,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the multiple-choice task alone (default: + rolling perplexity)",
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="--apply_chat_template with a shared ~150-token --system_instruction (multiple choice only)",
+    )
     parser.add_argument("--hf-batch-size", default="1", help="lm-eval's --batch_size for hf (default 1)")
     parser.add_argument("--prefix-token", default=None, help="default: <|im_start|> for smollm2")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -218,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(OMP_NUM_THREADS=threads, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     model_dir = smollm2_dir() if args.model == "smollm2" else args.model
     prefix = args.prefix_token or ("<|im_start|>" if args.model == "smollm2" else None)
-    tasks = [MC_TASK, *([] if args.no_rolling else [ROLLING_TASK])]
+    tasks = [MC_TASK, *([] if args.no_rolling or args.chat else [ROLLING_TASK])]
+    chat_args = ["--apply_chat_template", "--system_instruction", SYSTEM_PROMPT] if args.chat else []
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -242,12 +285,15 @@ def main(argv: list[str] | None = None) -> int:
                 "pairscore": (f"target={target}" + (f",prefix_token={prefix}" if prefix else ""), "1"),
             }
             # warm-up, untimed: the server's first requests (the hf process starts cold every run)
-            run_cli("pairscore", *backends["pairscore"], [MC_TASK], task_dir, tmp, ["--limit", "2"])
+            run_cli(
+                "pairscore", *backends["pairscore"], [MC_TASK], task_dir, tmp, ["--limit", "2", *chat_args]
+            )
+            system_tokens = len(chat_tokens(target, SYSTEM_PROMPT)) if args.chat else 0
             runs: dict[str, list] = {"hf": [], "pairscore": []}
             for repeat in range(args.repeats):
                 order = ["hf", "pairscore"] if repeat % 2 == 0 else ["pairscore", "hf"]
                 for name in order:
-                    runs[name].append(run_cli(name, *backends[name], tasks, task_dir, tmp))
+                    runs[name].append(run_cli(name, *backends[name], tasks, task_dir, tmp, chat_args))
                     print(f"  {name}: request phase {runs[name][-1]['request_seconds']:.2f} s", flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -256,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = list(zip(ps["requests"], hf["requests"], strict=True))
     if any(a[:3] != b[:3] for a, b in pairs):
         raise SystemExit("the two backends answered different requests")
+    if ps["contexts"] != hf["contexts"]:
+        raise SystemExit("the two backends built different contexts (chat templates rendered differently)")
     diffs = [abs(a[3][0] - b[3][0]) for a, b in pairs]
     by_task = {t: max(d for d, (a, _) in zip(diffs, pairs, strict=True) if a[0] == t) for t in tasks}
     greedy = sum(a[3][1] != b[3][1] for a, b in pairs)
@@ -268,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         "docs": args.docs,
         "fewshot": args.fewshot,
         "sentences": args.sentences,
+        "chat": args.chat,
+        "system_prompt_tokens": system_tokens,
         "first_n": args.first_n,
         "tasks": tasks,
         "requests": len(pairs),
@@ -283,13 +333,21 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": os.getloadavg(),
     }
     for name in ("hf", "pairscore"):
-        for key in ("request_seconds", "startup_seconds", "evaluate_seconds", "wall_seconds"):
+        for key in (
+            "request_seconds",
+            "render_seconds",
+            "startup_seconds",
+            "evaluate_seconds",
+            "wall_seconds",
+        ):
             figures[f"{name}_{key}"] = median(name, key)
     figures["request_speedup"] = figures["hf_request_seconds"] / figures["pairscore_request_seconds"]
     figures["evaluate_speedup"] = figures["hf_evaluate_seconds"] / figures["pairscore_evaluate_seconds"]
+    chat = f", chat template + {system_tokens}-token system prompt" if args.chat else ""
     print(
-        f"{len(pairs)} requests ({args.docs} docs x 4 choices, {args.fewshot}-shot"
-        f"{'' if args.no_rolling else ', + rolling'}), lm-eval's CLI, hf --batch_size {args.hf_batch_size}"
+        f"{len(pairs)} requests ({args.docs} docs x 4 choices, {args.fewshot}-shot{chat}"
+        f"{'' if ROLLING_TASK not in tasks else ', + rolling'}), lm-eval's CLI, "
+        f"hf --batch_size {args.hf_batch_size}"
     )
     print(f"accuracy      hf {figures['accuracy_hf']:.4f}   pairscore {figures['accuracy_pairscore']:.4f}")
     per_task = ", ".join(f"{t} {d:.2e}" for t, d in by_task.items())
@@ -297,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median of {args.repeats}    {'hf':>9} {'pairscore':>10} {'hf/pairscore':>13}")
     for key, label in (
         ("request_seconds", "request phase"),
+        *([("render_seconds", "chat rendering")] if args.chat else []),
         ("evaluate_seconds", "evaluate()"),
         ("startup_seconds", "start-up"),
         ("wall_seconds", "whole CLI run"),

@@ -56,6 +56,8 @@ OTHER_TOOLS_FLAGS = {
     "--num",  # --num_fewshot
     "--batch",  # --batch_size: lm-eval's (docs/ecosystem.md)
     "--include",  # --include_path: lm-eval's (README.md, docs/ecosystem.md)
+    "--apply",  # --apply_chat_template: lm-eval's (README.md, docs/ecosystem.md, docs/api.md)
+    "--system",  # --system_instruction: lm-eval's (README.md, docs/ecosystem.md)
     "--help",
 }
 #: Where the project's own flags and variables are defined.

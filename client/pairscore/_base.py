@@ -28,9 +28,12 @@ from pairscore.channel import (
 )
 from pairscore.convert import (
     ConversionError,
+    RenderChatArgs,
     candidates_request_to_pb,
     candidates_response_from_pb,
     model_info_from_pb,
+    render_chat_request_to_pb,
+    render_chat_response_from_pb,
     request_to_pb,
     response_from_pb,
     tokenize_request_to_pb,
@@ -46,7 +49,14 @@ from pairscore.inputs import (
     resolve_options,
     to_pair,
 )
-from pairscore.types import CandidateSet, CandidateSetResult, ModelInfo, ScoreOptions, ScoreOutcome
+from pairscore.types import (
+    CandidateSet,
+    CandidateSetResult,
+    ChatMessage,
+    ModelInfo,
+    ScoreOptions,
+    ScoreOutcome,
+)
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -210,6 +220,25 @@ class ClientCore:
         request = tokenize_request_to_pb(texts, parse_special_tokens=parse_special_tokens)
         return Unary("Tokenize", request, self.call_kwargs(timeout), lambda r: self.token_ids(r, len(texts)))
 
+    def render_chat(
+        self,
+        messages: Iterable[ChatMessage | Mapping[str, str]],
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        include_template: bool,
+        timeout: float | None,
+    ) -> Unary[tuple[str, str]]:
+        """RenderChat: (text, template); TypeError for a message that is neither a
+        ChatMessage nor a {"role", "content"} mapping of strings."""
+        args = RenderChatArgs(
+            messages=tuple(_chat_message(i, m) for i, m in enumerate(messages)),
+            add_generation_prompt=bool(add_generation_prompt),
+            continue_final_message=bool(continue_final_message),
+            include_template=bool(include_template),
+        )
+        request = render_chat_request_to_pb(args)
+        return Unary("RenderChat", request, self.call_kwargs(timeout), render_chat_response_from_pb)
+
     def model_info(self, timeout: float | None, wait_for_ready: bool | None) -> Unary[ModelInfo]:
         """GetModelInfo."""
         kwargs = self.call_kwargs(timeout, wait_for_ready)
@@ -275,6 +304,21 @@ class ClientCore:
         return ids
 
 
+def _chat_message(index: int, message: ChatMessage | Mapping[str, str]) -> ChatMessage:
+    """``message`` as a ChatMessage: one already, or a {"role": ..., "content": ...} mapping
+    (what transformers' and lm-evaluation-harness's chat histories hold)."""
+    if isinstance(message, ChatMessage):
+        return message
+    if isinstance(message, Mapping):
+        role, content = message.get("role"), message.get("content")
+        if isinstance(role, str) and isinstance(content, str):
+            return ChatMessage(role, content)
+    raise TypeError(
+        f"messages[{index}] must be a pairscore.ChatMessage or a mapping with str 'role' and "
+        f"'content', got {message!r:.100}"
+    )
+
+
 def _health_status(response: health_pb2.HealthCheckResponse) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
@@ -321,6 +365,7 @@ class ClientBase:
             "Score": stub.Score,
             "ScoreCandidates": stub.ScoreCandidates,
             "Tokenize": stub.Tokenize,
+            "RenderChat": stub.RenderChat,
             "GetModelInfo": stub.GetModelInfo,
             "Check": health_pb2_grpc.HealthStub(self._channel).Check,
         }

@@ -17,7 +17,7 @@ sent. Create it inside the event loop that uses it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -27,7 +27,14 @@ from pairscore._base import DEFAULT_BATCH_SIZE, SCORING_SERVICE, ClientBase, Ite
 from pairscore.channel import ChannelSettings
 from pairscore.errors import ScoringError
 from pairscore.inputs import PairLike, PromptLike, ResponseLike, resolve_options
-from pairscore.types import CandidateSet, CandidateSetResult, ModelInfo, ScoreOptions, ScoreOutcome
+from pairscore.types import (
+    CandidateSet,
+    CandidateSetResult,
+    ChatMessage,
+    ModelInfo,
+    ScoreOptions,
+    ScoreOutcome,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -146,6 +153,23 @@ class AsyncScoringClient(ClientBase):
     ) -> list[tuple[int, ...]]:
         """Each text's token ids; see :meth:`ScoringClient.tokenize <pairscore.client.ScoringClient.tokenize>`."""
         return await self._send(self._core.tokenize(texts, parse_special_tokens, timeout))
+
+    async def render_chat(
+        self,
+        messages: Iterable[ChatMessage | Mapping[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        timeout: float | None = None,
+    ) -> str:
+        """A conversation as text with the model's chat template; see
+        :meth:`ScoringClient.render_chat <pairscore.client.ScoringClient.render_chat>`."""
+        call = self._core.render_chat(messages, add_generation_prompt, continue_final_message, False, timeout)
+        return (await self._send(call))[0]
+
+    async def chat_template(self, *, timeout: float | None = None) -> str:
+        """The Jinja source of the model's chat template."""
+        return (await self._send(self._core.render_chat((), False, False, True, timeout)))[1]
 
     async def model_info(
         self, *, timeout: float | None = None, wait_for_ready: bool | None = None

@@ -20,7 +20,7 @@ the asyncio twin: both are thin shells over one implementation
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -30,7 +30,14 @@ from pairscore._base import DEFAULT_BATCH_SIZE, SCORING_SERVICE, ClientBase, Ite
 from pairscore.channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelSettings
 from pairscore.errors import ScoringError
 from pairscore.inputs import PairLike, PromptLike, ResponseLike, resolve_options
-from pairscore.types import CandidateSet, CandidateSetResult, ModelInfo, ScoreOptions, ScoreOutcome
+from pairscore.types import (
+    CandidateSet,
+    CandidateSetResult,
+    ChatMessage,
+    ModelInfo,
+    ScoreOptions,
+    ScoreOutcome,
+)
 from pairscore.v1 import scoring_pb2 as pb
 
 if TYPE_CHECKING:
@@ -271,6 +278,31 @@ class ScoringClient(ClientBase):
         text over ``max_text_chars``, fail the call (INVALID_ARGUMENT).
         """
         return self._send(self._core.tokenize(texts, parse_special_tokens, timeout))
+
+    def render_chat(
+        self,
+        messages: Iterable[ChatMessage | Mapping[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        timeout: float | None = None,
+    ) -> str:
+        """A conversation as text with the model's chat template (the RenderChat RPC): what
+        transformers' ``tokenizer.apply_chat_template(messages, tokenize=False,
+        add_generation_prompt=..., continue_final_message=...)`` gives on the server.
+
+        ``messages``: :class:`~pairscore.types.ChatMessage` or ``{"role", "content"}``
+        dicts. Tokenize the text with ``tokenize(..., parse_special_tokens=True)`` to get
+        the template's control tokens as special tokens. A model without a chat template
+        raises :class:`~pairscore.errors.ScoringError` with code FAILED_PRECONDITION; a
+        conversation the template refuses :class:`~pairscore.errors.InvalidArgumentError`.
+        """
+        call = self._core.render_chat(messages, add_generation_prompt, continue_final_message, False, timeout)
+        return self._send(call)[0]
+
+    def chat_template(self, *, timeout: float | None = None) -> str:
+        """The Jinja source of the model's chat template (errors as :meth:`render_chat`)."""
+        return self._send(self._core.render_chat((), False, False, True, timeout))[1]
 
     def model_info(self, *, timeout: float | None = None, wait_for_ready: bool | None = None) -> ModelInfo:
         """Describe the served model and its scoring contract.

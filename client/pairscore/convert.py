@@ -7,6 +7,7 @@ so the wire format and the Python types cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from pairscore.types import (
     Candidate,
@@ -351,6 +352,46 @@ def tokenize_response_to_pb(ids: Iterable[Sequence[int]]) -> pb.TokenizeResponse
 def tokenize_response_from_pb(msg: pb.TokenizeResponse) -> list[tuple[int, ...]]:
     """Read each text's ids from a TokenizeResponse message."""
     return [tuple(t.ids) for t in msg.tokens]
+
+
+@dataclass(frozen=True)
+class RenderChatArgs:
+    """What a RenderChatRequest asks: the conversation and how to render it."""
+
+    messages: tuple[ChatMessage, ...]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    include_template: bool = False
+
+
+def render_chat_request_to_pb(args: RenderChatArgs) -> pb.RenderChatRequest:
+    """Build a RenderChatRequest message."""
+    return pb.RenderChatRequest(
+        messages=[pb.ChatMessage(role=m.role, content=m.content) for m in args.messages],
+        add_generation_prompt=args.add_generation_prompt,
+        continue_final_message=args.continue_final_message,
+        include_template=args.include_template,
+    )
+
+
+def render_chat_request_from_pb(msg: pb.RenderChatRequest) -> RenderChatArgs:
+    """Read a RenderChatRequest message."""
+    return RenderChatArgs(
+        messages=tuple(ChatMessage(m.role, m.content) for m in msg.messages),
+        add_generation_prompt=msg.add_generation_prompt,
+        continue_final_message=msg.continue_final_message,
+        include_template=msg.include_template,
+    )
+
+
+def render_chat_response_to_pb(text: str, template: str = "") -> pb.RenderChatResponse:
+    """Build a RenderChatResponse message: the rendered text and, when asked, the template."""
+    return pb.RenderChatResponse(text=text, template=template)
+
+
+def render_chat_response_from_pb(msg: pb.RenderChatResponse) -> tuple[str, str]:
+    """Read (text, template) from a RenderChatResponse message."""
+    return msg.text, msg.template
 
 
 # --- model info ---------------------------------------------------------------

@@ -29,6 +29,15 @@ model (docs/ecosystem.md has the measured agreement):
 * ``loglikelihood_rolling`` splits a text's tokens into lm-eval's disjoint
   rolling windows (the first conditioned on the prefix token) and sums
   their log-likelihoods.
+* ``apply_chat_template`` (lm-eval's ``--apply_chat_template``, with
+  ``--system_instruction`` and ``--fewshot_as_multiturn``) renders each
+  prompt's conversation on the server (the ``RenderChat`` RPC) with the
+  model's own chat template and the arguments the hf backend passes
+  (``add_generation_prompt``, ``continue_final_message`` when lm-eval
+  prefills the assistant's turn), and retries without system messages
+  where the template refuses them, as the hf backend does. The rendered
+  context is then tokenized as above, so the template's control tokens
+  (``<|im_start|>``...) become their special tokens, as in the hf backend.
 * ``generate_until`` is not supported (pairscore scores, it does not generate).
 
 Requests go out as token-id pairs over several concurrent ScoreStream calls,
@@ -38,6 +47,7 @@ context once.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -55,6 +65,8 @@ DEFAULT_PAIRS_PER_MESSAGE = 64
 DEFAULT_STREAMS = 4
 
 Ids = list[int]
+
+log = logging.getLogger(__name__)
 
 
 class LmevalTokens:
@@ -272,6 +284,55 @@ class PairscoreLM(LM):
             "generating backend (hf, vllm, local-completions); loglikelihood and "
             "multiple-choice tasks work here"
         )
+
+    # --- chat templates (--apply_chat_template) ---------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What lm-eval's request cache is keyed by: the served model's source and revision."""
+        source = (
+            f"{self.info.model_source}@{self.info.revision}" if self.info.revision else self.info.model_source
+        )
+        return "pairscore__" + source.replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The source of the served model's chat template, which lm-eval records with the
+        results (None when ``chat_template`` is false). The server renders with its model's
+        one template: a template name (``--apply_chat_template NAME``) cannot pick another."""
+        if chat_template is False or chat_template is None:
+            return None
+        if isinstance(chat_template, str):
+            log.warning(
+                "chat template %r requested by name; the pairscore server renders with its "
+                "model's own chat template",
+                chat_template,
+            )
+        return self.client.chat_template()
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """The conversation as text, rendered by the server with the model's chat template
+        as lm-eval's hf backend renders it (``continue_final_message`` when not
+        ``add_generation_prompt``: lm-eval then prefills the assistant's turn). A template
+        that refuses the conversation is asked again without its system messages, as the hf
+        backend does; a model without a chat template fails with the cause and the fix."""
+        from pairscore.errors import InvalidArgumentError
+
+        def render(messages: list[dict[str, str]]) -> str:
+            return self.client.render_chat(
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=not add_generation_prompt,
+            )
+
+        try:
+            return render(chat_history)
+        except InvalidArgumentError as exc:
+            if "refused the conversation" not in str(exc) or all(m["role"] != "system" for m in chat_history):
+                raise
+            log.warning("the chat template refused the conversation (%s); removing its system messages", exc)
+            return render([m for m in chat_history if m["role"] != "system"])
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
+from pairscore.convert import RenderChatArgs
 from pairscore.inputs import group_by_set
 from pairscore.types import (
     CandidateSet,
@@ -59,6 +60,7 @@ from pairscore_server.accounting import (
 )
 from pairscore_server.answer_bound import AnswerBound
 from pairscore_server.batcher import Batcher
+from pairscore_server.engine.chat import ChatRendering, NoChatTemplateError
 from pairscore_server.engine.interface import merge_outcomes, top_k_problem
 from pairscore_server.errors import (
     DeadlineExceededError,
@@ -365,6 +367,52 @@ class ScoringService:
             if problem:
                 return ItemError(ItemErrorCode.INVALID_ARGUMENT, problem, pair.id)
         return None
+
+    # --- RenderChat -----------------------------------------------------------------
+
+    async def render_chat(self, args: RenderChatArgs, *, deadline: float | None = None) -> tuple[str, str]:
+        """(text, template) of a RenderChat request: the conversation rendered with the
+        model's chat template, and the template's source when asked (else "").
+
+        Each content over ``max_text_chars`` or an answer over ``max_response_bytes``
+        raises RequestLimitError; the characters count against the prepare stage's
+        budgets (QueueFullError) and a large conversation renders on its executor. The
+        engine's ChatError (NoChatTemplateError: no template) says why it cannot render.
+        """
+        engine = self._engine
+        if not isinstance(engine, ChatRendering):
+            raise NoChatTemplateError(f"this server's engine ({type(engine).__name__}) renders no chat")
+        template = engine.chat_template()  # NoChatTemplateError first: the cause to fix
+        for i, m in enumerate(args.messages):
+            problem = self.limits.text_too_long(f"messages[{i}].content", m.content, "chat message")
+            if problem:
+                raise RequestLimitError(problem)
+        chars = sum(len(m.role) + len(m.content) for m in args.messages)
+        stage = self.prepare_stage
+        stage.check(chars, "RenderChat request")
+
+        def render(_: list[int]) -> list[str]:
+            return [
+                engine.render_chat(
+                    args.messages,
+                    add_generation_prompt=args.add_generation_prompt,
+                    continue_final_message=args.continue_final_message,
+                )
+            ]
+
+        if stage.inline(1, chars):
+            [text] = render([0])
+        else:
+            [(_, [text])] = await stage.run([[0]], render, chars=chars, deadline=deadline)
+        sent = template if args.include_template else ""
+        size = len(text.encode()) + len(sent.encode())
+        if size > self.limits.max_response_bytes:
+            raise RequestLimitError(
+                f"the rendered conversation takes {size} bytes, over this server's "
+                f"{self.limits.max_response_bytes}-byte answer limit (max_response_bytes, "
+                "--max-response-bytes); send a shorter conversation"
+            )
+        return text, sent
 
     # --- Tokenize -------------------------------------------------------------------
 

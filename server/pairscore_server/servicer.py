@@ -41,6 +41,8 @@ from pairscore.convert import (
     candidates_request_from_pb,
     candidates_response_to_pb,
     model_info_to_pb,
+    render_chat_request_from_pb,
+    render_chat_response_to_pb,
     request_from_pb,
     response_to_pb,
     tokenize_request_from_pb,
@@ -50,6 +52,7 @@ from pairscore.types import CandidateSet, ItemError, ItemErrorCode, Pair, ScoreO
 from pairscore.v1 import scoring_pb2 as pb
 from pairscore.v1 import scoring_pb2_grpc as pb_grpc
 from pairscore_server.accounting import REJECT_INVALID, counts_as_deadline
+from pairscore_server.engine.chat import ChatError, NoChatTemplateError
 from pairscore_server.errors import BatcherClosedError, QueueFullError, failure_for
 from pairscore_server.response_size import candidates_response_bound, score_response_bound
 
@@ -309,6 +312,26 @@ class ScoringServicer(pb_grpc.ScoringServiceServicer):
                 )
             )
 
+    async def RenderChat(  # noqa: N802 - gRPC method name
+        self, request: pb.RenderChatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenderChatResponse:
+        """Render a conversation with the model's chat template: FAILED_PRECONDITION for a
+        model without one, INVALID_ARGUMENT for a conversation it cannot render; limits
+        as Tokenize's."""
+        async with self._scope("RenderChat", context):
+            if isinstance(request, MalformedMessage):
+                raise request.error()
+            service = self._require_service()
+            try:
+                text, template = await service.render_chat(
+                    render_chat_request_from_pb(request), deadline=_deadline(context)
+                )
+            except NoChatTemplateError as exc:
+                raise _RpcFailureError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
+            except ChatError as exc:
+                raise _RpcFailureError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            return render_chat_response_to_pb(text, template)
+
     def _convert(self, message: pb.ScoreRequest) -> tuple[list[Pair], ScoreOptions]:
         """request_from_pb; a message that cannot be converted counts its pairs as rejected."""
         try:
@@ -415,6 +438,11 @@ def add_to_server(servicer: ScoringServicer, server: grpc.aio.Server) -> None:
             servicer.Tokenize,
             request_deserializer=_safe_parser(pb.TokenizeRequest),
             response_serializer=pb.TokenizeResponse.SerializeToString,
+        ),
+        "RenderChat": grpc.unary_unary_rpc_method_handler(
+            servicer.RenderChat,
+            request_deserializer=_safe_parser(pb.RenderChatRequest),
+            response_serializer=pb.RenderChatResponse.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -351,3 +351,23 @@ class TokenizeResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedCompositeFieldContainer[TokenIds]
     def __init__(self, tokens: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
+
+class RenderChatRequest(_message.Message):
+    __slots__ = ("messages", "add_generation_prompt", "continue_final_message", "include_template")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    add_generation_prompt: bool
+    continue_final_message: bool
+    include_template: bool
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ..., continue_final_message: _Optional[bool] = ..., include_template: _Optional[bool] = ...) -> None: ...
+
+class RenderChatResponse(_message.Message):
+    __slots__ = ("text", "template")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    template: str
+    def __init__(self, text: _Optional[str] = ..., template: _Optional[str] = ...) -> None: ...

@@ -60,6 +60,11 @@ class ScoringServiceStub:
                 request_serializer=pairscore_dot_v1_dot_scoring__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=pairscore_dot_v1_dot_scoring__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.RenderChat = channel.unary_unary(
+                '/pairscore.v1.ScoringService/RenderChat',
+                request_serializer=pairscore_dot_v1_dot_scoring__pb2.RenderChatRequest.SerializeToString,
+                response_deserializer=pairscore_dot_v1_dot_scoring__pb2.RenderChatResponse.FromString,
+                _registered_method=True)
 
 
 class ScoringServiceServicer:
@@ -119,6 +124,23 @@ class ScoringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenderChat(self, request, context):
+        """Renders a conversation as text with the model's own chat template,
+        exactly as transformers' tokenizer.apply_chat_template(messages,
+        tokenize=False, add_generation_prompt=..., continue_final_message=...)
+        does on the server's tokenizer. For callers that build prompts as text
+        from conversations (lm-evaluation-harness's --apply_chat_template) and
+        then tokenize them with Tokenize(parse_special_tokens=true), so that the
+        template's control tokens become its special tokens. A model whose
+        tokenizer has no chat template (GetModelInfoResponse.chat_template false)
+        fails the call with FAILED_PRECONDITION; a conversation the template
+        refuses, too many messages, an unknown role or a content over
+        max_text_chars with INVALID_ARGUMENT naming the cause.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScoringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +168,11 @@ def add_ScoringServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=pairscore_dot_v1_dot_scoring__pb2.TokenizeRequest.FromString,
                     response_serializer=pairscore_dot_v1_dot_scoring__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'RenderChat': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenderChat,
+                    request_deserializer=pairscore_dot_v1_dot_scoring__pb2.RenderChatRequest.FromString,
+                    response_serializer=pairscore_dot_v1_dot_scoring__pb2.RenderChatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -284,6 +311,33 @@ class ScoringService:
             '/pairscore.v1.ScoringService/Tokenize',
             pairscore_dot_v1_dot_scoring__pb2.TokenizeRequest.SerializeToString,
             pairscore_dot_v1_dot_scoring__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenderChat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pairscore.v1.ScoringService/RenderChat',
+            pairscore_dot_v1_dot_scoring__pb2.RenderChatRequest.SerializeToString,
+            pairscore_dot_v1_dot_scoring__pb2.RenderChatResponse.FromString,
             options,
             channel_credentials,
             insecure,

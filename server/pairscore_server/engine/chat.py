@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from pairscore.types import CHAT_ROLES, ChatMessage, EndOfTurn
 from pairscore_server.engine.tokenization import PairTokenizer
@@ -48,6 +48,14 @@ from pairscore_server.engine.tokenization import PairTokenizer
 #: Placeholder for the i-th content: private-use characters no template trims or escapes.
 _PLACEHOLDER = "\ue000pairscore-content-{}\ue001"
 _PLACEHOLDER_RE = re.compile("\ue000pairscore-content-([0-9]+)\ue001")
+
+#: Why a model without a chat template renders no conversation, and what to do.
+_NO_TEMPLATE = (
+    "the model's tokenizer ({source}) has no chat template (GetModelInfo.chat_template is "
+    "false), so conversations cannot be rendered: serve a chat model, or one whose "
+    "tokenizer_config.json (or chat_template.jinja) has a chat_template; or send the prompt as "
+    "text (lm-eval: run without --apply_chat_template)"
+)
 
 #: Most messages in one conversation. Rendering and tokenizing a conversation is one
 #: call on a prepare thread that nothing interrupts, and its cost grows with the
@@ -58,6 +66,30 @@ MAX_MESSAGES = 1024
 
 class ChatError(ValueError):
     """A conversation that cannot be scored; the message names the cause and the fix."""
+
+
+class NoChatTemplateError(ChatError):
+    """The model's tokenizer has no chat template, so no conversation can be rendered."""
+
+
+@runtime_checkable
+class ChatRendering(Protocol):
+    """An engine that renders conversations as text with its model's chat template
+    (the RenderChat RPC); :meth:`ChatRenderer.render_text` says what it returns."""
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        continue_final_message: bool = False,
+    ) -> str:
+        """The conversation as text; raises ChatError (NoChatTemplateError without a template)."""
+        ...
+
+    def chat_template(self) -> str:
+        """The chat template's source; raises NoChatTemplateError without one."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -99,6 +131,7 @@ class ChatRenderer:
         template = getattr(hf_tokenizer, "chat_template", None)
         self.template: str | None = template if isinstance(template, str) and template else None
         source = getattr(hf_tokenizer, "name_or_path", "") or type(hf_tokenizer).__name__
+        self._source = source
         #: How error messages name the template.
         self.name = f"the chat template of {source}"
         backend = hf_tokenizer.backend_tokenizer
@@ -115,10 +148,13 @@ class ChatRenderer:
 
     # -- rendering -------------------------------------------------------------------
 
-    def _apply(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+    def _apply(
+        self, messages: list[dict[str, str]], *, generation_prompt: bool, continue_final_message: bool = False
+    ) -> str:
+        extra = {"continue_final_message": True} if continue_final_message else {}
         try:
             text = self._hf.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
+                messages, tokenize=False, add_generation_prompt=generation_prompt, **extra
             )
         except Exception as exc:  # jinja's raise_exception, a template bug, ...
             raise ChatError(f"{self.name} refused the conversation: {exc}") from None
@@ -126,21 +162,60 @@ class ChatRenderer:
             raise ChatError(f"{self.name} did not render text (got {type(text).__name__})")
         return text
 
+    def source(self) -> str:
+        """The chat template's Jinja source; raises NoChatTemplateError without one."""
+        if self.template is None:
+            raise NoChatTemplateError(_NO_TEMPLATE.format(source=self._source))
+        return self.template
+
+    def render_text(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        continue_final_message: bool = False,
+    ) -> str:
+        """The conversation as text, exactly as ``apply_chat_template(messages,
+        tokenize=False, add_generation_prompt=..., continue_final_message=...)``
+        renders it (lm-evaluation-harness's hf backend passes the same arguments).
+
+        Unlike :meth:`render` the last message may be the assistant's
+        (``continue_final_message`` leaves it open for the reply to go on). No
+        messages render as ``""``. Raises NoChatTemplateError without a template,
+        ChatError for a conversation the template or these rules refuse.
+        """
+        self.source()
+        if add_generation_prompt and continue_final_message:
+            raise ChatError(
+                "add_generation_prompt and continue_final_message are both set; the first opens a "
+                "new assistant turn, the second keeps the last message open: set one of them"
+            )
+        if not messages:
+            return ""
+        self._check_count_and_roles(messages, "messages")
+        convo = [{"role": m.role, "content": m.content} for m in messages]
+        return self._apply(
+            convo, generation_prompt=add_generation_prompt, continue_final_message=continue_final_message
+        )
+
+    @staticmethod
+    def _check_count_and_roles(messages: Sequence[ChatMessage], field: str) -> None:
+        """ChatError for too many messages or an unknown role; ``field`` names the messages."""
+        if len(messages) > MAX_MESSAGES:
+            raise ChatError(
+                f"{field} has {len(messages)} messages; a conversation has at most "
+                f"{MAX_MESSAGES}: keep its system message and last turns, or score it in parts"
+            )
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise ChatError(f"{field}[{i}].role is {m.role!r}; a role is one of {', '.join(CHAT_ROLES)}")
+
     @staticmethod
     def check_messages(messages: Sequence[ChatMessage]) -> None:
         """Raise ChatError for a conversation no template should be asked to render."""
         if not messages:
             raise ChatError("prompt_messages is empty; send at least one message (e.g. the user's)")
-        if len(messages) > MAX_MESSAGES:
-            raise ChatError(
-                f"prompt_messages has {len(messages)} messages; a conversation has at most "
-                f"{MAX_MESSAGES}: keep its system message and last turns, or score it in parts"
-            )
-        for i, m in enumerate(messages):
-            if m.role not in CHAT_ROLES:
-                raise ChatError(
-                    f"prompt_messages[{i}].role is {m.role!r}; a role is one of {', '.join(CHAT_ROLES)}"
-                )
+        ChatRenderer._check_count_and_roles(messages, "prompt_messages")
         if messages[-1].role == "assistant":
             raise ChatError(
                 f"the last message (prompt_messages[{len(messages) - 1}]) is from the assistant; the "
@@ -151,7 +226,7 @@ class ChatRenderer:
     def render(self, messages: Sequence[ChatMessage], reply: str, end_of_turn: EndOfTurn) -> RenderedChat:
         """x and y of a conversation and the assistant's reply, tokenized; raises ChatError."""
         if self.template is None:
-            raise ChatError(
+            raise NoChatTemplateError(
                 "the model's tokenizer has no chat template (GetModelInfo.chat_template is false), "
                 "so prompt_messages cannot be rendered; send the prompt as text or ids"
             )

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pairscore.types import (
+    ChatMessage,
     ItemError,
     ModelInfo,
     Pair,
@@ -271,6 +272,25 @@ class ScoringEngine(Engine):
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each id's text as a result's per-token detail shows it (no forward pass)."""
         return self.pair_tokenizer.token_texts(self.prefix.token_id, tuple(ids))
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        continue_final_message: bool = False,
+    ) -> str:
+        """A conversation as text with the model's chat template (:meth:`ChatRenderer.render_text
+        <pairscore_server.engine.chat.ChatRenderer.render_text>`)."""
+        return self.chat.render_text(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+
+    def chat_template(self) -> str:
+        """The chat template's source; NoChatTemplateError without one."""
+        return self.chat.source()
 
     def plan_batches(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
         """Group pair indices into forward passes under the token budget, longest first."""

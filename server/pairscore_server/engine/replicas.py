@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
-from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions, ScoreOutcome
+from pairscore.types import ChatMessage, ItemError, ModelInfo, Pair, PairScore, ScoreOptions, ScoreOutcome
 from pairscore_server.engine.engine import ScoringEngine
 from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, ScoredBatch, score_pairs
 from pairscore_server.engine.prefix import Prefix
@@ -74,6 +74,24 @@ class ReplicatedEngine(Engine):
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """The first replica's tokenizer (every replica has the same)."""
         return self.engines[0].token_texts(ids)
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool,
+        continue_final_message: bool = False,
+    ) -> str:
+        """The first replica's chat template (every replica has the same)."""
+        return self.engines[0].render_chat(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+
+    def chat_template(self) -> str:
+        """The first replica's chat template's source."""
+        return self.engines[0].chat_template()
 
     def split(self, prepared: Sequence[PreparedPair]) -> list[list[int]]:
         """Pair indices per replica: shared-prompt groups kept whole, tokens balanced."""
