@@ -105,6 +105,18 @@ def smol_cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smol(smol_cache_dir):
+    """The embedded SmolLM2-135M-Instruct engine (float32, CPU), loaded once for the
+    session: the first load dequantises the GGUF into ``smol_cache_dir``; the slow files
+    that score on it (test_smollm2.py, test_chat_smollm2.py) each loaded it again. A test
+    that changes its model (dtype) puts it back before it ends."""
+    from pairscore_server.engine.loading import load_engine
+    from pairscore_server.engine.spec import ModelSpec
+
+    return load_engine(ModelSpec(cache_dir=str(smol_cache_dir), device="cpu"))
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance (two CPUs, no dashboard) for the whole session, whose
     workers import this checkout and examples/. Ray does not come back reliably from
