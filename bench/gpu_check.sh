@@ -53,6 +53,9 @@ if [ "$device" = cpu ]; then
     # 85 s of the tests' 120 and 142 s of bench-small's 170, so the rehearsal gives
     # each step 3 times its limit: it tests the steps, not the H200's speed.
     scale=${GPU_CHECK_LIMIT_SCALE:-3}
+    # torch's CPU threads sleep when idle instead of spinning (as in tests/conftest.py):
+    # make check runs this beside lint, and spinning threads then starve both.
+    export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 else
     # SmolLM2-135M's shape (every method on distinct prompts, the engine and the naive loop
     # on shared ones), then a 1B Llama shape where the GPU does real work (distinct only).
