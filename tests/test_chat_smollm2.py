@@ -29,8 +29,6 @@ from pairscore.types import (
     ScoreOptions,
     Side,
 )
-from pairscore_server.engine.loading import load_engine
-from pairscore_server.engine.spec import ModelSpec
 
 from harness.scoring import Float64Errors, float64_logprobs
 
@@ -73,11 +71,6 @@ SHAPES = {
     "empty-reply": ((USER,), ""),
     "newlines-and-unicode": ((ChatMessage("user", "Translate: café\n\n你好"),), "Coffee.\nHello. 😀"),
 }
-
-
-@pytest.fixture(scope="module")
-def smol(smol_cache_dir):
-    return load_engine(ModelSpec(cache_dir=str(smol_cache_dir), device="cpu"))
 
 
 def as_dicts(messages) -> list[dict[str, str]]:

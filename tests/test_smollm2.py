@@ -1,7 +1,8 @@
 """Tier 4 (slow): the real embedded SmolLM2-135M-Instruct model, on CPU.
 
-The first load dequantises the GGUF (~20 s) into a cache directory private
-to this test session; the second load must reuse it and give the same scores.
+The first load (the session's ``smol`` engine, tests/conftest.py) dequantises the
+GGUF (~20 s) into a cache directory private to this test session; a second load
+must reuse it and give the same scores.
 """
 
 from __future__ import annotations
@@ -31,11 +32,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cache_dir(smol_cache_dir):
     return smol_cache_dir
-
-
-@pytest.fixture(scope="module")
-def smol(cache_dir):
-    return load_engine(ModelSpec(cache_dir=str(cache_dir), device="cpu"))
 
 
 def test_model_info(smol):
