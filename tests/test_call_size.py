@@ -1,4 +1,4 @@
-"""CallSize (engine/tries.py): the positions a call computes, counted as pairs are added,
+"""CallSize (engine/call_size.py): the positions a call computes, counted as pairs are added,
 are exactly what the engine's trie computes for the same sequences; the batcher and
 ``engine_calls`` cut calls by it, so a preamble many pairs share counts once."""
 
@@ -9,8 +9,9 @@ import random
 import pytest
 
 from pairscore.types import Pair, ScoreOptions
+from pairscore_server.engine.call_size import CallSize
 from pairscore_server.engine.interface import add_to_call, engine_calls
-from pairscore_server.engine.tries import CallSize, build_tries
+from pairscore_server.engine.tries import build_tries
 
 
 def _trie_positions(seqs, prompt_lengths, **sharing) -> int:

@@ -46,9 +46,9 @@ from pairscore.types import (
     TokenizationMode,
     TokenScore,
 )
+from pairscore_server.engine.call_size import CallSize
 from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, ScoreCancelled, ScoredBatch
 from pairscore_server.engine.prepared import PreparedPair
-from pairscore_server.engine.tries import CallSize
 
 FAIL_PROMPT = "FAIL"
 PREFIX_ID = 0

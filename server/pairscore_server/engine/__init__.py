@@ -4,16 +4,17 @@ It knows nothing of gRPC; the server feeds it plain dataclasses from
 :mod:`pairscore.types` and gets plain dataclasses back, through the
 :class:`~pairscore_server.engine.interface.Engine` protocol.
 
-Importing this package does not import torch: :class:`ScoringEngine` and
-:class:`EngineLimits` (which do) are loaded on first access, so the
-interface, :class:`ModelSpec` and the out-of-memory helpers stay cheap for
-code that only wires an engine up.
+Importing this package does not import torch: :class:`ScoringEngine` (which
+does) is loaded on first access, so the interface, :class:`ModelSpec`,
+:class:`EngineLimits` and the out-of-memory helpers stay cheap for code that
+only wires an engine up.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pairscore_server.engine.engine_limits import EngineLimits
 from pairscore_server.engine.interface import (
     Engine,
     ForwardStats,
@@ -26,7 +27,7 @@ from pairscore_server.engine.prepared import PreparedPair, TokenSpan
 from pairscore_server.engine.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from pairscore_server.engine.engine import EngineLimits, ScoringEngine
+    from pairscore_server.engine.engine import ScoringEngine
 
 __all__ = [
     "Engine",
@@ -42,7 +43,7 @@ __all__ = [
     "score_pairs",
 ]
 
-_LAZY = {"EngineLimits", "ScoringEngine"}
+_LAZY = {"ScoringEngine"}
 
 
 def __getattr__(name: str) -> Any:

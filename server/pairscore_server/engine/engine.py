@@ -19,7 +19,9 @@ from pairscore.types import (
     ScoreOutcome,
     TokenizationMode,
 )
+from pairscore_server.engine.call_size import CallSize
 from pairscore_server.engine.chat import ChatRenderer
+from pairscore_server.engine.engine_limits import EngineLimits
 from pairscore_server.engine.interface import (
     Cancelled,
     CausalLM,
@@ -31,7 +33,6 @@ from pairscore_server.engine.interface import (
 )
 from pairscore_server.engine.kernels import fuse_activations, stabilize_gemm_rows
 from pairscore_server.engine.logprobs import (
-    DEFAULT_CHUNK_BYTES,
     HeadDetail,
     LogprobComputer,
 )
@@ -47,8 +48,6 @@ from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.results import ResultBuilder
 from pairscore_server.engine.tokenization import PairTokenizer
 from pairscore_server.engine.tries import (
-    MIN_SHARED_TOKENS,
-    CallSize,
     RowItem,
     Trie,
     build_tries,
@@ -65,43 +64,6 @@ MAX_TOP_K = 20
 #: Where a pair's unconditional log-probs come from (see ScoringEngine.score):
 #: an index into the scored sequences, or EMPTY_RESPONSE (nothing to score).
 EMPTY_RESPONSE = -1
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """Sizes of the engine's work units.
-
-    ``max_batch_tokens`` bounds the tokens of one forward pass: the length of
-    a packed row, or rows x longest row of a padded batch; a single pair
-    longer than the budget still runs alone.
-    ``packing``: run packed rows (several pairs end to end, shared prompts
-    inside the row, attention per segment: see packing.py) instead of padded
-    batches and a key/value cache per shared prompt. Used when the model
-    supports it (SDPA attention that passes attention kwargs through, checked
-    on a probe); otherwise the engine falls back to padded batches.
-    ``min_batch_efficiency`` keeps real tokens / padded tokens of a batch at
-    least this high (padding buys nothing on CPU, a lot on GPU).
-    ``call_batches``: one ``score`` call may hold this many forward passes'
-    worth of tokens, so the engine has pairs to group by length and shared
-    prompts to find (a server's batcher sizes its calls by it, counting the
-    positions computed: a run shared by several pairs counts once).
-    ``chunk_bytes`` bounds the float32 logits held at once by the log-prob head.
-    ``share_prompts``: pairs of one ``score`` call with the same prompt run
-    the prompt once and reuse its key/value cache for every response.
-    ``share_prefixes``: beyond whole prompts, sequences of one call that begin
-    with the same run of at least ``min_shared_tokens`` token ids (few-shot
-    exemplars, a system prompt) run it once: a trie over token ids
-    (packing.py), in both layouts.
-    """
-
-    max_batch_tokens: int = 8192
-    call_batches: int = 4
-    min_batch_efficiency: float = 0.0
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    share_prompts: bool = True
-    packing: bool = True
-    share_prefixes: bool = True
-    min_shared_tokens: int = MIN_SHARED_TOKENS
 
 
 @dataclass(frozen=True)

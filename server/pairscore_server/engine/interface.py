@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from pairscore.types import ItemError, ModelInfo, Pair, PairScore, ScoreOptions, ScoreOutcome
+from pairscore_server.engine.call_size import CallSize
 from pairscore_server.engine.prepared import PreparedPair
-from pairscore_server.engine.tries import CallSize
 
 #: The model an engine wraps: a transformers causal LM (``PreTrainedModel``). Typed
 #: ``Any``: torch types every attribute of a ``torch.nn.Module`` as ``Tensor | Module``,

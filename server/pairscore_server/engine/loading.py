@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from pairscore_server.engine.engine import EngineLimits, ModelDescription, ScoringEngine
+from pairscore_server.engine.engine import ModelDescription, ScoringEngine
+from pairscore_server.engine.engine_limits import CUDA_CHUNK_BYTES, DEFAULT_CHUNK_BYTES, EngineLimits
 from pairscore_server.engine.interface import CausalLM, Engine
-from pairscore_server.engine.logprobs import CUDA_CHUNK_BYTES, DEFAULT_CHUNK_BYTES
 from pairscore_server.engine.spec import ModelLoadError, ModelSpec
 
 log = logging.getLogger(__name__)

@@ -47,21 +47,12 @@ from dataclasses import dataclass
 
 import torch
 
+from pairscore_server.engine.engine_limits import DEFAULT_CHUNK_BYTES
 from pairscore_server.engine.interface import CausalLM
 from pairscore_server.engine.packed_attention import SEGMENTS_KWARG
 from pairscore_server.engine.packing import PackedRow, pack_row
 from pairscore_server.engine.padding import Batch, make_batch, plan_padded_batches
 from pairscore_server.engine.tries import Trie, build_tries, row_items
-
-#: Default memory for one chunk of float32 logits on CPU. The chunk is written
-#: by the output GEMM and read back by the log-softmax, so it should stay in
-#: the last-level cache: measured on a 32 MiB-L3 EPYC (vocabulary 49152), the
-#: head runs 12-25 % faster with 24 MiB chunks than with 64 MiB ones, and
-#: falls off above 30 MiB.
-DEFAULT_CHUNK_BYTES = 24 * 2**20
-
-#: On CUDA a chunk is a few kernel launches; bigger chunks launch fewer.
-CUDA_CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
 from pairscore.types import ChatMessage, ItemError, ModelInfo, Pair, PairScore, ScoreOptions, ScoreOutcome
+from pairscore_server.engine.call_size import CallSize
 from pairscore_server.engine.engine import ScoringEngine
 from pairscore_server.engine.interface import Cancelled, Engine, ForwardStats, ScoredBatch, score_pairs
 from pairscore_server.engine.prefix import Prefix
 from pairscore_server.engine.prepared import PreparedPair
 from pairscore_server.engine.tokenization import PairTokenizer
-from pairscore_server.engine.tries import CallSize, group_by_prompt
+from pairscore_server.engine.tries import group_by_prompt
 
 
 class ReplicatedEngine(Engine):
