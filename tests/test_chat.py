@@ -32,23 +32,15 @@ from pairscore.types import (
 
 from harness.models import (
     CHAT_TOKENS,
+    FAMILY_BUILDERS,
     build_bpe_tokenizer,
     build_gpt2_model,
-    build_llama_model,
-    build_qwen2_model,
-    build_qwen2_tokenizer,
-    build_sentencepiece_tokenizer,
     make_engine,
     with_chat_template,
 )
 
 TOL = 1e-4  # nats per sum against the float64 reference (as test_engine_math)
 
-BUILDERS = {
-    "gpt2": (build_bpe_tokenizer, build_gpt2_model),
-    "llama": (build_sentencepiece_tokenizer, build_llama_model),
-    "qwen2": (build_qwen2_tokenizer, build_qwen2_model),
-}
 
 SYSTEM = ChatMessage("system", "You are terse.")
 USER = ChatMessage("user", "What is the capital of France?")
@@ -73,9 +65,9 @@ def as_dicts(messages) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=sorted(FAMILY_BUILDERS))
 def chat_engine(request, tmp_path_factory):
-    build_tokenizer, build_model = BUILDERS[request.param]
+    build_tokenizer, build_model = FAMILY_BUILDERS[request.param]
     tokenizer = with_chat_template(build_tokenizer(tmp_path_factory.mktemp(f"chat-{request.param}")))
     return make_engine(build_model(len(tokenizer)), tokenizer)
 

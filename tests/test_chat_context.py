@@ -43,23 +43,15 @@ from pairscore.types import (
 )
 
 from harness.models import (
+    FAMILY_BUILDERS,
     build_bpe_tokenizer,
     build_gpt2_model,
-    build_llama_model,
-    build_qwen2_model,
-    build_qwen2_tokenizer,
-    build_sentencepiece_tokenizer,
     make_engine,
     with_chat_template,
 )
 
 TOL = 1e-4  # nats per sum against the float64 reference (tiny fp32 models, docs/contract.md)
 
-BUILDERS = {
-    "gpt2": (build_bpe_tokenizer, build_gpt2_model),
-    "llama": (build_sentencepiece_tokenizer, build_llama_model),
-    "qwen2": (build_qwen2_tokenizer, build_qwen2_model),
-}
 
 _TURNS = (
     "{%- for m in messages -%}{{- HEAD + m['content'] | trim + '<|im_end|>\n' -}}{%- endfor -%}"
@@ -130,9 +122,9 @@ def template_ids(tokenizer, messages, reply) -> tuple[list[int], list[int]]:
     return list(prompt["input_ids"]), list(full["input_ids"])
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=sorted(FAMILY_BUILDERS))
 def family(request, tmp_path_factory):
-    build_tokenizer, build_model = BUILDERS[request.param]
+    build_tokenizer, build_model = FAMILY_BUILDERS[request.param]
     tokenizer = with_chat_template(build_tokenizer(tmp_path_factory.mktemp(f"ctx-{request.param}")))
     model = build_model(len(tokenizer))
     return model, tokenizer, copy.deepcopy(model).double().eval()

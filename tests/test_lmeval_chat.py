@@ -39,12 +39,7 @@ from pairscore.types import ChatMessage  # noqa: E402
 from harness.lmeval import MC_TASK, run_lmeval, save_model_dir, write_tasks  # noqa: E402
 from harness.models import (  # noqa: E402
     CHAT_TEMPLATE,
-    build_bpe_tokenizer,
-    build_gpt2_model,
-    build_llama_model,
-    build_qwen2_model,
-    build_qwen2_tokenizer,
-    build_sentencepiece_tokenizer,
+    FAMILY_BUILDERS,
     make_engine,
     with_chat_template,
 )
@@ -53,11 +48,6 @@ from harness.servers import ROOT, metric_samples  # noqa: E402
 #: Largest allowed |pairscore - hf| per request, in nats (fp32 tiny models).
 TOLERANCE = 1e-4
 
-BUILDERS = {
-    "gpt2": (build_bpe_tokenizer, build_gpt2_model),
-    "llama": (build_sentencepiece_tokenizer, build_llama_model),
-    "qwen2": (build_qwen2_tokenizer, build_qwen2_model),
-}
 
 SYSTEM = "You answer arithmetic questions with one word."
 
@@ -74,14 +64,14 @@ NO_SYSTEM_TEMPLATE = (
 def chat_model_dir(directory: Path, family: str, template: str | None = None) -> Path:
     """A tiny model of ``family`` whose tokenizer has ChatML's control tokens and a chat
     template (the test one, or ``template``), saved for both lm-eval and the server."""
-    build_tokenizer, build_model = BUILDERS[family]
+    build_tokenizer, build_model = FAMILY_BUILDERS[family]
     tokenizer = with_chat_template(build_tokenizer(directory / "tokenizer"))
     if template is not None:
         tokenizer.chat_template = template
     return save_model_dir(build_model(len(tokenizer)), tokenizer, directory / "model")
 
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+@pytest.fixture(scope="module", params=sorted(FAMILY_BUILDERS))
 def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return chat_model_dir(tmp_path_factory.mktemp(f"lmeval-chat-{request.param}"), request.param)
 

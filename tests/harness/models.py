@@ -211,6 +211,15 @@ def build_qwen2_model(vocab_size: int, seed: int = 0):
     return Qwen2ForCausalLM(config).eval()
 
 
+#: Each tokenizer family of the tests: its tokenizer builder (a directory in, a
+#: tokenizer out) and its model builder (vocabulary size in).
+FAMILY_BUILDERS = {
+    "gpt2": (build_bpe_tokenizer, build_gpt2_model),
+    "llama": (build_sentencepiece_tokenizer, build_llama_model),
+    "qwen2": (build_qwen2_tokenizer, build_qwen2_model),
+}
+
+
 def make_engine(model, tokenizer, **limits):
     """A ScoringEngine on ``model`` with :class:`EngineLimits` ``limits``."""
     from pairscore_server.engine import EngineLimits, ScoringEngine
