@@ -250,6 +250,11 @@ def test_identical_pairs_run_once(gpt2_family):
         assert_same_scores(a, b)
 
 
+def as_rows(nodes):
+    """(start, stop, context, groupable) tuples as attention_groups takes them."""
+    return [(packing.NodeRows(start, stop, context), groupable) for start, stop, context, groupable in nodes]
+
+
 def test_attention_groups_give_each_query_its_own_nodes_pattern():
     """Groupable nodes with the same root share one masked call in which every query sees
     exactly what its node's own call would show it (its ancestors' rows, then its own rows
@@ -261,7 +266,7 @@ def test_attention_groups_give_each_query_its_own_nodes_pattern():
         (16, 20, ((0, 10),), True),
         (20, 22, ((0, 10),), False),  # laid out as alone: its own call
     ]
-    segments = packing.attention_groups(nodes, torch.device("cpu"))
+    segments = packing.attention_groups(as_rows(nodes), torch.device("cpu"))
     root, group, lone = segments
     assert calls(root) == [(list(range(10)), [])] and root.mask is None
     assert calls(group) == [(list(range(10, 20)), list(range(20)))]
@@ -277,7 +282,7 @@ def test_single_node_calls_of_one_shape_run_as_one_batch():
     alone) run as one batched call a shape, each with its own keys and the shared mask."""
     nodes = [(0, 8, (), False)] + [(8 + 2 * i, 10 + 2 * i, ((0, 8),), False) for i in range(4)]
     nodes.append((16, 19, ((0, 8),), False))  # another length: another batch
-    root, twos, three = packing.attention_groups(nodes, torch.device("cpu"))
+    root, twos, three = packing.attention_groups(as_rows(nodes), torch.device("cpu"))
     assert calls(twos) == [([8 + 2 * i, 9 + 2 * i], [*range(8), 8 + 2 * i, 9 + 2 * i]) for i in range(4)]
     assert twos.mask.tolist() == [[True] * 9 + [False], [True] * 10]
     assert calls(three) == [([16, 17, 18], [*range(8), 16, 17, 18])]
@@ -287,7 +292,7 @@ def test_attention_groups_stay_within_their_waste_bound():
     """Siblings below a long shared run are grouped only while the call's square stays
     within GROUP_WASTE of their own blocks (plus the per-node slack)."""
     nodes = [(0, 400, (), False)] + [(400 + 20 * i, 420 + 20 * i, ((0, 400),), True) for i in range(60)]
-    segments = packing.attention_groups(nodes, torch.device("cpu"))
+    segments = packing.attention_groups(as_rows(nodes), torch.device("cpu"))
     assert 2 < len(segments) < 20  # 61 calls without grouping
     own = {(s, e): (e - s) * (e - s + 400) for s, e, _, _ in nodes[1:]}
     for seg in segments[1:]:

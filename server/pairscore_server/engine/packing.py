@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -63,6 +64,14 @@ class SegmentBatch:
     queries: torch.Tensor
     keys: torch.Tensor
     mask: torch.Tensor
+
+
+class NodeRows(NamedTuple):
+    """Where one node's inputs lie in a row, ``start:stop``, and its ancestors' rows."""
+
+    start: int
+    stop: int
+    context: tuple[tuple[int, int], ...]
 
 
 #: Nodes of one trie below a shared run (few-shot exemplars, a system prompt) that lie
@@ -118,7 +127,7 @@ def pack_row(items: Sequence[RowItem], *, device: torch.device, align: int = 1) 
     score_rows: list[int] = []
     targets: list[int] = []
     pieces: list[tuple[int, tuple[tuple[int, int], ...]]] = []
-    nodes_of_row: list[tuple[int, int, tuple[tuple[int, int], ...], bool]] = []
+    nodes_of_row: list[tuple[NodeRows, bool]] = []
     for item in items:
         nodes = item.trie.nodes
         lone = _lone_responses(item)
@@ -143,7 +152,9 @@ def pack_row(items: Sequence[RowItem], *, device: torch.device, align: int = 1) 
             targets += node.tokens[1:]
             blocks[i] = (first, len(targets))
             if n:
-                nodes_of_row.append((start, start + n, context[i], node.parent >= 0 and i not in lone))
+                nodes_of_row.append(
+                    (NodeRows(start, start + n, context[i]), node.parent >= 0 and i not in lone)
+                )
         for m in item.members:
             member = item.trie.members[m]
             slices = tuple(blocks[i] for i in member.path)
@@ -189,10 +200,10 @@ def _lone_responses(item: RowItem) -> set[int]:
 
 
 def attention_groups(
-    nodes: Sequence[tuple[int, int, tuple[tuple[int, int], ...], bool]], device: torch.device
+    nodes: Sequence[tuple[NodeRows, bool]], device: torch.device
 ) -> list[Segment | SegmentBatch]:
-    """The attention calls of a row's nodes (each ``(start, stop, ancestors' rows,
-    groupable)``, in row order). A root attends causally to itself; any other node to
+    """The attention calls of a row's nodes (each its rows and whether it is
+    groupable, in row order). A root attends causally to itself; any other node to
     its ancestors' rows, then causally to itself, in a call of its own, or, when
     groupable (below a shared run, not laid out as alone), with the groupable nodes
     after it that have the same root, while the call stays within GROUP_WASTE of their
@@ -200,36 +211,36 @@ def attention_groups(
     (keys in other places of the call), as sharing a run below the prompt already does.
     The nodes left with a call of their own run batched by shape (:class:`SegmentBatch`)."""
     out: list[Segment | SegmentBatch] = []
-    alone: dict[tuple[int, int], list[tuple[int, int, tuple[tuple[int, int], ...]]]] = {}
-    group: list[tuple[int, int, tuple[tuple[int, int], ...]]] = []
+    alone: dict[tuple[int, int], list[NodeRows]] = {}
+    group: list[NodeRows] = []
     own_scores = 0
 
     def close() -> None:
         if len(group) == 1:
-            start, stop, context = group[0]
-            alone.setdefault((stop - start, sum(b - a for a, b in context)), []).append(group[0])
+            start, stop, context = node = group[0]
+            alone.setdefault((stop - start, sum(b - a for a, b in context)), []).append(node)
         elif group:
             out.append(_grouped(group, device))
         group.clear()
 
-    for start, stop, context, groupable in nodes:
+    for node, groupable in nodes:
+        start, stop, context = node
         if not context:
             close()
             out.append(Segment(start, stop))
             continue
         scores = (stop - start) * (stop - start + sum(b - a for a, b in context))
-        if group and groupable and context[0][0] == group[0][2][0][0]:
-            trial = [*group, (start, stop, context)]
-            keys = _union(trial)
-            width = sum(b - a for a, b in keys)
-            if (stop - group[0][0]) * width <= GROUP_WASTE * (own_scores + scores) + GROUP_SLACK_SCORES * len(
-                trial
-            ):
-                group.append((start, stop, context))
+        if group and groupable and context[0][0] == group[0].context[0][0]:
+            trial = [*group, node]
+            width = sum(b - a for a, b in _union(trial))
+            if (stop - group[0].start) * width <= GROUP_WASTE * (
+                own_scores + scores
+            ) + GROUP_SLACK_SCORES * len(trial):
+                group.append(node)
                 own_scores += scores
                 continue
         close()
-        group.append((start, stop, context))
+        group.append(node)
         own_scores = scores
         if not groupable:
             close()
@@ -238,7 +249,7 @@ def attention_groups(
     return out
 
 
-def _union(group: Sequence[tuple[int, int, tuple[tuple[int, int], ...]]]) -> tuple[tuple[int, int], ...]:
+def _union(group: Sequence[NodeRows]) -> tuple[tuple[int, int], ...]:
     """The rows any node of ``group`` attends to, as sorted, merged ranges."""
     ranges = sorted(r for start, stop, context in group for r in (*context, (start, stop)))
     merged: list[tuple[int, int]] = []
@@ -250,9 +261,7 @@ def _union(group: Sequence[tuple[int, int, tuple[tuple[int, int], ...]]]) -> tup
     return tuple(merged)
 
 
-def _batch_of_calls(
-    calls: Sequence[tuple[int, int, tuple[tuple[int, int], ...]]], device: torch.device
-) -> SegmentBatch:
+def _batch_of_calls(calls: Sequence[NodeRows], device: torch.device) -> SegmentBatch:
     """Single-node calls of one shape (``n`` own rows after ``ctx`` ancestors' rows) as
     one batch: each its ancestors' rows, then its own rows causally."""
     start, stop, context = calls[0]
@@ -268,12 +277,12 @@ def _batch_of_calls(
     )
 
 
-def _grouped(group: Sequence[tuple[int, int, tuple[tuple[int, int], ...]]], device: torch.device) -> Segment:
+def _grouped(group: Sequence[NodeRows], device: torch.device) -> Segment:
     """Consecutive nodes' calls as one: each query sees its own node's ancestors and,
     causally, its own node's rows, among the union of the keys."""
     keys = _union(group)
     key_rows = torch.cat([torch.arange(a, b) for a, b in keys])
-    first, last = group[0][0], group[-1][1]
+    first, last = group[0].start, group[-1].stop
     query_rows = torch.arange(first, last)
     mask = torch.zeros(last - first, len(key_rows), dtype=torch.bool)
     for start, stop, context in group:
