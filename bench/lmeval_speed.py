@@ -250,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="--apply_chat_template with a shared ~150-token --system_instruction (multiple choice only)",
     )
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the untimed warm-up run (one lm-eval process less; the tests' smoke runs, "
+        "whose timings are not figures)",
+    )
     parser.add_argument("--hf-batch-size", default="1", help="lm-eval's --batch_size for hf (default 1)")
     parser.add_argument("--prefix-token", default=None, help="default: <|im_start|> for smollm2")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -285,9 +291,15 @@ def main(argv: list[str] | None = None) -> int:
                 "pairscore": (f"target={target}" + (f",prefix_token={prefix}" if prefix else ""), "1"),
             }
             # warm-up, untimed: the server's first requests (the hf process starts cold every run)
-            run_cli(
-                "pairscore", *backends["pairscore"], [MC_TASK], task_dir, tmp, ["--limit", "2", *chat_args]
-            )
+            if not args.no_warmup:
+                run_cli(
+                    "pairscore",
+                    *backends["pairscore"],
+                    [MC_TASK],
+                    task_dir,
+                    tmp,
+                    ["--limit", "2", *chat_args],
+                )
             system_tokens = len(chat_tokens(target, SYSTEM_PROMPT)) if args.chat else 0
             runs: dict[str, list] = {"hf": [], "pairscore": []}
             for repeat in range(args.repeats):

@@ -284,7 +284,7 @@ def test_smollm2_chat_matches_the_hf_backend_in_the_benchmark(smol_cache_dir: Pa
         "--fewshot",
         "2",
     ]
-    argv += ["--repeats", "1", "--json", str(tmp_path / "out.json")]
+    argv += ["--repeats", "1", "--no-warmup", "--json", str(tmp_path / "out.json")]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads((tmp_path / "out.json").read_text())

@@ -231,6 +231,7 @@ def test_smollm2_matches_the_hf_backend_in_the_benchmark(smol_cache_dir: Path, t
             "3",
             "--repeats",
             "1",
+            "--no-warmup",
             "--json",
             str(tmp_path / "out.json"),
         ],

@@ -42,21 +42,28 @@ class ProgressLines:
         self.last_line = self.started
         self.total = 0
         self.done = 0
-        self.running: tuple[str, float] | None = None
+        self.running: dict[str, float] = {}  # test id -> start (several under pytest-xdist)
         self.last_file: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._fd: int | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def _xdist(self) -> bool:
+        """Whether this is pytest-xdist's controller (tests run in workers)."""
+        return self.config.pluginmanager.hasplugin("dsession")
+
     def _reporter(self) -> Any:
         return self.config.pluginmanager.get_plugin("terminalreporter")
 
     def _line(self, now: float) -> str:
         text = f"[progress {_clock(now - self.started)}] {self.done} of {self.total} tests done"
-        if self.running is not None:
-            nodeid, since = self.running
+        if self.running:
+            nodeid, since = min(self.running.items(), key=lambda run: run[1])
             text += f"; running {nodeid} for {_clock(now - since)}"
+            if len(self.running) > 1:
+                text += f" (and {len(self.running) - 1} more)"
         return text
 
     @pytest.hookimpl
@@ -77,21 +84,27 @@ class ProgressLines:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.total = len(session.items)
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        """Under pytest-xdist the workers collect; each reports the whole list."""
+        self.total = len(ids)
+
     @pytest.hookimpl
     def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
         now = time.monotonic()
         with self._lock:
-            if location[0] != self.last_file:  # pytest starts a new line for each file
+            # pytest starts a new line for each file (not under xdist: dots, 72 a line)
+            if location[0] != self.last_file and not self._xdist:
                 self.last_file = location[0]
                 self.last_line = now
-            self.running = (nodeid, now)
+            self.running[nodeid] = now
 
     @pytest.hookimpl
     def pytest_runtest_logfinish(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
         now = time.monotonic()
         with self._lock:
             self.done += 1
-            self.running = None
+            self.running.pop(nodeid, None)
             due = now - self.last_line >= self.every_s
             if due:
                 self.last_line = now
@@ -103,14 +116,16 @@ class ProgressLines:
         while not self._stop.wait(self.check_s):
             now = time.monotonic()
             with self._lock:
-                if self.running is None or now - self.last_line < self.every_s:
+                if not self.running or now - self.last_line < self.every_s:
                     continue
                 self.last_line = now
                 # pytest goes on where the line ends: start one for it, with what pytest
-                # wrote at the test's start (the file's name, or with -v the test's id).
-                nodeid = self.running[0]
+                # wrote at the test's start (the file's name, or with -v the test's id;
+                # under pytest-xdist, nothing: its dots carry no file name).
+                nodeid = max(self.running.items(), key=lambda run: run[1])[0]
                 verbose = self.config.get_verbosity() > 0
-                text = f"\n{self._line(now)}\n{nodeid if verbose else nodeid.split('::')[0]} "
+                resume = "" if self._xdist else (nodeid if verbose else nodeid.split("::")[0]) + " "
+                text = f"\n{self._line(now)}\n{resume}"
             if self._fd is not None:
                 try:
                     os.write(self._fd, text.encode())
