@@ -44,7 +44,8 @@ def measure(args) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     model = build_model(args.model, len(tokenizer), device).to(device=device, dtype=dtype)
     packing = {"engine_padded": "off", "engine_packed": "on"}.get(args.run_method, args.packing)
-    limits = engine_limits(ModelSpec(packing=packing), device)
+    spec = ModelSpec(packing=packing, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens)
+    limits = engine_limits(spec, device)
     if args.run_method == "engine_prompts":
         limits = dataclasses.replace(limits, share_prefixes=False)
     engine = ScoringEngine(model, tokenizer, description=ModelDescription("bench", "bench"), limits=limits)
@@ -76,8 +77,13 @@ def measure(args) -> dict:
     elif method in SELECTION_METHODS:
         results = run_engine(engine, pairs, **SELECTION_METHODS[method])
     elif method == "engine_bf16":
+        # the limits a server serving bfloat16 picks (its own tokens per forward pass)
+        bf16_limits = engine_limits(dataclasses.replace(spec, dtype="bfloat16"), device)
         engine = ScoringEngine(
-            model.to(torch.bfloat16), tokenizer, description=ModelDescription("bench", "bench"), limits=limits
+            model.to(torch.bfloat16),
+            tokenizer,
+            description=ModelDescription("bench", "bench"),
+            limits=bf16_limits,
         )
         start = time.perf_counter()
         results = run_engine(engine, pairs)
@@ -96,6 +102,7 @@ def measure(args) -> dict:
                 device=args.device,
                 dtype=args.dtype,
                 packing=args.packing,
+                max_batch_tokens=args.max_batch_tokens,
             )
         start = time.perf_counter() - seconds
     elif method == "vllm":

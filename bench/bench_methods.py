@@ -115,7 +115,16 @@ def free_port() -> int:
 
 
 def run_grpc(
-    model_dir: str, pairs, *, streams: int, chunk: int, log_path: Path, device: str, dtype: str, packing: str
+    model_dir: str,
+    pairs,
+    *,
+    streams: int,
+    chunk: int,
+    log_path: Path,
+    device: str,
+    dtype: str,
+    packing: str,
+    max_batch_tokens: int | None = None,
 ):
     """Start `pairscore serve` on model_dir, score through N concurrent streams.
 
@@ -147,6 +156,7 @@ def run_grpc(
             dtype,
             "--packing",
             packing,
+            *(["--max-batch-tokens", str(max_batch_tokens)] if max_batch_tokens else []),
             "--log-level",
             "WARNING",
         ],

@@ -78,6 +78,8 @@ def child_command(methods: list[str], args, shared, workload: str) -> list[str]:
     ]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
+    if args.max_batch_tokens:
+        cmd += ["--max-batch-tokens", str(args.max_batch_tokens)]
     if args.vllm_python:
         cmd += ["--vllm-python", args.vllm_python]
     return cmd

@@ -123,6 +123,11 @@ def main() -> None:
         help="the engine's and server's --packing (engine_padded is always off)",
     )
     parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        help="the engine's and server's --max-batch-tokens (default: theirs, by device and dtype)",
+    )
+    parser.add_argument(
         "--peak-tflops",
         type=float,
         default=0.0,

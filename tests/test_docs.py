@@ -189,10 +189,11 @@ def test_the_documented_limit_defaults_are_the_servers() -> None:
     assert _limit_row("--max-concurrent-rpcs").split()[0] == str(defaults.max_concurrent_rpcs)
     assert _limit_row("--max-message-bytes").startswith(f"{defaults.max_message_bytes // 2**20} MiB")
     cpu = DEFAULT_QUEUE_BATCHES * default_max_batch_tokens(torch.device("cpu"))
+    bf16 = DEFAULT_QUEUE_BATCHES * default_max_batch_tokens(torch.device("cpu"), torch.bfloat16)
     gpu = DEFAULT_QUEUE_BATCHES * default_max_batch_tokens(torch.device("cuda"))
     row = _limit_row("--max-queue-tokens")
     assert row.startswith(f"{DEFAULT_QUEUE_BATCHES} × `--max-batch-tokens`"), row
-    assert f"({cpu} on CPU, {gpu} on GPU)" in row, row
+    assert f"({cpu} on CPU, {bf16} on CPU in bfloat16, {gpu} on GPU)" in row, row
 
 
 def test_the_documented_lifecycle_defaults_are_the_servers() -> None:

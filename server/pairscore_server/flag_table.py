@@ -139,7 +139,7 @@ MODEL_SETTINGS = (
         int,
         "Tokens allowed in one forward pass (a packed row's length, or longest "
         "pair x pairs of a padded batch); lower it if the model runs out of memory. "
-        "Default: 2048 on CPU, 32768 on GPU.",
+        "Default: 2048 on CPU (6144 in bfloat16), 32768 on GPU.",
         "N",
     ),
     Setting(

@@ -51,7 +51,7 @@ class Scorer:
     (default: the model's BOS if its tokenizer adds one, else its document
     separator; docs/contract.md). ``cache_dir``: where a GGUF model's
     dequantised copy is kept. ``revision``: of a Hub model.
-    ``max_batch_tokens``: tokens per forward pass (default by device).
+    ``max_batch_tokens``: tokens per forward pass (default by device and dtype).
     ``packing``: ``auto``, ``on``, ``off`` (packed rows vs padded batches).
     Invalid values raise ValueError; a model that cannot be loaded raises
     :class:`~pairscore_server.engine.spec.ModelLoadError` saying why.
