@@ -45,14 +45,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The ``slow`` tests (the real SmolLM2 model, lm-eval's CLI: 10-50 s each) first.
+    """The ``slow`` tests (the real SmolLM2 model, lm-eval's CLI: 10-40 s each) first.
 
-    ``make test`` runs the suite on two pytest-xdist workers, which take the tests in
-    this order: the short ones then fill in around the long ones, instead of one worker
-    finishing a long test alone at the end. (Grouping a module's tests on one worker,
-    ``--dist loadgroup``, would save its module fixtures' second build, but xdist 3.8's
-    groups do not take effect with pytest 9.2: pytest-xdist issue 1386.) Without xdist
-    the order is the only change; it is stable otherwise."""
+    ``make test`` runs the suite on two pytest-xdist workers. xdist first hands each
+    worker a chunk of consecutive tests (a quarter of its share, ~175 here), so the
+    slow ones all go to the first worker, which loads SmolLM2 and builds the float64
+    references once, while the second runs short tests; the rest are handed out as
+    the workers free up, and neither ends the run alone on a long test. (Grouping by
+    ``xdist_group`` would say this outright, but xdist 3.8's groups do not take effect
+    with pytest 9.2: pytest-xdist issue 1386.) Without xdist the order is the only
+    change; it is stable otherwise."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
