@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,13 +90,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model_dir: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``pairscore serve`` on ``model_dir`` (CPU, float32) in a child process; waits until it serves."""
+def start_server(model_dir: str, log: Path, extra: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], str]:
+    """``pairscore serve`` on ``model_dir`` (CPU, float32, then the ``extra`` flags) in a
+    child process; waits until it serves."""
     from pairscore import ScoringClient
 
     port = free_port()
     cmd = [sys.executable, "-m", "pairscore_server", "serve", "--model", model_dir, "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--metrics-port", "off", "--device", "cpu", "--dtype", "float32"]
+    cmd += ["--port", str(port), "--metrics-port", "off", "--device", "cpu", "--dtype", "float32", *extra]
     proc = subprocess.Popen([*cmd, "--log-level", "WARNING"], stdout=log.open("w"), stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -251,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         help="--apply_chat_template with a shared ~150-token --system_instruction (multiple choice only)",
     )
     parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        help="a flag for the pairscore server, e.g. --serve-arg=--max-batch-pairs=128 (repeatable)",
+    )
+    parser.add_argument(
         "--no-warmup",
         action="store_true",
         help="skip the untimed warm-up run (one lm-eval process less; the tests' smoke runs, "
@@ -279,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             sentences=args.sentences,
             first_n=args.first_n,
         )
-        proc, target = start_server(model_dir, tmp / "server.log")
+        proc, target = start_server(model_dir, tmp / "server.log", args.serve_arg)
         try:
             # hf's max_length is the pairscore model type's default (the server's context less
             # one), so that long requests and rolling windows are cut the same way
