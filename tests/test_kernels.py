@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from pairscore_server.engine.kernels import FusedRMSNorm, InPlaceGatedMLP, fuse_norms_and_mlps
@@ -36,10 +37,12 @@ def test_llama_norms_and_mlps_are_swapped_and_logits_stay_bitwise():
     assert x.grad is not None
 
 
-def test_bfloat16_norms_are_fused_and_logits_stay_bitwise():
-    # bfloat16 rounds the float32-normalised activations before the weight: the fused
-    # form normalises with one kernel in float32 and rounds at the same place
-    model = build_llama_model(64).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_norms_are_fused_and_logits_stay_bitwise(dtype: torch.dtype) -> None:
+    # bfloat16 / float16 round the float32-normalised activations before the weight: the
+    # fused form normalises with one kernel in float32 (on the half-precision input, no
+    # float32 copy) and rounds at the same place
+    model = build_llama_model(64).to(dtype)
     reference = copy.deepcopy(model)
     layers = model.config.num_hidden_layers
     assert fuse_norms_and_mlps(model) == 3 * layers + 1
@@ -47,12 +50,10 @@ def test_bfloat16_norms_are_fused_and_logits_stay_bitwise():
     ids = torch.arange(1, 30)[None] % 64
     assert torch.equal(_logits(reference, ids), _logits(model, ids))
     norm = next(m for m in model.modules() if isinstance(m, FusedRMSNorm))
-    x = torch.randn(4, 37, norm.weight.shape[0], generator=torch.Generator().manual_seed(2)).to(
-        torch.bfloat16
-    )
+    x = (3 * torch.randn(4, 37, norm.weight.shape[0], generator=torch.Generator().manual_seed(2))).to(dtype)
     with torch.inference_mode():
         normalised = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        assert torch.equal(norm(x), norm.weight * normalised.to(torch.bfloat16))
+        assert torch.equal(norm(x), norm.weight * normalised.to(dtype))
 
 
 def test_float64_keeps_the_original_norm_formula():

@@ -113,12 +113,15 @@ class FusedRMSNorm(torch.nn.Module):
             )
         input_dtype = hidden_states.dtype
         if input_dtype in (torch.bfloat16, torch.float16):
-            # the statistics in float32 as the original, one kernel; rounded to the
-            # input dtype before the weight, as the original
+            # the kernel computes the statistics and the product in float32 as the
+            # original does and rounds to the input dtype, before the weight as the
+            # original: no float32 copy of the input in and out (bitwise the same; one
+            # bf16 norm of 2048 x 576 3.2 -> 2.1-3.0 ms, no change measurable on the
+            # engine's bf16 throughput, 5 alternating rounds)
             normed = torch.nn.functional.rms_norm(
-                hidden_states.to(torch.float32), self.weight.shape, None, self.variance_epsilon
+                hidden_states, self.weight.shape, None, self.variance_epsilon
             )
-            return self.weight * normed.to(input_dtype)
+            return self.weight * normed
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
