@@ -34,6 +34,11 @@ def measure(args) -> dict:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
+    from pairscore_server.engine.host_allocator import apply_host_allocator
+
+    # the process's allocator, as `pairscore serve` and Scorer set it (every in-process
+    # method of this child gets it: baselines run on the same allocator)
+    apply_host_allocator(args.host_allocator == "retain")
     from pairscore.types import ItemError
     from pairscore_server.engine.engine import ModelDescription, ScoringEngine
     from pairscore_server.engine.loading import ModelSpec, engine_limits, resolve_device, resolve_dtype
@@ -103,6 +108,7 @@ def measure(args) -> dict:
                 dtype=args.dtype,
                 packing=args.packing,
                 max_batch_tokens=args.max_batch_tokens,
+                host_allocator=args.host_allocator,
             )
         start = time.perf_counter() - seconds
     elif method == "vllm":

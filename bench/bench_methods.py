@@ -125,6 +125,7 @@ def run_grpc(
     dtype: str,
     packing: str,
     max_batch_tokens: int | None = None,
+    host_allocator: str = "retain",
 ):
     """Start `pairscore serve` on model_dir, score through N concurrent streams.
 
@@ -157,6 +158,8 @@ def run_grpc(
             "--packing",
             packing,
             *(["--max-batch-tokens", str(max_batch_tokens)] if max_batch_tokens else []),
+            "--host-allocator",
+            host_allocator,
             "--log-level",
             "WARNING",
         ],

@@ -62,6 +62,8 @@ def child_command(methods: list[str], args, shared, workload: str) -> list[str]:
         str(args.chunk),
         "--packing",
         args.packing,
+        "--host-allocator",
+        args.host_allocator,
         "--gemm-seconds",
         str(args.gemm_seconds),
     ]

@@ -123,6 +123,12 @@ def main() -> None:
         help="the engine's and server's --packing (engine_padded is always off)",
     )
     parser.add_argument(
+        "--host-allocator",
+        default="retain",
+        choices=["retain", "system"],
+        help="the engine's and server's --host-allocator (every in-process method of a child gets it)",
+    )
+    parser.add_argument(
         "--max-batch-tokens",
         type=int,
         help="the engine's and server's --max-batch-tokens (default: theirs, by device and dtype)",

@@ -18,6 +18,7 @@ def test_defaults_without_flags_or_env() -> None:
     assert config.port == 50051
     assert config.metrics_port == 9090
     assert config.model == ModelSpec()
+    assert config.model.host_allocator == "retain"
     assert config.address == "[::]:50051"
     assert config.metrics_host == "::"
 
@@ -61,6 +62,8 @@ def test_flags_fill_every_field() -> None:
             "3",
             "--packing",
             "OFF",
+            "--host-allocator",
+            "System",
         ],
         {},
     )
@@ -77,6 +80,7 @@ def test_flags_fill_every_field() -> None:
             cache_dir="/tmp/c",
             max_batch_tokens=1024,
             packing="off",
+            host_allocator="system",
         ),
         max_batch_pairs=8,
         max_wait_ms=2.5,
@@ -132,6 +136,7 @@ def test_metrics_can_be_switched_off(value: str) -> None:
         (["--device", "tpu"], {}, "device"),
         (["--dtype", "int8"], {}, "dtype"),
         (["--packing", "maybe"], {}, "packing must be"),
+        ([], {"PAIRSCORE_HOST_ALLOCATOR": "tcmalloc"}, "host allocator must be one of ('retain', 'system')"),
         (["--log-level", "chatty"], {}, "log level"),
         (["--stream-max-in-flight", "0"], {}, "stream max in flight"),
         (["--max-pairs-per-request", "0"], {}, "max pairs per request"),

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from pairscore_server.config import ServerConfig
+from pairscore_server.engine.host_allocator import apply_host_allocator
 from pairscore_server.engine.interface import Engine
 from pairscore_server.engine.spec import ModelLoadError, ModelSpec
 from pairscore_server.flags import build_config
@@ -117,7 +118,9 @@ def main(
     *,
     engine_loader: Callable[[ModelSpec], Engine] | None = None,
 ) -> int:
-    """``pairscore serve``: parse flags (env fallbacks), set up logging, serve.
+    """``pairscore serve``: parse flags (env fallbacks), set up logging and the host
+    allocator (``--host-allocator``: before any thread starts, so that the model
+    thread shares the main heap), serve.
 
     Returns the exit code: 0 after a clean shutdown, 1 if the model failed
     to load, the server could not start, or a second signal forced the
@@ -132,6 +135,7 @@ def main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    log.info("%s", apply_host_allocator(config.model.host_allocator == "retain"))
     status = 1
     try:
         status = asyncio.run(serve(config, engine_loader=engine_loader or load_default_engine))

@@ -53,6 +53,9 @@ class Scorer:
     dequantised copy is kept. ``revision``: of a Hub model.
     ``max_batch_tokens``: tokens per forward pass (default by device and dtype).
     ``packing``: ``auto``, ``on``, ``off`` (packed rows vs padded batches).
+    ``host_allocator``: ``retain`` (glibc keeps freed memory for reuse: faster
+    CPU passes, the process stays near its peak memory; this process-wide
+    setting is applied once) or ``system`` (the C library's defaults).
     Invalid values raise ValueError; a model that cannot be loaded raises
     :class:`~pairscore_server.engine.spec.ModelLoadError` saying why.
     """
@@ -68,6 +71,7 @@ class Scorer:
         revision: str | None = None,
         max_batch_tokens: int | None = None,
         packing: str = "auto",
+        host_allocator: str = "retain",
     ) -> None:
         from pairscore_server.engine.loading import load_engine
 
@@ -80,6 +84,7 @@ class Scorer:
             revision=revision,
             max_batch_tokens=max_batch_tokens,
             packing=packing,
+            host_allocator=host_allocator,
         )
         self._engine: Engine = load_engine(spec)
         self.spec = spec

@@ -29,6 +29,7 @@ import torch
 
 from pairscore_server.engine.engine import ModelDescription, ScoringEngine
 from pairscore_server.engine.engine_limits import CUDA_CHUNK_BYTES, DEFAULT_CHUNK_BYTES, EngineLimits
+from pairscore_server.engine.host_allocator import apply_host_allocator
 from pairscore_server.engine.interface import CausalLM, Engine
 from pairscore_server.engine.spec import ModelLoadError, ModelSpec
 
@@ -215,7 +216,9 @@ def load_engine(spec: ModelSpec) -> Engine:
 
     Returns a ScoringEngine, or a ReplicatedEngine (same interface) holding
     one replica per device when ``spec`` asks for several workers or devices.
+    Sets the process's host allocator up first (``spec.host_allocator``).
     """
+    log.info("%s", apply_host_allocator(spec.host_allocator == "retain"))
     devices = resolve_devices(spec.device, spec.workers)
     engines = [_load_one(spec, device) for device in devices]
     if len(engines) == 1:

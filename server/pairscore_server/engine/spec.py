@@ -15,6 +15,9 @@ from dataclasses import dataclass
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 #: ``ModelSpec.packing`` values: auto picks by device (see ``loading.engine_limits``).
 PACKING_CHOICES = ("auto", "on", "off")
+#: ``ModelSpec.host_allocator`` values: retain freed host memory for reuse, or the
+#: C library's defaults (see ``host_allocator.py``).
+HOST_ALLOCATOR_CHOICES = ("retain", "system")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$|^cuda:\d+(,cuda:\d+)+$")
 
 
@@ -31,7 +34,9 @@ class ModelSpec:
     cuda:0,cuda:2 (one replica each). ``workers``: replicas (one per GPU).
     ``dtype``: one of :data:`DTYPES`. ``packing``: one of
     :data:`PACKING_CHOICES`. ``max_batch_tokens``: tokens per forward pass
-    (None: by device). A value out of range raises ValueError naming it.
+    (None: by device). ``host_allocator``: one of :data:`HOST_ALLOCATOR_CHOICES`
+    (a process-wide setting, applied when the model loads; host_allocator.py).
+    A value out of range raises ValueError naming it.
     """
 
     model: str | None = None
@@ -43,6 +48,7 @@ class ModelSpec:
     max_batch_tokens: int | None = None
     workers: int = 1
     packing: str = "auto"
+    host_allocator: str = "retain"
 
     def __post_init__(self) -> None:
         if not _DEVICE_RE.match(self.device):
@@ -55,5 +61,9 @@ class ModelSpec:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.packing not in PACKING_CHOICES:
             raise ValueError(f"packing must be one of {PACKING_CHOICES}, got {self.packing!r}")
+        if self.host_allocator not in HOST_ALLOCATOR_CHOICES:
+            raise ValueError(
+                f"host allocator must be one of {HOST_ALLOCATOR_CHOICES}, got {self.host_allocator!r}"
+            )
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ValueError(f"max batch tokens must be >= 1, got {self.max_batch_tokens}")
