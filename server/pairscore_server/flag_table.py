@@ -161,7 +161,7 @@ MODEL_SETTINGS = (
         lambda text: text.strip().lower(),
         "Host memory: retain = glibc keeps freed blocks (up to 256 MiB each) for reuse "
         "and up to 512 MiB of free memory mapped, so a forward pass does not fault its "
-        "buffers back in (7-22 %% faster on CPU in bfloat16; the process keeps memory "
+        "buffers back in (~10 %% faster on CPU in bfloat16; the process keeps memory "
         "near its peak); system = the C library's defaults. Default: retain.",
         "retain|system",
     ),

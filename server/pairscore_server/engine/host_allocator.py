@@ -8,7 +8,7 @@ calls, gives the free top of its heaps back to the system, and gives each thread
 an arena of at most 64 MiB heaps: so each pass faults its buffers back in page by
 page, zero-filled by the kernel. Measured on SmolLM2 chat rows (128 rows, 2 cores):
 0.2-1.8 million minor page faults per pass in bfloat16, none once retained, and
-7-22 % more tokens per second (docs/performance.md, "Host memory"). vLLM's CPU
+a median of 10 % more tokens per second (docs/performance.md, "Host memory"). vLLM's CPU
 backend preloads tcmalloc for the same reason.
 
 :func:`apply_host_allocator` (``ModelSpec.host_allocator`` ``retain``, the default) sets, with ``mallopt``:
