@@ -66,6 +66,7 @@ def test_retain_reuses_freed_blocks_on_the_main_thread_and_on_later_threads() ->
 
 def test_retain_applies_once_and_a_later_call_says_what_was_done(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host_allocator, "_applied", None)
+    monkeypatch.setattr(host_allocator, "_said", set())
     calls: list[tuple[int, int]] = []
 
     class FakeGlibc:
@@ -74,10 +75,13 @@ def test_retain_applies_once_and_a_later_call_says_what_was_done(monkeypatch: py
             return 1
 
     monkeypatch.setattr(host_allocator, "_glibc", lambda: FakeGlibc())
-    first = host_allocator.apply_host_allocator(True)
+    first = host_allocator.apply_host_allocator(True) or ""
     assert calls == [(-3, 256 * 2**20), (-1, 512 * 2**20), (-8, 1)]
     assert "256 MiB" in first and "512 MiB" in first and "one arena" in first
-    assert host_allocator.apply_host_allocator(False) == first  # cannot be undone: says so
+    # said once: `pairscore serve` calls it in main() and again as the model loads
+    assert host_allocator.apply_host_allocator(True) is None
+    assert host_allocator.apply_host_allocator(False) is None  # cannot be undone
+    assert host_allocator._applied == first
     assert len(calls) == 3
 
 
@@ -85,23 +89,26 @@ def test_system_changes_nothing_and_retain_without_glibc_says_it_does_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(host_allocator, "_applied", None)
+    monkeypatch.setattr(host_allocator, "_said", set())
     monkeypatch.setattr(host_allocator, "_glibc", lambda: pytest.fail("system must not touch the C library"))
-    assert "defaults (--host-allocator system)" in host_allocator.apply_host_allocator(False)
+    assert "defaults (--host-allocator system)" in (host_allocator.apply_host_allocator(False) or "")
+    assert host_allocator.apply_host_allocator(False) is None  # said once
     monkeypatch.setattr(host_allocator, "_glibc", lambda: None)
-    said = host_allocator.apply_host_allocator(True)
+    said = host_allocator.apply_host_allocator(True) or ""
     assert "not glibc" in said and "does nothing" in said
     assert host_allocator._applied is None  # nothing applied: a later call may still retain
 
 
 def test_a_refused_setting_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(host_allocator, "_applied", None)
+    monkeypatch.setattr(host_allocator, "_said", set())
 
     class OldGlibc:
         def mallopt(self, param: int, value: int) -> int:
             return 0 if param == -8 else 1
 
     monkeypatch.setattr(host_allocator, "_glibc", lambda: OldGlibc())
-    assert "glibc refused arena max" in host_allocator.apply_host_allocator(True)
+    assert "glibc refused arena max" in (host_allocator.apply_host_allocator(True) or "")
 
 
 def test_the_spec_validates_the_choice() -> None:

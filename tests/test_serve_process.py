@@ -102,6 +102,8 @@ def test_serve_tiny_model_from_another_process(saved_tiny, tiny_engine, tmp_path
     text = log.read_text()
     assert "SIGTERM received" in text
     assert "The capital of France" not in text, "user text must not reach INFO logs"
+    # the host allocator is set up before the threads start, and said once
+    assert text.count("host allocator: ") == 1, text
 
 
 def test_bad_model_path_exits_nonzero_with_a_clear_log_line(tmp_path):

@@ -135,7 +135,9 @@ def main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    log.info("%s", apply_host_allocator(config.model.host_allocator == "retain"))
+    said = apply_host_allocator(config.model.host_allocator == "retain")
+    if said:
+        log.info("%s", said)
     status = 1
     try:
         status = asyncio.run(serve(config, engine_loader=engine_loader or load_default_engine))

@@ -44,6 +44,7 @@ _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 _applied: str | None = None
+_said: set[str] = set()
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -61,10 +62,20 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def apply_host_allocator(retain: bool) -> str:
+def apply_host_allocator(retain: bool) -> str | None:
     """Keep freed memory for reuse (``retain``, see the module docstring) or leave the
-    allocator alone; return what was done, as a sentence for the log. Retaining is
-    applied once per process; any later call returns that call's sentence."""
+    allocator alone; return what was done, as a sentence for the log, or None when an
+    earlier call already said the same (``pairscore serve`` sets it up before its threads
+    start and again as the model loads). Retaining is applied once per process; it
+    cannot be undone by a later call."""
+    said = _decide(retain)
+    if said in _said:
+        return None
+    _said.add(said)
+    return said
+
+
+def _decide(retain: bool) -> str:
     global _applied
     if _applied is not None:
         return _applied

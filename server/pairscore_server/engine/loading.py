@@ -218,7 +218,9 @@ def load_engine(spec: ModelSpec) -> Engine:
     one replica per device when ``spec`` asks for several workers or devices.
     Sets the process's host allocator up first (``spec.host_allocator``).
     """
-    log.info("%s", apply_host_allocator(spec.host_allocator == "retain"))
+    said = apply_host_allocator(spec.host_allocator == "retain")
+    if said:
+        log.info("%s", said)
     devices = resolve_devices(spec.device, spec.workers)
     engines = [_load_one(spec, device) for device in devices]
     if len(engines) == 1:
