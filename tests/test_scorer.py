@@ -181,6 +181,8 @@ def test_an_unloadable_model_says_why(tmp_path: Path) -> None:
         Scorer(str(tmp_path / "nothing-here"), device="cpu")
     with pytest.raises(ValueError, match="dtype"):
         Scorer(str(tmp_path), dtype="float8")
+    with pytest.raises(ValueError, match=r"host allocator must be one of \('retain', 'system'\)"):
+        Scorer(str(tmp_path), host_allocator="tcmalloc")
 
 
 def test_token_ids_prefix_none_and_truncation_equal_a_real_servers(scorer: Any, server: Any) -> None:
