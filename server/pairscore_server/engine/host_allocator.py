@@ -17,8 +17,8 @@ backend preloads tcmalloc for the same reason.
   and are reused after ``free``;
 * ``M_TRIM_THRESHOLD`` = :data:`TRIM_THRESHOLD`: free memory at the top of the heap
   goes back to the system only beyond that much;
-* ``M_ARENA_MAX`` = 1: threads started afterwards allocate from the main heap,
-  which has no 64 MiB limit (the server's model thread is started after it).
+* ``M_ARENA_MAX`` = 1: threads that first allocate afterwards use the main heap,
+  which has no 64 MiB limit (the server's model thread starts after it).
 
 The cost: after a peak the process keeps up to :data:`TRIM_THRESHOLD` of freed
 memory mapped, on top of what glibc always keeps between live blocks.
@@ -30,7 +30,6 @@ does not undo it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 #: Blocks smaller than this come from the heap (reused), larger ones from mmap.
@@ -52,7 +51,7 @@ def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the symbols the process already has: its C library among them
     except OSError:
         return None
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
