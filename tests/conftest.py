@@ -138,9 +138,10 @@ def smol_cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smol(smol_cache_dir):
     """The embedded SmolLM2-135M-Instruct engine (float32, CPU), loaded once for the
-    session: the first load dequantises the GGUF into ``smol_cache_dir``; the slow files
-    that score on it (test_smollm2.py, test_chat_smollm2.py) each loaded it again. A test
-    that changes its model (dtype) puts it back before it ends."""
+    session from the dequantised copy ``smol_cache_dir`` holds, and shared by the slow
+    files that score on it (test_smollm2.py, test_chat_smollm2.py). A test that changes
+    its model's dtype losslessly (float64) puts it back before it ends; one that needs
+    bfloat16 works on a copy."""
     from pairscore_server.engine.loading import load_engine
     from pairscore_server.engine.spec import ModelSpec
 
